@@ -1,0 +1,97 @@
+"""`make demo`: compile and run a C program in a cell, then contain a hostile build."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BUILDCELL = [sys.executable, "-m", "buildcell"]
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> int:
+    print("$ buildcell " + " ".join(args), flush=True)
+    return subprocess.run([*BUILDCELL, *args], env=env, check=False).returncode
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="buildcell-demo-"))
+    try:
+        say("1. Compile and run a C program in a cell (no network, read-only root, limits)")
+        rc = run(
+            [
+                "run",
+                "--source",
+                str(HERE / "hello-c"),
+                "--out",
+                str(work / "out"),
+                "--output",
+                "hello",
+                "--memory",
+                "512M",
+                "--pids",
+                "256",
+                "--timeout",
+                "60s",
+                "--",
+                "sh",
+                "-c",
+                "make --no-print-directory && ./hello",
+            ]
+        )
+        if rc != 0:
+            print(f"the build failed with exit status {rc}")
+            return rc
+        binary = work / "out" / "hello"
+        print(
+            f"collected {binary} ({binary.stat().st_size} bytes); the source dir is untouched:",
+            sorted(p.name for p in (HERE / "hello-c").iterdir()),
+        )
+
+        say("2. A hostile build step tries to steal secrets and phone home")
+        server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), http.server.BaseHTTPRequestHandler
+        )
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+        env = dict(os.environ, DEMO_RUNNER_TOKEN="ghp_demo-not-a-real-token")
+        print(
+            f"(the host has DEMO_RUNNER_TOKEN in its environment and a server on 127.0.0.1:{port})"
+        )
+        rc = run(
+            [
+                "run",
+                "--source",
+                str(HERE / "hostile"),
+                "--env",
+                f"DEMO_HOST_PORT={port}",
+                "--timeout",
+                "60s",
+                "--",
+                "python3",
+                "probe.py",
+            ],
+            env=env,
+        )
+        server.shutdown()
+        if rc != 0:
+            print("something leaked: see above")
+            return 1
+        say("Everything was contained. Try `buildcell doctor` to see what this host enforces.")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

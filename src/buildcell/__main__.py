@@ -1,0 +1,3 @@
+from buildcell.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The audit trail: one JSON object per line, each with ``ts``, ``build``, ``step`` and ``event``.
+
+Events never carry secret values; callers pass names and digests only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from buildcell._fs import Closing
+
+__all__ = ["EventLog", "utc_now"]
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 UTC with milliseconds, the format of every ``ts``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class EventLog(Closing):
+    """Appends events to a JSON Lines file (or nowhere) and to in-process subscribers.
+
+    Each line is written with a single ``write`` on an ``O_APPEND`` descriptor, so lines
+    from concurrent cells sharing one file never interleave.
+
+    Args:
+        path: the JSON Lines file, or ``None`` to keep events in-process only.
+        build: the build id stamped on every event.
+    """
+
+    def __init__(self, path: Path | None = None, *, build: str) -> None:
+        self.build = build
+        self.path = path
+        self._lock = threading.Lock()
+        self._subscribers: list[Callable[[dict[str, Any]], None]] = []
+        self._fd: int | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback`` with every event emitted from now on."""
+        self._subscribers.append(callback)
+
+    def emit(self, event: str, *, step: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Record one event and return it as written."""
+        record: dict[str, Any] = {"ts": utc_now(), "build": self.build}
+        if step is not None:
+            record["step"] = step
+        record["event"] = event
+        record.update(fields)
+        line = (json.dumps(record, sort_keys=False, default=str) + "\n").encode()
+        with self._lock:
+            if self._fd is not None:
+                os.write(self._fd, line)
+            for callback in self._subscribers:
+                callback(record)
+        return record
+
+    def close(self) -> None:
+        """Close the file; further events reach subscribers only."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

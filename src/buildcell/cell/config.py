@@ -1,0 +1,165 @@
+"""What a cell is asked to be: plain, frozen data that planning functions turn into a sandbox."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from buildcell.errors import ConfigError
+
+__all__ = [
+    "CELL_GID",
+    "CELL_HOME",
+    "CELL_HOSTNAME",
+    "CELL_PATH",
+    "CELL_UID",
+    "CELL_WORKSPACE",
+    "CellConfig",
+    "DirRootfs",
+    "HostRootfs",
+    "Limits",
+    "Rootfs",
+    "parse_rootfs",
+]
+
+CELL_UID = 1000
+CELL_GID = 1000
+CELL_USER = "builder"
+CELL_HOME = "/home/builder"
+CELL_WORKSPACE = "/workspace"
+CELL_HOSTNAME = "buildcell"
+CELL_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one cell; ``None`` means not limited.
+
+    Attributes:
+        memory: bytes of memory (cgroup memory limit; RLIMIT_AS as a fallback).
+        pids: number of tasks the cell may have at once.
+        cpus: CPU share, fractions allowed (``0.5`` is half a CPU).
+        disk: bytes the cell may write in total to /workspace, /tmp and its home.
+        timeout: wall-clock seconds before the cell is killed (exit 124).
+    """
+
+    memory: int | None = None
+    pids: int | None = None
+    cpus: float | None = None
+    disk: int | None = None
+    timeout: float | None = None
+
+    def to_dict(self) -> dict[str, int | float | None]:
+        return {
+            "memory": self.memory,
+            "pids": self.pids,
+            "cpus": self.cpus,
+            "disk": self.disk,
+            "timeout": self.timeout,
+        }
+
+
+@dataclass(frozen=True)
+class HostRootfs:
+    """A minimal read-only view of the host: /usr, the /bin and /lib* entries, a curated /etc."""
+
+    def describe(self) -> str:
+        return "host"
+
+
+@dataclass(frozen=True)
+class DirRootfs:
+    """A directory on the host used, read-only, as the cell's root."""
+
+    path: Path
+
+    def describe(self) -> str:
+        return f"dir:{self.path}"
+
+
+Rootfs = HostRootfs | DirRootfs
+
+
+def parse_rootfs(text: str) -> Rootfs:
+    """Parse ``host`` or ``dir:PATH``.
+
+    Raises:
+        ConfigError: unknown kind, or the directory does not exist.
+    """
+    if text == "host":
+        return HostRootfs()
+    kind, sep, rest = text.partition(":")
+    if sep and kind == "dir" and rest:
+        path = Path(rest).expanduser().absolute()
+        if not path.is_dir():
+            raise ConfigError(f"rootfs directory {path} does not exist or is not a directory")
+        return DirRootfs(path)
+    raise ConfigError(
+        f"invalid rootfs {text!r}: expected 'host' or 'dir:PATH'",
+        hint="for example --rootfs dir:/srv/rootfs/debian",
+    )
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """Everything one cell is asked to do.
+
+    Attributes:
+        argv: the command and its arguments, run with ``/workspace`` as working directory.
+        source: directory copied into ``/workspace``; ``None`` for an empty workspace.
+        outputs: glob patterns, relative to ``/workspace``, collected after the command.
+        out_dir: where outputs are copied; ``./buildcell-out`` by default.
+        rootfs: ``HostRootfs()`` or ``DirRootfs(path)``.
+        env: variables added to the cell's fixed environment.
+        limits: resource limits.
+        seccomp_profile: an OCI/Docker seccomp profile to use instead of the built-in one.
+        seccomp: ``False`` only with ``--unsafe-no-seccomp``: no syscall filter at all.
+        interactive: pass the caller's stdin instead of ``/dev/null``.
+        source_date_epoch: value of ``SOURCE_DATE_EPOCH`` inside the cell.
+        exclude: host paths inside ``source`` that are not copied.
+    """
+
+    argv: tuple[str, ...]
+    source: Path | None = None
+    outputs: tuple[str, ...] = ()
+    out_dir: Path | None = None
+    rootfs: Rootfs = field(default_factory=HostRootfs)
+    env: dict[str, str] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    seccomp_profile: Path | None = None
+    seccomp: bool = True
+    interactive: bool = False
+    source_date_epoch: int = 0
+    exclude: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.argv:
+            raise ConfigError("no command given", hint="buildcell run -- COMMAND [ARG...]")
+        for key in self.env:
+            if not key or "=" in key or "\0" in key:
+                raise ConfigError(f"invalid environment variable name {key!r}")
+        if any("\0" in part for part in self.argv):
+            raise ConfigError("the command contains a NUL byte")
+        if self.seccomp_profile is not None and not self.seccomp:
+            raise ConfigError("--seccomp-profile and --unsafe-no-seccomp contradict each other")
+
+    def cell_env(self) -> dict[str, str]:
+        """The complete environment inside the cell: fixed variables, then ``env``."""
+        env = {
+            "HOME": CELL_HOME,
+            "PATH": CELL_PATH,
+            "TZ": "UTC",
+            "LANG": "C.UTF-8",
+            "USER": CELL_USER,
+            "LOGNAME": CELL_USER,
+            "SOURCE_DATE_EPOCH": str(self.source_date_epoch),
+        }
+        env.update(self.env)
+        return env
+
+    def resolved_out_dir(self) -> Path:
+        return (self.out_dir or Path("buildcell-out")).absolute()
+
+    def resolved_source(self) -> Path | None:
+        return None if self.source is None else Path(os.path.abspath(self.source))

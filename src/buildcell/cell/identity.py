@@ -1,0 +1,76 @@
+"""Which host uid a cell's processes run as.
+
+Unprivileged, bubblewrap maps the cell's uid 1000 onto the caller's own uid. As root that
+would be host uid 0, so the supervisor first drops to an unprivileged uid of a reserved
+range, one per running cell: anything a cell's process reached on the host would meet
+ordinary permissions, and two cells never share a uid. The range starts at
+``BUILDCELL_UID_BASE`` (default 0x70000000 = 1879048192, above the ranges distributions
+give to users, /etc/subuid and systemd containers) and has ``BUILDCELL_UID_COUNT`` ids.
+A slot is held by an flock on ``<state>/ids/<slot>.lock``, which the kernel releases if
+the supervisor dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from buildcell._fs import Closing
+from buildcell.errors import SandboxError
+
+__all__ = ["DEFAULT_UID_BASE", "HostIdentity", "acquire_identity", "uid_range"]
+
+DEFAULT_UID_BASE = 0x70000000
+DEFAULT_UID_COUNT = 65536
+
+
+def uid_range() -> tuple[int, int]:
+    """(base, count) of the reserved host uid range, from the environment or the default."""
+    base = int(os.environ.get("BUILDCELL_UID_BASE", DEFAULT_UID_BASE))
+    count = int(os.environ.get("BUILDCELL_UID_COUNT", DEFAULT_UID_COUNT))
+    if base < 1000 or count < 1 or base + count > 2**32 - 2:
+        raise SandboxError(f"invalid BUILDCELL_UID_BASE/COUNT: {base}/{count}")
+    return base, count
+
+
+@dataclass
+class HostIdentity(Closing):
+    """The host uid/gid of a cell; ``drop`` is True when the supervisor must switch to it."""
+
+    uid: int
+    gid: int
+    drop: bool
+    slot: int | None = None
+    _lock_fd: int | None = None
+
+    def close(self) -> None:
+        """Release the uid slot. Idempotent."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def acquire_identity(ids_dir: Path | None) -> HostIdentity:
+    """The identity for a new cell: the caller's own ids, or (as root) a free slot.
+
+    Raises:
+        SandboxError: every slot of the range is taken.
+    """
+    if os.geteuid() != 0:
+        return HostIdentity(os.getuid(), os.getgid(), drop=False)
+    assert ids_dir is not None
+    base, count = uid_range()
+    for slot in range(count):
+        fd = os.open(ids_dir / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return HostIdentity(base + slot, base + slot, drop=True, slot=slot, _lock_fd=fd)
+    raise SandboxError(
+        f"all {count} cell uids from {base} are in use",
+        hint="raise BUILDCELL_UID_COUNT or run fewer cells at once",
+    )

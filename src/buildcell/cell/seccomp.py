@@ -1,0 +1,1050 @@
+"""The cell's syscall filter: a typed model, a loader for Docker/OCI profiles, a BPF compiler.
+
+Planning is pure: :func:`default_profile` and :func:`parse_profile` turn data into a
+:class:`SeccompProfile` that tests can inspect without libseccomp or root. Only
+:func:`compile_bpf` touches libseccomp (through pyseccomp, imported lazily so that CLI start-up
+stays lean) and it returns the classic-BPF program as bytes, ready to hand to bubblewrap's
+``--seccomp FD``.
+
+The model is deliberately smaller than the formats it reads. Docker's conditional rules
+(``includes``/``excludes`` by capability, architecture and kernel) are resolved while parsing,
+for a cell that has no capabilities at all, on this machine's architecture and kernel; what
+is left is a flat, ordered list of rules whose digest identifies the policy.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from types import MappingProxyType
+from typing import Any, Final, NoReturn
+
+from buildcell.errors import SeccompError
+
+__all__ = [
+    "CLONE_NAMESPACE_FLAGS",
+    "DEFAULT_DENIED_SYSCALLS",
+    "PERSONALITY_ALLOWED",
+    "ArgCondition",
+    "SeccompProfile",
+    "SyscallRule",
+    "compile_bpf",
+    "default_profile",
+    "load_profile",
+    "native_arch",
+    "parse_profile",
+]
+
+logger = logging.getLogger(__name__)
+
+# The action vocabulary of the model (libseccomp's, minus NOTIFY: a cell has no agent).
+_ACTIONS: Final = ("allow", "errno", "kill_process", "kill_thread", "trap", "log", "trace")
+# The comparison operators of libseccomp, by their short names.
+_OPS: Final = ("NE", "LT", "LE", "EQ", "GE", "GT", "MASKED_EQ")
+
+# Actions whose return data (an errno, or a tracer's message number) is part of the action.
+_ACTIONS_WITH_DATA: Final = frozenset({"errno", "trace"})
+# seccomp keeps 16 bits of return data next to the action (SECCOMP_RET_DATA).
+_MAX_RET_DATA: Final = 0xFFFF
+# The kernel caps an errno at MAX_ERRNO (4095) and libseccomp refuses to encode one that high.
+_MAX_LIBSECCOMP_ERRNO: Final = 4094
+_MAX_ARG_INDEX: Final = 5
+_MAX_U64: Final = 2**64 - 1
+# pyseccomp builds at most six comparisons per rule, one per syscall argument.
+_MAX_CONDITIONS: Final = 6
+_SYSCALL_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+_SCMP_ARCH = re.compile(r"SCMP_ARCH_[A-Z0-9_]{1,32}")
+_MIN_KERNEL = re.compile(r"(\d{1,3})\.(\d{1,3})")
+# A profile is a few tens of kilobytes; anything far larger is not a profile.
+_MAX_PROFILE_BYTES: Final = 4 * 1024 * 1024
+
+# --------------------------------------------------------------------------------------------
+# The built-in profile, as data.
+# --------------------------------------------------------------------------------------------
+
+#: Syscalls the built-in profile refuses with EPERM, grouped by why a build must not have them.
+#: Everything not listed is allowed: the cell's namespaces, dropped capabilities and read-only
+#: mounts are the main wall; this list removes the kernel interfaces that could breach it.
+DEFAULT_DENIED_SYSCALLS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        # A new namespace is how unprivileged code regains root-like powers (a new user
+        # namespace comes with a full capability set inside it) and how it would step out of
+        # the view bwrap built. bwrap has already made every namespace the build needs.
+        # clone and clone3 are handled below, by flag.
+        "namespaces": ("unshare", "setns"),
+        # The cell's filesystem view is fixed by bwrap. Remounting, pivoting or chrooting
+        # could uncover what it hid, or make writable what it mounted read-only.
+        "mount": (
+            "mount",
+            "umount",
+            "umount2",
+            "pivot_root",
+            "chroot",
+            "move_mount",
+            "open_tree",
+            "fsopen",
+            "fsconfig",
+            "fsmount",
+            "fspick",
+            "mount_setattr",
+        ),
+        # Reading or writing another process's memory or descriptors lets one build step
+        # tamper with its siblings, and with the helpers that watch over the build.
+        "process_access": (
+            "ptrace",
+            "process_vm_readv",
+            "process_vm_writev",
+            "pidfd_getfd",
+            "kcmp",
+        ),
+        # The kernel keyring is not fully namespaced: keys could leak between cells or from
+        # the host user's session keyring.
+        "keyring": ("keyctl", "add_key", "request_key"),
+        # Large kernel attack surfaces a build has no use for: eBPF, perf events, userfaultfd
+        # (a favourite for winning kernel races) and io_uring (a long record of privilege
+        # escalations, and its operations are not syscalls, so this filter cannot see them).
+        "kernel_attack_surface": (
+            "bpf",
+            "perf_event_open",
+            "userfaultfd",
+            "io_uring_setup",
+            "io_uring_enter",
+            "io_uring_register",
+        ),
+        # Changing the running kernel or the machine: modules, kexec, reboot, swap.
+        "host_kernel": (
+            "init_module",
+            "finit_module",
+            "delete_module",
+            "kexec_load",
+            "kexec_file_load",
+            "reboot",
+            "swapon",
+            "swapoff",
+        ),
+        # Host-wide state and legacy holes: process accounting, quotas, the kernel log, file
+        # handles that bypass path lookup (open_by_handle_at is the "shocker" container
+        # escape), raw I/O ports, uselib, vhangup, the system clock, host and domain names.
+        "host_state": (
+            "acct",
+            "quotactl",
+            "quotactl_fd",
+            "lookup_dcookie",
+            "syslog",
+            "name_to_handle_at",
+            "open_by_handle_at",
+            "iopl",
+            "ioperm",
+            "uselib",
+            "vhangup",
+            "settimeofday",
+            "clock_settime",
+            "clock_adjtime",
+            "adjtimex",
+            "sethostname",
+            "setdomainname",
+        ),
+    }
+)
+
+#: clone(2) flags that create a namespace; the built-in profile refuses a clone carrying any.
+#: CLONE_NEWTIME shares its bit with clone(2)'s exit-signal byte (the kernel only honours it
+#: through clone3 and unshare); no valid exit signal has that bit, so refusing it costs nothing.
+CLONE_NAMESPACE_FLAGS: Final[Mapping[str, int]] = MappingProxyType(
+    {
+        "CLONE_NEWTIME": 0x00000080,
+        "CLONE_NEWNS": 0x00020000,
+        "CLONE_NEWCGROUP": 0x02000000,
+        "CLONE_NEWUTS": 0x04000000,
+        "CLONE_NEWIPC": 0x08000000,
+        "CLONE_NEWUSER": 0x10000000,
+        "CLONE_NEWPID": 0x20000000,
+        "CLONE_NEWNET": 0x40000000,
+    }
+)
+
+#: personality(2) arguments the built-in profile allows: PER_LINUX and the 0xffffffff query.
+#: Other personas switch on READ_IMPLIES_EXEC, turn off ASLR and the like.
+PERSONALITY_ALLOWED: Final = (0, 0xFFFFFFFF)
+
+# clone3 passes its flags in a struct that seccomp cannot read, so the flags cannot be
+# checked. ENOSYS (rather than EPERM) makes glibc and others fall back to clone(2), whose
+# flags the profile does check.
+_CLONE3_ERRNO: Final = errno.ENOSYS
+
+
+# --------------------------------------------------------------------------------------------
+# The model.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArgCondition:
+    """One comparison of a syscall argument, as libseccomp expresses it.
+
+    For ``MASKED_EQ`` the condition holds when ``arg & value == value_two``; for the other
+    operators ``value_two`` is unused and stays 0.
+
+    Raises:
+        ValueError: a field is outside its range (a bug in the caller: parsed input is
+            validated, and reported as :class:`SeccompError`, before a model is built).
+    """
+
+    index: int
+    op: str
+    value: int
+    value_two: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index <= _MAX_ARG_INDEX:
+            raise ValueError(f"argument index {self.index} is outside 0..{_MAX_ARG_INDEX}")
+        if self.op not in _OPS:
+            raise ValueError(f"unknown comparison {self.op!r}")
+        if not (0 <= self.value <= _MAX_U64 and 0 <= self.value_two <= _MAX_U64):
+            raise ValueError("argument values are unsigned 64-bit integers")
+
+
+@dataclass(frozen=True)
+class SyscallRule:
+    """An action for some syscalls, taken when every condition in ``args`` holds.
+
+    ``errno`` carries the return data of the ``errno`` and ``trace`` actions (the errno, or
+    the message number handed to the tracer) and is ``None`` for every other action.
+
+    Raises:
+        ValueError: a field is inconsistent (a bug in the caller, as for :class:`ArgCondition`).
+    """
+
+    names: tuple[str, ...]
+    action: str
+    errno: int | None = None
+    args: tuple[ArgCondition, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError("a rule needs at least one syscall name")
+        for name in self.names:
+            if not _SYSCALL_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a syscall name")
+        _check_action(self.action, self.errno)
+        if len(self.args) > _MAX_CONDITIONS:
+            raise ValueError(f"a rule has at most {_MAX_CONDITIONS} argument conditions")
+
+
+@dataclass(frozen=True)
+class SeccompProfile:
+    """A complete filter: a default action, the extra ABIs it covers, and ordered rules.
+
+    ``name`` is ``"buildcell-default"`` or the file the profile came from; ``default_errno``
+    is the default action's return data, as :attr:`SyscallRule.errno` is a rule's.
+    ``extra_arches`` names (libseccomp-style: ``"x86"``, ``"x32"``) the ABIs besides the native
+    one whose syscalls the rules also govern; any other ABI is killed.
+
+    Raises:
+        ValueError: a field is inconsistent (a bug in the caller, as for :class:`ArgCondition`).
+    """
+
+    name: str
+    default_action: str
+    default_errno: int | None
+    extra_arches: tuple[str, ...]
+    rules: tuple[SyscallRule, ...]
+
+    def __post_init__(self) -> None:
+        _check_action(self.default_action, self.default_errno)
+
+    def to_dict(self) -> dict[str, object]:
+        """The profile as plain JSON-ready data (for events, provenance and ``--json``)."""
+        return {
+            "name": self.name,
+            "default_action": self.default_action,
+            "default_errno": self.default_errno,
+            "extra_arches": list(self.extra_arches),
+            "rules": [
+                {
+                    "names": list(rule.names),
+                    "action": rule.action,
+                    "errno": rule.errno,
+                    "args": [
+                        {
+                            "index": cond.index,
+                            "op": cond.op,
+                            "value": cond.value,
+                            "value_two": cond.value_two,
+                        }
+                        for cond in rule.args
+                    ],
+                }
+                for rule in self.rules
+            ],
+        }
+
+    def digest(self) -> str:
+        """``sha256:<hex>`` of the canonical JSON form of what the filter enforces.
+
+        The ``name`` is a label and is left out, so the same policy loaded from two differently
+        named files has one digest. Keys are sorted and separators fixed, so the digest is
+        stable across runs and Python versions.
+        """
+        content = self.to_dict()
+        del content["name"]
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _check_action(action: str, ret_data: int | None) -> None:
+    if action not in _ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+    if action in _ACTIONS_WITH_DATA:
+        if ret_data is None or not 0 <= ret_data <= _MAX_RET_DATA:
+            raise ValueError(f"action {action!r} needs return data in 0..{_MAX_RET_DATA}")
+    elif ret_data is not None:
+        raise ValueError(f"action {action!r} takes no return data")
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures.
+# --------------------------------------------------------------------------------------------
+
+_MACHINE_TO_ARCH: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "x86_64": "x86_64",
+        "amd64": "x86_64",
+        "i386": "x86",
+        "i486": "x86",
+        "i586": "x86",
+        "i686": "x86",
+        "aarch64": "aarch64",
+        "arm64": "aarch64",
+        "ppc64le": "ppc64le",
+        "ppc64": "ppc64",
+        "ppc": "ppc",
+        "s390x": "s390x",
+        "s390": "s390",
+        "riscv64": "riscv64",
+        "loongarch64": "loongarch64",
+        "parisc64": "parisc64",
+        "parisc": "parisc",
+    }
+)
+
+# The ABIs a kernel of each native architecture also runs, which libseccomp can therefore
+# usefully filter alongside the native one (the same pairs as Docker's archMap).
+_COMPANION_ARCHES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "x86_64": ("x86", "x32"),
+        "aarch64": ("arm",),
+        "mips64": ("mips", "mips64n32"),
+        "mips64n32": ("mips", "mips64"),
+        "mipsel64": ("mipsel", "mipsel64n32"),
+        "mipsel64n32": ("mipsel", "mipsel64"),
+        "s390x": ("s390",),
+        "ppc64": ("ppc",),
+        "parisc64": ("parisc",),
+    }
+)
+
+# The names Docker's includes/excludes.arches use for each native architecture (moby's
+# goToNative table), plus the obvious aliases.
+_DOCKER_ARCH_NAMES: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
+    {
+        "x86_64": frozenset({"amd64", "x86_64"}),
+        "x86": frozenset({"x86", "386", "i386"}),
+        "aarch64": frozenset({"arm64", "aarch64"}),
+        "arm": frozenset({"arm"}),
+        "loongarch64": frozenset({"loongarch64", "loong64"}),
+        "mips64": frozenset({"mips64"}),
+        "mips64n32": frozenset({"mips64n32"}),
+        "mipsel64": frozenset({"mipsel64", "mips64le"}),
+        "mipsel64n32": frozenset({"mipsel64n32", "mips3l64n32"}),
+        "mipsel": frozenset({"mipsel", "mipsle"}),
+        "mips": frozenset({"mips"}),
+        "ppc": frozenset({"ppc"}),
+        "ppc64": frozenset({"ppc64"}),
+        "ppc64le": frozenset({"ppc64le"}),
+        "riscv64": frozenset({"riscv64"}),
+        "s390": frozenset({"s390"}),
+        "s390x": frozenset({"s390x"}),
+    }
+)
+
+
+def native_arch() -> str:
+    """The libseccomp-style name of this machine's architecture (``"x86_64"``, ``"aarch64"``).
+
+    Machines this module has no name for are returned as :func:`platform.machine` reports them.
+    """
+    machine = platform.machine().lower()
+    if machine.startswith("arm") and machine != "arm64":
+        return "arm"
+    if machine in ("mips", "mips64"):
+        # uname does not say which endianness a MIPS machine runs; the interpreter does.
+        return machine.replace("mips", "mipsel") if sys.byteorder == "little" else machine
+    return _MACHINE_TO_ARCH.get(machine, machine)
+
+
+def _scmp_arch_name(arch: str) -> str:
+    return "SCMP_ARCH_" + arch.upper()
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in profile.
+# --------------------------------------------------------------------------------------------
+
+
+def default_profile(*, arch: str | None = None) -> SeccompProfile:
+    """The built-in profile: allow by default, refuse what could breach the cell.
+
+    See :data:`DEFAULT_DENIED_SYSCALLS`, :data:`CLONE_NAMESPACE_FLAGS` and
+    :data:`PERSONALITY_ALLOWED`; clone3 answers ENOSYS. Only the native ABI is allowed at all:
+    32-bit and x32 syscalls on x86_64 kill the process (libseccomp's bad-arch action).
+
+    Args:
+        arch: the architecture to build it for; the native one by default. It matters only
+            where an argument moves (clone's flags are its second argument on s390).
+    """
+    return _default_profile_for(arch or native_arch())
+
+
+@functools.cache
+def _default_profile_for(arch: str) -> SeccompProfile:
+    eperm = errno.EPERM
+    rules = [
+        SyscallRule(names=names, action="errno", errno=eperm)
+        for names in DEFAULT_DENIED_SYSCALLS.values()
+    ]
+    # s390 passes the new stack first and the flags second.
+    flags_index = 1 if arch in ("s390", "s390x") else 0
+    rules.extend(
+        SyscallRule(
+            names=("clone",),
+            action="errno",
+            errno=eperm,
+            args=(ArgCondition(flags_index, "MASKED_EQ", flag, flag),),
+        )
+        for flag in CLONE_NAMESPACE_FLAGS.values()
+    )
+    rules.append(SyscallRule(names=("clone3",), action="errno", errno=_CLONE3_ERRNO))
+    rules.extend(_personality_rules(eperm))
+    return SeccompProfile(
+        name="buildcell-default",
+        default_action="allow",
+        default_errno=None,
+        extra_arches=(),
+        rules=tuple(rules),
+    )
+
+
+def _personality_rules(eperm: int) -> list[SyscallRule]:
+    # "Refuse unless arg0 is 0 or 0xffffffff" needs two conditions on one argument, which
+    # libseccomp rejects (EINVAL), and the default action being allow, libseccomp also refuses
+    # allow rules that could carve out the two values. So the refused set is written as a union
+    # of single comparisons: values above 32 bits, and every 32-bit value that has a set bit
+    # followed (cyclically) by a clear one. A 32-bit value has such a pair exactly when it is
+    # neither all zeros nor all ones, so the union is exactly "not 0 and not 0xffffffff".
+    # (Each pattern can cover at most one single-bit value, so fewer than 32 cannot do.)
+    # The construction is specific to PERSONALITY_ALLOWED being exactly (0, 0xffffffff).
+    rules = [
+        SyscallRule(("personality",), "errno", eperm, (ArgCondition(0, "GT", 0xFFFFFFFF),)),
+    ]
+    for bit in range(32):
+        set_bit = 1 << bit
+        clear_bit = 1 << ((bit + 1) % 32)
+        rules.append(
+            SyscallRule(
+                ("personality",),
+                "errno",
+                eperm,
+                (ArgCondition(0, "MASKED_EQ", set_bit | clear_bit, set_bit),),
+            )
+        )
+    return rules
+
+
+# --------------------------------------------------------------------------------------------
+# Loading Docker / OCI profiles.
+# --------------------------------------------------------------------------------------------
+
+_ACTION_NAMES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "SCMP_ACT_ALLOW": "allow",
+        "SCMP_ACT_ERRNO": "errno",
+        # runc maps the historical SCMP_ACT_KILL to killing the thread, as libseccomp does.
+        "SCMP_ACT_KILL": "kill_thread",
+        "SCMP_ACT_KILL_THREAD": "kill_thread",
+        "SCMP_ACT_KILL_PROCESS": "kill_process",
+        "SCMP_ACT_TRAP": "trap",
+        "SCMP_ACT_LOG": "log",
+        "SCMP_ACT_TRACE": "trace",
+    }
+)
+_OP_NAMES: Final[Mapping[str, str]] = MappingProxyType({f"SCMP_CMP_{op}": op for op in _OPS})
+# Load-time flags for seccomp(2). bwrap loads the filter itself, so they cannot be honoured;
+# ignoring them is safe: none widens what the filter allows (SPEC_ALLOW would even weaken the
+# Spectre mitigations, so dropping it is the cautious choice).
+_KNOWN_FLAGS: Final = frozenset(
+    {
+        "SECCOMP_FILTER_FLAG_TSYNC",
+        "SECCOMP_FILTER_FLAG_LOG",
+        "SECCOMP_FILTER_FLAG_SPEC_ALLOW",
+        "SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV",
+    }
+)
+_TOP_KEYS: Final = frozenset(
+    {
+        "defaultAction",
+        "defaultErrnoRet",
+        "architectures",
+        "archMap",
+        "syscalls",
+        "flags",
+        "listenerPath",
+        "listenerMetadata",
+    }
+)
+_SYSCALL_KEYS: Final = frozenset(
+    {"names", "name", "action", "errnoRet", "args", "comment", "includes", "excludes"}
+)
+_ARG_KEYS: Final = frozenset({"index", "value", "valueTwo", "op"})
+_FILTER_KEYS: Final = frozenset({"caps", "arches", "minKernel"})
+_ARCH_MAP_KEYS: Final = frozenset({"architecture", "subArchitectures"})
+
+_HINT: Final = (
+    "buildcell reads Docker seccomp profiles and the OCI runtime-spec linux.seccomp object"
+)
+
+
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of two equal keys; a profile that says "action" twice is ambiguous,
+    # and an ambiguous security policy is refused rather than guessed at.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if abs(value) < 10**30 else "a huge integer"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {shown!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+@dataclass(frozen=True)
+class _Host:
+    """What conditional Docker rules are resolved against."""
+
+    arch: str
+    kernel: tuple[int, int]
+
+    @property
+    def docker_arch_names(self) -> frozenset[str]:
+        return _DOCKER_ARCH_NAMES.get(self.arch, frozenset({self.arch}))
+
+
+class _Parser:
+    """Walks the decoded JSON, checking every value and remembering where it is."""
+
+    def __init__(self, source: str, host: _Host) -> None:
+        self.source = source
+        self.host = host
+
+    def fail(self, path: str, detail: str) -> NoReturn:
+        where = f"{path}: " if path else ""
+        raise SeccompError(f"invalid seccomp profile {self.source}: {where}{detail}", hint=_HINT)
+
+    def expect(self, path: str, expected: str, got: object) -> NoReturn:
+        self.fail(path, f"expected {expected}, got {_describe(got)}")
+
+    def obj(self, value: object, path: str, keys: frozenset[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.expect(path, "an object", value)
+        for key in value:
+            if key not in keys:
+                child = f"{path}.{key}" if path else key
+                self.fail(child, f"unknown key (expected one of {', '.join(sorted(keys))})")
+        return value
+
+    def optional_list(self, value: object, path: str) -> list[Any]:
+        # Go's encoding/json, which Docker uses, reads null as an empty list.
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.expect(path, "a list", value)
+        return value
+
+    def string(self, value: object, path: str) -> str:
+        if not isinstance(value, str):
+            self.expect(path, "a string", value)
+        return value
+
+    def strings(self, value: object, path: str) -> list[str]:
+        items = self.optional_list(value, path)
+        return [self.string(item, f"{path}[{i}]") for i, item in enumerate(items)]
+
+    def uint(self, value: object, path: str, maximum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+            self.expect(path, f"an integer from 0 to {maximum}", value)
+        return value
+
+    def profile(self, document: object) -> SeccompProfile:
+        top = self.obj(document, "", _TOP_KEYS)
+        if "defaultAction" not in top:
+            self.fail("defaultAction", "missing (every profile needs a default action)")
+        default_errno_ret = top.get("defaultErrnoRet")
+        if default_errno_ret is not None:
+            default_errno_ret = self.uint(default_errno_ret, "defaultErrnoRet", _MAX_RET_DATA)
+        default_action = self.action(top["defaultAction"], "defaultAction")
+        default_data = (
+            _ret_data(None, default_errno_ret) if default_action in _ACTIONS_WITH_DATA else None
+        )
+
+        for i, flag in enumerate(self.strings(top.get("flags"), "flags")):
+            if flag not in _KNOWN_FLAGS:
+                self.expect(f"flags[{i}]", f"one of {', '.join(sorted(_KNOWN_FLAGS))}", flag)
+        if self.string(top.get("listenerPath", ""), "listenerPath"):
+            self.fail(
+                "listenerPath",
+                "seccomp user notification is not supported (buildcell runs no seccomp agent)",
+            )
+        self.string(top.get("listenerMetadata", ""), "listenerMetadata")
+
+        extra_arches = self.arches(top.get("architectures"), top.get("archMap"))
+
+        rules: list[SyscallRule] = []
+        for i, entry in enumerate(self.optional_list(top.get("syscalls"), "syscalls")):
+            rule = self.syscall(entry, f"syscalls[{i}]", default_errno_ret)
+            if rule is not None:
+                rules.append(rule)
+
+        return SeccompProfile(
+            name=PurePath(self.source).name or self.source,
+            default_action=default_action,
+            default_errno=default_data,
+            extra_arches=extra_arches,
+            rules=tuple(rules),
+        )
+
+    def action(self, value: object, path: str) -> str:
+        if value == "SCMP_ACT_NOTIFY":
+            self.fail(
+                path,
+                "SCMP_ACT_NOTIFY is not supported (buildcell runs no seccomp agent to answer it)",
+            )
+        if not isinstance(value, str) or value not in _ACTION_NAMES:
+            self.expect(path, f"one of {', '.join(_ACTION_NAMES)}", value)
+        return _ACTION_NAMES[value]
+
+    def arches(self, architectures: object, arch_map: object) -> tuple[str, ...]:
+        flat = self.strings(architectures, "architectures")
+        for i, name in enumerate(flat):
+            self.arch_name(name, f"architectures[{i}]")
+        mapped: list[str] = []
+        entries = self.optional_list(arch_map, "archMap")
+        if flat and entries:
+            self.fail("archMap", "a profile gives either 'architectures' or 'archMap', not both")
+        native = _scmp_arch_name(self.host.arch)
+        matched = False
+        for i, entry in enumerate(entries):
+            path = f"archMap[{i}]"
+            fields = self.obj(entry, path, _ARCH_MAP_KEYS)
+            if "architecture" not in fields:
+                self.fail(f"{path}.architecture", "missing")
+            main = self.arch_name(fields["architecture"], f"{path}.architecture")
+            subs = self.strings(fields.get("subArchitectures"), f"{path}.subArchitectures")
+            for j, sub in enumerate(subs):
+                self.arch_name(sub, f"{path}.subArchitectures[{j}]")
+            # Docker takes the first entry for the native architecture and ignores the rest.
+            if main == native and not matched:
+                matched = True
+                mapped = [main, *subs]
+        companions = {_scmp_arch_name(a): a for a in _COMPANION_ARCHES.get(self.host.arch, ())}
+        extra: list[str] = []
+        # The native ABI is always filtered; of the others, only those a kernel of this
+        # architecture can run mean anything (an ARM entry on x86_64 would never match).
+        for name in flat or mapped:
+            arch = companions.get(name)
+            if arch is not None and arch not in extra:
+                extra.append(arch)
+        return tuple(extra)
+
+    def arch_name(self, value: object, path: str) -> str:
+        if not isinstance(value, str) or not _SCMP_ARCH.fullmatch(value):
+            self.expect(path, "an architecture such as SCMP_ARCH_X86_64", value)
+        return value
+
+    def syscall(
+        self, value: object, path: str, default_errno_ret: int | None
+    ) -> SyscallRule | None:
+        entry = self.obj(value, path, _SYSCALL_KEYS)
+        names = self.names(entry, path)
+        if "action" not in entry:
+            self.fail(f"{path}.action", "missing")
+        action = self.action(entry["action"], f"{path}.action")
+        errno_ret = entry.get("errnoRet")
+        if errno_ret is not None:
+            errno_ret = self.uint(errno_ret, f"{path}.errnoRet", _MAX_RET_DATA)
+        conditions = tuple(
+            self.condition(arg, f"{path}.args[{i}]")
+            for i, arg in enumerate(self.optional_list(entry.get("args"), f"{path}.args"))
+        )
+        if len(conditions) > _MAX_CONDITIONS:
+            self.fail(f"{path}.args", f"at most {_MAX_CONDITIONS} conditions are supported")
+        if "comment" in entry:
+            self.string(entry["comment"], f"{path}.comment")
+        # Validate both filters in full before deciding: a rule skipped on this host must
+        # still be well-formed, or the same file would fail elsewhere.
+        includes = self.filter(entry.get("includes"), f"{path}.includes")
+        excludes = self.filter(entry.get("excludes"), f"{path}.excludes")
+        if not self.applies(includes, excludes):
+            return None
+        # errnoRet means nothing to other actions; runc ignores it there, and so do we.
+        data = _ret_data(errno_ret, default_errno_ret) if action in _ACTIONS_WITH_DATA else None
+        return SyscallRule(names=names, action=action, errno=data, args=conditions)
+
+    def names(self, entry: dict[str, Any], path: str) -> tuple[str, ...]:
+        single = entry.get("name")
+        several = self.strings(entry.get("names"), f"{path}.names")
+        if single is not None and self.string(single, f"{path}.name"):
+            if several:
+                self.fail(path, "a rule gives either 'name' or 'names', not both")
+            candidates = [(f"{path}.name", single)]
+        else:
+            candidates = [(f"{path}.names[{i}]", name) for i, name in enumerate(several)]
+        if not candidates:
+            self.fail(f"{path}.names", "expected at least one syscall name")
+        for where, name in candidates:
+            if not _SYSCALL_NAME.fullmatch(name):
+                self.expect(where, "a syscall name (letters, digits and '_')", name)
+        return tuple(name for _, name in candidates)
+
+    def condition(self, value: object, path: str) -> ArgCondition:
+        arg = self.obj(value, path, _ARG_KEYS)
+        for key in ("index", "value", "op"):
+            if key not in arg:
+                self.fail(f"{path}.{key}", "missing")
+        index = self.uint(arg["index"], f"{path}.index", _MAX_ARG_INDEX)
+        op_name = arg["op"]
+        if not isinstance(op_name, str) or op_name not in _OP_NAMES:
+            self.expect(f"{path}.op", f"one of {', '.join(_OP_NAMES)}", op_name)
+        datum = self.uint(arg["value"], f"{path}.value", _MAX_U64)
+        datum_two = self.uint(arg.get("valueTwo", 0), f"{path}.valueTwo", _MAX_U64)
+        return ArgCondition(index=index, op=_OP_NAMES[op_name], value=datum, value_two=datum_two)
+
+    def filter(
+        self, value: object, path: str
+    ) -> tuple[list[str], list[str], tuple[int, int] | None]:
+        if value is None:
+            return [], [], None
+        fields = self.obj(value, path, _FILTER_KEYS)
+        caps = self.strings(fields.get("caps"), f"{path}.caps")
+        arches = self.strings(fields.get("arches"), f"{path}.arches")
+        min_kernel = self.string(fields.get("minKernel", ""), f"{path}.minKernel")
+        if not min_kernel:
+            return caps, arches, None
+        match = _MIN_KERNEL.fullmatch(min_kernel)
+        version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+        if version == (0, 0):
+            self.expect(f"{path}.minKernel", 'a kernel version such as "4.8"', min_kernel)
+        return caps, arches, version
+
+    def applies(
+        self,
+        includes: tuple[list[str], list[str], tuple[int, int] | None],
+        excludes: tuple[list[str], list[str], tuple[int, int] | None],
+    ) -> bool:
+        # The same order and meaning as moby's setupSeccomp, for a cell with no capabilities:
+        # a rule that needs a capability never applies, and one withheld from holders of a
+        # capability always does.
+        _, ex_arches, ex_kernel = excludes
+        in_caps, in_arches, in_kernel = includes
+        native_names = self.host.docker_arch_names
+        if native_names.intersection(ex_arches):
+            return False
+        if ex_kernel is not None and self.host.kernel >= ex_kernel:
+            return False
+        if in_arches and not native_names.intersection(in_arches):
+            return False
+        if in_caps:
+            return False
+        return not (in_kernel is not None and self.host.kernel < in_kernel)
+
+
+def _ret_data(errno_ret: int | None, default_errno_ret: int | None) -> int:
+    # The rule's own errnoRet, else the profile's defaultErrnoRet, else EPERM.
+    if errno_ret is not None:
+        return errno_ret
+    if default_errno_ret is not None:
+        return default_errno_ret
+    return errno.EPERM
+
+
+def parse_profile(
+    data: str | bytes, *, source: str, kernel: tuple[int, int], arch: str
+) -> SeccompProfile:
+    """Read a Docker or OCI seccomp profile for a cell without capabilities.
+
+    Accepts Docker's current format (``archMap``, ``names``, conditional ``includes`` and
+    ``excludes``), its older one (``architectures``, singular ``name``) and the OCI
+    runtime-spec ``linux.seccomp`` object. Conditions are resolved here: rules that need a
+    capability are dropped (the cell has none), ``arches`` are matched against ``arch`` and
+    ``minKernel`` against ``kernel``.
+
+    Args:
+        data: the profile's JSON text.
+        source: where it came from, for messages; its last path component names the profile.
+        kernel: the (major, minor) version of the kernel the filter will run on.
+        arch: the libseccomp-style native architecture, as :func:`native_arch` returns.
+
+    Raises:
+        SeccompError: the text is not JSON, or not a profile buildcell can honour exactly
+            (an unknown key, action or operator, a value of the wrong type or range,
+            ``SCMP_ACT_NOTIFY``); the message names the JSON path at fault.
+    """
+    parser = _Parser(source, _Host(arch=arch, kernel=kernel))
+    try:
+        document = json.loads(data, object_pairs_hook=_reject_duplicate_keys)
+    except _DuplicateKeyError as e:
+        parser.fail("", f"the key {e.key!r} appears twice in one JSON object")
+    except RecursionError as e:
+        raise SeccompError(
+            f"invalid seccomp profile {source}: JSON nested too deeply", hint=_HINT
+        ) from e
+    except ValueError as e:
+        # JSONDecodeError, UnicodeDecodeError and over-long integers are all ValueErrors.
+        raise SeccompError(f"invalid seccomp profile {source}: not JSON: {e}", hint=_HINT) from e
+    return parser.profile(document)
+
+
+def _running_kernel() -> tuple[int, int]:
+    release = os.uname().release
+    match = re.match(r"(\d+)\.(\d+)", release)
+    if match is None:
+        raise SeccompError(f"cannot tell the kernel version from uname release {release!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def load_profile(path: Path) -> SeccompProfile:
+    """Read a Docker or OCI seccomp profile file for this machine's kernel and architecture.
+
+    Raises:
+        SeccompError: the file cannot be read, is too large, or is not a valid profile
+            (see :func:`parse_profile`).
+    """
+    try:
+        with path.open("rb") as f:
+            data = f.read(_MAX_PROFILE_BYTES + 1)
+    except OSError as e:
+        raise SeccompError(
+            f"cannot read seccomp profile {path}: {e.strerror or e}",
+            hint="check the path given for the seccomp profile",
+        ) from e
+    if len(data) > _MAX_PROFILE_BYTES:
+        raise SeccompError(
+            f"seccomp profile {path} is larger than {_MAX_PROFILE_BYTES // (1024 * 1024)} MiB"
+        )
+    return parse_profile(data, source=str(path), kernel=_running_kernel(), arch=native_arch())
+
+
+# --------------------------------------------------------------------------------------------
+# Compiling.
+# --------------------------------------------------------------------------------------------
+
+_compiled: dict[str, bytes] = {}
+_compile_lock = threading.Lock()
+# struct sock_filter is { u16 code; u8 jt; u8 jf; u32 k; }.
+_SOCK_FILTER_SIZE: Final = 8
+
+
+def compile_bpf(profile: SeccompProfile) -> bytes:
+    """Compile ``profile`` to a classic-BPF seccomp program (an array of ``sock_filter``).
+
+    Syscalls outside the native ABI and the profile's ``extra_arches`` kill the process.
+    Names libseccomp does not know, or that do not exist on the filtered ABIs, are skipped
+    (logged at debug level; at warning level where that leaves a refused syscall allowed).
+    The result is cached in-process by :meth:`SeccompProfile.digest`.
+
+    Raises:
+        SeccompError: libseccomp is missing, or refused an architecture or a rule.
+    """
+    key = profile.digest()
+    # Compiling takes milliseconds; holding the lock throughout keeps libseccomp single-
+    # threaded and makes sure a profile is compiled once.
+    with _compile_lock:
+        cached = _compiled.get(key)
+        if cached is None:
+            cached = _compile(profile)
+            _compiled[key] = cached
+        return cached
+
+
+def _import_pyseccomp() -> Any:
+    try:
+        import pyseccomp
+    except (ImportError, RuntimeError, OSError) as e:
+        # pyseccomp raises RuntimeError when it cannot find libseccomp.so.
+        raise SeccompError(
+            f"cannot load libseccomp: {e}",
+            hint="install libseccomp (the libseccomp2 package on Debian and Ubuntu)",
+        ) from e
+    return pyseccomp
+
+
+def _action_value(sc: Any, action: str, ret_data: int | None) -> int:
+    simple = {
+        "allow": sc.ALLOW,
+        "kill_process": sc.KILL_PROCESS,
+        "kill_thread": sc.KILL_THREAD,
+        "trap": sc.TRAP,
+        "log": sc.LOG,
+    }
+    if action == "errno":
+        return int(sc.ERRNO(ret_data))
+    if action == "trace":
+        return int(sc.TRACE(ret_data))
+    return int(simple[action])
+
+
+def _check_errno(action: str, ret_data: int | None, label: str, what: str) -> None:
+    # The model keeps the errno a profile asked for; the kernel would cap it at 4095 anyway,
+    # but libseccomp refuses to encode such a filter at all, so say so plainly.
+    if action == "errno" and ret_data is not None and ret_data > _MAX_LIBSECCOMP_ERRNO:
+        raise SeccompError(
+            f"{label}: errno {ret_data} for {what} is larger than libseccomp can encode "
+            f"({_MAX_LIBSECCOMP_ERRNO})",
+            hint="use a standard errno, such as 1 (EPERM) or 38 (ENOSYS)",
+        )
+
+
+def _compile(profile: SeccompProfile) -> bytes:
+    sc = _import_pyseccomp()
+    label = f"seccomp profile {profile.name}"
+    _check_errno(profile.default_action, profile.default_errno, label, "the default action")
+    for rule in profile.rules:
+        _check_errno(rule.action, rule.errno, label, f"syscall {rule.names[0]}")
+    default = _action_value(sc, profile.default_action, profile.default_errno)
+    try:
+        filt = sc.SyscallFilter(default)
+        filt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
+    except OSError as e:
+        raise SeccompError(
+            f"libseccomp cannot build {label} with default action {profile.default_action}: "
+            f"{e.strerror or e}",
+            hint="the kernel or libseccomp may be too old (kill_process needs Linux 4.14)",
+        ) from e
+
+    arch_ids: list[int] = []
+    for arch in profile.extra_arches:
+        arch_id = getattr(sc.Arch, arch.upper(), None)
+        if not isinstance(arch_id, int) or arch_id == sc.Arch.NATIVE:
+            raise SeccompError(f"libseccomp does not know the architecture {arch!r} ({label})")
+        try:
+            filt.add_arch(arch_id)
+        except OSError as e:
+            raise SeccompError(
+                f"libseccomp cannot add architecture {arch} to {label}: {e.strerror or e}"
+            ) from e
+        arch_ids.append(arch_id)
+
+    for rule in profile.rules:
+        action = _action_value(sc, rule.action, rule.errno)
+        if action == default:
+            # libseccomp refuses a rule that repeats the default action (EACCES); it would
+            # change nothing anyway.
+            continue
+        conditions = [sc.Arg(c.index, getattr(sc, c.op), c.value, c.value_two) for c in rule.args]
+        for name in rule.names:
+            number = _resolve(sc, name, arch_ids, profile, rule)
+            if number is None:
+                continue
+            try:
+                filt.add_rule(action, number, *conditions)
+            except OSError as e:
+                hint = None
+                if len({c.index for c in rule.args}) < len(rule.args):
+                    hint = (
+                        "libseccomp cannot combine two conditions on the same argument; "
+                        "split them into separate rules"
+                    )
+                raise SeccompError(
+                    f"libseccomp refused the rule for syscall {name} ({rule.action}) "
+                    f"in {label}: {e.strerror or e}",
+                    hint=hint,
+                ) from e
+
+    program = _export(filt, label)
+    if not program or len(program) % _SOCK_FILTER_SIZE:
+        raise SeccompError(f"libseccomp exported a malformed BPF program for {label}")
+    return program
+
+
+def _resolve(
+    sc: Any, name: str, arch_ids: Sequence[int], profile: SeccompProfile, rule: SyscallRule
+) -> int | None:
+    number = int(sc.resolve_syscall(sc.Arch.NATIVE, name))
+    if number >= 0:
+        return number
+    if number == -1:  # __NR_SCMP_ERROR: not a syscall libseccomp has heard of
+        refused = rule.action != "allow" and profile.default_action == "allow"
+        log = logger.warning if refused else logger.debug
+        log(
+            "seccomp profile %s: libseccomp does not know syscall %s; %s",
+            profile.name,
+            name,
+            "it stays allowed" if refused else "skipping it",
+        )
+        return None
+    # A negative pseudo number: the syscall exists on some ABI but not the native one.
+    # libseccomp places such a rule on the extra ABIs that do have it (chown32 for x86, say).
+    if any(int(sc.resolve_syscall(arch_id, name)) >= 0 for arch_id in arch_ids):
+        return number
+    logger.debug(
+        "seccomp profile %s: %s is not a syscall on this architecture; skipping it",
+        profile.name,
+        name,
+    )
+    return None
+
+
+def _export(filt: Any, label: str) -> bytes:
+    try:
+        # A memfd has no size limit to block on (a pipe would deadlock past 64 KiB) and
+        # leaves nothing on disk.
+        fd = os.memfd_create("buildcell-seccomp", os.MFD_CLOEXEC)
+        with open(fd, "w+b") as f:
+            filt.export_bpf(f)
+            f.seek(0)
+            return f.read()
+    except OSError as e:
+        raise SeccompError(f"cannot export the BPF program for {label}: {e.strerror or e}") from e

@@ -1,0 +1,642 @@
+"""A cell from start to finish: prepare, run, collect outputs, tear down, verify."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from buildcell.audit import EventLog
+from buildcell.cell import _spawn
+from buildcell.cell.bwrap import SandboxPlan, bwrap_argv
+from buildcell.cell.config import (
+    CELL_GID,
+    CELL_HOSTNAME,
+    CELL_PATH,
+    CELL_UID,
+    CELL_WORKSPACE,
+    CellConfig,
+    DirRootfs,
+)
+from buildcell.cell.limits import CellCgroup, LimitsBackend, fallback_plan, host_backend
+from buildcell.cell.resolve import resolve_command
+from buildcell.cell.rootfs import WritableAreas, cell_mounts, rootfs_mounts, synthesized_etc
+from buildcell.cell.storage import CellStorage, Scratch, new_cell_id
+from buildcell.errors import (
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    ConfigError,
+    SandboxError,
+    SeccompError,
+)
+from buildcell.outputs import OutputReport, collect_outputs
+from buildcell.state import StateDir, unreachable_ancestor
+
+__all__ = ["Cell", "CellResult", "TeardownReport", "find_bwrap", "limits_backend", "run_cell"]
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def limits_backend() -> LimitsBackend:
+    """The host's limits backend, detected once per process."""
+    return host_backend()
+
+
+def find_bwrap() -> str:
+    """Path of bubblewrap (``$BUILDCELL_BWRAP`` or ``bwrap`` on PATH).
+
+    Raises:
+        SandboxError: it is not installed.
+    """
+    override = os.environ.get("BUILDCELL_BWRAP")
+    path = override or shutil.which("bwrap")
+    if not path or not os.access(path, os.X_OK):
+        raise SandboxError(
+            "bubblewrap (bwrap) is not installed",
+            hint="install it: apt-get install bubblewrap (or dnf install bubblewrap)",
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class TeardownReport:
+    """What teardown checked after the cell ended."""
+
+    processes_left: int
+    killed: int
+    cgroups_removed: bool
+    workspace_removed: bool
+    mounts_left: int
+    anchor_stopped: bool
+
+    @property
+    def clean(self) -> bool:
+        return (
+            self.processes_left == 0
+            and self.cgroups_removed
+            and self.workspace_removed
+            and self.mounts_left == 0
+            and self.anchor_stopped
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clean": self.clean,
+            "processes_left": self.processes_left,
+            "killed": self.killed,
+            "cgroups_removed": self.cgroups_removed,
+            "workspace_removed": self.workspace_removed,
+            "mounts_left": self.mounts_left,
+            "anchor_stopped": self.anchor_stopped,
+        }
+
+
+@dataclass
+class CellResult:
+    """The outcome of one cell.
+
+    Attributes:
+        exit_code: the command's status; 124 on timeout; 128+N when killed by signal N;
+            137 on out-of-memory.
+        reason: ``exited``, ``signaled``, ``timeout`` or ``oom``.
+    """
+
+    cell_id: str
+    exit_code: int
+    reason: str
+    signal: int | None
+    duration: float
+    warnings: tuple[str, ...] = ()
+    outputs: OutputReport | None = None
+    teardown: TeardownReport | None = None
+    oom_kills: int = 0
+
+
+def _etc_dir(state: StateDir) -> Path:
+    """Materialize the synthesized /etc files once per content, shared by all cells."""
+    files = synthesized_etc()
+    digest = hashlib.sha256(
+        b"".join(name.encode() + b"\0" + data + b"\0" for name, data in sorted(files.items()))
+    ).hexdigest()[:16]
+    target = state.cache / f"etc-{digest}"
+    if target.is_dir():
+        return target
+    tmp = state.cache / f".etc-{digest}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir(mode=0o755)
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+        os.chmod(tmp / name, 0o644)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race: same content
+    return target
+
+
+def _seccomp_memfd(bpf: bytes) -> int:
+    fd = os.memfd_create("buildcell-seccomp", os.MFD_CLOEXEC)
+    os.write(fd, bpf)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+_EXEC_FAILURE = re.compile(rb"bwrap: execvp ([^:\n]*): ([^\n]*)")
+
+
+class Cell:
+    """One sandbox run, as a context manager.
+
+    ``with Cell(config) as cell: result = cell.run()``; outputs are collected by
+    ``cell.collect()``; leaving the block kills whatever is left, removes the cgroup,
+    the workspace (unless a shared ``storage`` owns it) and emits a ``teardown`` event.
+
+    Args:
+        config: what to run.
+        state: the state directory (default location if omitted).
+        events: where events go (nowhere if omitted).
+        step: the build step name stamped on events.
+        storage: a workspace shared with other cells of the same build; the cell then
+            neither populates nor removes it.
+        stdout/stderr: sinks for the cell's output (default: this process's stdout/stderr).
+
+    Raises:
+        ConfigError, SandboxError, SeccompError, StateError: on entering, when the cell
+            cannot be prepared; CommandNotFoundError/CommandNotExecutableError (127/126).
+    """
+
+    def __init__(
+        self,
+        config: CellConfig,
+        *,
+        state: StateDir | None = None,
+        events: EventLog | None = None,
+        step: str | None = None,
+        storage: CellStorage | None = None,
+        stdout: _spawn.Sink | None = None,
+        stderr: _spawn.Sink | None = None,
+    ) -> None:
+        self.config = config
+        self._state = state
+        self.cell_id = new_cell_id()
+        self.events = events or EventLog(build=self.cell_id)
+        self.step = step
+        self._shared_storage = storage
+        self.storage: CellStorage | None = storage
+        self._stdout = stdout or _spawn.fd_writer(1)
+        self._stderr = stderr or _spawn.fd_writer(2)
+        self._cgroup: CellCgroup | None = None
+        self._scratch: Scratch | None = None
+        self._warnings: list[str] = []
+        self._argv: list[str] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._init_pidfd: int | None = None
+        self._killed = 0
+        self._nproc: int | None = None
+        self._affinity: frozenset[int] | None = None
+        self._rlimits: tuple[tuple[int, int], ...] = ()
+        self._bpf: bytes | None = None
+        self._seccomp_info: dict[str, Any] = {}
+        self.result: CellResult | None = None
+
+    # -- preparation ---------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        try:
+            self._prepare()
+        except BaseException:
+            self._teardown(emit=False)
+            raise
+        return self
+
+    def _prepare(self) -> None:
+        cfg = self.config
+        bwrap = find_bwrap()
+        state = self._state or StateDir()
+        self._state = state
+        if self.storage is None:
+            self.storage = CellStorage(
+                state, cell_id=self.cell_id, bwrap=bwrap, disk=cfg.limits.disk
+            )
+            source = cfg.resolved_source()
+            if source is not None:
+                exclude = [cfg.resolved_out_dir(), state.root]
+                stats = self.storage.populate(source, exclude)
+                for rel, why in stats.skipped:
+                    self._warn(f"source entry {rel} not copied into the workspace: {why}")
+        storage = self.storage
+        self._scratch = storage.new_scratch()
+        if isinstance(cfg.rootfs, DirRootfs) and storage.identity.drop:
+            blocked = unreachable_ancestor(cfg.rootfs.path / "x")
+            if blocked is not None:
+                raise ConfigError(
+                    f"rootfs {cfg.rootfs.path} is not readable by the cell's unprivileged uid: "
+                    f"{blocked} has mode {blocked.stat().st_mode & 0o7777:04o}",
+                    hint=f"chmod o+rx {blocked}",
+                )
+
+        backend = limits_backend()
+        if backend.mode != "rlimit":
+            self._cgroup = CellCgroup(backend, f"{state.tag}.{self.cell_id}", cfg.limits)
+            storage.note_cgroups(self._cgroup.dirs)
+        fallback = fallback_plan(cfg.limits, backend, sorted(os.sched_getaffinity(0)))
+        self._rlimits, self._nproc, self._affinity = (
+            fallback.rlimits,
+            fallback.nproc,
+            fallback.affinity,
+        )
+        for warning in fallback.warnings:
+            self._warn(warning, event="limit.degraded")
+
+        self._prepare_seccomp()
+
+        etc = _etc_dir(state)
+        mounts = cell_mounts(
+            rootfs_mounts(cfg.rootfs, etc_dir=etc),
+            WritableAreas(storage.workspace_bind, self._scratch.tmp, self._scratch.home),
+        )
+        env = cfg.cell_env()
+        argv0 = resolve_command(
+            cfg.argv[0],
+            mounts=mounts,
+            path_env=env.get("PATH", CELL_PATH),
+            cwd=CELL_WORKSPACE,
+            host_uid=storage.identity.uid,
+            host_gid=storage.identity.gid,
+        )
+        self._plan = SandboxPlan(
+            mounts=mounts,
+            argv=(argv0, *cfg.argv[1:]),
+            env=tuple(sorted(env.items())),
+            cwd=CELL_WORKSPACE,
+            hostname=CELL_HOSTNAME,
+            uid=CELL_UID,
+            gid=CELL_GID,
+        )
+        self._bwrap = bwrap
+
+    def _prepare_seccomp(self) -> None:
+        from buildcell.cell import seccomp
+
+        cfg = self.config
+        if not cfg.seccomp:
+            self._warn(
+                "--unsafe-no-seccomp: the cell runs without a syscall filter",
+                event="security.unsafe",
+            )
+            self._seccomp_info = {"profile": None, "unsafe": "no-seccomp"}
+            return
+        if cfg.seccomp_profile is not None:
+            profile = seccomp.load_profile(cfg.seccomp_profile)
+        else:
+            profile = seccomp.default_profile()
+        try:
+            self._bpf = seccomp.compile_bpf(profile)
+        except SeccompError:
+            raise
+        except OSError as e:
+            raise SeccompError(f"cannot compile seccomp profile {profile.name}: {e}") from e
+        self._seccomp_info = {"profile": profile.name, "digest": profile.digest()}
+
+    def _warn(self, message: str, *, event: str = "warning") -> None:
+        self._warnings.append(message)
+        log.warning("%s", message)
+        self.events.emit(event, step=self.step, cell=self.cell_id, message=message)
+
+    # -- running -------------------------------------------------------------------
+
+    def run(self) -> CellResult:
+        """Run the command to completion (or timeout) and return the result.
+
+        Raises:
+            SandboxError: bubblewrap could not set the sandbox up (exit 125).
+            CommandNotFoundError, CommandNotExecutableError: exec failed (127/126).
+        """
+        assert self.storage is not None, "use Cell as a context manager"
+        cfg = self.config
+        fds: list[int] = []
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        fds.append(status_w)
+        block_w: int | None = None
+        extra: list[str] = []
+        pass_fds = [status_w]
+        seccomp_fd: int | None = None
+        if self._bpf is not None:
+            seccomp_fd = _seccomp_memfd(self._bpf)
+            fds.append(seccomp_fd)
+            pass_fds.append(seccomp_fd)
+        if self._nproc is not None:
+            # RLIMIT_NPROC is counted per user namespace level: it must be set on the
+            # sandbox's first process after bubblewrap made its namespaces, or every
+            # process of the caller on the host would count against it.
+            block_r, block_w = os.pipe2(os.O_CLOEXEC)
+            fds.append(block_r)
+            pass_fds.append(block_r)
+            extra += ["--block-fd", str(block_r)]
+        plan = SandboxPlan(
+            mounts=self._plan.mounts,
+            argv=self._plan.argv,
+            env=self._plan.env,
+            cwd=self._plan.cwd,
+            hostname=self._plan.hostname,
+            uid=self._plan.uid,
+            gid=self._plan.gid,
+            seccomp_fd=seccomp_fd,
+            status_fd=status_w,
+            extra=tuple(extra),
+        )
+        self._argv = bwrap_argv(plan, self._bwrap)
+        cgroup_fds = [
+            os.open(p, os.O_WRONLY | os.O_CLOEXEC)
+            for p in (self._cgroup.procs_files() if self._cgroup else [])
+        ]
+        fds += cgroup_fds
+        identity = self.storage.identity
+        anchor = self.storage.anchor
+        spawn_plan = _spawn.SpawnPlan(
+            argv=self._argv,
+            pass_fds=tuple(pass_fds),
+            cgroup_procs_fds=tuple(cgroup_fds),
+            rlimits=self._rlimits,
+            affinity=self._affinity,
+            setns_fds=anchor.setns_fds if anchor is not None else (),
+            drop_to=(identity.uid, identity.gid) if identity.drop else None,
+            stdin=0 if cfg.interactive else None,
+        )
+        self.events.emit(
+            "cell.start",
+            step=self.step,
+            cell=self.cell_id,
+            argv=list(cfg.argv),
+            rootfs=cfg.rootfs.describe(),
+            limits=cfg.limits.to_dict(),
+            limits_backend=limits_backend().mode,
+            seccomp=self._seccomp_info,
+            network="none",
+            host_uid=identity.uid,
+        )
+        started = time.monotonic()
+        try:
+            try:
+                self._proc = _spawn.spawn(spawn_plan)
+            except OSError as e:
+                raise SandboxError(f"cannot start bubblewrap: {e.strerror or e}") from e
+        finally:
+            for fd in fds:
+                if fd != block_w:
+                    os.close(fd)
+        self.storage.note_process("bwrap", self._proc.pid)
+
+        def on_status(obj: dict[str, object]) -> None:
+            pid = obj.get("child-pid")
+            if isinstance(pid, int) and self._init_pidfd is None:
+                with contextlib.suppress(OSError):
+                    self._init_pidfd = os.pidfd_open(pid)
+                    if self._nproc is not None:
+                        resource.prlimit(pid, resource.RLIMIT_NPROC, (self._nproc, self._nproc))
+                if block_w is not None:
+                    os.write(block_w, b"x")
+
+        try:
+            outcome = _spawn.pump(
+                self._proc,
+                status_fd=status_r,
+                stdout=self._stdout,
+                stderr=self._stderr,
+                timeout=cfg.limits.timeout,
+                on_status=on_status,
+                kill=self._kill,
+                started=started,
+            )
+        finally:
+            os.close(status_r)
+            if block_w is not None:
+                os.close(block_w)
+        self.result = self._classify(outcome)
+        return self.result
+
+    def _classify(self, outcome: _spawn.PumpResult) -> CellResult:
+        exec_status = outcome.status_value("exit-code")
+        oom = self._cgroup.oom_kills() if self._cgroup is not None else 0
+        warnings = tuple(self._warnings)
+        base: dict[str, Any] = {
+            "cell_id": self.cell_id,
+            "duration": outcome.duration,
+            "warnings": warnings,
+            "oom_kills": oom,
+        }
+        if outcome.timed_out:
+            result = CellResult(exit_code=124, reason="timeout", signal=signal.SIGKILL, **base)
+            self.events.emit(
+                "limit.timeout",
+                step=self.step,
+                cell=self.cell_id,
+                timeout=self.config.limits.timeout,
+            )
+        elif not isinstance(exec_status, int):
+            self._raise_setup_failure(outcome)
+        elif oom and exec_status != 0:
+            result = CellResult(exit_code=137, reason="oom", signal=signal.SIGKILL, **base)
+            self.events.emit(
+                "limit.oom",
+                step=self.step,
+                cell=self.cell_id,
+                memory=self.config.limits.memory,
+                oom_kills=oom,
+            )
+        elif exec_status > 128:
+            result = CellResult(
+                exit_code=exec_status, reason="signaled", signal=exec_status - 128, **base
+            )
+        else:
+            result = CellResult(exit_code=exec_status, reason="exited", signal=None, **base)
+        if oom and result.reason != "oom":
+            self.events.emit(
+                "limit.oom",
+                step=self.step,
+                cell=self.cell_id,
+                oom_kills=oom,
+                memory=self.config.limits.memory,
+            )
+        self.events.emit(
+            "cell.exit",
+            step=self.step,
+            cell=self.cell_id,
+            exit_code=result.exit_code,
+            reason=result.reason,
+            signal=result.signal,
+            duration_ms=round(result.duration * 1000, 3),
+        )
+        return result
+
+    def _raise_setup_failure(self, outcome: _spawn.PumpResult) -> None:
+        tail = outcome.stderr_tail
+        self.events.emit(
+            "cell.exit", step=self.step, cell=self.cell_id, exit_code=None, reason="setup-failed"
+        )
+        match = _EXEC_FAILURE.search(tail)
+        if match:
+            name = match.group(1).decode(errors="replace")
+            why = match.group(2).decode(errors="replace")
+            if "No such file" in why:
+                raise CommandNotFoundError(f"{name}: command not found in the cell ({why})")
+            raise CommandNotExecutableError(f"{name}: cannot execute in the cell ({why})")
+        lines = [ln for ln in tail.decode(errors="replace").splitlines() if ln.startswith("bwrap:")]
+        reason = lines[-1] if lines else f"bubblewrap exited with status {outcome.returncode}"
+        raise SandboxError(
+            f"the sandbox could not be set up: {reason}",
+            hint="run `buildcell doctor` to check this host",
+        )
+
+    def _kill(self) -> None:
+        """SIGKILL every process of the cell."""
+        if self._init_pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+                self._killed += 1
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        if self._cgroup is not None:
+            self._killed += self._cgroup.kill_all(timeout=1.0)
+
+    def collect(self) -> OutputReport | None:
+        """Copy the configured outputs out of the workspace into ``out_dir``.
+
+        Raises:
+            OutputError: an output could not be written.
+        """
+        cfg = self.config
+        if not cfg.outputs or self.storage is None:
+            return None
+        report = collect_outputs(self.storage.workspace, cfg.outputs, cfg.resolved_out_dir())
+        for out in report.collected:
+            self.events.emit(
+                "output",
+                step=self.step,
+                cell=self.cell_id,
+                path=out.path,
+                size=out.size,
+                sha256=out.sha256,
+            )
+        for skipped in report.skipped:
+            self._warn(
+                f"output {skipped.path} not collected: {skipped.reason}", event="output.skipped"
+            )
+        for pattern in report.unmatched:
+            self._warn(f"output pattern {pattern!r} matched no file", event="output.unmatched")
+        if self.result is not None:
+            self.result.outputs = report
+            self.result.warnings = tuple(self._warnings)
+        return report
+
+    # -- teardown ------------------------------------------------------------------
+
+    def _wait_init_gone(self, timeout: float) -> bool:
+        if self._init_pidfd is None:
+            return True
+        ready, _, _ = select.select([self._init_pidfd], [], [], timeout)
+        return bool(ready)
+
+    def _teardown(self, *, emit: bool = True) -> TeardownReport:
+        started = time.monotonic()
+        if self._proc is not None and self._proc.poll() is None:
+            self._kill()
+        if self._proc is not None:
+            self._proc.wait()
+            for stream in (self._proc.stdout, self._proc.stderr):
+                if stream is not None:
+                    stream.close()
+        init_gone = self._wait_init_gone(2.0)
+        if not init_gone:
+            self._kill()
+            init_gone = self._wait_init_gone(2.0)
+        processes_left = 0 if init_gone else 1
+        cgroups_removed = True
+        if self._cgroup is not None:
+            left = self._cgroup.pids()
+            if left:
+                self._killed += self._cgroup.kill_all()
+                left = self._cgroup.pids()
+            processes_left = max(processes_left, len(left))
+            cgroups_removed = self._cgroup.remove()
+        if self._init_pidfd is not None:
+            os.close(self._init_pidfd)
+            self._init_pidfd = None
+        checks: dict[str, bool | int] = {
+            "workspace_removed": True,
+            "anchor_stopped": True,
+            "mounts_left": 0,
+        }
+        if self.storage is not None:
+            if self._scratch is not None and self._shared_storage is not None:
+                with contextlib.suppress(OSError):
+                    self.storage.drop_scratch(self._scratch)
+            if self._shared_storage is None:
+                checks = self.storage.close()
+        report = TeardownReport(
+            processes_left=processes_left,
+            killed=self._killed,
+            cgroups_removed=cgroups_removed,
+            workspace_removed=bool(checks["workspace_removed"]),
+            mounts_left=int(checks["mounts_left"]),
+            anchor_stopped=bool(checks["anchor_stopped"]),
+        )
+        if emit:
+            self.events.emit(
+                "teardown",
+                step=self.step,
+                cell=self.cell_id,
+                duration_ms=round((time.monotonic() - started) * 1000, 3),
+                **report.to_dict(),
+            )
+            if not report.clean:
+                log.error("teardown of cell %s was not clean: %s", self.cell_id, report)
+        if self.result is not None:
+            self.result.teardown = report
+        return report
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._teardown()
+
+
+def run_cell(
+    config: CellConfig,
+    *,
+    state: StateDir | None = None,
+    events: EventLog | None = None,
+    stdout: _spawn.Sink | None = None,
+    stderr: _spawn.Sink | None = None,
+) -> CellResult:
+    """Run ``config.argv`` in a fresh cell, collect its outputs, destroy the cell.
+
+    Returns:
+        The result, with ``outputs`` and ``teardown`` filled in.
+
+    Raises:
+        ConfigError, SandboxError, SeccompError, StateError, OutputError: buildcell could
+            not do what was asked (exit 125).
+        CommandNotFoundError, CommandNotExecutableError: exit 127 / 126.
+    """
+    with Cell(config, state=state, events=events, stdout=stdout, stderr=stderr) as cell:
+        result = cell.run()
+        cell.collect()
+    return result

@@ -1,0 +1,344 @@
+"""Command-line interface: argument parsing and presentation only.
+
+Every command maps onto a library call; an ``Error`` becomes one line on stderr and its
+exit code. Imports are lazy so that ``buildcell run`` starts quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main"]
+
+PROG = "buildcell"
+
+RUN_EPILOG = """\
+examples:
+  buildcell run -- make                          build the current directory in a cell
+  buildcell run --source src --output 'dist/*.whl' -- python3 -m build --no-isolation
+  buildcell run --memory 1G --pids 256 --cpus 1.5 --timeout 10m -- ./ci.sh
+  buildcell run --rootfs dir:/srv/rootfs/bookworm --events ev.jsonl -- sh -c 'id; ls /'
+
+inside the cell: uid/gid 1000 (builder), cwd /workspace (an ephemeral copy of --source),
+HOME=/home/builder, PATH=/usr/local/bin:/usr/bin:/bin, TZ=UTC, LANG=C.UTF-8,
+SOURCE_DATE_EPOCH; no network (loopback only); read-only root; no host environment
+variable unless named with --env/--pass-env.
+
+exit status: the command's own; 124 timeout; 125 buildcell could not do what was asked;
+126/127 command not executable / not found; 128+N killed by signal N (137 also on
+out-of-memory).
+"""
+
+MAIN_EPILOG = """\
+commands:
+  run      run one command in a fresh cell (see `buildcell run --help`)
+  doctor   check what this host supports: bubblewrap, namespaces, seccomp, limits
+  gc       remove what killed supervisors left in the state directory
+
+state directory: $BUILDCELL_STATE_DIR, else /var/lib/buildcell (root) or
+$XDG_STATE_HOME/buildcell.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 125 with one line, as every buildcell error does."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: error: {message}\n  hint: see `{self.prog} --help`\n")
+        raise SystemExit(125)
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog=PROG,
+        description="Run every build in its own ephemeral, least-privilege cell.",
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="state directory (overrides the default)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run",
+        help="run one command in a fresh cell",
+        description="Run COMMAND in a fresh cell and destroy the cell afterwards.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [OPTIONS] [--] COMMAND [ARG...]",
+    )
+    g = run.add_argument_group("workspace and outputs")
+    g.add_argument(
+        "--source",
+        type=Path,
+        metavar="DIR",
+        help="directory copied into /workspace (default: the current directory); "
+        "the original is never modified",
+    )
+    g.add_argument(
+        "--output",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="collect matching regular files from /workspace after the command "
+        "(repeatable; * and ? stay within a directory, ** crosses them)",
+    )
+    g.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where outputs are copied (default: ./buildcell-out)",
+    )
+    g = run.add_argument_group("sandbox")
+    g.add_argument(
+        "--rootfs",
+        default="host",
+        metavar="KIND",
+        help="'host' (a minimal read-only view of the host, default) or 'dir:PATH'",
+    )
+    g.add_argument(
+        "--seccomp-profile",
+        type=Path,
+        metavar="FILE",
+        help="an OCI/Docker seccomp profile (JSON) instead of the built-in one",
+    )
+    g.add_argument(
+        "--unsafe-no-seccomp",
+        action="store_true",
+        help="run without any syscall filter (warned about and recorded)",
+    )
+    g.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set a variable in the cell (repeatable)",
+    )
+    g.add_argument(
+        "--pass-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this host variable into the cell (repeatable)",
+    )
+    g.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="connect stdin (default: /dev/null); the cell still has no controlling terminal",
+    )
+    g = run.add_argument_group("limits")
+    g.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 512M, 2GiB")
+    g.add_argument("--pids", metavar="N", help="maximum number of processes and threads")
+    g.add_argument("--cpus", metavar="N", help="CPU share, fractions allowed (0.5)")
+    g.add_argument(
+        "--disk",
+        metavar="SIZE",
+        help="what the cell may write in total to /workspace, /tmp and its home "
+        "(a size-capped tmpfs: it lives in memory)",
+    )
+    g.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        help="wall-clock limit: 90, 90s, 5m, 1h30m (exit 124 when reached)",
+    )
+    g = run.add_argument_group("reporting")
+    g.add_argument(
+        "--events",
+        type=Path,
+        metavar="FILE",
+        help="append JSON Lines events (cell.start, cell.exit, teardown, ...)",
+    )
+    g.add_argument(
+        "-q", "--quiet", action="store_true", help="print nothing of buildcell's own except errors"
+    )
+    run.add_argument(
+        "cmd", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]", help=argparse.SUPPRESS
+    )
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="check what this host supports",
+        description="Check bubblewrap, user namespaces, seccomp, the limits backend and the "
+        "state directory, then make one real cell. Exits 1 if no cell can be made.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+
+    gc = sub.add_parser(
+        "gc",
+        help="remove what killed supervisors left behind",
+        description="Remove cells whose supervisor is gone: leftover processes are killed, "
+        "their cgroups and workspaces removed. Cells still running are left alone.",
+    )
+    gc.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _parse_env(items: Sequence[str], pass_names: Sequence[str]) -> dict[str, str]:
+    from buildcell.errors import UsageError
+
+    env: dict[str, str] = {}
+    for name in pass_names:
+        if name in os.environ:
+            env[name] = os.environ[name]
+        else:
+            _warn(f"--pass-env {name}: not set on the host, not passed")
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"invalid --env {item!r}: expected K=V")
+        env[key] = value
+    return env
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"{PROG}: warning: {message}\n")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from buildcell.audit import EventLog
+    from buildcell.cell import CellConfig, Limits, parse_rootfs
+    from buildcell.cell.supervisor import Cell
+    from buildcell.errors import UsageError
+    from buildcell.state import StateDir
+    from buildcell.units import parse_cpus, parse_duration, parse_size
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("no command given", hint="buildcell run [OPTIONS] -- COMMAND [ARG...]")
+    pids = None
+    if args.pids is not None:
+        if not args.pids.isdigit() or int(args.pids) < 1:
+            raise UsageError(f"invalid --pids {args.pids!r}: expected a positive integer")
+        pids = int(args.pids)
+    limits = Limits(
+        memory=parse_size(args.memory, what="--memory") if args.memory else None,
+        pids=pids,
+        cpus=parse_cpus(args.cpus) if args.cpus else None,
+        disk=parse_size(args.disk, what="--disk") if args.disk else None,
+        timeout=parse_duration(args.timeout, what="--timeout") if args.timeout else None,
+    )
+    source = (args.source or Path.cwd()).absolute()
+    if not source.is_dir():
+        raise UsageError(f"--source {source} is not a directory")
+    if args.seccomp_profile is not None and args.unsafe_no_seccomp:
+        raise UsageError("--seccomp-profile and --unsafe-no-seccomp contradict each other")
+    from buildcell.outputs import validate_patterns
+
+    config = CellConfig(
+        argv=tuple(cmd),
+        source=source,
+        outputs=validate_patterns(args.output),
+        out_dir=args.out,
+        rootfs=parse_rootfs(args.rootfs),
+        env=_parse_env(args.env, args.pass_env),
+        limits=limits,
+        seccomp_profile=args.seccomp_profile,
+        seccomp=not args.unsafe_no_seccomp,
+        interactive=args.interactive,
+        source_date_epoch=int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0),
+    )
+    state = StateDir(args.state_dir)
+    events = EventLog(args.events, build="")
+    with events:
+        cell = Cell(config, state=state, events=events)
+        events.build = cell.cell_id
+        if not args.quiet:
+            events.subscribe(_print_warnings)
+        with cell:
+            result = cell.run()
+            report = cell.collect()
+        if report is not None and not args.quiet and report.collected:
+            out = config.resolved_out_dir()
+            n = len(report.collected)
+            sys.stderr.write(f"{PROG}: collected {n} output{'s' * (n != 1)} into {out}\n")
+        if result.reason == "timeout" and not args.quiet:
+            sys.stderr.write(f"{PROG}: timed out after {args.timeout}; the cell was killed\n")
+        elif result.reason == "oom" and not args.quiet:
+            sys.stderr.write(f"{PROG}: out of memory (limit {args.memory}); the cell was killed\n")
+    return result.exit_code
+
+
+def _print_warnings(event: dict[str, Any]) -> None:
+    if event.get("event") in ("warning", "limit.degraded", "security.unsafe") or str(
+        event.get("event", "")
+    ).startswith("output."):
+        _warn(str(event.get("message", "")))
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from buildcell.doctor import render, run_checks
+
+    report = run_checks(state_dir=args.state_dir)
+    render(report, as_json=args.json)
+    return 0 if report.cell_ok else 1
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    import json
+
+    from buildcell.gc import collect_garbage
+    from buildcell.state import StateDir
+
+    report = collect_garbage(StateDir(args.state_dir))
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(report.summary())
+    return 0
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    # Unwind through the context managers so the cell is torn down.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``buildcell`` command; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from buildcell import __version__
+
+        print(f"{PROG} {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.state_dir is not None:
+        os.environ["BUILDCELL_STATE_DIR"] = str(args.state_dir.absolute())
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.ERROR,
+        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s",
+    )
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    from buildcell.errors import Error
+
+    handler = {"run": _cmd_run, "doctor": _cmd_doctor, "gc": _cmd_gc}[args.command]
+    try:
+        return handler(args)
+    except Error as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(f"{PROG}: error: {e.message}\n")
+        if e.hint:
+            sys.stderr.write(f"  hint: {e.hint}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted; the cell was torn down\n")
+        return 130

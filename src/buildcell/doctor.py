@@ -1,0 +1,187 @@
+"""``buildcell doctor``: what this host supports, checked for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DoctorReport", "render", "run_checks"]
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check] = field(default_factory=list)
+    limits: dict[str, str] = field(default_factory=dict)
+    cell_ok: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cell_ok": self.cell_ok,
+            "checks": [c.__dict__ for c in self.checks],
+            "limits": self.limits,
+        }
+
+
+def _probe_cell(report: DoctorReport, state_dir: Path | None) -> None:
+    from buildcell.cell import CellConfig, Limits
+    from buildcell.cell.supervisor import run_cell
+    from buildcell.state import StateDir
+
+    out = bytearray()
+    err = bytearray()
+    try:
+        result = run_cell(
+            CellConfig(
+                argv=(
+                    "/bin/sh",
+                    "-c",
+                    "grep -E '^(Uid|Seccomp|NoNewPrivs|CapEff):' "
+                    "/proc/self/status; cat /proc/self/uid_map",
+                ),
+                limits=Limits(timeout=20),
+            ),
+            state=StateDir(state_dir),
+            stdout=out.extend,
+            stderr=err.extend,
+        )
+    except Exception as e:  # doctor reports every failure instead of crashing
+        report.checks.append(Check("cell", False, f"no cell can be made: {e}"))
+        return
+    text = out.decode(errors="replace")
+    fields = {
+        k.strip(): (v.split() or [""])[0]
+        for k, _, v in (ln.partition(":") for ln in text.splitlines() if ":" in ln)
+    }
+    ok = (
+        result.exit_code == 0
+        and fields.get("Seccomp") == "2"
+        and fields.get("NoNewPrivs") == "1"
+        and fields.get("CapEff") == "0000000000000000"
+        and fields.get("Uid") == "1000"
+    )
+    detail = (
+        f"uid {fields.get('Uid')}, seccomp mode {fields.get('Seccomp')}, "
+        f"no_new_privs {fields.get('NoNewPrivs')}, capabilities {fields.get('CapEff')}, "
+        f"teardown {'clean' if result.teardown and result.teardown.clean else 'NOT clean'}"
+    )
+    if not ok:
+        detail += f" (exit {result.exit_code}: {err.decode(errors='replace').strip()})"
+    report.checks.append(Check("cell", ok, detail))
+    report.cell_ok = ok and bool(result.teardown and result.teardown.clean)
+
+
+def run_checks(state_dir: Path | None = None) -> DoctorReport:
+    """Run every check; never raises for a failing check."""
+    from buildcell.cell.identity import uid_range
+    from buildcell.cell.supervisor import find_bwrap, limits_backend
+    from buildcell.errors import Error
+    from buildcell.state import StateDir
+
+    report = DoctorReport()
+    try:
+        bwrap = find_bwrap()
+        version = subprocess.run(
+            [bwrap, "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        report.checks.append(Check("bubblewrap", True, f"{version} at {bwrap}"))
+    except Error as e:
+        report.checks.append(Check("bubblewrap", False, f"{e} ({e.hint})"))
+        return report
+
+    try:
+        max_ns = Path("/proc/sys/user/max_user_namespaces").read_text().strip()
+    except OSError:
+        max_ns = "unknown"
+    clone = Path("/proc/sys/kernel/unprivileged_userns_clone")
+    userns_ok = max_ns not in ("0", "unknown") and (
+        not clone.exists() or clone.read_text().strip() == "1"
+    )
+    report.checks.append(
+        Check("user namespaces", userns_ok, f"user.max_user_namespaces = {max_ns}")
+    )
+
+    try:
+        from buildcell.cell import seccomp
+
+        profile = seccomp.default_profile()
+        bpf = seccomp.compile_bpf(profile)
+        report.checks.append(
+            Check(
+                "seccomp",
+                True,
+                f"libseccomp compiled the default profile "
+                f"({len(bpf) // 8} BPF instructions, {profile.digest()[:19]}…)",
+            )
+        )
+    except Exception as e:
+        report.checks.append(Check("seccomp", False, f"cannot compile a filter: {e}"))
+
+    backend = limits_backend()
+    report.checks.append(Check("limits backend", True, f"{backend.mode}: {backend.reason}"))
+    report.limits = backend.enforcement()
+
+    if os.geteuid() == 0:
+        base, count = uid_range()
+        report.checks.append(
+            Check(
+                "cell identity",
+                True,
+                f"running as root: cells run as host uids {base}..{base + count - 1}",
+            )
+        )
+    else:
+        report.checks.append(
+            Check("cell identity", True, f"rootless: cells run as your uid {os.getuid()}")
+        )
+
+    try:
+        state = StateDir(state_dir)
+        report.checks.append(Check("state directory", True, str(state.root)))
+    except Error as e:
+        report.checks.append(Check("state directory", False, str(e)))
+        return report
+
+    _probe_cell(report, state_dir)
+    return report
+
+
+def render(report: DoctorReport, *, as_json: bool) -> None:
+    """Print the report: a table on a terminal, plain lines otherwise, or JSON."""
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+    table = Table(title="buildcell doctor", show_lines=False)
+    table.add_column("check")
+    table.add_column("")
+    table.add_column("detail")
+    for c in report.checks:
+        table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
+    console.print(table)
+    if report.limits:
+        limits = Table(title="how limits are enforced")
+        limits.add_column("limit")
+        limits.add_column("mechanism")
+        for name, how in report.limits.items():
+            limits.add_row(name, how)
+        console.print(limits)
+    console.print(
+        "[green]cells can be made on this host[/]"
+        if report.cell_ok
+        else "[red]no cell can be made on this host[/]"
+    )

@@ -1,0 +1,127 @@
+"""``buildcell gc``: remove what supervisors that died left in the state directory.
+
+A supervisor killed with SIGKILL cannot clean up, but its cells die with it (death
+signals); what remains on disk is its cell directory, and possibly cgroups. Each cell
+directory records its supervisor (pid and start time, so a reused pid is not mistaken
+for it), its cgroups and its processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from buildcell.cell.limits import remove_stale_cgroup
+from buildcell.cell.storage import process_start_time
+from buildcell.cell.workspace import remove_tree
+from buildcell.state import StateDir
+
+__all__ = ["GcReport", "collect_garbage"]
+
+_CELL_CGROUP = re.compile(r"^([0-9a-f]{8})\.(\d{8}T\d{6}-[0-9a-f]{8})$")
+#: A cell directory without its record is being created; leave it alone this long.
+_GRACE_SECONDS = 60.0
+
+
+@dataclass
+class GcReport:
+    removed: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    killed: int = 0
+    cgroups_removed: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "removed": self.removed,
+            "busy": self.busy,
+            "killed": self.killed,
+            "cgroups_removed": self.cgroups_removed,
+            "failed": self.failed,
+        }
+
+    def summary(self) -> str:
+        parts = [f"removed {len(self.removed)} abandoned cell(s)"]
+        if self.killed:
+            parts.append(f"killed {self.killed} leftover process(es)")
+        if self.cgroups_removed:
+            parts.append(f"removed {self.cgroups_removed} cgroup(s)")
+        parts.append(f"{len(self.busy)} still running")
+        if self.failed:
+            parts.append("could not remove: " + ", ".join(self.failed))
+        return "; ".join(parts)
+
+
+def _alive(entry: dict[str, Any]) -> bool:
+    pid, start = entry.get("pid"), entry.get("start")
+    return isinstance(pid, int) and start is not None and process_start_time(pid) == start
+
+
+def collect_garbage(state: StateDir) -> GcReport:
+    """Remove every cell whose supervisor is gone; return what was done."""
+    report = GcReport()
+    live_cgroups: set[str] = set()
+    for cell_dir in sorted(state.cells.iterdir()):
+        record_path = cell_dir / "cell.json"
+        try:
+            record = json.loads(record_path.read_text())
+        except FileNotFoundError:
+            age = time.time() - cell_dir.lstat().st_mtime
+            if age < _GRACE_SECONDS:
+                report.busy.append(cell_dir.name)
+                continue
+            record = {}
+        except (OSError, ValueError):
+            record = {}
+        if _alive(record.get("supervisor", {})):
+            report.busy.append(cell_dir.name)
+            live_cgroups.update(record.get("cgroups", []))
+            continue
+        for proc in record.get("processes", []):
+            if _alive(proc):
+                try:
+                    os.kill(proc["pid"], signal.SIGKILL)
+                    report.killed += 1
+                except ProcessLookupError:
+                    pass
+        for cg in record.get("cgroups", []):
+            if Path(cg).exists() and remove_stale_cgroup(Path(cg)):
+                report.cgroups_removed += 1
+        remove_tree(cell_dir)
+        if cell_dir.exists():
+            report.failed.append(cell_dir.name)
+        else:
+            report.removed.append(cell_dir.name)
+    report.cgroups_removed += _orphan_cgroups(state.tag, live_cgroups)
+    return report
+
+
+def _orphan_cgroups(tag: str, live_cgroups: set[str]) -> int:
+    """Cgroups of this state directory's cells that no live cell records.
+
+    Young ones are left alone: a cell records its cgroup just after creating it.
+    """
+    from buildcell.cell.supervisor import limits_backend
+
+    removed = 0
+    for parent in limits_backend().parents.values():
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            match = _CELL_CGROUP.match(child.name)
+            if (
+                child.is_dir()
+                and match
+                and match.group(1) == tag
+                and str(child) not in live_cgroups
+                and time.time() - child.stat().st_mtime > _GRACE_SECONDS
+                and remove_stale_cgroup(child)
+            ):
+                removed += 1
+    return removed

@@ -1,0 +1,208 @@
+"""Shared fixtures: a private state directory, and ways to run cells and the CLI.
+
+Tests drive the real sandbox. As root, cells run as unprivileged host uids, so the state
+directory must be reachable (o+x) by them; it is made under /tmp with mode 0711.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from buildcell.audit import EventLog
+from buildcell.cell import CellConfig, CellResult
+from buildcell.cell.supervisor import run_cell
+from buildcell.state import StateDir
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared" / "assets"
+IS_ROOT = os.geteuid() == 0
+
+root_only = pytest.mark.skipif(not IS_ROOT, reason="needs buildcell to run as root")
+
+
+def _userns_available() -> bool:
+    try:
+        return int(Path("/proc/sys/user/max_user_namespaces").read_text()) > 0
+    except OSError:
+        return False
+
+
+requires_userns = pytest.mark.skipif(not _userns_available(), reason="no user namespaces")
+
+
+@pytest.fixture
+def state_root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="bc-state-", dir="/tmp"))
+    os.chmod(path, 0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def state(state_root: Path) -> StateDir:
+    return StateDir(state_root / "state")
+
+
+@dataclass
+class Ran:
+    result: CellResult
+    stdout: str
+    stderr: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == name]
+
+
+@pytest.fixture
+def cell(state: StateDir, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Run a command in a real cell; returns a ``Ran`` with output and events."""
+
+    def run(argv: Sequence[str], **kwargs: Any) -> Ran:
+        out, err = bytearray(), bytearray()
+        log = EventLog(build="test")
+        events: list[dict[str, Any]] = []
+        log.subscribe(events.append)
+        kwargs.setdefault("out_dir", tmp_path / "out")
+        result = run_cell(
+            CellConfig(argv=tuple(argv), **kwargs),
+            state=state,
+            events=log,
+            stdout=out.extend,
+            stderr=err.extend,
+        )
+        return Ran(result, out.decode(errors="replace"), err.decode(errors="replace"), events)
+
+    return run
+
+
+def cli_env(state_dir: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "BUILDCELL_STATE_DIR": str(state_dir),
+        "PYTHONPATH": str(REPO / "src"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def bc(state_root: Path):  # type: ignore[no-untyped-def]
+    """Run the ``buildcell`` CLI as a subprocess (as this user)."""
+
+    def run(
+        *args: str, cwd: Path | None = None, timeout: float = 120, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        env = cli_env(state_root / "state", **kw.pop("env", {}))
+        return subprocess.run(
+            [sys.executable, "-m", "buildcell", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **kw,
+        )
+
+    return run
+
+
+# -- running the CLI as an unprivileged user (rootless mode), from a root test run -----
+
+UNPRIVILEGED = 65534
+
+
+def _system_python() -> str | None:
+    """A Python >= 3.11 that an unprivileged user can execute (not under /root)."""
+    for candidate in ("/usr/bin/python3.11", "/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(candidate, os.X_OK):
+            out = subprocess.run(
+                [candidate, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if out.stdout.strip() == "True":
+                return candidate
+    return None
+
+
+@pytest.fixture
+def bc_rootless(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Run the CLI as an unprivileged user: directly when we are one, via setpriv as root."""
+    if not IS_ROOT:
+        base = tmp_path_factory.mktemp("rootless")
+
+        def direct(
+            *args: str, cwd: Path | None = None, timeout: float = 120
+        ) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "buildcell", *args],
+                cwd=cwd,
+                env=cli_env(base / "state"),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+
+        direct.home = base  # type: ignore[attr-defined]
+        return direct
+    python = _system_python()
+    setpriv = shutil.which("setpriv")
+    if python is None or setpriv is None or not _userns_available():
+        pytest.skip("needs setpriv, a system Python >= 3.11 and user namespaces")
+    home = Path(tempfile.mkdtemp(prefix="bc-rootless-", dir="/tmp"))
+    os.chmod(home, 0o755)
+    os.chown(home, UNPRIVILEGED, UNPRIVILEGED)
+    site = sysconfig.get_paths()["purelib"]
+    if not os.access(site, os.R_OK) or any(
+        not (p.stat().st_mode & 0o005) for p in [*Path(site).parents][:-1]
+    ):
+        pytest.skip(f"{site} is not readable by an unprivileged user")
+
+    def run(
+        *args: str, cwd: Path | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        env = cli_env(home / "state", HOME=str(home), PYTHONPATH=f"{REPO / 'src'}:{site}")
+        return subprocess.run(
+            [
+                setpriv,
+                f"--reuid={UNPRIVILEGED}",
+                f"--regid={UNPRIVILEGED}",
+                "--clear-groups",
+                "--",
+                python,
+                "-m",
+                "buildcell",
+                *args,
+            ],
+            cwd=cwd or home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    run.home = home  # type: ignore[attr-defined]
+    yield run
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

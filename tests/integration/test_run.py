@@ -1,0 +1,577 @@
+"""`buildcell run` and `run_cell` against the real sandbox."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from tests.conftest import IS_ROOT, read_events, root_only
+
+from buildcell.cell import DirRootfs, Limits
+from buildcell.errors import CommandNotExecutableError, CommandNotFoundError
+
+
+def test_cell_identity_and_environment(cell, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOST_ONLY_CANARY", "must-not-leak")
+    ran = cell(["/bin/sh", "-c", "id -u; id -g; id -un; pwd; hostname; env | sort"])
+    lines = ran.stdout.splitlines()
+    assert lines[:5] == ["1000", "1000", "builder", "/workspace", "buildcell"]
+    env = dict(line.split("=", 1) for line in lines[5:])
+    assert env == {
+        "HOME": "/home/builder",
+        "LANG": "C.UTF-8",
+        "LOGNAME": "builder",
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PWD": "/workspace",
+        "SOURCE_DATE_EPOCH": "0",
+        "TZ": "UTC",
+        "USER": "builder",
+    }
+    assert ran.result.exit_code == 0
+
+
+def test_env_and_source_date_epoch(cell) -> None:
+    ran = cell(
+        ["/bin/sh", "-c", 'echo "$A|$SOURCE_DATE_EPOCH"'],
+        env={"A": "b c"},
+        source_date_epoch=1700000000,
+    )
+    assert ran.stdout == "b c|1700000000\n"
+
+
+def test_synthesized_etc_and_minimal_root(cell) -> None:
+    ran = cell(["/bin/sh", "-c", "cat /etc/passwd /etc/hosts /etc/resolv.conf; ls /"])
+    assert "builder:x:1000:1000:builder:/home/builder:/bin/sh" in ran.stdout
+    assert "127.0.0.1\tlocalhost buildcell" in ran.stdout
+    top = set(ran.stdout.split("\n\n")[-1].split()) if False else set(ran.stdout.split())
+    for absent in ("root", "mnt", "media", "srv", "opt", "boot", "run", "sys"):
+        assert absent not in top
+    for present in ("usr", "etc", "tmp", "workspace", "proc", "dev", "home"):
+        assert present in top
+
+
+def test_root_is_read_only_but_workspace_tmp_home_are_writable(cell) -> None:
+    script = (
+        "touch /etc/x 2>/dev/null && echo etc-writable; "
+        "touch /newfile 2>/dev/null && echo root-writable; "
+        "touch /workspace/w /tmp/t $HOME/h && echo writable-ok"
+    )
+    ran = cell(["/bin/sh", "-c", script])
+    assert ran.stdout.strip() == "writable-ok"
+
+
+def test_source_is_copied_and_never_modified(cell, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "keep.txt").write_text("original")
+    (src / "link").symlink_to("/etc/hostname")
+    ran = cell(
+        [
+            "/bin/sh",
+            "-c",
+            "cat keep.txt; readlink link; echo changed > keep.txt; rm link; mkdir new; touch new/f",
+        ],
+        source=src,
+    )
+    assert ran.stdout == "original/etc/hostname\n"
+    assert (src / "keep.txt").read_text() == "original"
+    assert (src / "link").is_symlink()
+    assert sorted(p.name for p in src.iterdir()) == ["keep.txt", "link"]
+
+
+def test_outputs_are_collected_with_digests(cell, tmp_path: Path) -> None:
+    out = tmp_path / "collected"
+    ran = cell(
+        [
+            "/bin/sh",
+            "-c",
+            "mkdir -p dist/sub && echo a > dist/a.txt && echo b > dist/sub/b.txt && echo c > c.log",
+        ],
+        outputs=("dist/**", "*.log"),
+        out_dir=out,
+    )
+    assert (out / "dist" / "a.txt").read_text() == "a\n"
+    assert (out / "dist" / "sub" / "b.txt").read_text() == "b\n"
+    assert (out / "c.log").read_text() == "c\n"
+    paths = sorted(e["path"] for e in ran.of("output"))
+    assert paths == ["c.log", "dist/a.txt", "dist/sub/b.txt"]
+    assert all(len(e["sha256"]) == 64 for e in ran.of("output"))
+
+
+@pytest.mark.parametrize(
+    ("script", "code", "reason"),
+    [
+        ("exit 42", 42, "exited"),
+        ("kill -TERM $$", 143, "signaled"),
+        ("kill -KILL $$", 137, "signaled"),
+    ],
+)
+def test_exit_status_is_the_commands(cell, script: str, code: int, reason: str) -> None:
+    ran = cell(["/bin/sh", "-c", script])
+    assert (ran.result.exit_code, ran.result.reason) == (code, reason)
+    assert ran.of("cell.exit")[0]["exit_code"] == code
+
+
+def test_command_not_found_and_not_executable(cell) -> None:
+    with pytest.raises(CommandNotFoundError) as e:
+        cell(["no-such-command-xyz"])
+    assert e.value.exit_code == 127
+    with pytest.raises(CommandNotExecutableError) as e2:
+        cell(["/etc/passwd"])
+    assert e2.value.exit_code == 126
+    with pytest.raises(CommandNotExecutableError):
+        cell(["/usr"])
+
+
+def test_timeout_kills_and_reports(cell) -> None:
+    started = time.monotonic()
+    ran = cell(["/bin/sleep", "30"], limits=Limits(timeout=1))
+    assert time.monotonic() - started < 10
+    assert ran.result.exit_code == 124
+    assert ran.of("limit.timeout")
+    assert ran.result.teardown is not None and ran.result.teardown.clean
+
+
+def test_stdin_is_dev_null(cell) -> None:
+    ran = cell(["/bin/sh", "-c", "cat; echo done; readlink /proc/self/fd/0"])
+    assert ran.stdout.startswith("done\n")
+
+
+def test_stdout_and_stderr_are_separate(cell) -> None:
+    ran = cell(["/bin/sh", "-c", "echo out; echo err >&2"])
+    assert (ran.stdout, ran.stderr) == ("out\n", "err\n")
+
+
+def test_teardown_event_and_state_left_empty(cell, state) -> None:
+    ran = cell(["/bin/true"])
+    (teardown,) = ran.of("teardown")
+    assert teardown["clean"] is True
+    assert teardown["processes_left"] == 0
+    assert teardown["mounts_left"] == 0
+    assert list(state.cells.iterdir()) == []
+
+
+def test_event_contract(cell) -> None:
+    ran = cell(["/bin/true"])
+    names = [e["event"] for e in ran.events]
+    assert names[0] == "cell.start" and "cell.exit" in names and names[-1] == "teardown"
+    for e in ran.events:
+        assert {"ts", "build", "event"} <= set(e)
+        assert e["ts"].endswith("Z")
+    start = ran.of("cell.start")[0]
+    assert start["network"] == "none"
+    assert start["seccomp"]["digest"].startswith("sha256:")
+
+
+def test_disk_budget_is_enforced_and_shared(cell) -> None:
+    script = (
+        "dd if=/dev/zero of=/workspace/a bs=1M count=6 2>/dev/null; echo ws=$?; "
+        "dd if=/dev/zero of=/tmp/b bs=1M count=6 2>/dev/null; echo tmp=$?; "
+        "df -k /workspace | tail -1"
+    )
+    ran = cell(["/bin/sh", "-c", script], limits=Limits(disk=8 * 1024 * 1024))
+    assert "ws=0" in ran.stdout
+    assert "tmp=1" in ran.stdout  # the second file does not fit in what is left
+    assert ran.result.teardown is not None and ran.result.teardown.clean
+
+
+def test_outputs_from_a_disk_limited_cell(cell, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    cell(
+        ["/bin/sh", "-c", "echo hi > r.txt"],
+        limits=Limits(disk=4 << 20),
+        outputs=("r.txt",),
+        out_dir=out,
+    )
+    assert (out / "r.txt").read_text() == "hi\n"
+
+
+def _static_binary(tmp_path: Path) -> Path | None:
+    src = tmp_path / "hello.c"
+    src.write_text('#include <stdio.h>\nint main(void){puts("static hello");return 0;}\n')
+    binary = tmp_path / "hello"
+    res = subprocess.run(
+        ["cc", "-static", "-O1", "-o", str(binary), str(src)], capture_output=True, check=False
+    )
+    return binary if res.returncode == 0 else None
+
+
+def test_dir_rootfs(cell, tmp_path: Path, state_root: Path) -> None:
+    binary = _static_binary(tmp_path)
+    if binary is None:
+        pytest.skip("no static C toolchain (cc -static)")
+    root = state_root / "rootfs"  # reachable by the cell's unprivileged host uid
+    (root / "bin").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc" / "os-release").write_text("ID=tiny\n")
+    (root / "etc" / "passwd").write_text("evil:x:0:0::/:/bin/sh\n")
+    (root / "bin" / "hello").write_bytes(binary.read_bytes())
+    os.chmod(root / "bin" / "hello", 0o755)
+    ran = cell(["/bin/hello"], rootfs=DirRootfs(root))
+    assert ran.stdout == "static hello\n"
+    with pytest.raises(CommandNotFoundError):
+        cell(["sh", "-c", "true"], rootfs=DirRootfs(root))
+
+
+@root_only
+def test_dir_rootfs_unreachable_by_the_cell_uid_is_a_clear_error(cell, tmp_path: Path) -> None:
+    from buildcell.errors import ConfigError
+
+    root = tmp_path / "private" / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    os.chmod(tmp_path / "private", 0o700)
+    with pytest.raises(ConfigError, match="not readable by the cell's unprivileged uid"):
+        cell(["/bin/true"], rootfs=DirRootfs(root))
+
+
+# -- the CLI ---------------------------------------------------------------------------
+
+
+def test_cli_run_streams_and_returns_status(bc, tmp_path: Path) -> None:
+    res = bc("run", "--source", str(tmp_path), "--", "sh", "-c", "echo hi; echo err >&2; exit 3")
+    assert (res.returncode, res.stdout, res.stderr) == (3, "hi\n", "err\n")
+
+
+def test_cli_outputs_and_events(bc, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "main.c").write_text("int main(void){return 0;}\n")
+    events = tmp_path / "events.jsonl"
+    res = bc(
+        "run",
+        "--output",
+        "prog",
+        "--out",
+        str(tmp_path / "out"),
+        "--events",
+        str(events),
+        "--",
+        "cc",
+        "-o",
+        "prog",
+        "main.c",
+        cwd=src,
+    )
+    assert res.returncode == 0, res.stderr
+    assert os.access(tmp_path / "out" / "prog", os.X_OK)
+    assert "collected 1 output" in res.stderr
+    names = [e["event"] for e in read_events(events)]
+    assert names == ["cell.start", "cell.exit", "output", "teardown"]
+    assert len({e["build"] for e in read_events(events)}) == 1
+    assert not (src / "prog").exists()
+
+
+def test_cli_default_out_dir_is_not_copied_into_the_next_workspace(bc, tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    assert bc("run", "--output", "f", "--", "true", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "buildcell-out" / "f").exists()
+    res = bc("run", "--", "ls", cwd=tmp_path)
+    assert res.stdout.split() == ["f"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--bogus", "--", "true"], "unrecognized arguments"),
+        (["run"], "no command given"),
+        (["run", "--memory", "lots", "--", "true"], "invalid --memory 'lots'"),
+        (["run", "--timeout", "-5", "--", "true"], "invalid --timeout"),
+        (["run", "--pids", "x", "--", "true"], "invalid --pids"),
+        (["run", "--cpus", "0", "--", "true"], "invalid cpus"),
+        (["run", "--rootfs", "vm:x", "--", "true"], "invalid rootfs"),
+        (["run", "--source", "/nonexistent-dir", "--", "true"], "is not a directory"),
+        (["run", "--output", "/etc/passwd", "--", "true"], "/etc/passwd"),
+        (["run", "--env", "NOEQUALS", "--", "true"], "invalid --env"),
+        (["run", "--seccomp-profile", "/nonexistent.json", "--", "true"], "nonexistent.json"),
+        (["bogus-command"], "invalid choice"),
+    ],
+)
+def test_cli_usage_errors_exit_125_with_one_line(bc, tmp_path: Path, args, message) -> None:
+    res = bc(*args, cwd=tmp_path)
+    assert res.returncode == 125, res.stderr
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("buildcell: error: ")
+    assert message in first
+    assert len([ln for ln in res.stderr.splitlines() if not ln.startswith("  hint:")]) == 1
+
+
+def test_cli_exit_codes_127_126(bc, tmp_path: Path) -> None:
+    assert bc("run", "--", "no-such-cmd", cwd=tmp_path).returncode == 127
+    (tmp_path / "script.sh").write_text("echo hi\n")
+    res = bc("run", "--", "./script.sh", cwd=tmp_path)
+    assert res.returncode == 126
+    assert "not executable" in res.stderr
+
+
+def test_cli_help_teaches(bc) -> None:
+    res = bc("run", "--help")
+    assert res.returncode == 0
+    for needle in ("--source", "--output", "--memory", "exit status", "124", "examples:"):
+        assert needle in res.stdout
+
+
+def test_cli_interactive_stdin(bc, tmp_path: Path) -> None:
+    res = bc("run", "-i", "--", "tr", "a-z", "A-Z", cwd=tmp_path, input="hello\n")
+    assert res.stdout == "HELLO\n"
+
+
+def test_cli_unsafe_no_seccomp_warns_and_is_recorded(bc, tmp_path: Path) -> None:
+    events = tmp_path / "ev.jsonl"
+    res = bc(
+        "run",
+        "--unsafe-no-seccomp",
+        "--events",
+        str(events),
+        "--",
+        "grep",
+        "^Seccomp:",
+        "/proc/self/status",
+        cwd=tmp_path,
+    )
+    assert res.stdout.split() == ["Seccomp:", "0"]
+    assert "warning: --unsafe-no-seccomp" in res.stderr
+    assert any(e["event"] == "security.unsafe" for e in read_events(events))
+
+
+def test_cli_docker_seccomp_profile(bc, tmp_path: Path) -> None:
+    from tests.conftest import ASSETS
+
+    profile = ASSETS / "docker-seccomp-default.json"
+    if not profile.exists():
+        pytest.skip(f"{profile} is not present")
+    res = bc(
+        "run",
+        "--seccomp-profile",
+        str(profile),
+        "--",
+        "sh",
+        "-c",
+        "grep ^Seccomp: /proc/self/status; unshare -U true 2>/dev/null || echo denied",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["Seccomp:", "2", "denied"]
+
+
+def test_doctor(bc) -> None:
+    res = bc("doctor", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    import json
+
+    report = json.loads(res.stdout)
+    assert report["cell_ok"] is True
+    assert {c["name"] for c in report["checks"]} >= {
+        "bubblewrap",
+        "user namespaces",
+        "seccomp",
+        "limits backend",
+        "state directory",
+        "cell",
+    }
+    assert set(report["limits"]) == {"memory", "pids", "cpus", "disk", "timeout"}
+
+
+def test_sigterm_to_the_cli_tears_the_cell_down(bc, state_root: Path, tmp_path: Path) -> None:
+    import sys
+
+    from tests.conftest import cli_env
+
+    marker = f"bc-term-{os.getpid()}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "buildcell",
+            "run",
+            "--",
+            "bash",
+            "-c",
+            f"exec -a {marker} sleep 60",
+        ],
+        cwd=tmp_path,
+        env=cli_env(state_root / "state"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert _wait_for(lambda: _find(marker)), "the cell never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, err
+    assert _wait_for(lambda: not _find(marker))
+    assert list((state_root / "state" / "cells").iterdir()) == []
+
+
+def _find(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == marker.encode():
+                    found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+def _wait_for(cond, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("disk", [None, "8M"])
+def test_supervisor_sigkill_leaves_nothing_running_and_gc_cleans(
+    bc, state_root: Path, tmp_path: Path, disk
+) -> None:
+    import sys
+
+    from tests.conftest import cli_env
+
+    marker = f"bc-kill-{os.getpid()}-{disk}"
+    extra = ["--disk", disk] if disk else []
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "buildcell",
+            "run",
+            *extra,
+            "--",
+            "bash",
+            "-c",
+            f"(setsid bash -c 'exec -a {marker} sleep 300' &); exec -a {marker} sleep 300",
+        ],
+        cwd=tmp_path,
+        env=cli_env(state_root / "state"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert _wait_for(lambda: len(_find(marker)) == 2), "the cell never started"
+    proc.kill()
+    proc.wait()
+    assert _wait_for(lambda: not _find(marker)), "a cell process outlived its supervisor"
+    cells = state_root / "state" / "cells"
+    assert len(list(cells.iterdir())) == 1  # what a killed supervisor leaves behind
+    res = bc("gc", "--json")
+    assert res.returncode == 0, res.stderr
+    import json
+
+    report = json.loads(res.stdout)
+    assert len(report["removed"]) == 1 and report["failed"] == []
+    assert list(cells.iterdir()) == []
+    assert bc("gc").stdout.startswith("removed 0 abandoned cell(s)")
+
+
+def test_gc_leaves_running_cells_alone(bc, state_root: Path, tmp_path: Path) -> None:
+    import sys
+
+    from tests.conftest import cli_env
+
+    marker = f"bc-busy-{os.getpid()}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "buildcell",
+            "run",
+            "--",
+            "bash",
+            "-c",
+            f"exec -a {marker} sleep 60",
+        ],
+        cwd=tmp_path,
+        env=cli_env(state_root / "state"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert _wait_for(lambda: _find(marker))
+        import json
+
+        report = json.loads(bc("gc", "--json").stdout)
+        assert len(report["busy"]) == 1 and report["removed"] == []
+        assert _find(marker)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@root_only
+def test_root_cells_run_as_an_unprivileged_host_uid(cell) -> None:
+    from buildcell.cell.identity import uid_range
+
+    ran = cell(["/bin/sh", "-c", "cat /proc/self/uid_map; touch f; stat -c %u f"])
+    base, count = uid_range()
+    assert ran.stdout.splitlines()[-1] == "1000"
+    host_uid = ran.of("cell.start")[0]["host_uid"]
+    assert base <= host_uid < base + count
+
+
+@root_only
+def test_root_concurrent_cells_get_distinct_host_uids(state) -> None:
+    from buildcell.cell.identity import acquire_identity
+
+    with acquire_identity(state.ids) as a, acquire_identity(state.ids) as b:
+        assert a.uid != b.uid and a.drop and b.drop
+    with acquire_identity(state.ids) as c:
+        assert c.uid == a.uid  # released slots are reused
+
+
+def test_rootless_cli(bc_rootless) -> None:
+    res = bc_rootless(
+        "run",
+        "--memory",
+        "256M",
+        "--pids",
+        "64",
+        "--cpus",
+        "1",
+        "--disk",
+        "8M",
+        "--",
+        "sh",
+        "-c",
+        "id -u; grep ^Seccomp: /proc/self/status; "
+        "dd if=/dev/zero of=x bs=1M count=20 2>/dev/null || echo disk-full",
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1000", "Seccomp:", "2", "disk-full"]
+    if IS_ROOT:
+        # The hybrid host's cgroup v1 is not writable by an unprivileged user.
+        assert "RLIMIT_AS" in res.stderr and "RLIMIT_NPROC" in res.stderr
+
+
+def test_rootless_pids_limit_counts_only_the_cell(bc_rootless) -> None:
+    from tests.conftest import UNPRIVILEGED
+
+    res = bc_rootless(
+        "run", "--pids", "16", "--", "sh", "-c", "for i in $(seq 40); do sleep 2 & done; wait"
+    )
+    assert res.returncode != 0
+    assert "Cannot fork" in res.stderr
+    # The same user's processes outside the cell do not count against the cell's limit.
+    prefix = ["setpriv", f"--reuid={UNPRIVILEGED}", "--regid=65534", "--clear-groups"]
+    hogs = [subprocess.Popen([*(prefix if IS_ROOT else []), "sleep", "30"]) for _ in range(20)]
+    try:
+        res = bc_rootless(
+            "run",
+            "--pids",
+            "16",
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5; do sleep 0.1 & done; wait; echo ok",
+        )
+        assert res.stdout == "ok\n", res.stderr
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
