@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ __all__ = ["EventLog", "utc_now"]
 
 def utc_now() -> str:
     """The current time as RFC 3339 UTC with milliseconds, the format of every ``ts``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
 class EventLog(Closing):

@@ -234,12 +234,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--source {source} is not a directory")
     if args.seccomp_profile is not None and args.unsafe_no_seccomp:
         raise UsageError("--seccomp-profile and --unsafe-no-seccomp contradict each other")
-    from buildcell.outputs import validate_patterns
+    outputs: tuple[str, ...] = ()
+    if args.output:
+        from buildcell.outputs import validate_patterns
 
+        outputs = validate_patterns(args.output)
     config = CellConfig(
         argv=tuple(cmd),
         source=source,
-        outputs=validate_patterns(args.output),
+        outputs=outputs,
         out_dir=args.out,
         rootfs=parse_rootfs(args.rootfs),
         env=_parse_env(args.env, args.pass_env),

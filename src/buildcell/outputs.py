@@ -27,7 +27,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import stat
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
@@ -524,7 +523,7 @@ class _Collector:
         dir_fd = self.out.dir_fd(parts[:-1])
         executable = bool(st.st_mode & 0o111)
         # A fixed-length temporary name: the final name may already be NAME_MAX long.
-        tmp = f".buildcell-{secrets.token_hex(8)}.tmp"
+        tmp = f".buildcell-{os.urandom(8).hex()}.tmp"
         try:
             out_fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
         except OSError as e:

@@ -31,6 +31,7 @@ __all__ = [
     "detect_backend",
     "fallback_plan",
     "host_backend",
+    "needs_cgroup",
     "parse_cgroup_layout",
     "remove_stale_cgroup",
 ]
@@ -255,6 +256,16 @@ def fallback_plan(
     return FallbackPlan(tuple(rlimits), nproc, affinity, tuple(warnings))
 
 
+def needs_cgroup(limits: Limits, backend: LimitsBackend) -> bool:
+    """Whether any requested limit is one the cgroup backend enforces."""
+    wanted = {
+        "memory": limits.memory is not None,
+        "pids": limits.pids is not None,
+        "cpu": limits.cpus is not None,
+    }
+    return any(wanted[c] for c in backend.controllers)
+
+
 def _write(path: Path, value: str) -> None:
     # O_CREAT is harmless on cgroupfs (its files exist or cannot be created) and lets the
     # same code run against a plain directory tree in tests.
@@ -268,8 +279,9 @@ def _write(path: Path, value: str) -> None:
 class CellCgroup:
     """The cgroup(s) of one cell: create, limit, join, observe, kill, remove.
 
-    For cgroup v1 there is one directory per controller; a ``pids`` cgroup is always
-    made, even without a pids limit, so that teardown can count and kill what is left.
+    For cgroup v1 there is one directory per limited controller. Cells without cgroup
+    limits get no cgroup at all: joining one costs an RCU grace period on cgroup v1, and
+    the pid namespace already guarantees that nothing outlives the cell.
 
     Raises:
         SandboxError: a cgroup could not be created or limited.
@@ -285,7 +297,9 @@ class CellCgroup:
             self._mkdir_v2(d, backend.controllers)
             self.dirs = [d]
         elif backend.mode == "cgroup1":
-            wanted = {"pids"}
+            wanted = set()
+            if limits.pids is not None:
+                wanted.add("pids")
             if limits.memory is not None:
                 wanted.add("memory")
             if limits.cpus is not None:

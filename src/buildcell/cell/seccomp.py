@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import sys
 import threading
@@ -297,10 +296,15 @@ class SeccompProfile:
         named files has one digest. Keys are sorted and separators fixed, so the digest is
         stable across runs and Python versions.
         """
-        content = self.to_dict()
-        del content["name"]
-        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
+        return _digest(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(profile: SeccompProfile) -> str:
+    content = profile.to_dict()
+    del content["name"]
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def _check_action(action: str, ret_data: int | None) -> None:
@@ -383,9 +387,9 @@ _DOCKER_ARCH_NAMES: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
 def native_arch() -> str:
     """The libseccomp-style name of this machine's architecture (``"x86_64"``, ``"aarch64"``).
 
-    Machines this module has no name for are returned as :func:`platform.machine` reports them.
+    Machines this module has no name for are returned as ``uname -m`` reports them.
     """
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()
     if machine.startswith("arm") and machine != "arm64":
         return "arm"
     if machine in ("mips", "mips64"):
@@ -887,13 +891,15 @@ _compile_lock = threading.Lock()
 _SOCK_FILTER_SIZE: Final = 8
 
 
-def compile_bpf(profile: SeccompProfile) -> bytes:
+def compile_bpf(profile: SeccompProfile, *, cache_dir: Path | None = None) -> bytes:
     """Compile ``profile`` to a classic-BPF seccomp program (an array of ``sock_filter``).
 
     Syscalls outside the native ABI and the profile's ``extra_arches`` kill the process.
     Names libseccomp does not know, or that do not exist on the filtered ABIs, are skipped
     (logged at debug level; at warning level where that leaves a refused syscall allowed).
-    The result is cached in-process by :meth:`SeccompProfile.digest`.
+    The result is cached in-process by :meth:`SeccompProfile.digest`, and in ``cache_dir``
+    when given (a directory only the supervisor can write), so that a new process need not
+    load libseccomp at all.
 
     Raises:
         SeccompError: libseccomp is missing, or refused an architecture or a rule.
@@ -904,9 +910,36 @@ def compile_bpf(profile: SeccompProfile) -> bytes:
     with _compile_lock:
         cached = _compiled.get(key)
         if cached is None:
-            cached = _compile(profile)
+            path = None
+            if cache_dir is not None:
+                path = cache_dir / f"seccomp-{key.removeprefix('sha256:')}-{native_arch()}.bpf"
+                cached = _read_cached(path)
+            if cached is None:
+                cached = _compile(profile)
+                if path is not None:
+                    _write_cached(path, cached)
             _compiled[key] = cached
         return cached
+
+
+def _read_cached(path: Path) -> bytes | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    # A truncated or foreign file is recompiled, never loaded.
+    return data if data and len(data) % _SOCK_FILTER_SIZE == 0 else None
+
+
+def _write_cached(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.debug("cannot cache the compiled filter in %s: %s", path, e)
+        tmp.unlink(missing_ok=True)
 
 
 def _import_pyseccomp() -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ __all__ = ["CellStorage", "Scratch", "new_cell_id", "process_start_time"]
 
 def new_cell_id() -> str:
     """A sortable, unique id: UTC time plus randomness (``20261128T170501-3f9a2c1d``)."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(4).hex()
 
 
 def process_start_time(pid: int) -> int | None:

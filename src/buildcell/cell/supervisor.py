@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from buildcell.audit import EventLog
 from buildcell.cell import _spawn
-from buildcell.cell.bwrap import SandboxPlan, bwrap_argv
+from buildcell.cell.bwrap import Mount, SandboxPlan, bwrap_argv
 from buildcell.cell.config import (
     CELL_GID,
     CELL_HOSTNAME,
@@ -30,8 +30,16 @@ from buildcell.cell.config import (
     CELL_WORKSPACE,
     CellConfig,
     DirRootfs,
+    HostRootfs,
+    Rootfs,
 )
-from buildcell.cell.limits import CellCgroup, LimitsBackend, fallback_plan, host_backend
+from buildcell.cell.limits import (
+    CellCgroup,
+    LimitsBackend,
+    fallback_plan,
+    host_backend,
+    needs_cgroup,
+)
 from buildcell.cell.resolve import resolve_command
 from buildcell.cell.rootfs import WritableAreas, cell_mounts, rootfs_mounts, synthesized_etc
 from buildcell.cell.storage import CellStorage, Scratch, new_cell_id
@@ -42,8 +50,10 @@ from buildcell.errors import (
     SandboxError,
     SeccompError,
 )
-from buildcell.outputs import OutputReport, collect_outputs
 from buildcell.state import StateDir, unreachable_ancestor
+
+if TYPE_CHECKING:
+    from buildcell.outputs import OutputReport
 
 __all__ = ["Cell", "CellResult", "TeardownReport", "find_bwrap", "limits_backend", "run_cell"]
 
@@ -126,12 +136,18 @@ class CellResult:
     oom_kills: int = 0
 
 
+@functools.cache
+def _etc_digest() -> str:
+    files = synthesized_etc()
+    return hashlib.sha256(
+        b"".join(name.encode() + b"\0" + data + b"\0" for name, data in sorted(files.items()))
+    ).hexdigest()[:16]
+
+
 def _etc_dir(state: StateDir) -> Path:
     """Materialize the synthesized /etc files once per content, shared by all cells."""
     files = synthesized_etc()
-    digest = hashlib.sha256(
-        b"".join(name.encode() + b"\0" + data + b"\0" for name, data in sorted(files.items()))
-    ).hexdigest()[:16]
+    digest = _etc_digest()
     target = state.cache / f"etc-{digest}"
     if target.is_dir():
         return target
@@ -145,6 +161,19 @@ def _etc_dir(state: StateDir) -> Path:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another process won the race: same content
     return target
+
+
+def _root_mounts(rootfs: Rootfs, etc: Path) -> list[Mount]:
+    if isinstance(rootfs, HostRootfs):
+        return list(_host_root_mounts(etc))
+    return rootfs_mounts(rootfs, etc_dir=etc)
+
+
+@functools.lru_cache(maxsize=8)
+def _host_root_mounts(etc: Path) -> tuple[Mount, ...]:
+    # The host's top-level layout does not change while a supervisor runs; each bind is
+    # still resolved afresh by bubblewrap when a cell starts.
+    return tuple(rootfs_mounts(HostRootfs(), etc_dir=etc))
 
 
 def _seccomp_memfd(bpf: bytes) -> int:
@@ -249,7 +278,7 @@ class Cell:
                 )
 
         backend = limits_backend()
-        if backend.mode != "rlimit":
+        if backend.mode != "rlimit" and needs_cgroup(cfg.limits, backend):
             self._cgroup = CellCgroup(backend, f"{state.tag}.{self.cell_id}", cfg.limits)
             storage.note_cgroups(self._cgroup.dirs)
         fallback = fallback_plan(cfg.limits, backend, sorted(os.sched_getaffinity(0)))
@@ -265,7 +294,7 @@ class Cell:
 
         etc = _etc_dir(state)
         mounts = cell_mounts(
-            rootfs_mounts(cfg.rootfs, etc_dir=etc),
+            _root_mounts(cfg.rootfs, etc),
             WritableAreas(storage.workspace_bind, self._scratch.tmp, self._scratch.home),
         )
         env = cfg.cell_env()
@@ -304,12 +333,15 @@ class Cell:
         else:
             profile = seccomp.default_profile()
         try:
-            self._bpf = seccomp.compile_bpf(profile)
+            self._bpf = seccomp.compile_bpf(profile, cache_dir=self._cache_dir())
         except SeccompError:
             raise
         except OSError as e:
             raise SeccompError(f"cannot compile seccomp profile {profile.name}: {e}") from e
         self._seccomp_info = {"profile": profile.name, "digest": profile.digest()}
+
+    def _cache_dir(self) -> Path | None:
+        return self._state.cache if self._state is not None else None
 
     def _warn(self, message: str, *, event: str = "warning") -> None:
         self._warnings.append(message)
@@ -398,7 +430,6 @@ class Cell:
             for fd in fds:
                 if fd != block_w:
                     os.close(fd)
-        self.storage.note_process("bwrap", self._proc.pid)
 
         def on_status(obj: dict[str, object]) -> None:
             pid = obj.get("child-pid")
@@ -522,6 +553,8 @@ class Cell:
         cfg = self.config
         if not cfg.outputs or self.storage is None:
             return None
+        from buildcell.outputs import collect_outputs
+
         report = collect_outputs(self.storage.workspace, cfg.outputs, cfg.resolved_out_dir())
         for out in report.collected:
             self.events.emit(

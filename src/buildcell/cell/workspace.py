@@ -11,7 +11,6 @@ import errno
 import fcntl
 import logging
 import os
-import secrets
 import stat
 import time
 from collections.abc import Callable, Sequence
@@ -508,7 +507,7 @@ class _Remover:
     def move_up(self, frame: _RmFrame, name: str, root: _RmFrame) -> str | None:
         """Move a subdirectory that is too deep to the removal's root; return its new name."""
         for attempt in range(2):
-            new = f".buildcell-rm-{secrets.token_hex(8)}"
+            new = f".buildcell-rm-{os.urandom(8).hex()}"
             try:
                 os.rename(name, new, src_dir_fd=frame.fd, dst_dir_fd=root.fd)
             except FileNotFoundError:

@@ -1,0 +1,195 @@
+"""`make bench`: buildcell against raw bubblewrap, measured side by side in one run.
+
+Every figure alternates the contenders within one loop, so that both see the same
+machine noise, and reports medians with min-max. The raw baseline runs bubblewrap with
+exactly the flags buildcell would pass (the same planning functions build them), so the
+ratio is the supervisor's own cost: workspace, seccomp hand-off, uid switch, event log,
+teardown and its checks.
+
+Writes bench/results.json and bench/results.md, and the table in README.md between the
+``bench:start``/``bench:end`` markers.
+"""
+
+from __future__ import annotations
+
+import compileall
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from buildcell.cell import CellConfig  # noqa: E402
+from buildcell.cell.bwrap import SandboxPlan, bwrap_argv  # noqa: E402
+from buildcell.cell.rootfs import WritableAreas, cell_mounts, rootfs_mounts  # noqa: E402
+from buildcell.cell.seccomp import compile_bpf, default_profile  # noqa: E402
+from buildcell.cell.supervisor import _etc_dir, find_bwrap, run_cell  # noqa: E402
+from buildcell.state import StateDir  # noqa: E402
+
+N = int(os.environ.get("BENCH_N", "200"))
+
+
+def _sink(_: bytes) -> None:
+    pass
+
+
+def measure(contenders: dict[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
+    for fn in contenders.values():  # warm caches (page cache, seccomp, etc files)
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(n):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t) * 1000)
+    return samples
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms), "n": len(ms)}
+
+
+def main() -> int:
+    # Measure installed-package conditions: bytecode compiled, as pip would leave it.
+    compileall.compile_dir(REPO / "src", quiet=1)
+    base = Path(tempfile.mkdtemp(prefix="bc-bench-", dir="/tmp"))
+    os.chmod(base, 0o711)
+    try:
+        state = StateDir(base / "state")
+        source = base / "src"
+        source.mkdir()
+        os.chmod(source, 0o755)
+        bwrap = find_bwrap()
+        bpf = compile_bpf(default_profile())
+        workspace = base / "ws"
+        workspace.mkdir()
+        plan = SandboxPlan(
+            mounts=cell_mounts(
+                rootfs_mounts(CellConfig(argv=("x",)).rootfs, etc_dir=_etc_dir(state)),
+                WritableAreas(str(workspace)),
+            ),
+            argv=("/bin/true",),
+            env=tuple(sorted(CellConfig(argv=("x",)).cell_env().items())),
+            cwd="/workspace",
+            hostname="buildcell",
+            uid=1000,
+            gid=1000,
+        )
+
+        def raw_bwrap() -> None:
+            seccomp = os.memfd_create("bpf")
+            os.write(seccomp, bpf)
+            os.lseek(seccomp, 0, 0)
+            r, w = os.pipe()
+            argv = bwrap_argv(dataclasses.replace(plan, seccomp_fd=seccomp, status_fd=w), bwrap)
+            subprocess.run(argv, pass_fds=(seccomp, w), check=True)
+            for fd in (seccomp, r, w):
+                os.close(fd)
+
+        def buildcell_run_cell() -> None:
+            run_cell(CellConfig(argv=("/bin/true",), source=source), state=state,
+                     stdout=_sink, stderr=_sink)
+
+        env = dict(os.environ, BUILDCELL_STATE_DIR=str(state.root),
+                   PYTHONPATH=str(REPO / "src"))
+        cli = [sys.executable, "-m", "buildcell", "run", "-q", "--source", str(source), "--",
+               "/bin/true"]
+
+        def buildcell_cli() -> None:
+            subprocess.run(cli, env=env, check=True)
+
+        def python_startup() -> None:
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+        results: dict[str, object] = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, "
+            f"Linux {platform.release()}, {'root' if os.geteuid() == 0 else 'rootless'}",
+            "bwrap": subprocess.run([bwrap, "--version"], capture_output=True, text=True)
+            .stdout.strip(),
+            "python": platform.python_version(),
+            "n": N,
+        }
+        print(f"per-cell overhead, {N} rounds ...", flush=True)
+        cell = measure({"raw bwrap": raw_bwrap, "run_cell": buildcell_run_cell}, N)
+        print(f"whole CLI process, {N // 2} rounds ...", flush=True)
+        whole = measure(
+            {"raw bwrap": raw_bwrap, "buildcell run": buildcell_cli, "python -c pass":
+             python_startup}, max(20, N // 2)
+        )
+        figures = [
+            {
+                "figure": "per-cell overhead: `run_cell` of /bin/true",
+                "ours": summary(cell["run_cell"]),
+                "baseline": summary(cell["raw bwrap"]),
+                "baseline_name": "raw bwrap, same flags",
+                "target": "≤ 1.3×",
+            },
+            {
+                "figure": "`buildcell run -- /bin/true`, whole CLI process",
+                "ours": summary(whole["buildcell run"]),
+                "baseline": summary(whole["raw bwrap"]),
+                "baseline_name": "raw bwrap, same flags",
+                "target": "(report; interpreter start-up alone: "
+                f"{statistics.median(whole['python -c pass']):.1f} ms)",
+            },
+        ]
+        for f in figures:
+            f["ratio"] = f["ours"]["median"] / f["baseline"]["median"]  # type: ignore[index]
+        podman = shutil.which("podman")
+        results["figures"] = figures
+        results["podman"] = "installed" if podman else "not installed: not measured"
+        (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        table = render(results)
+        (HERE / "results.md").write_text(table)
+        update_readme(table)
+        print(table)
+        return 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _fmt(s: dict[str, float]) -> str:
+    return f"{s['median']:.2f} ms ({s['min']:.2f}–{s['max']:.2f})"
+
+
+def render(results: dict[str, object]) -> str:
+    lines = [
+        f"Measured {results['date']} on {results['machine']}; {results['bwrap']}, "
+        f"Python {results['python']}; medians (min–max).",
+        "",
+        "| figure | buildcell | compared with | baseline | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in results["figures"]:  # type: ignore[attr-defined]
+        lines.append(
+            f"| {f['figure']} | {_fmt(f['ours'])} | {f['baseline_name']} | "
+            f"{_fmt(f['baseline'])} | {f['ratio']:.2f}× | {f['target']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start in text and end in text:
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        readme.write_text(f"{head}{start}\n{table}{end}{tail}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
