@@ -99,13 +99,25 @@ def main() -> int:
                 os.close(fd)
 
         def buildcell_run_cell() -> None:
-            run_cell(CellConfig(argv=("/bin/true",), source=source), state=state,
-                     stdout=_sink, stderr=_sink)
+            run_cell(
+                CellConfig(argv=("/bin/true",), source=source),
+                state=state,
+                stdout=_sink,
+                stderr=_sink,
+            )
 
-        env = dict(os.environ, BUILDCELL_STATE_DIR=str(state.root),
-                   PYTHONPATH=str(REPO / "src"))
-        cli = [sys.executable, "-m", "buildcell", "run", "-q", "--source", str(source), "--",
-               "/bin/true"]
+        env = dict(os.environ, BUILDCELL_STATE_DIR=str(state.root), PYTHONPATH=str(REPO / "src"))
+        cli = [
+            sys.executable,
+            "-m",
+            "buildcell",
+            "run",
+            "-q",
+            "--source",
+            str(source),
+            "--",
+            "/bin/true",
+        ]
 
         def buildcell_cli() -> None:
             subprocess.run(cli, env=env, check=True)
@@ -117,8 +129,9 @@ def main() -> int:
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, "
             f"Linux {platform.release()}, {'root' if os.geteuid() == 0 else 'rootless'}",
-            "bwrap": subprocess.run([bwrap, "--version"], capture_output=True, text=True)
-            .stdout.strip(),
+            "bwrap": subprocess.run(
+                [bwrap, "--version"], capture_output=True, text=True, check=True
+            ).stdout.strip(),
             "python": platform.python_version(),
             "n": N,
         }
@@ -126,8 +139,12 @@ def main() -> int:
         cell = measure({"raw bwrap": raw_bwrap, "run_cell": buildcell_run_cell}, N)
         print(f"whole CLI process, {N // 2} rounds ...", flush=True)
         whole = measure(
-            {"raw bwrap": raw_bwrap, "buildcell run": buildcell_cli, "python -c pass":
-             python_startup}, max(20, N // 2)
+            {
+                "raw bwrap": raw_bwrap,
+                "buildcell run": buildcell_cli,
+                "python -c pass": python_startup,
+            },
+            max(20, N // 2),
         )
         figures = [
             {
