@@ -4,7 +4,13 @@ set -euo pipefail
 
 missing=()
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
-ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
+has_libseccomp() {
+  { PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; } ||
+    compgen -G '/usr/lib*/libseccomp.so.2' >/dev/null ||
+    compgen -G '/usr/lib/*/libseccomp.so.2' >/dev/null ||
+    compgen -G '/lib/*/libseccomp.so.2' >/dev/null
+}
+has_libseccomp || missing+=(libseccomp2)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 
