@@ -161,7 +161,8 @@ def bc_rootless(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
             )
 
         direct.home = base  # type: ignore[attr-defined]
-        return direct
+        yield direct
+        return
     python = _system_python()
     setpriv = shutil.which("setpriv")
     if python is None or setpriv is None or not _userns_available():
