@@ -152,7 +152,7 @@ def bc_rootless(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
         ) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
                 [sys.executable, "-m", "buildcell", *args],
-                cwd=cwd,
+                cwd=cwd or base,
                 env=cli_env(base / "state"),
                 capture_output=True,
                 text=True,

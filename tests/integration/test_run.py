@@ -575,3 +575,10 @@ def test_rootless_pids_limit_counts_only_the_cell(bc_rootless) -> None:
         for hog in hogs:
             hog.kill()
             hog.wait()
+
+
+def test_source_larger_than_the_disk_budget_is_a_clear_error(bc, tmp_path: Path) -> None:
+    (tmp_path / "big").write_bytes(b"\0" * (6 << 20))
+    res = bc("run", "--disk", "4M", "--", "true", cwd=tmp_path)
+    assert res.returncode == 125
+    assert "does not fit in the cell's disk budget (4.0 MiB)" in res.stderr

@@ -9,6 +9,7 @@ size-capped tmpfs (see ``anchor``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -20,7 +21,9 @@ from buildcell._fs import Closing
 from buildcell.cell.anchor import StorageAnchor
 from buildcell.cell.identity import HostIdentity, acquire_identity
 from buildcell.cell.workspace import CopyStats, copy_tree, remove_tree
+from buildcell.errors import ConfigError, SandboxError
 from buildcell.state import StateDir
+from buildcell.units import format_size
 
 __all__ = ["CellStorage", "Scratch", "new_cell_id", "process_start_time"]
 
@@ -70,6 +73,7 @@ class CellStorage(Closing):
         self.identity = identity or acquire_identity(state.ids if os.geteuid() == 0 else None)
         self.dir = state.cells / cell_id
         self.anchor: StorageAnchor | None = None
+        self.disk = disk
         self._scratch_n = 0
         self._record: dict[str, Any] = {
             "id": cell_id,
@@ -120,8 +124,27 @@ class CellStorage(Closing):
         return self.host_path(self.workspace_bind)
 
     def populate(self, source: Path, exclude: list[Path]) -> CopyStats:
-        """Copy ``source`` into the (empty) workspace."""
-        return copy_tree(source, self.workspace, exclude=exclude, owner=self._owner())
+        """Copy ``source`` into the (empty) workspace.
+
+        Raises:
+            ConfigError: the source does not fit in the disk budget.
+            SandboxError: the copy failed for another reason.
+        """
+        try:
+            return copy_tree(source, self.workspace, exclude=exclude, owner=self._owner())
+        except SandboxError as e:
+            cause = e.__cause__
+            if (
+                self.anchor is not None
+                and isinstance(cause, OSError)
+                and (cause.errno == errno.ENOSPC)
+            ):
+                raise ConfigError(
+                    f"the source {source} does not fit in the cell's disk budget "
+                    f"({format_size(self.disk or 0)})",
+                    hint="raise --disk, or exclude what the build does not need",
+                ) from e
+            raise
 
     def new_scratch(self) -> Scratch:
         """Fresh /tmp and home for the next cell (on the anchor's tmpfs when it has one)."""
