@@ -12,9 +12,12 @@ __all__ = [
     "CommandNotFoundError",
     "ConfigError",
     "Error",
+    "ImageError",
+    "InputError",
     "OutputError",
     "SandboxError",
     "SeccompError",
+    "SpecError",
     "StateError",
     "UsageError",
 ]
@@ -51,6 +54,18 @@ class UsageError(Error):
 
 class ConfigError(Error):
     """A value in a cell configuration is invalid (size, duration, path, ...)."""
+
+
+class SpecError(ConfigError):
+    """A build spec is invalid; the message names the file, the line and the field."""
+
+
+class InputError(Error):
+    """A pinned input could not be fetched, or its digest does not match."""
+
+
+class ImageError(Error):
+    """An OCI/Docker image could not be verified or unpacked safely."""
 
 
 class SandboxError(Error):
