@@ -12,7 +12,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from buildcell.records import RecordStore
 
 __all__ = ["main"]
 
@@ -38,6 +43,12 @@ out-of-memory).
 MAIN_EPILOG = """\
 commands:
   run      run one command in a fresh cell (see `buildcell run --help`)
+  build    run the build a buildcell.yaml declares, one cell per step
+  init     write a commented starter buildcell.yaml for the current directory
+  schema   print the JSON Schema of buildcell.yaml (for editors)
+  ls       list recent builds
+  show     summarize one build
+  logs     print a build's logs
   doctor   check what this host supports: bubblewrap, namespaces, seccomp, limits
   gc       remove what killed supervisors left in the state directory
 
@@ -164,6 +175,71 @@ def _build_parser() -> _Parser:
     run.add_argument(
         "cmd", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]", help=argparse.SUPPRESS
     )
+
+    build = sub.add_parser(
+        "build",
+        help="run the build a buildcell.yaml declares",
+        description="Run a declared, multi-step build from pinned inputs: inputs are fetched "
+        "and verified on the host, each step runs with /bin/sh -e -c in its own fresh cell "
+        "over a shared workspace, outputs are collected with their sha256 into --out with an "
+        "outputs.json manifest. The exit status is the failing step's, else 0.",
+        epilog="examples:\n  buildcell build\n  buildcell build -f ci/buildcell.yaml --out "
+        "dist --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument(
+        "-f",
+        "--file",
+        type=Path,
+        default=Path("buildcell.yaml"),
+        metavar="FILE",
+        help="the spec (default: ./buildcell.yaml)",
+    )
+    build.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where outputs are copied (default: ./buildcell-out)",
+    )
+    build.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON result object on stdout (logs go to stderr)",
+    )
+
+    init = sub.add_parser(
+        "init",
+        help="write a starter buildcell.yaml",
+        description="Write a commented buildcell.yaml for the current directory, recognizing "
+        "Makefile, pyproject.toml and package.json projects.",
+    )
+    init.add_argument("--force", action="store_true", help="overwrite an existing buildcell.yaml")
+
+    sub.add_parser(
+        "schema",
+        help="print the JSON Schema of buildcell.yaml",
+        description="Print the JSON Schema of buildcell.yaml, for editors.",
+    )
+
+    ls = sub.add_parser("ls", help="list recent builds", description="List recent builds.")
+    ls.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+
+    show = sub.add_parser(
+        "show",
+        help="summarize one build",
+        description="Summarize one build: steps, exit codes, outputs.",
+    )
+    show.add_argument("build_id", metavar="ID", help="a build id or a unique prefix of one")
+    show.add_argument("--json", action="store_true", help="print JSON")
+
+    logs = sub.add_parser(
+        "logs",
+        help="print a build's logs",
+        description="Print a build's logs, each line prefixed with its step.",
+    )
+    logs.add_argument("build_id", metavar="ID", help="a build id or a unique prefix of one")
+    logs.add_argument("--step", metavar="NAME", help="only this step, unprefixed")
 
     doctor = sub.add_parser(
         "doctor",
@@ -302,6 +378,125 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from buildcell._console import LiveReporter, PlainReporter, render_record
+    from buildcell.pipeline import run_build
+    from buildcell.spec import load_spec
+    from buildcell.state import StateDir
+
+    loaded = load_spec(args.file)
+    out_dir = (args.out or Path("buildcell-out")).absolute()
+    state = StateDir(args.state_dir)
+    console = Console(stderr=True, highlight=False)
+    live = not args.json and sys.stderr.isatty()
+    if live:
+        with LiveReporter(console) as reporter:
+            result = run_build(loaded, out_dir=out_dir, state=state, reporter=reporter)
+    else:
+        plain = PlainReporter(out=sys.stderr if args.json else sys.stdout)
+        result = run_build(loaded, out_dir=out_dir, state=state, reporter=plain)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        render_record(result.record, _stdout_console(), result=result)
+    return result.exit_code
+
+
+def _stdout_console() -> Console:
+    from rich.console import Console
+
+    # Off a terminal nothing is truncated: digests and paths are copied from logs.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from buildcell.errors import UsageError
+    from buildcell.init import starter_spec
+
+    target = Path("buildcell.yaml")
+    if target.exists() and not args.force:
+        raise UsageError(f"{target} already exists", hint="use --force to overwrite it")
+    text, kind = starter_spec(Path.cwd())
+    tmp = target.with_name(".buildcell.yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    print(f"wrote {target} for a {kind} project; edit it, then run `buildcell build`")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from buildcell.spec import spec_json_schema
+
+    print(json.dumps(spec_json_schema(), indent=2))
+    return 0
+
+
+def _records(args: argparse.Namespace) -> RecordStore:
+    from buildcell.records import RecordStore
+    from buildcell.state import StateDir
+
+    return RecordStore(StateDir(args.state_dir).root / "builds")
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    import json
+
+    from buildcell._console import render_records
+
+    records = _records(args).recent(args.n)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+    elif not records:
+        print("no builds yet: `buildcell build` runs the buildcell.yaml of this directory")
+    else:
+        render_records(records, _stdout_console())
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    import json
+
+    from buildcell._console import render_record
+
+    record = _records(args).load(args.build_id)
+    if args.json:
+        print(json.dumps(record.to_dict(), indent=2))
+    else:
+        render_record(record, _stdout_console())
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from buildcell.errors import Error
+
+    store = _records(args)
+    record = store.load(args.build_id)
+    names = [s.name for s in record.steps]
+    if args.step is not None and args.step not in names:
+        raise Error(
+            f"build {record.id} has no step {args.step!r}",
+            hint="its steps are: " + ", ".join(names),
+        )
+    out = sys.stdout
+    for name in [args.step] if args.step else names:
+        path = store.log_path(record.id, name)
+        if not path.exists():
+            continue
+        data = path.read_bytes().decode(errors="replace")
+        if args.step:
+            out.write(data)
+        else:
+            for line in data.splitlines():
+                out.write(f"[{name}] {line}\n")
+    return 0
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     # Unwind through the context managers so the cell is torn down.
     raise SystemExit(128 + signum)
@@ -330,7 +525,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     from buildcell.errors import Error
 
-    handler = {"run": _cmd_run, "doctor": _cmd_doctor, "gc": _cmd_gc}[args.command]
+    handler = {
+        "run": _cmd_run,
+        "build": _cmd_build,
+        "init": _cmd_init,
+        "schema": _cmd_schema,
+        "ls": _cmd_ls,
+        "show": _cmd_show,
+        "logs": _cmd_logs,
+        "doctor": _cmd_doctor,
+        "gc": _cmd_gc,
+    }[args.command]
     try:
         return handler(args)
     except Error as e:

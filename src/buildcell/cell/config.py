@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +16,12 @@ __all__ = [
     "CELL_PATH",
     "CELL_UID",
     "CELL_WORKSPACE",
+    "Bind",
     "CellConfig",
     "DirRootfs",
     "HostRootfs",
     "Limits",
+    "OciRootfs",
     "Rootfs",
     "parse_rootfs",
 ]
@@ -78,14 +81,31 @@ class DirRootfs:
         return f"dir:{self.path}"
 
 
-Rootfs = HostRootfs | DirRootfs
+@dataclass(frozen=True)
+class OciRootfs:
+    """An OCI image layout, OCI archive or docker-archive, pinned by its manifest digest.
+
+    It is verified and unpacked once per digest into the state directory's cache, then used
+    read-only like a directory rootfs.
+    """
+
+    path: Path
+    digest: str
+
+    def describe(self) -> str:
+        return f"oci:{self.path}@{self.digest}"
+
+
+Rootfs = HostRootfs | DirRootfs | OciRootfs
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def parse_rootfs(text: str) -> Rootfs:
-    """Parse ``host`` or ``dir:PATH``.
+    """Parse ``host``, ``dir:PATH`` or ``oci:PATH@sha256:HEX``.
 
     Raises:
-        ConfigError: unknown kind, or the directory does not exist.
+        ConfigError: unknown kind, a missing path, or a malformed digest.
     """
     if text == "host":
         return HostRootfs()
@@ -95,10 +115,28 @@ def parse_rootfs(text: str) -> Rootfs:
         if not path.is_dir():
             raise ConfigError(f"rootfs directory {path} does not exist or is not a directory")
         return DirRootfs(path)
+    if sep and kind == "oci" and "@" in rest:
+        where, _, digest = rest.rpartition("@")
+        path = Path(where).expanduser().absolute()
+        if not _DIGEST.match(digest):
+            raise ConfigError(
+                f"invalid image digest {digest!r}: expected sha256: and 64 lowercase hex digits"
+            )
+        if not path.exists():
+            raise ConfigError(f"image {path} does not exist")
+        return OciRootfs(path, digest)
     raise ConfigError(
-        f"invalid rootfs {text!r}: expected 'host' or 'dir:PATH'",
+        f"invalid rootfs {text!r}: expected 'host', 'dir:PATH' or 'oci:PATH@sha256:...'",
         hint="for example --rootfs dir:/srv/rootfs/debian",
     )
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host file or directory bound read-only into the cell (pinned inputs)."""
+
+    src: Path
+    dest: str
 
 
 @dataclass(frozen=True)
@@ -118,6 +156,7 @@ class CellConfig:
         interactive: pass the caller's stdin instead of ``/dev/null``.
         source_date_epoch: value of ``SOURCE_DATE_EPOCH`` inside the cell.
         exclude: host paths inside ``source`` that are not copied.
+        binds: host files bound read-only into the cell (absolute ``dest``).
     """
 
     argv: tuple[str, ...]
@@ -132,6 +171,7 @@ class CellConfig:
     interactive: bool = False
     source_date_epoch: int = 0
     exclude: tuple[Path, ...] = ()
+    binds: tuple[Bind, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.argv:

@@ -155,13 +155,21 @@ class WritableAreas:
 
     ``workspace`` is always a host directory. ``tmp`` and ``home`` are host directories
     when the cell has a disk budget (all three then live on one size-capped tmpfs), or
-    ``None`` for a fresh tmpfs inside the sandbox.
+    ``None`` for a fresh tmpfs inside the sandbox. ``binds`` are (host path, cell path)
+    pairs bound read-only after the workspace (pinned inputs inside it).
     """
 
-    def __init__(self, workspace: str, tmp: str | None = None, home: str | None = None):
+    def __init__(
+        self,
+        workspace: str,
+        tmp: str | None = None,
+        home: str | None = None,
+        binds: tuple[tuple[str, str], ...] = (),
+    ):
         self.workspace = workspace
         self.tmp = tmp
         self.home = home
+        self.binds = binds
 
 
 def cell_mounts(root: list[Mount], areas: WritableAreas) -> tuple[Mount, ...]:
@@ -182,5 +190,6 @@ def cell_mounts(root: list[Mount], areas: WritableAreas) -> tuple[Mount, ...]:
     else:
         mounts.append(Mount("bind", CELL_HOME, src=areas.home))
     mounts.append(Mount("bind", CELL_WORKSPACE, src=areas.workspace))
+    mounts += [Mount("ro-bind", dest, src=src) for src, dest in areas.binds]
     mounts.append(Mount("remount-ro", "/"))
     return tuple(mounts)

@@ -31,6 +31,7 @@ from buildcell.cell.config import (
     CellConfig,
     DirRootfs,
     HostRootfs,
+    OciRootfs,
     Rootfs,
 )
 from buildcell.cell.limits import (
@@ -268,11 +269,16 @@ class Cell:
                     self._warn(f"source entry {rel} not copied into the workspace: {why}")
         storage = self.storage
         self._scratch = storage.new_scratch()
-        if isinstance(cfg.rootfs, DirRootfs) and storage.identity.drop:
-            blocked = unreachable_ancestor(cfg.rootfs.path / "x")
+        rootfs: Rootfs = cfg.rootfs
+        if isinstance(rootfs, OciRootfs):
+            from buildcell.cell.oci import unpack_image
+
+            rootfs = DirRootfs(unpack_image(rootfs.path, rootfs.digest, cache_dir=state.cache))
+        if isinstance(rootfs, DirRootfs) and storage.identity.drop:
+            blocked = unreachable_ancestor(rootfs.path / "x")
             if blocked is not None:
                 raise ConfigError(
-                    f"rootfs {cfg.rootfs.path} is not readable by the cell's unprivileged uid: "
+                    f"rootfs {rootfs.path} is not readable by the cell's unprivileged uid: "
                     f"{blocked} has mode {blocked.stat().st_mode & 0o7777:04o}",
                     hint=f"chmod o+rx {blocked}",
                 )
@@ -294,8 +300,13 @@ class Cell:
 
         etc = _etc_dir(state)
         mounts = cell_mounts(
-            _root_mounts(cfg.rootfs, etc),
-            WritableAreas(storage.workspace_bind, self._scratch.tmp, self._scratch.home),
+            _root_mounts(rootfs, etc),
+            WritableAreas(
+                storage.workspace_bind,
+                self._scratch.tmp,
+                self._scratch.home,
+                tuple((str(b.src), b.dest) for b in cfg.binds),
+            ),
         )
         env = cfg.cell_env()
         argv0 = resolve_command(

@@ -1,0 +1,77 @@
+"""``buildcell init``: a commented starter spec, recognizing the kind of project."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["starter_spec"]
+
+_HEADER = """\
+# buildcell.yaml — a declarative build, run by `buildcell build`.
+# Each step runs with `/bin/sh -e -c` in its own fresh cell: no network, read-only root,
+# /workspace holds a copy of this directory and carries over from step to step.
+# Editors can validate this file against `buildcell schema`.
+version: 1
+name: {name}
+rootfs: host          # or {{dir: PATH}} or {{oci: PATH, digest: "sha256:..."}}
+# env: {{CFLAGS: "-O2"}}
+# inputs:             # fetched on the host and verified before any step runs
+#   - url: https://example.org/dep-1.0.tar.gz
+#     sha256: <64 hex digits>
+#     path: vendor/dep-1.0.tar.gz   # read-only inside /workspace
+limits: {{memory: 2GiB, pids: 512, cpus: 2, timeout: 30m}}
+"""
+
+
+def _name(directory: Path) -> str:
+    raw = "".join(c if c.isalnum() or c in "._-" else "-" for c in directory.name.lower())
+    raw = raw.strip("-._") or "project"
+    return raw if raw[0].isalnum() else f"p{raw}"
+
+
+def _make_targets(makefile: Path) -> set[str]:
+    targets = set()
+    for line in makefile.read_text(errors="replace").splitlines():
+        head, sep, _ = line.partition(":")
+        if sep and head and not line.startswith(("\t", " ", "#", ".")) and "=" not in head:
+            targets.update(head.split())
+    return targets
+
+
+def starter_spec(directory: Path) -> tuple[str, str]:
+    """Return (the spec text, the kind of project recognized)."""
+    text = _HEADER.format(name=_name(directory))
+    if (directory / "Makefile").exists():
+        targets = _make_targets(directory / "Makefile")
+        steps = "steps:\n  - name: build\n    run: make -j2\n"
+        for check in ("check", "test"):
+            if check in targets:
+                steps += f"  - name: {check}\n    run: make {check}\n"
+                break
+        return text + steps + '# outputs: ["build/*"]\n', "Makefile"
+    if (directory / "pyproject.toml").exists():
+        steps = (
+            "steps:\n"
+            "  - name: wheel\n"
+            "    # the rootfs must provide pip and the build backend (no network in a cell)\n"
+            "    run: python3 -m pip wheel --no-deps --no-build-isolation -w dist .\n"
+            'outputs: ["dist/*.whl"]\n'
+        )
+        return text + steps, "Python (pyproject.toml)"
+    if (directory / "package.json").exists():
+        steps = (
+            "steps:\n"
+            "  - name: build\n"
+            "    # dependencies must be vendored or pinned as inputs (no network in a cell)\n"
+            "    run: npm run build --if-present\n"
+            '# outputs: ["dist/**"]\n'
+        )
+        return text + steps, "npm (package.json)"
+    steps = (
+        "steps:\n"
+        "  - name: build\n"
+        "    run: |\n"
+        "      echo 'replace me with your build commands'\n"
+        '# outputs: ["dist/**"]\n'
+    )
+    return text + steps, "generic"

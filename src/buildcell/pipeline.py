@@ -1,0 +1,356 @@
+"""Runs a build spec: inputs -> one fresh cell per step over a shared workspace -> outputs.
+
+Everything that must be trusted happens here, on the host: inputs are fetched and verified
+before any step runs, outputs are collected and hashed after the last one. Each step is
+``/bin/sh -e -c RUN`` in its own cell (own namespaces, limits, /tmp and home); only the
+workspace carries over, and it is erased when the build ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from buildcell.audit import EventLog
+from buildcell.cell.config import (
+    Bind,
+    CellConfig,
+    DirRootfs,
+    HostRootfs,
+    OciRootfs,
+    Rootfs,
+)
+from buildcell.cell.storage import CellStorage, new_cell_id
+from buildcell.cell.supervisor import Cell, find_bwrap
+from buildcell.errors import Error
+from buildcell.records import BuildRecord, RecordStore, StepRecord
+from buildcell.spec import BuildSpec, DirRootfsSpec, LoadedSpec, OciRootfsSpec, StepSpec
+from buildcell.state import StateDir
+
+__all__ = ["BuildReporter", "BuildResult", "run_build"]
+
+log = logging.getLogger(__name__)
+
+
+class BuildReporter(Protocol):
+    """Presentation hooks; the CLI implements them (live progress, plain lines, JSON)."""
+
+    def build_started(self, build_id: str, spec: BuildSpec) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def step_started(self, step: StepSpec) -> None: ...
+
+    def step_output(self, step: StepSpec, stream: str, data: bytes) -> None: ...
+
+    def step_finished(self, step: StepSpec, record: StepRecord) -> None: ...
+
+
+class _Silent:
+    def build_started(self, build_id: str, spec: BuildSpec) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def step_started(self, step: StepSpec) -> None:
+        pass
+
+    def step_output(self, step: StepSpec, stream: str, data: bytes) -> None:
+        pass
+
+    def step_finished(self, step: StepSpec, record: StepRecord) -> None:
+        pass
+
+
+@dataclass
+class BuildResult:
+    """The outcome of a build; ``exit_code`` is the failing step's status, else 0."""
+
+    record: BuildRecord
+    record_dir: Path
+    out_dir: Path
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return self.record.exit_code if self.record.exit_code is not None else 125
+
+    @property
+    def build_id(self) -> str:
+        return self.record.id
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.record.to_dict()
+        data["record_dir"] = str(self.record_dir)
+        data["warnings"] = self.warnings
+        return data
+
+
+def _rootfs(spec: BuildSpec, spec_dir: Path) -> Rootfs:
+    rootfs = spec.rootfs
+    if isinstance(rootfs, DirRootfsSpec):
+        return DirRootfs((spec_dir / rootfs.dir).resolve())
+    if isinstance(rootfs, OciRootfsSpec):
+        return OciRootfs((spec_dir / rootfs.oci).resolve(), rootfs.digest)
+    return HostRootfs()
+
+
+def _source_date_epoch(spec: BuildSpec) -> int:
+    if spec.source_date_epoch is not None:
+        return spec.source_date_epoch
+    return 0
+
+
+class _StepLog:
+    """A step's output: appended to its log file and handed to the reporter."""
+
+    def __init__(self, path: Path, reporter: BuildReporter, step: StepSpec) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._lock = threading.Lock()
+        self._reporter = reporter
+        self._step = step
+
+    def sink(self, stream: str) -> Callable[[bytes], None]:
+        def write(data: bytes) -> None:
+            with self._lock:
+                os.write(self._fd, data)
+            self._reporter.step_output(self._step, stream, data)
+
+        return write
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def run_build(
+    loaded: LoadedSpec,
+    *,
+    out_dir: Path,
+    state: StateDir | None = None,
+    reporter: BuildReporter | None = None,
+) -> BuildResult:
+    """Run every step of ``loaded`` and collect its outputs into ``out_dir``.
+
+    A failing step stops the build; its exit status becomes the build's (the result's
+    ``exit_code``), and no outputs are collected. The build's record is kept under the
+    state directory whatever happens.
+
+    Raises:
+        Error: the build could not be run as asked (input digest mismatch, sandbox setup
+            failure, ...): exit 125, recorded as status ``error``.
+    """
+    state = state or StateDir()
+    reporter = reporter or _Silent()
+    spec = loaded.spec
+    spec_dir = loaded.path.parent.resolve()
+    out_dir = out_dir.absolute()
+    store = RecordStore(state.root / "builds")
+    record = BuildRecord(
+        id=new_cell_id(),
+        name=spec.name,
+        spec_path=str(loaded.path),
+        spec_digest=loaded.digest,
+        steps=[StepRecord(s.name) for s in spec.steps],
+        out_dir=str(out_dir),
+    )
+    rootfs = _rootfs(spec, spec_dir)
+    record.rootfs = rootfs.describe()
+    record_dir = store.create(record, loaded.text)
+    result = BuildResult(record, record_dir, out_dir)
+    events = EventLog(record_dir / "events.jsonl", build=record.id)
+    events.subscribe(lambda e: _collect_warning(e, result, reporter))
+    reporter.build_started(record.id, spec)
+    events.emit(
+        "build.start",
+        name=spec.name,
+        spec=str(loaded.path),
+        spec_digest=loaded.digest,
+        rootfs=record.rootfs,
+    )
+    try:
+        with events:
+            _BuildRun(loaded, spec_dir, rootfs, state, store, result, events, reporter).run()
+    except Error as e:
+        record.status = "error"
+        record.error = e.message
+        record.exit_code = e.exit_code
+        raise
+    except BaseException:
+        record.status = "interrupted"
+        raise
+    finally:
+        record.finished = time.time()
+        for step in record.steps:
+            if step.status in ("pending", "running"):
+                step.status = "skipped" if step.status == "pending" else "interrupted"
+        store.save(record)
+    return result
+
+
+def _collect_warning(event: dict[str, Any], result: BuildResult, reporter: BuildReporter) -> None:
+    if event["event"] in (
+        "warning",
+        "limit.degraded",
+        "security.unsafe",
+        "output.skipped",
+        "output.unmatched",
+    ):
+        message = str(event.get("message", ""))
+        if message not in result.warnings:
+            result.warnings.append(message)
+            reporter.message(f"warning: {message}")
+
+
+@dataclass
+class _BuildRun:
+    """One build in progress: the context every phase needs."""
+
+    loaded: LoadedSpec
+    spec_dir: Path
+    rootfs: Rootfs
+    state: StateDir
+    store: RecordStore
+    result: BuildResult
+    events: EventLog
+    reporter: BuildReporter
+
+    @property
+    def record(self) -> BuildRecord:
+        return self.result.record
+
+    def run(self) -> None:
+        spec = self.loaded.spec
+        binds = self._inputs()
+        if any(s.limits is not None and s.limits.disk is not None for s in spec.steps):
+            self.events.emit(
+                "warning",
+                message="disk is a budget for the whole build's "
+                "workspace; a step's own disk limit is ignored",
+            )
+        bwrap = find_bwrap()
+        with CellStorage(
+            self.state, cell_id=self.record.id, bwrap=bwrap, disk=spec.limits.disk
+        ) as storage:
+            stats = storage.populate(self.spec_dir, [self.result.out_dir, self.state.root])
+            self.events.emit(
+                "workspace", files=stats.files, bytes=stats.bytes, source=str(self.spec_dir)
+            )
+            for step, step_record in zip(spec.steps, self.record.steps, strict=True):
+                if not self._step(step, step_record, storage, binds):
+                    return
+            if spec.outputs:
+                self._collect(storage)
+        self.record.status = "succeeded"
+        self.record.exit_code = 0
+        self.events.emit("build.finish", status="succeeded", exit_code=0)
+
+    def _inputs(self) -> tuple[Bind, ...]:
+        from buildcell.inputs import ContentStore, InputRequest, resolve_inputs
+
+        inputs = self.loaded.spec.inputs
+        if not inputs:
+            return ()
+        self.reporter.message(f"verifying {len(inputs)} input(s)")
+        resolved = resolve_inputs(
+            [InputRequest(uri=i.uri(self.spec_dir), sha256=i.sha256, path=i.path) for i in inputs],
+            ContentStore(self.state.root / "cas"),
+            events=self.events,
+        )
+        for r in resolved:
+            self.record.inputs.append(
+                {
+                    "uri": r.uri,
+                    "sha256": r.sha256,
+                    "path": r.path,
+                    "size": r.size,
+                    "source": "fetched" if r.fetched else "store",
+                }
+            )
+        self.store.save(self.record)
+        return tuple(Bind(r.store_path, f"/workspace/{r.path}") for r in resolved)
+
+    def _step(
+        self, step: StepSpec, step_record: StepRecord, storage: CellStorage, binds: tuple[Bind, ...]
+    ) -> bool:
+        """Run one step in its own cell; False when it failed (the build stops)."""
+        spec = self.loaded.spec
+        config = CellConfig(
+            argv=("/bin/sh", "-e", "-c", step.run),
+            rootfs=self.rootfs,
+            env={**spec.env, **step.env},
+            limits=spec.step_limits(step).to_limits(),
+            source_date_epoch=_source_date_epoch(spec),
+            binds=binds,
+        )
+        step_record.status = "running"
+        step_record.started = time.time()
+        self.store.save(self.record)
+        self.reporter.step_started(step)
+        step_log = _StepLog(self.store.log_path(self.record.id, step.name), self.reporter, step)
+        try:
+            with Cell(
+                config,
+                state=self.state,
+                events=self.events,
+                step=step.name,
+                storage=storage,
+                stdout=step_log.sink("stdout"),
+                stderr=step_log.sink("stderr"),
+            ) as cell:
+                cell_result = cell.run()
+        finally:
+            step_log.close()
+            step_record.duration = time.time() - step_record.started
+        step_record.exit_code = cell_result.exit_code
+        step_record.reason = cell_result.reason
+        step_record.status = "succeeded" if cell_result.exit_code == 0 else "failed"
+        self.store.save(self.record)
+        self.reporter.step_finished(step, step_record)
+        if cell_result.exit_code == 0:
+            return True
+        self.record.status = "failed"
+        self.record.exit_code = cell_result.exit_code
+        self.events.emit("build.finish", status="failed", exit_code=self.record.exit_code)
+        return False
+
+    def _collect(self, storage: CellStorage) -> None:
+        from buildcell.outputs import collect_outputs, validate_patterns
+
+        record, events = self.record, self.events
+        out_dir = self.result.out_dir
+        patterns = validate_patterns(self.loaded.spec.outputs)
+        report = collect_outputs(storage.workspace, patterns, out_dir)
+        for out in report.collected:
+            events.emit("output", path=out.path, size=out.size, sha256=out.sha256)
+            record.outputs.append({"path": out.path, "sha256": out.sha256, "size": out.size})
+        for skipped in report.skipped:
+            events.emit(
+                "output.skipped",
+                path=skipped.path,
+                message=f"output {skipped.path} not collected: {skipped.reason}",
+            )
+        for pattern in report.unmatched:
+            events.emit(
+                "output.unmatched",
+                pattern=pattern,
+                message=f"output pattern {pattern!r} matched no file",
+            )
+        manifest = {
+            "build": record.id,
+            "name": record.name,
+            "spec_digest": record.spec_digest,
+            "outputs": record.outputs,
+        }
+        text = json.dumps(manifest, indent=2) + "\n"
+        tmp = out_dir / ".outputs.json.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / "outputs.json")
+        (self.store.dir(record.id) / "outputs.json").write_text(text)

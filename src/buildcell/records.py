@@ -1,0 +1,140 @@
+"""Build records: what each build ran, printed, produced, and how it ended.
+
+Layout under the state directory::
+
+    builds/<build-id>/record.json    summary, rewritten atomically as the build progresses
+    builds/<build-id>/spec.yaml      the spec exactly as run
+    builds/<build-id>/events.jsonl   the audit trail
+    builds/<build-id>/logs/<step>.log  each step's output (stdout and stderr, in order)
+    builds/<build-id>/outputs.json   the outputs manifest
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from buildcell.cell.storage import process_start_time
+from buildcell.errors import Error
+
+__all__ = ["BuildRecord", "RecordStore", "StepRecord"]
+
+
+@dataclass
+class StepRecord:
+    name: str
+    status: str = "pending"  # pending, running, succeeded, failed, skipped
+    exit_code: int | None = None
+    reason: str | None = None
+    started: float | None = None
+    duration: float | None = None
+
+
+@dataclass
+class BuildRecord:
+    id: str
+    name: str
+    spec_path: str
+    spec_digest: str
+    status: str = "running"  # running, succeeded, failed, error, interrupted
+    exit_code: int | None = None
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    rootfs: str = "host"
+    out_dir: str | None = None
+    supervisor: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.finished is None else self.finished - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["duration"] = self.duration
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildRecord:
+        data = dict(data)
+        data.pop("duration", None)
+        steps = [StepRecord(**s) for s in data.pop("steps", [])]
+        return cls(**data, steps=steps)
+
+
+class RecordStore:
+    """The ``builds/`` directory of a state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(mode=0o700, exist_ok=True)
+
+    def create(self, record: BuildRecord, spec_text: str) -> Path:
+        path = self.root / record.id
+        path.mkdir(mode=0o700)
+        (path / "logs").mkdir(mode=0o700)
+        (path / "spec.yaml").write_text(spec_text)
+        record.supervisor = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
+        self.save(record)
+        return path
+
+    def dir(self, build_id: str) -> Path:
+        return self.root / build_id
+
+    def save(self, record: BuildRecord) -> None:
+        path = self.root / record.id
+        tmp = path / ".record.json.tmp"
+        tmp.write_text(json.dumps(record.to_dict(), indent=2))
+        os.replace(tmp, path / "record.json")
+
+    def load(self, build_id: str) -> BuildRecord:
+        """Load one record by id or unique id prefix.
+
+        Raises:
+            Error: no build, or an ambiguous prefix.
+        """
+        matches = sorted(p.name for p in self.root.iterdir() if p.name.startswith(build_id))
+        if build_id in matches:
+            matches = [build_id]
+        if not matches:
+            raise Error(f"no build {build_id!r}", hint="`buildcell ls` lists recent builds")
+        if len(matches) > 1:
+            raise Error(
+                f"build id {build_id!r} is ambiguous: {', '.join(matches[:5])}",
+                hint="give more characters of the id",
+            )
+        return self._read(self.root / matches[0])
+
+    def _read(self, path: Path) -> BuildRecord:
+        try:
+            record = BuildRecord.from_dict(json.loads((path / "record.json").read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise Error(f"build record {path.name} is unreadable: {e}") from e
+        if record.status == "running":
+            sup = record.supervisor
+            pid = sup.get("pid")
+            if not (isinstance(pid, int) and process_start_time(pid) == sup.get("start")):
+                record.status = "interrupted"
+        return record
+
+    def recent(self, limit: int = 20) -> list[BuildRecord]:
+        records = []
+        for path in sorted(self.root.iterdir(), reverse=True):
+            if (path / "record.json").exists():
+                try:
+                    records.append(self._read(path))
+                except Error:
+                    continue
+            if len(records) >= limit:
+                break
+        return records
+
+    def log_path(self, build_id: str, step: str) -> Path:
+        return self.root / build_id / "logs" / f"{step}.log"

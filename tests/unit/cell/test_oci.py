@@ -1,0 +1,1135 @@
+"""Unpacking container images: formats, verification, whiteouts, caching, and attacks.
+
+Hostile layers are attacks with an expected containment: each runs next to a sentinel
+directory outside the cache and asserts it is exactly as it was.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tests.oci_images import (
+    BUSYBOX_APPLETS,
+    DEFAULT_MTIME,
+    TarEntry,
+    blob_path,
+    build_docker_archive,
+    build_oci_layout,
+    layer_tar,
+    make_busybox_layout,
+    make_docker_archive,
+    make_oci_archive,
+    make_oci_layout,
+    native_arch,
+    sha256_digest,
+    write_dir,
+    write_tar,
+)
+
+from buildcell.cell import oci
+from buildcell.cell.oci import parse_digest, unpack_image
+from buildcell.errors import ConfigError, ImageError
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def F(name: str, data: bytes = b"", **kw: Any) -> TarEntry:
+    return TarEntry(name, "file", data, **kw)
+
+
+def D(name: str, **kw: Any) -> TarEntry:
+    return TarEntry(name, "dir", **kw)
+
+
+def L(name: str, target: str, **kw: Any) -> TarEntry:
+    return TarEntry(name, "symlink", linkname=target, **kw)
+
+
+def H(name: str, target: str) -> TarEntry:
+    return TarEntry(name, "hardlink", linkname=target)
+
+
+BASE = [D("etc/"), F("etc/os-release", b"ID=test\n"), D("usr/"), D("usr/bin/")]
+
+
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything below ``root``, without following symlinks: type, mode, content."""
+    found: dict[str, tuple[Any, ...]] = {}
+    if not os.path.lexists(root):
+        return found
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st_ = path.lstat()
+            if stat.S_ISLNK(st_.st_mode):
+                detail: Any = os.readlink(path)
+            elif stat.S_ISREG(st_.st_mode):
+                detail = (path.read_bytes(), st_.st_nlink)
+            else:
+                detail = None
+            found[str(path.relative_to(root))] = (stat.S_IFMT(st_.st_mode), st_.st_mode, detail)
+    return found
+
+
+def leftovers(cache: Path) -> list[str]:
+    """What the cache holds besides lock files."""
+    oci_dir = cache / "oci"
+    if not oci_dir.exists():
+        return []
+    return sorted(p.name for p in oci_dir.iterdir() if not p.name.endswith(".lock"))
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A sentinel directory next to the cache that no layer may touch."""
+    path = tmp_path / "outside"
+    path.mkdir()
+    (path / "file").write_text("precious\n")
+    (path / "sub").mkdir()
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def unpack_layers(tmp_path: Path, layers: list[Any], **options: Any) -> Path:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, layers, **options)
+    return unpack_image(image, digest, cache_dir=tmp_path / "cache")
+
+
+def expect_contained(
+    tmp_path: Path, outside: Path, layers: list[Any], match: str | None = None
+) -> Path | None:
+    """Unpack ``layers``; the sentinel must be unchanged. Returns the rootfs, or None
+    when unpacking failed (with ImageError matching ``match``, when given)."""
+    before = snapshot(outside)
+    rootfs: Path | None = None
+    if match is None:
+        rootfs = unpack_layers(tmp_path, layers)
+    else:
+        with pytest.raises(ImageError, match=re.escape(match)):
+            unpack_layers(tmp_path, layers)
+        assert leftovers(tmp_path / "cache") == []
+    assert snapshot(outside) == before
+    return rootfs
+
+
+# --- parse_digest ------------------------------------------------------------------------
+
+
+def test_parse_digest_accepts_sha256() -> None:
+    digest = "sha256:" + "0123456789abcdef" * 4
+    assert parse_digest(digest) == digest
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "sha256:",
+        "sha256:" + "a" * 63,
+        "sha256:" + "a" * 65,
+        "sha256:" + "A" * 64,
+        "sha512:" + "a" * 128,
+        "a" * 64,
+        "sha256:" + "a" * 64 + "\n",
+        " sha256:" + "a" * 64,
+        "sha256:" + "g" * 64,
+    ],
+)
+def test_parse_digest_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid image digest"):
+        parse_digest(text)
+
+
+def test_unpack_rejects_a_malformed_digest(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        unpack_image(tmp_path, "sha256:nope", cache_dir=tmp_path / "cache")
+
+
+# --- happy paths -------------------------------------------------------------------------
+
+CONTENT = [
+    *BASE,
+    D("bin/", mode=0o755, mtime=1_500_000_000),
+    F("bin/tool", b"#!/bin/sh\necho hi\n", mode=0o755, mtime=1_400_000_000),
+    F("bin/suid", b"x", mode=0o4755),
+    F("bin/sgid", b"x", mode=0o2711),
+    F("etc/secret", b"s", mode=0o600),
+    L("bin/abs", "/usr/bin/env", mtime=1_300_000_000),
+    L("bin/rel", "tool"),
+    L("bin/dangling", "../nowhere/at/all"),
+    H("bin/tool-again", "bin/tool"),
+    D("ro/", mode=0o555),
+    F("ro/inside", b"written before the directory became read-only"),
+    D("sticky/", mode=0o1777),
+    F("./dotted", b"leading ./ is dropped"),
+]
+
+
+def check_content(rootfs: Path) -> None:
+    assert (rootfs / "etc/os-release").read_bytes() == b"ID=test\n"
+    assert (rootfs / "bin/tool").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert stat.S_IMODE((rootfs / "bin/tool").stat().st_mode) == 0o755
+    assert stat.S_IMODE((rootfs / "bin/suid").stat().st_mode) == 0o755
+    assert stat.S_IMODE((rootfs / "bin/sgid").stat().st_mode) == 0o711
+    assert stat.S_IMODE((rootfs / "etc/secret").stat().st_mode) == 0o600
+    assert os.readlink(rootfs / "bin/abs") == "/usr/bin/env"
+    assert os.readlink(rootfs / "bin/rel") == "tool"
+    assert os.readlink(rootfs / "bin/dangling") == "../nowhere/at/all"
+    assert (rootfs / "bin/tool-again").stat().st_ino == (rootfs / "bin/tool").stat().st_ino
+    assert stat.S_IMODE((rootfs / "ro").stat().st_mode) == 0o555
+    assert (rootfs / "ro/inside").is_file()
+    assert stat.S_IMODE((rootfs / "sticky").stat().st_mode) == 0o1777
+    assert (rootfs / "dotted").read_bytes() == b"leading ./ is dropped"
+    # mtimes come from the tar, for files, directories and symlinks alike
+    assert (rootfs / "bin/tool").stat().st_mtime == 1_400_000_000
+    assert (rootfs / "bin").stat().st_mtime == 1_500_000_000
+    assert (rootfs / "bin/abs").lstat().st_mtime == 1_300_000_000
+    assert (rootfs / "etc").stat().st_mtime == DEFAULT_MTIME
+    # ownership is the unpacking user's, whatever the tar says
+    assert (rootfs / "bin/tool").stat().st_uid == os.geteuid()
+    assert stat.S_IMODE(rootfs.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "tar"])
+def test_oci_layout(tmp_path: Path, cache: Path, compress: bool) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT], compress=compress)
+    rootfs = unpack_image(image, digest, cache_dir=cache)
+    assert rootfs == cache / "oci" / digest.removeprefix("sha256:") / "rootfs"
+    check_content(rootfs)
+    marker = json.loads((rootfs.parent / "complete").read_text())
+    assert marker["digest"] == digest
+    assert marker["hardlinks"] == 1
+    for directory in (cache, cache / "oci", rootfs.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o711
+    assert leftovers(cache) == [digest.removeprefix("sha256:")]
+
+
+@pytest.mark.parametrize("compress_archive", [False, True], ids=["tar", "tar.gz"])
+def test_oci_archive(tmp_path: Path, cache: Path, compress_archive: bool) -> None:
+    archive = tmp_path / "image.tar"
+    digest = make_oci_archive(archive, [CONTENT], compress_archive=compress_archive)
+    check_content(unpack_image(archive, digest, cache_dir=cache))
+
+
+@pytest.mark.parametrize("gzip_layers", [False, True], ids=["tar", "gzip"])
+def test_docker_archive_is_pinned_by_config_digest(
+    tmp_path: Path, cache: Path, gzip_layers: bool
+) -> None:
+    archive = tmp_path / "image.tar"
+    image = build_docker_archive([BASE, CONTENT], gzip_layers=gzip_layers)
+    write_tar(archive, image.files)
+    assert image.digest == image.config_digest
+    check_content(unpack_image(archive, image.digest, cache_dir=cache))
+
+
+def test_docker_archive_with_oci_layout(tmp_path: Path, cache: Path) -> None:
+    archive = tmp_path / "image.tar"
+    image = build_docker_archive([CONTENT], oci_layout=True)
+    write_tar(archive, image.files)
+    # The manifest digest exists only in the OCI layout: it is what is read.
+    assert image.digest == image.manifest_digest
+    check_content(unpack_image(archive, image.digest, cache_dir=cache))
+    # Docker's image ID (the config digest) is found through manifest.json.
+    check_content(unpack_image(archive, image.config_digest, cache_dir=tmp_path / "c2"))
+
+
+def test_docker_archive_with_symlinked_duplicate_layer(tmp_path: Path, cache: Path) -> None:
+    # docker save stores a repeated layer once and links the other path to it.
+    layer = layer_tar([F("same", b"same")])
+    built = build_docker_archive([layer, layer])
+    manifest = json.loads(built.files["manifest.json"])
+    first = manifest[0]["Layers"][0]
+    manifest[0]["Layers"][1] = "dup/layer.tar"
+    built.files["manifest.json"] = json.dumps(manifest).encode()
+    archive = tmp_path / "image.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in built.files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("dup/layer.tar")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "../" + first
+        tar.addfile(link)
+    rootfs = unpack_image(archive, built.digest, cache_dir=cache)
+    assert (rootfs / "same").read_bytes() == b"same"
+
+
+def test_pinning_a_config_digest_of_an_oci_layout(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT])
+    write_dir(image, built.files)
+    with pytest.raises(ImageError, match="is not an image manifest or index") as info:
+        unpack_image(image, built.config_digest, cache_dir=cache)
+    assert info.value.hint is not None and "not of its config" in info.value.hint
+
+
+def test_platform_index_picks_the_native_manifest(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT], platform_index=True)
+    write_dir(image, built.files)
+    assert built.digest != built.manifest_digest
+    check_content(unpack_image(image, built.digest, cache_dir=cache))
+    marker = json.loads((cache / "oci" / built.digest[7:] / "complete").read_text())
+    assert marker["manifest"] == built.manifest_digest
+    # The manifest inside the index can be pinned directly too.
+    check_content(unpack_image(image, built.manifest_digest or "", cache_dir=tmp_path / "c2"))
+
+
+def test_index_without_native_platform(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT], platform_index=True)
+    monkeypatch.setattr(oci, "_native_platform", lambda: ("mips64le", None))
+    with pytest.raises(ImageError, match=r"no manifest for linux/mips64le; it has: .*linux/"):
+        unpack_image(image, digest, cache_dir=cache)
+
+
+def test_config_without_diff_ids_is_accepted_for_oci(tmp_path: Path) -> None:
+    rootfs = unpack_layers(tmp_path, [CONTENT], with_diff_ids=False)
+    check_content(rootfs)
+
+
+def test_ownership_bits_and_xattrs_are_dropped(tmp_path: Path) -> None:
+    entry = F(
+        "bin/ping",
+        b"x",
+        mode=0o4755,
+        pax={"SCHILY.xattr.security.capability": "\x01\x00\x00\x02 \x00\x00\x00"},
+    )
+    rootfs = unpack_layers(tmp_path, [[entry]])
+    assert stat.S_IMODE((rootfs / "bin/ping").stat().st_mode) == 0o755
+    assert os.listxattr(rootfs / "bin/ping") == []
+
+
+def test_select_platform_prefers_the_exact_variant() -> None:
+    def desc(arch: str, variant: str | None = None, os_: str = "linux") -> oci._Descriptor:
+        platform: dict[str, Any] = {"os": os_, "architecture": arch}
+        if variant:
+            platform["variant"] = variant
+        n = len(arch) + len(variant or "") + len(os_)
+        return oci._Descriptor.model_validate(
+            {"mediaType": "m", "digest": f"sha256:{n:064x}", "size": 1, "platform": platform}
+        )
+
+    v6, v7, plain = desc("arm", "v6"), desc("arm", "v7"), desc("arm")
+    windows = desc("amd64", os_="windows")
+    assert oci._select_platform([v6, v7, plain], "arm", "v7") is v7
+    assert oci._select_platform([v6, plain], "arm", "v7") is plain
+    assert oci._select_platform([v6], "arm", "v7") is v6
+    assert oci._select_platform([windows], "amd64", None) is None
+    assert oci._select_platform([], "amd64", None) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("a/b", ("a", "b")),
+        ("/a//b/", ("a", "b")),
+        ("./a/./b", ("a", "b")),
+        ("", ()),
+        ("./", ()),
+        ("/", ()),
+        ("...", ("...",)),
+        ("a/..b", ("a", "..b")),
+    ],
+)
+def test_entry_parts(name: str, parts: tuple[str, ...]) -> None:
+    assert oci._entry_parts(name) == parts
+
+
+@pytest.mark.parametrize("name", ["..", "a/..", "../a", "/../a", "a/../b", "a\0b"])
+def test_entry_parts_refuses(name: str) -> None:
+    with pytest.raises(oci._UnsafeName):
+        oci._entry_parts(name)
+
+
+# --- caching -----------------------------------------------------------------------------
+
+
+def test_second_call_is_cached_without_reading_layers(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([BASE, CONTENT])
+    write_dir(image, built.files)
+    first = unpack_image(image, built.digest, cache_dir=cache)
+    for digest in built.layer_digests:
+        blob_path(image, digest).unlink()
+    assert unpack_image(image, built.digest, cache_dir=cache) == first
+    check_content(first)
+
+
+def test_cached_image_is_still_checked_against_the_source(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT])
+    unpack_image(image, digest, cache_dir=cache)
+    other = tmp_path / "other"
+    make_oci_layout(other, [BASE])
+    with pytest.raises(ImageError, match="expected " + digest):
+        unpack_image(other, digest, cache_dir=cache)
+    blob = blob_path(image, digest)
+    blob.write_bytes(blob.read_bytes() + b" ")
+    with pytest.raises(ImageError, match="does not match its digest"):
+        unpack_image(image, digest, cache_dir=cache)
+
+
+def count_applies(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[str]:
+    applied: list[str] = []
+    original = oci._Unpacker.apply
+
+    def spy(self: Any, image: Any, layer: Any, where: str) -> None:
+        applied.append(layer.label)
+        if delay:
+            threading.Event().wait(delay)
+        original(self, image, layer, where)
+
+    monkeypatch.setattr(oci._Unpacker, "apply", spy)
+    return applied
+
+
+def test_concurrent_threads_unpack_once(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [BASE, CONTENT])
+    applied = count_applies(monkeypatch, delay=0.2)
+    barrier = threading.Barrier(4)
+    results: list[Path | BaseException] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            results.append(unpack_image(image, digest, cache_dir=cache))
+        except BaseException as e:  # reported below
+            results.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1, results
+    assert isinstance(results[0], Path)
+    assert len(applied) == 2  # two layers, applied by one thread only
+    check_content(results[0])
+
+
+def test_concurrent_processes_unpack_once(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [BASE, CONTENT])
+    script = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from buildcell.cell.oci import unpack_image\n"
+        "logging.basicConfig(level=logging.DEBUG, format='%(message)s')\n"
+        "print(unpack_image(Path(sys.argv[1]), sys.argv[2], cache_dir=Path(sys.argv[3])))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(image), digest, str(cache)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert len({out for out, _ in outputs}) == 1
+    unpackers = [err for _, err in outputs if "applying layer 1/2" in err]
+    assert len(unpackers) == 1, outputs
+
+
+def test_leftovers_of_an_interrupted_unpack_are_removed(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT])
+    hexdigest = digest.removeprefix("sha256:")
+    stale_tmp = cache / "oci" / f".{hexdigest}.tmp-crashed"
+    (stale_tmp / "rootfs" / "locked").mkdir(parents=True)
+    (stale_tmp / "rootfs" / "locked").chmod(0)
+    (cache / "oci" / hexdigest / "rootfs").mkdir(parents=True)  # no "complete" marker
+    rootfs = unpack_image(image, digest, cache_dir=cache)
+    check_content(rootfs)
+    assert leftovers(cache) == [hexdigest]
+
+
+def test_remove_tree_never_follows_and_handles_closed_dirs(tmp_path: Path, outside: Path) -> None:
+    before = snapshot(outside)
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "f").write_text("x")
+    (tree / "a" / "to-outside").symlink_to(outside)
+    (tree / "a" / "to-file").symlink_to(outside / "file")
+    (tree / "a" / "b").chmod(0)
+    (tree / "a").chmod(0o500)
+    oci._remove_tree(tree)
+    assert not os.path.lexists(tree)
+    assert snapshot(outside) == before
+    oci._remove_tree(tree)  # idempotent
+
+
+# --- multi-layer semantics ---------------------------------------------------------------
+
+
+def test_whiteouts_and_replacements(tmp_path: Path) -> None:
+    lower = [
+        *BASE,
+        F("etc/gone", b"x"),
+        D("var/"),
+        D("var/cache/"),
+        F("var/cache/a", b"a"),
+        D("var/cache/sub/"),
+        F("var/cache/sub/b", b"b"),
+        D("opaque/"),
+        F("opaque/old", b"old"),
+        D("opaque/keepdir/"),
+        F("opaque/keepdir/old", b"old"),
+        F("file-to-dir", b"f"),
+        D("dir-to-file/"),
+        F("dir-to-file/x", b"x"),
+        D("dir-to-link/"),
+        F("dir-to-link/x", b"x"),
+        L("link-to-dir", "etc"),
+    ]
+    upper = [
+        F("etc/.wh.gone"),
+        F("var/.wh.cache"),
+        F("etc/.wh.never-existed"),
+        F("nowhere/.wh.thing"),
+        F("opaque/new", b"new"),  # before the marker: still kept
+        F("opaque/.wh..wh..opq"),
+        F("opaque/keepdir/new", b"new"),
+        D("file-to-dir/"),
+        F("file-to-dir/inside", b"i"),
+        F("dir-to-file", b"now a file"),
+        L("dir-to-link", "etc"),
+        D("link-to-dir/"),
+        F(".wh..wh.plnk"),  # aufs bookkeeping: ignored
+    ]
+    rootfs = unpack_layers(tmp_path, [lower, upper])
+    assert not os.path.lexists(rootfs / "etc/gone")
+    assert (rootfs / "etc/os-release").exists()
+    assert not os.path.lexists(rootfs / "var/cache")
+    assert (rootfs / "var").is_dir()
+    assert not os.path.lexists(rootfs / "nowhere")
+    assert sorted(os.listdir(rootfs / "opaque")) == ["keepdir", "new"]
+    assert os.listdir(rootfs / "opaque/keepdir") == ["new"]
+    assert (rootfs / "file-to-dir/inside").read_bytes() == b"i"
+    assert (rootfs / "dir-to-file").read_bytes() == b"now a file"
+    assert os.readlink(rootfs / "dir-to-link") == "etc"
+    assert (rootfs / "link-to-dir").is_dir() and not (rootfs / "link-to-dir").is_symlink()
+    assert os.listdir(rootfs / "link-to-dir") == []
+    assert not os.path.lexists(rootfs / ".wh..wh.plnk")
+    assert not any(".wh." in name for _, _, names in os.walk(rootfs) for name in names)
+
+
+def test_whiteout_of_a_path_this_layer_also_adds(tmp_path: Path) -> None:
+    lower = [D("d/"), F("d/old", b"old"), F("f", b"old")]
+    upper = [D("d/"), F("d/new", b"new"), F("f", b"new"), F(".wh.d"), F(".wh.f")]
+    rootfs = unpack_layers(tmp_path, [lower, upper])
+    assert os.listdir(rootfs / "d") == ["new"]
+    assert (rootfs / "f").read_bytes() == b"new"
+
+
+def test_opaque_root(tmp_path: Path) -> None:
+    rootfs = unpack_layers(tmp_path, [BASE, [F(".wh..wh..opq"), F("only", b"1")]])
+    assert os.listdir(rootfs) == ["only"]
+
+
+def test_read_only_dir_from_a_lower_layer_can_be_written(tmp_path: Path) -> None:
+    lower = [D("ro/", mode=0o500, mtime=1_000), F("ro/a", b"a")]
+    upper = [F("ro/b", b"b"), F("ro/.wh.a")]
+    rootfs = unpack_layers(tmp_path, [lower, upper])
+    assert os.listdir(rootfs / "ro") == ["b"]
+    assert stat.S_IMODE((rootfs / "ro").stat().st_mode) == 0o500
+    assert (rootfs / "ro").stat().st_mtime == 1_000
+
+
+def test_implicit_parents_are_created(tmp_path: Path) -> None:
+    rootfs = unpack_layers(tmp_path, [[F("a/b/c/file", b"x")]])
+    assert (rootfs / "a/b/c/file").read_bytes() == b"x"
+    assert stat.S_IMODE((rootfs / "a/b").stat().st_mode) == 0o755
+
+
+# --- verification failures ---------------------------------------------------------------
+
+
+def test_wrong_digest_names_expected_and_available(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT])
+    wanted = "sha256:" + "1" * 64
+    with pytest.raises(ImageError) as info:
+        unpack_image(image, wanted, cache_dir=cache)
+    message = str(info.value)
+    assert f"expected {wanted}, the image has: {digest} (latest)" in message
+    assert "\n" not in message
+    assert leftovers(cache) == []
+
+
+def test_wrong_digest_in_a_platform_index_lists_nested_manifests(tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT], platform_index=True)
+    write_dir(image, built.files)
+    with pytest.raises(ImageError) as info:
+        unpack_image(image, "sha256:" + "1" * 64, cache_dir=tmp_path / "cache")
+    assert built.digest in str(info.value)
+    assert f"{built.manifest_digest} (linux/{native_arch()})" in str(info.value)
+
+
+def test_wrong_digest_in_docker_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "image.tar"
+    digest = make_docker_archive(archive, [CONTENT])
+    with pytest.raises(ImageError, match=f"the image has: {digest}"):
+        unpack_image(archive, "sha256:" + "2" * 64, cache_dir=tmp_path / "cache")
+
+
+def test_tampered_layer_blob(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([BASE, CONTENT])
+    write_dir(image, built.files)
+    blob = blob_path(image, built.layer_digests[1])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ImageError) as info:
+        unpack_image(image, built.digest, cache_dir=cache)
+    message = str(info.value)
+    assert f"layer blob {built.layer_digests[1]} does not match its digest" in message
+    assert f"expected {built.layer_digests[1]}, got sha256:" in message
+    assert leftovers(cache) == []
+
+
+def test_tampered_uncompressed_layer_with_same_length(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT], compress=False)
+    write_dir(image, built.files)
+    blob = blob_path(image, built.layer_digests[0])
+    blob.write_bytes(blob.read_bytes().replace(b"echo hi", b"echo HI"))
+    with pytest.raises(ImageError, match="does not match its digest"):
+        unpack_image(image, built.digest, cache_dir=cache)
+    assert leftovers(cache) == []
+
+
+def test_layer_not_matching_diff_id(tmp_path: Path, cache: Path) -> None:
+    # The blob digest is right (the manifest was rebuilt), the config's diff_id is not.
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT])
+    good_config = built.files["blobs/sha256/" + built.config_digest[7:]]
+    config = json.loads(good_config)
+    config["rootfs"]["diff_ids"] = ["sha256:" + "3" * 64]
+    bad = json.dumps(config).encode()
+    files = dict(built.files)
+    files["blobs/sha256/" + sha256_digest(bad)[7:]] = bad
+    manifest = json.loads(files["blobs/sha256/" + built.digest[7:]])
+    manifest["config"].update(digest=sha256_digest(bad), size=len(bad))
+    manifest_bytes = json.dumps(manifest).encode()
+    files["blobs/sha256/" + sha256_digest(manifest_bytes)[7:]] = manifest_bytes
+    write_dir(image, files)
+    with pytest.raises(ImageError, match=r"uncompressed layer .* does not match its digest"):
+        unpack_image(image, sha256_digest(manifest_bytes), cache_dir=cache)
+    assert leftovers(cache) == []
+
+
+def test_tampered_docker_layer(tmp_path: Path, cache: Path) -> None:
+    archive = tmp_path / "image.tar"
+    built = build_docker_archive([CONTENT])
+    name = next(n for n in built.files if n.endswith("layer.tar"))
+    built.files[name] = built.files[name].replace(b"echo hi", b"echo HI")
+    write_tar(archive, built.files)
+    with pytest.raises(ImageError, match="does not match its digest"):
+        unpack_image(archive, built.digest, cache_dir=cache)
+    assert leftovers(cache) == []
+
+
+def test_tampered_manifest(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT])
+    blob = blob_path(image, digest)
+    blob.write_bytes(blob.read_bytes().replace(b'"schemaVersion":2', b'"schemaVersion":2 '))
+    with pytest.raises(ImageError, match=f"manifest blob {digest} does not match its digest"):
+        unpack_image(image, digest, cache_dir=cache)
+    assert leftovers(cache) == []
+
+
+def test_tampered_config(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT])
+    write_dir(image, built.files)
+    blob = blob_path(image, built.config_digest)
+    blob.write_bytes(blob.read_bytes().replace(b"linux", b"LINUX"))
+    with pytest.raises(ImageError, match=f"config blob {built.config_digest} does not match"):
+        unpack_image(image, built.digest, cache_dir=cache)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("index.json", b"{not json", "index.json is not valid JSON"),
+        ("index.json", b'{"schemaVersion": 2}', "index.json is malformed: manifests"),
+        ("index.json", b'{"schemaVersion":2,"schemaVersion":2,"manifests":[]}', "duplicate"),
+        ("oci-layout", b"[]", "imageLayoutVersion"),
+    ],
+)
+def test_malformed_layout_files(
+    tmp_path: Path, cache: Path, name: str, content: bytes, match: str
+) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT])
+    (image / name).write_bytes(content)
+    with pytest.raises(ImageError, match=match):
+        unpack_image(image, digest, cache_dir=cache)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "match"),
+    [
+        (b"\xff not json", "is not valid JSON"),
+        (b'{"schemaVersion": 2, "mediaType": "' + b'application/vnd.oci.image.manifest.v1+json"}',
+         "is malformed: config"),
+        (b'{"schemaVersion": 1, "mediaType": "application/vnd.oci.image.manifest.v1+json"}',
+         "is malformed"),
+        (b'{"mediaType": "application/vnd.docker.distribution.manifest.v1+json"}',
+         "not an image manifest or index"),
+    ],
+)  # fmt: skip
+def test_malformed_manifest_with_valid_digest(
+    tmp_path: Path, cache: Path, manifest: bytes, match: str
+) -> None:
+    image = tmp_path / "image"
+    make_oci_layout(image, [CONTENT])
+    digest = sha256_digest(manifest)
+    blob_path(image, digest).write_bytes(manifest)
+    with pytest.raises(ImageError, match=match):
+        unpack_image(image, digest, cache_dir=cache)
+
+
+def test_unsupported_digest_algorithm_in_manifest(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT])
+    manifest = json.loads(built.files["blobs/sha256/" + built.digest[7:]])
+    manifest["layers"][0]["digest"] = "sha512:" + "0" * 128
+    data = json.dumps(manifest).encode()
+    write_dir(image, built.files)
+    blob_path(image, sha256_digest(data)).write_bytes(data)
+    with pytest.raises(ImageError, match="unsupported digest 'sha512"):
+        unpack_image(image, sha256_digest(data), cache_dir=cache)
+
+
+def test_missing_layer_blob(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([BASE, CONTENT])
+    write_dir(image, built.files)
+    blob_path(image, built.layer_digests[1]).unlink()
+    with pytest.raises(ImageError, match=r"layer 2/2 .* is missing"):
+        unpack_image(image, built.digest, cache_dir=cache)
+    assert leftovers(cache) == []
+
+
+def test_missing_manifest_blob_listed_in_index(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT])
+    blob_path(image, digest).unlink()
+    with pytest.raises(ImageError, match=r"listed in index\.json but missing"):
+        unpack_image(image, digest, cache_dir=cache)
+
+
+def test_missing_config_blob(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT])
+    write_dir(image, built.files)
+    blob_path(image, built.config_digest).unlink()
+    with pytest.raises(ImageError, match=f"config blob {built.config_digest} is missing"):
+        unpack_image(image, built.digest, cache_dir=cache)
+
+
+def test_layer_size_differs_from_descriptor(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT])
+    write_dir(image, built.files)
+    with blob_path(image, built.layer_digests[0]).open("ab") as f:
+        f.write(b"\0" * 10)
+    with pytest.raises(ImageError, match="descriptor says"):
+        unpack_image(image, built.digest, cache_dir=cache)
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    [
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.oci.image.layer.v1.tar+bzip2",
+        "text/plain",
+    ],
+)
+def test_unsupported_layer_media_type(tmp_path: Path, cache: Path, media_type: str) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT], layer_media_type=media_type)
+    with pytest.raises(ImageError, match=re.escape(f"unsupported layer media type '{media_type}'")):
+        unpack_image(image, digest, cache_dir=cache)
+
+
+def test_zstd_docker_layer_is_refused(tmp_path: Path, cache: Path) -> None:
+    archive = tmp_path / "image.tar"
+    zstd_frame = b"\x28\xb5\x2f\xfd" + b"\0" * 60
+    digest = make_docker_archive(archive, [zstd_frame])
+    with pytest.raises(ImageError, match="unsupported layer media type"):
+        unpack_image(archive, digest, cache_dir=cache)
+
+
+def test_foreign_layer_types_are_their_base_type(tmp_path: Path) -> None:
+    foreign = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+    check_content(unpack_layers(tmp_path, [CONTENT], layer_media_type=foreign))
+
+
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [
+        ("missing", "does not exist"),
+        ("empty-dir", "neither index.json nor manifest.json"),
+        ("not-a-tar", "cannot read image archive"),
+    ],
+)
+def test_not_an_image(tmp_path: Path, source: str, match: str) -> None:
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "not-a-tar").write_bytes(b"hello" * 300)
+    with pytest.raises(ImageError, match=match):
+        unpack_image(tmp_path / source, "sha256:" + "0" * 64, cache_dir=tmp_path / "cache")
+
+
+def test_json_size_limit(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT])
+    monkeypatch.setattr(oci, "MAX_JSON_SIZE", 64)
+    with pytest.raises(ImageError, match="larger than 64 B"):
+        unpack_image(image, digest, cache_dir=cache)
+
+
+def test_blob_that_is_a_fifo_does_not_hang(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [CONTENT])
+    (image / "index.json").unlink()
+    os.mkfifo(image / "index.json")
+    with pytest.raises(ImageError, match="fifo, not a regular file"):
+        unpack_image(image, digest, cache_dir=cache)
+
+
+# --- hostile layers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["../escape", "a/../../escape", "..", "a/b/../../../escape", "/../escape"]
+)
+def test_dotdot_names_are_refused(tmp_path: Path, outside: Path, name: str) -> None:
+    expect_contained(tmp_path, outside, [[F(name, b"pwned")]], match="has a '..' component")
+    assert not (tmp_path / "escape").exists()
+
+
+def test_absolute_names_land_inside(tmp_path: Path, outside: Path) -> None:
+    rootfs = expect_contained(
+        tmp_path, outside, [[F("/escape", b"in"), F("//etc//x", b"y"), D("/abs/")]]
+    )
+    assert rootfs is not None
+    assert (rootfs / "escape").read_bytes() == b"in"
+    assert (rootfs / "etc/x").read_bytes() == b"y"
+    assert (rootfs / "abs").is_dir()
+
+
+@pytest.mark.parametrize("target", ["OUTSIDE", "../../../../outside", "../../../..", "/"])
+@pytest.mark.parametrize("same_layer", [True, False])
+def test_writes_through_a_symlink_are_refused(
+    tmp_path: Path, outside: Path, target: str, same_layer: bool
+) -> None:
+    target = str(outside) if target == "OUTSIDE" else target
+    link = L("evil", target)
+    attacks = [F("evil/pwned", b"pwned"), D("evil/newdir/"), F("evil/file", b"overwritten")]
+    for attack in attacks:
+        layers = [[link, attack]] if same_layer else [[link], [attack]]
+        expect_contained(tmp_path, outside, layers, match="which is a symlink")
+        shutil.rmtree(tmp_path / "image")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_symlink_replacing_a_directory_is_not_followed_later(tmp_path: Path, outside: Path) -> None:
+    layers = [
+        [D("lib/"), F("lib/a", b"a")],
+        [L("lib", str(outside))],
+        [F("lib/pwned", b"pwned")],
+    ]
+    expect_contained(tmp_path, outside, layers, match="'lib', which is a symlink")
+
+
+def test_whiteout_through_a_symlink_is_refused(tmp_path: Path, outside: Path) -> None:
+    layers = [[L("evil", str(outside))], [F("evil/.wh.file"), F("evil/.wh..wh..opq")]]
+    expect_contained(tmp_path, outside, layers, match="which is a symlink")
+
+
+def test_replacing_a_symlink_replaces_the_link_not_its_target(
+    tmp_path: Path, outside: Path
+) -> None:
+    layers = [[L("evil", str(outside / "file"))], [F("evil", b"new"), F(".wh.evil")]]
+    rootfs = expect_contained(tmp_path, outside, layers)
+    assert rootfs is not None
+    assert (rootfs / "evil").read_bytes() == b"new"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/etc/passwd",
+        "../../outside/file",
+        "OUTSIDE/file",
+        "to-outside/file",
+        "abs-link",
+        "rel-link",
+        "missing",
+        "dir",
+        "fifo",
+        "self",
+        "",
+    ],
+)
+def test_hard_links_are_only_made_to_files_inside(
+    tmp_path: Path, outside: Path, target: str
+) -> None:
+    target = str(outside) + "/file" if target == "OUTSIDE/file" else target
+    layer = [
+        L("to-outside", str(outside)),
+        L("abs-link", str(outside / "file")),
+        L("rel-link", "../outside/file"),
+        D("dir/"),
+        TarEntry("fifo", "fifo"),
+        H("self", "self"),
+        H("link", target),
+    ]
+    rootfs = expect_contained(tmp_path, outside, [layer])
+    assert rootfs is not None
+    assert not os.path.lexists(rootfs / "link")
+    assert (outside / "file").stat().st_nlink == 1
+
+
+def test_hard_link_to_etc_passwd_links_the_image_s_own_file(tmp_path: Path, outside: Path) -> None:
+    layer = [D("etc/"), F("etc/passwd", b"root:x:0:0::/:/bin/sh\n"), H("copy", "/etc/passwd")]
+    rootfs = expect_contained(tmp_path, outside, [layer])
+    assert rootfs is not None
+    assert (rootfs / "copy").read_bytes() == b"root:x:0:0::/:/bin/sh\n"
+    assert (rootfs / "copy").stat().st_ino == (rootfs / "etc/passwd").stat().st_ino
+
+
+def test_hard_link_to_a_file_of_a_lower_layer(tmp_path: Path, outside: Path) -> None:
+    rootfs = expect_contained(tmp_path, outside, [[F("a", b"a")], [H("b", "a")]])
+    assert rootfs is not None
+    assert (rootfs / "b").stat().st_ino == (rootfs / "a").stat().st_ino
+
+
+def test_hard_link_replacing_its_own_parent_is_skipped(tmp_path: Path, outside: Path) -> None:
+    rootfs = expect_contained(tmp_path, outside, [[D("d/"), F("d/f", b"f"), H("d", "d/f")]])
+    assert rootfs is not None
+    assert (rootfs / "d/f").read_bytes() == b"f"
+
+
+def test_devices_and_fifos_are_skipped(tmp_path: Path, outside: Path) -> None:
+    layer = [
+        D("dev/"),
+        TarEntry("dev/null", "char"),
+        TarEntry("dev/sda", "block"),
+        TarEntry("run-fifo", "fifo"),
+        F("kept", b"k"),
+    ]
+    rootfs = expect_contained(tmp_path, outside, [layer])
+    assert rootfs is not None
+    assert os.listdir(rootfs / "dev") == []
+    assert not os.path.lexists(rootfs / "run-fifo")
+    marker = json.loads((rootfs.parent / "complete").read_text())
+    assert marker["skipped"] == {"devices": 2, "fifos": 1}
+
+
+def test_name_with_nul_is_refused(tmp_path: Path, outside: Path) -> None:
+    expect_contained(tmp_path, outside, [[F("a\0b", b"x")]], match="NUL")
+
+
+def test_invalid_whiteouts_are_refused(tmp_path: Path, outside: Path) -> None:
+    expect_contained(tmp_path, outside, [[F("a/.wh..."), F("x")]], match="invalid whiteout")
+    expect_contained(tmp_path, outside, [[F("a/.wh.")]], match="invalid whiteout")
+
+
+def test_truncated_file_is_an_error_not_a_hang(tmp_path: Path, outside: Path) -> None:
+    huge = F("big", b"only a little", size=1 << 30)
+    expect_contained(tmp_path, outside, [[F("a", b"a"), huge]], match="unexpected end of data")
+
+
+def test_declared_size_over_the_limit(
+    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(oci, "MAX_UNPACKED_SIZE", 1 << 20)
+    huge = F("big", b"x" * 100, size=10 << 30)
+    expect_contained(tmp_path, outside, [[huge]], match="unpacks to more than 1.0 MiB")
+
+
+def test_total_size_limit_spans_layers(
+    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(oci, "MAX_UNPACKED_SIZE", 1 << 20)
+    layer = [F("f", b"\0" * (600 << 10))]
+    expect_contained(tmp_path, outside, [layer, layer], match="unpacks to more than 1.0 MiB")
+
+
+def test_gzip_bomb_is_bounded(
+    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(oci, "MAX_UNPACKED_SIZE", 4 << 20)
+    # A valid tar followed by 64 MiB of zeros: tiny compressed, big uncompressed.
+    bomb = layer_tar([F("a", b"a")]) + b"\0" * (64 << 20)
+    expect_contained(tmp_path, outside, [bomb], match="unpacks to more than 4.0 MiB")
+
+
+def test_huge_pax_header_is_refused(tmp_path: Path, outside: Path) -> None:
+    entry = F("a", b"a", pax={"comment": "x" * (2 << 20)})
+    expect_contained(tmp_path, outside, [[entry]], match="tar header is larger than")
+
+
+def test_entry_count_limit(tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oci, "MAX_ENTRIES", 5)
+    layer = [F(f"f{i}", b"") for i in range(6)]
+    expect_contained(tmp_path, outside, [layer], match="more than 5 entries")
+
+
+def test_depth_limit(tmp_path: Path, outside: Path) -> None:
+    deep = "/".join(["d"] * 300) + "/f"
+    expect_contained(tmp_path, outside, [[F(deep, b"x")]], match="nested too deep")
+
+
+def test_overlong_name_component(tmp_path: Path, outside: Path) -> None:
+    expect_contained(tmp_path, outside, [[F("x" * 300, b"x")]], match="cannot unpack")
+
+
+def test_empty_layer_blob_is_an_error(tmp_path: Path, outside: Path) -> None:
+    expect_contained(tmp_path, outside, [b""], match="not a valid")
+
+
+def test_all_zero_layer_is_empty(tmp_path: Path, outside: Path) -> None:
+    rootfs = expect_contained(tmp_path, outside, [BASE, b"\0" * 1024])
+    assert rootfs is not None
+    assert (rootfs / "etc/os-release").exists()
+
+
+def test_symlinked_image_blob_is_not_followed(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT])
+    write_dir(image, built.files)
+    blob = blob_path(image, built.layer_digests[0])
+    moved = tmp_path / "moved"
+    blob.rename(moved)
+    blob.symlink_to(moved)
+    with pytest.raises(ImageError, match="cannot read"):
+        unpack_image(image, built.digest, cache_dir=cache)
+
+
+# --- property: whatever the layers, nothing outside changes ------------------------------
+
+# Weighted towards names that collide, so that symlinks get written through and whiteouts
+# hit something; ".." (always refused) is rarer to leave room for the rest.
+_COMPONENTS = ["a", "a", "b", "evil", "evil", "evil", "..", ".", ""]
+_COMPONENTS += [".wh.a", ".wh.evil", ".wh..wh..opq", "@OUT"]
+_TARGETS = ["a", "b", "..", "../..", "../../..", "/", "@OUT", "@OUT/file", "/evil", "evil/a", ""]
+
+_names = st.one_of(
+    st.lists(st.sampled_from(_COMPONENTS), min_size=1, max_size=4).map("/".join),
+    st.sampled_from(["/a", "/evil/x", "../x", "a/../../x", "evil/file", "@OUT/file"]),
+)
+_plain_entries = st.builds(
+    lambda kind, name, target, data: TarEntry(name, kind, data=data, linkname=target),
+    kind=st.sampled_from(["file", "dir", "symlink", "hardlink"]),
+    name=_names,
+    target=st.sampled_from(_TARGETS),
+    data=st.sampled_from([b"", b"pwned"]),
+)
+_symlink_attacks = st.sampled_from(
+    [TarEntry("evil", "symlink", linkname=t) for t in ("@OUT", "../../..", "/", "@OUT/file")]
+    + [TarEntry("a", "symlink", linkname="evil"), TarEntry("b", "symlink", linkname="a/..")]
+)
+_entries = st.one_of(_plain_entries, _symlink_attacks)
+_layers = st.lists(st.lists(_entries, max_size=8), min_size=1, max_size=3)
+
+
+def _resolve_placeholders(layers: list[list[TarEntry]], out: Path) -> list[list[TarEntry]]:
+    def fix(text: str) -> str:
+        return text.replace("@OUT", str(out))
+
+    return [
+        [TarEntry(fix(e.name), e.kind, data=e.data, linkname=fix(e.linkname)) for e in layer]
+        for layer in layers
+    ]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers=_layers)
+def test_random_layers_never_touch_the_host(layers: list[list[TarEntry]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        out = base / "outside"
+        (out / "sub").mkdir(parents=True)
+        (out / "file").write_text("precious\n")
+        image = base / "image"
+        digest = make_oci_layout(image, _resolve_placeholders(layers, out))
+        image_before = snapshot(image)
+        before = snapshot(base)
+        try:
+            rootfs = unpack_image(image, digest, cache_dir=base / "cache")
+        except ImageError:
+            assert leftovers(base / "cache") == []
+        else:
+            assert rootfs.is_dir() and not rootfs.is_symlink()
+        after = snapshot(base)
+        cache_prefix = "cache" + os.sep
+        changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+        assert {k for k in changed if not k.startswith(cache_prefix) and k != "cache"} == set()
+        assert snapshot(image) == image_before
+        assert (out / "file").stat().st_nlink == 1
+
+
+# --- a real image ------------------------------------------------------------------------
+
+
+def test_busybox_image(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "busybox"
+    digest = make_busybox_layout(image)
+    if digest is None:
+        pytest.skip("/bin/busybox is not installed")
+    rootfs = unpack_image(image, digest, cache_dir=cache)
+    busybox = rootfs / "bin/busybox"
+    assert busybox.is_file() and not busybox.is_symlink()
+    assert busybox.read_bytes() == Path("/bin/busybox").read_bytes()
+    assert os.access(busybox, os.X_OK)
+    assert stat.S_IMODE(busybox.stat().st_mode) == 0o755
+    for applet in BUSYBOX_APPLETS:
+        assert os.readlink(rootfs / "bin" / applet) == "busybox"
+    assert os.readlink(rootfs / "usr/bin/env") == "/bin/busybox"
+    assert stat.S_IMODE((rootfs / "tmp").stat().st_mode) == 0o1777
+    # Static or not, it runs from the unpacked tree.
+    result = subprocess.run(
+        [str(busybox), "echo", "hello"], capture_output=True, text=True, check=False
+    )
+    assert result.stdout == "hello\n"
