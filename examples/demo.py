@@ -27,36 +27,17 @@ def run(args: list[str], env: dict[str, str] | None = None) -> int:
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="buildcell-demo-"))
     try:
-        say("1. Compile and run a C program in a cell (no network, read-only root, limits)")
-        rc = run(
-            [
-                "run",
-                "--source",
-                str(HERE / "hello-c"),
-                "--out",
-                str(work / "out"),
-                "--output",
-                "hello",
-                "--memory",
-                "512M",
-                "--pids",
-                "256",
-                "--timeout",
-                "60s",
-                "--",
-                "sh",
-                "-c",
-                "make --no-print-directory && ./hello",
-            ]
-        )
+        say("1. Build examples/hello-c from its buildcell.yaml: one fresh cell per step")
+        spec = HERE / "hello-c" / "buildcell.yaml"
+        rc = run(["build", "-f", str(spec), "--out", str(work / "out")])
         if rc != 0:
             print(f"the build failed with exit status {rc}")
             return rc
-        binary = work / "out" / "hello"
-        print(
-            f"collected {binary} ({binary.stat().st_size} bytes); the source dir is untouched:",
-            sorted(p.name for p in (HERE / "hello-c").iterdir()),
-        )
+        binary = work / "out" / "build" / "hello"
+        print(f"\n$ {binary}", flush=True)
+        subprocess.run([str(binary)], check=True)
+        untouched = sorted(p.name for p in (HERE / "hello-c").iterdir())
+        print(f"the source directory is untouched: {untouched}")
 
         say("2. A hostile build step tries to steal secrets and phone home")
         server = http.server.ThreadingHTTPServer(
