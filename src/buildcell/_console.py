@@ -186,6 +186,13 @@ def render_record(
         if record.out_dir:
             console.print(f"outputs in {escape(record.out_dir)} (manifest: outputs.json)")
     if result is not None:
+        if result.provenance is not None:
+            how = (
+                f"signed, key {result.signed_by}"
+                if result.signed_by
+                else "unsigned: pass --sign-key to sign it"
+            )
+            console.print(f"provenance: {escape(str(result.provenance))} ({how})")
         console.print(f"[dim]record: {escape(str(result.record_dir))}[/]")
 
 

@@ -7,6 +7,7 @@ exit code. Imports are lazy so that ``buildcell run`` starts quickly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from buildcell.records import RecordStore
+    from buildcell.repro import ReproReport
 
 __all__ = ["main"]
 
@@ -46,6 +48,8 @@ commands:
   build    run the build a buildcell.yaml declares, one cell per step
   init     write a commented starter buildcell.yaml for the current directory
   schema   print the JSON Schema of buildcell.yaml (for editors)
+  keygen   make an Ed25519 key pair for signing provenance
+  verify   check a provenance file offline: signature, subjects, expectations
   ls       list recent builds
   show     summarize one build
   logs     print a build's logs
@@ -206,6 +210,59 @@ def _build_parser() -> _Parser:
         action="store_true",
         help="print one JSON result object on stdout (logs go to stderr)",
     )
+    build.add_argument(
+        "--sign-key",
+        type=Path,
+        metavar="KEY",
+        help="sign provenance.intoto.jsonl with this Ed25519 key (see `buildcell keygen`); "
+        "without it the provenance is written unsigned",
+    )
+    build.add_argument(
+        "--builder-id",
+        metavar="URI",
+        help="runDetails.builder.id of the provenance (default "
+        "https://buildcell.dev/builders/local)",
+    )
+    build.add_argument(
+        "--check-repro",
+        action="store_true",
+        help="build twice in fresh cells, varying start time, build id, environment order, "
+        "umask and CPU count; compare the outputs bit for bit; exit 0 only when reproducible",
+    )
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing provenance",
+        description="Write buildcell.key (private, mode 0600) and buildcell.pub (public) into "
+        "DIR. The private key is used only by the supervisor and never enters a cell.",
+    )
+    keygen.add_argument(
+        "--out", type=Path, default=Path("."), metavar="DIR", help="where to write the pair"
+    )
+
+    verify = sub.add_parser(
+        "verify",
+        help="verify a provenance file offline",
+        description="Check the DSSE signature against KEY, the statement and predicate types "
+        "and fields, that every ARTIFACT's sha256 is a subject, and the optional expectations. "
+        "Exit 0 when everything holds, else 1 listing every failed check.",
+    )
+    verify.add_argument("artifacts", nargs="*", type=Path, metavar="ARTIFACT")
+    verify.add_argument(
+        "--key", type=Path, required=True, metavar="PUB", help="the public key (buildcell.pub)"
+    )
+    verify.add_argument(
+        "--provenance", type=Path, required=True, metavar="FILE", help="provenance.intoto.jsonl"
+    )
+    verify.add_argument("--builder-id", metavar="URI", help="expect this builder id")
+    verify.add_argument(
+        "--source-digest",
+        metavar="DIGEST",
+        help="expect this source (sha256 of the source tree, or the git commit)",
+    )
+    verify.add_argument("--spec-digest", metavar="DIGEST", help="expect this spec digest")
+    verify.add_argument("--no-network", action="store_true", help="expect that no step had egress")
+    verify.add_argument("--json", action="store_true", help="print the checks as JSON")
 
     init = sub.add_parser(
         "init",
@@ -384,26 +441,101 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from buildcell._console import LiveReporter, PlainReporter, render_record
-    from buildcell.pipeline import run_build
+    from buildcell.pipeline import DEFAULT_BUILDER_ID, BuildOptions, check_reproducible, run_build
     from buildcell.spec import load_spec
     from buildcell.state import StateDir
 
     loaded = load_spec(args.file)
+    key = None
+    if args.sign_key is not None:
+        from buildcell.provenance import load_private_key
+
+        key = load_private_key(args.sign_key)
+    options = BuildOptions(sign_key=key, builder_id=args.builder_id or DEFAULT_BUILDER_ID)
     out_dir = (args.out or Path("buildcell-out")).absolute()
     state = StateDir(args.state_dir)
-    console = Console(stderr=True, highlight=False)
     live = not args.json and sys.stderr.isatty()
+    reporter: Any
     if live:
-        with LiveReporter(console) as reporter:
-            result = run_build(loaded, out_dir=out_dir, state=state, reporter=reporter)
+        reporter = LiveReporter(Console(stderr=True, highlight=False))
     else:
-        plain = PlainReporter(out=sys.stderr if args.json else sys.stdout)
-        result = run_build(loaded, out_dir=out_dir, state=state, reporter=plain)
+        reporter = PlainReporter(out=sys.stderr if args.json else sys.stdout)
+    repro = None
+    with reporter if live else contextlib.nullcontext():
+        if args.check_repro:
+            result, _, repro = check_reproducible(
+                loaded, out_dir=out_dir, state=state, reporter=reporter, options=options
+            )
+        else:
+            result = run_build(
+                loaded, out_dir=out_dir, state=state, reporter=reporter, options=options
+            )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        data = result.to_dict()
+        if args.check_repro:
+            data["reproducibility"] = repro.to_dict() if repro is not None else None
+        print(json.dumps(data, indent=2))
     else:
         render_record(result.record, _stdout_console(), result=result)
-    return result.exit_code
+        if args.check_repro and repro is not None:
+            _render_repro(repro)
+    if result.exit_code != 0:
+        return result.exit_code
+    if args.check_repro and (repro is None or not repro.reproducible):
+        return 1
+    return 0
+
+
+def _render_repro(repro: ReproReport) -> None:
+    out = sys.stdout
+    if repro.reproducible:
+        out.write(f"reproducible: {repro.compared} output(s) identical across two builds\n")
+        return
+    out.write(f"NOT reproducible: {len(repro.differences)} of {repro.compared} output(s) differ\n")
+    for d in repro.differences:
+        size_a = "missing" if d.size_a is None else f"{d.size_a} bytes"
+        size_b = "missing" if d.size_b is None else f"{d.size_b} bytes"
+        where = (
+            "" if d.first_difference is None else f", first difference at byte {d.first_difference}"
+        )
+        out.write(f"  {d.path}: {size_a} vs {size_b}{where}\n")
+        if d.summary:
+            out.write("    " + d.summary.rstrip().replace("\n", "\n    ") + "\n")
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from buildcell.provenance import generate_keypair
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    private, public = generate_keypair(args.out)
+    print(f"wrote {private} (keep it secret; buildcell build --sign-key {private})")
+    print(f"wrote {public} (share it; buildcell verify --key {public} ...)")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from buildcell.provenance import load_public_key, verify
+
+    report = verify(
+        args.provenance,
+        key=load_public_key(args.key),
+        artifacts=args.artifacts,
+        builder_id=args.builder_id,
+        source_digest=args.source_digest,
+        spec_digest=args.spec_digest,
+        no_network=args.no_network,
+    )
+    if args.json:
+        checks = [c.__dict__ for c in report.checks]
+        print(json.dumps({"ok": report.ok, "checks": checks}, indent=2))
+        return 0 if report.ok else 1
+    for check in report.checks:
+        sys.stdout.write(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}\n")
+    failed = [c for c in report.checks if not c.ok]
+    sys.stdout.write("verified\n" if report.ok else f"{len(failed)} check(s) failed\n")
+    return 0 if report.ok else 1
 
 
 def _stdout_console() -> Console:
@@ -528,6 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "run": _cmd_run,
         "build": _cmd_build,
+        "keygen": _cmd_keygen,
+        "verify": _cmd_verify,
         "init": _cmd_init,
         "schema": _cmd_schema,
         "ls": _cmd_ls,

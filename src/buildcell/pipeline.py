@@ -8,6 +8,8 @@ workspace carries over, and it is erased when the build ends.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -15,8 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from buildcell.audit import EventLog
 from buildcell.cell.config import (
@@ -26,15 +29,29 @@ from buildcell.cell.config import (
     HostRootfs,
     OciRootfs,
     Rootfs,
+    Variation,
 )
 from buildcell.cell.storage import CellStorage, new_cell_id
 from buildcell.cell.supervisor import Cell, find_bwrap
+from buildcell.cell.workspace import remove_tree
 from buildcell.errors import Error
 from buildcell.records import BuildRecord, RecordStore, StepRecord
+from buildcell.source import SourceInfo, describe_source
 from buildcell.spec import BuildSpec, DirRootfsSpec, LoadedSpec, OciRootfsSpec, StepSpec
 from buildcell.state import StateDir
 
-__all__ = ["BuildReporter", "BuildResult", "run_build"]
+if TYPE_CHECKING:
+    from buildcell.provenance import SigningKey
+    from buildcell.repro import ReproReport
+
+__all__ = [
+    "DEFAULT_BUILDER_ID",
+    "BuildOptions",
+    "BuildReporter",
+    "BuildResult",
+    "check_reproducible",
+    "run_build",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +95,8 @@ class BuildResult:
     record_dir: Path
     out_dir: Path
     warnings: list[str] = field(default_factory=list)
+    provenance: Path | None = None
+    signed_by: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -91,6 +110,11 @@ class BuildResult:
         data = self.record.to_dict()
         data["record_dir"] = str(self.record_dir)
         data["warnings"] = self.warnings
+        data["provenance"] = {
+            "path": str(self.provenance) if self.provenance else None,
+            "signed": self.signed_by is not None,
+            "keyid": self.signed_by,
+        }
         return data
 
 
@@ -103,10 +127,33 @@ def _rootfs(spec: BuildSpec, spec_dir: Path) -> Rootfs:
     return HostRootfs()
 
 
-def _source_date_epoch(spec: BuildSpec) -> int:
+def _source_date_epoch(spec: BuildSpec, source: SourceInfo) -> int:
+    """The spec's value, else the source's last commit time, else 0."""
     if spec.source_date_epoch is not None:
         return spec.source_date_epoch
+    if source.commit_time is not None:
+        return source.commit_time
     return 0
+
+
+DEFAULT_BUILDER_ID = "https://buildcell.dev/builders/local"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to run a build, beyond its spec.
+
+    Attributes:
+        sign_key: sign the provenance with this key; without one it is written unsigned.
+        builder_id: ``runDetails.builder.id`` of the provenance.
+        variation: perturbations (``--check-repro`` uses them for its second build).
+        provenance: write ``provenance.intoto.jsonl`` next to the outputs.
+    """
+
+    sign_key: SigningKey | None = None
+    builder_id: str = DEFAULT_BUILDER_ID
+    variation: Variation | None = None
+    provenance: bool = True
 
 
 class _StepLog:
@@ -136,6 +183,7 @@ def run_build(
     out_dir: Path,
     state: StateDir | None = None,
     reporter: BuildReporter | None = None,
+    options: BuildOptions | None = None,
 ) -> BuildResult:
     """Run every step of ``loaded`` and collect its outputs into ``out_dir``.
 
@@ -149,6 +197,7 @@ def run_build(
     """
     state = state or StateDir()
     reporter = reporter or _Silent()
+    options = options or BuildOptions()
     spec = loaded.spec
     spec_dir = loaded.path.parent.resolve()
     out_dir = out_dir.absolute()
@@ -177,7 +226,9 @@ def run_build(
     )
     try:
         with events:
-            _BuildRun(loaded, spec_dir, rootfs, state, store, result, events, reporter).run()
+            _BuildRun(
+                loaded, spec_dir, rootfs, state, store, result, events, reporter, options
+            ).run()
     except Error as e:
         record.status = "error"
         record.error = e.message
@@ -221,6 +272,9 @@ class _BuildRun:
     result: BuildResult
     events: EventLog
     reporter: BuildReporter
+    options: BuildOptions
+    source: SourceInfo | None = None
+    sde: int = 0
 
     @property
     def record(self) -> BuildRecord:
@@ -228,6 +282,8 @@ class _BuildRun:
 
     def run(self) -> None:
         spec = self.loaded.spec
+        self.source = describe_source(self.spec_dir, exclude=(self.result.out_dir, self.state.root))
+        self.sde = _source_date_epoch(spec, self.source)
         binds = self._inputs()
         if any(s.limits is not None and s.limits.disk is not None for s in spec.steps):
             self.events.emit(
@@ -248,6 +304,11 @@ class _BuildRun:
                     return
             if spec.outputs:
                 self._collect(storage)
+        if spec.archive is not None:
+            self._archive(spec.archive)
+        # Provenance attests artifacts: a build that publishes none has nothing to attest.
+        if self.options.provenance and self.record.outputs:
+            self._provenance()
         self.record.status = "succeeded"
         self.record.exit_code = 0
         self.events.emit("build.finish", status="succeeded", exit_code=0)
@@ -287,8 +348,9 @@ class _BuildRun:
             rootfs=self.rootfs,
             env={**spec.env, **step.env},
             limits=spec.step_limits(step).to_limits(),
-            source_date_epoch=_source_date_epoch(spec),
+            source_date_epoch=self.sde,
             binds=binds,
+            variation=self.options.variation,
         )
         step_record.status = "running"
         step_record.started = time.time()
@@ -343,6 +405,22 @@ class _BuildRun:
                 pattern=pattern,
                 message=f"output pattern {pattern!r} matched no file",
             )
+        self._write_manifest()
+
+    def _archive(self, name: str) -> None:
+        from buildcell.repro import write_reproducible_tar_gz
+
+        out_dir = self.result.out_dir
+        members = [o["path"] for o in self.record.outputs]
+        target = out_dir / name
+        digest = write_reproducible_tar_gz(out_dir, members, target, mtime=self.sde)
+        size = target.stat().st_size
+        self.record.outputs.append({"path": name, "sha256": digest, "size": size})
+        self.events.emit("output", path=name, size=size, sha256=digest, archive=True)
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        record = self.record
         manifest = {
             "build": record.id,
             "name": record.name,
@@ -350,7 +428,142 @@ class _BuildRun:
             "outputs": record.outputs,
         }
         text = json.dumps(manifest, indent=2) + "\n"
-        tmp = out_dir / ".outputs.json.tmp"
+        tmp = self.result.out_dir / ".outputs.json.tmp"
+        self.result.out_dir.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
-        os.replace(tmp, out_dir / "outputs.json")
+        os.replace(tmp, self.result.out_dir / "outputs.json")
         (self.store.dir(record.id) / "outputs.json").write_text(text)
+
+    def _provenance(self) -> None:
+        from buildcell import __version__
+        from buildcell.cell import seccomp
+        from buildcell.provenance import (
+            Dependency,
+            Subject,
+            make_statement,
+            sign_statement,
+            unsigned_envelope,
+            write_provenance,
+        )
+
+        spec, record = self.loaded.spec, self.record
+        assert self.source is not None
+        profile = seccomp.default_profile()
+        rootfs_dep = Dependency(uri=record.rootfs, name="rootfs")
+        if isinstance(self.rootfs, OciRootfs):
+            rootfs_dep = Dependency(
+                uri=f"oci:{self.rootfs.path}",
+                name="rootfs",
+                sha256=self.rootfs.digest.removeprefix("sha256:"),
+            )
+        dependencies = [rootfs_dep] + [
+            Dependency(uri=i["uri"], sha256=i["sha256"], name=i["path"]) for i in record.inputs
+        ]
+        record_dir = self.store.dir(record.id)
+        byproducts = [
+            Dependency(
+                uri=f"logs/{s.name}.log", sha256=_sha256_file(record_dir / "logs" / f"{s.name}.log")
+            )
+            for s in spec.steps
+            if (record_dir / "logs" / f"{s.name}.log").exists()
+        ]
+        byproducts.append(
+            Dependency(uri="events.jsonl", sha256=_sha256_file(record_dir / "events.jsonl"))
+        )
+        statement = make_statement(
+            subjects=[Subject(o["path"], o["sha256"]) for o in record.outputs],
+            external_parameters={
+                "spec": {
+                    "path": self.loaded.path.name,
+                    "digest": {"sha256": self.loaded.digest.removeprefix("sha256:")},
+                    "content": self.loaded.text,
+                },
+                "source": self.source.to_parameter(),
+                "outDir": str(self.result.out_dir),
+            },
+            internal_parameters={
+                "buildcellVersion": __version__,
+                "seccompProfile": {"name": profile.name, "digest": profile.digest()},
+                "rootfs": record.rootfs,
+                "sourceDateEpoch": self.sde,
+                "steps": [
+                    {
+                        "name": step.name,
+                        "limits": spec.step_limits(step).to_limits().to_dict(),
+                        "network": {"allow": []},
+                        "secrets": [],
+                    }
+                    for step in spec.steps
+                ],
+            },
+            resolved_dependencies=dependencies,
+            builder_id=self.options.builder_id,
+            invocation_id=record.id,
+            started_on=datetime.fromtimestamp(record.started, UTC),
+            finished_on=datetime.now(UTC),
+            byproducts=byproducts,
+        )
+        key = self.options.sign_key
+        envelope = sign_statement(statement, key) if key else unsigned_envelope(statement)
+        path = self.result.out_dir / "provenance.intoto.jsonl"
+        self.result.out_dir.mkdir(parents=True, exist_ok=True)
+        write_provenance(path, envelope)
+        self.result.provenance = path
+        self.result.signed_by = key.keyid if key else None
+        self.events.emit(
+            "provenance", path=str(path), signed=key is not None, keyid=key.keyid if key else None
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_reproducible(
+    loaded: LoadedSpec,
+    *,
+    out_dir: Path,
+    state: StateDir | None = None,
+    reporter: BuildReporter | None = None,
+    options: BuildOptions | None = None,
+) -> tuple[BuildResult, BuildResult | None, ReproReport | None]:
+    """Build twice in fresh cells and workspaces, varying what a build should not depend
+    on (start time, build id, environment order, umask, number of CPUs), and compare the
+    outputs bit for bit. The first build's outputs land in ``out_dir``.
+
+    Returns:
+        Both results and the comparison; the second result and the report are ``None``
+        when the first build failed.
+
+    Raises:
+        Error: a build could not be run as asked.
+    """
+    from buildcell.repro import compare_trees
+
+    state = state or StateDir()
+    options = options or BuildOptions()
+    first = run_build(loaded, out_dir=out_dir, state=state, reporter=reporter, options=options)
+    if first.exit_code != 0:
+        return first, None, None
+    scratch = state.root / "repro" / first.build_id
+    scratch.parent.mkdir(mode=0o700, exist_ok=True)
+    try:
+        variation = Variation(reverse_env=True, umask=0o002, cpus=1)
+        second = run_build(
+            loaded,
+            out_dir=scratch,
+            state=state,
+            reporter=reporter,
+            options=dataclasses.replace(options, variation=variation, sign_key=None),
+        )
+        report = None
+        if second.exit_code == 0:
+            paths = [o["path"] for o in first.record.outputs]
+            report = compare_trees(out_dir, scratch, paths=paths)
+    finally:
+        remove_tree(scratch)
+    return first, second, report

@@ -340,6 +340,23 @@ _WorkspacePath = Annotated[
 _OutputPattern = Annotated[
     StrictStr, AfterValidator(_check_output), WithJsonSchema({"type": "string", "minLength": 1})
 ]
+
+
+def _check_archive(value: str) -> str:
+    _no_nul(value)
+    if "/" in value or not value.endswith(".tar.gz") or value == ".tar.gz" or len(value) > 200:
+        _fail(
+            f"invalid archive name {_show(value)}: expected a file name ending in .tar.gz "
+            "(it is written into the output directory)"
+        )
+    return value
+
+
+_Archive = Annotated[
+    StrictStr,
+    AfterValidator(_check_archive),
+    WithJsonSchema({"type": "string", "pattern": r"^[^/]+\.tar\.gz$"}),
+]
 _Run = Annotated[
     StrictStr, AfterValidator(_check_run), WithJsonSchema({"type": "string", "minLength": 1})
 ]
@@ -553,7 +570,14 @@ class BuildSpec(BaseModel):
         default=[], description="Glob patterns, relative to /workspace, collected at the end."
     )
     source_date_epoch: Annotated[StrictInt, Field(ge=0)] | None = Field(
-        default=None, description="SOURCE_DATE_EPOCH inside the cells (seconds since 1970)."
+        default=None,
+        description="SOURCE_DATE_EPOCH inside the cells (seconds since 1970); default: the "
+        "source's last commit time, else 0.",
+    )
+    archive: _Archive | None = Field(
+        default=None,
+        description="Also pack every collected output into this reproducible .tar.gz (sorted "
+        "entries, mtimes set to SOURCE_DATE_EPOCH, uid/gid 0, no gzip timestamp).",
     )
 
     @field_validator("version", mode="before")

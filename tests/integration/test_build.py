@@ -247,7 +247,11 @@ def test_example_c_build_twice(bc, tmp_path: Path) -> None:
         result = json.loads(res.stdout)
         assert result["inputs"][0]["source"] == expected_source
         assert [s["name"] for s in result["steps"]] == ["configure", "compile", "test", "package"]
-        assert {o["path"] for o in result["outputs"]} == {"build/hello", "dist/hello.tar"}
+        assert {o["path"] for o in result["outputs"]} == {
+            "build/hello",
+            "dist/hello.tar",
+            "hello-c.tar.gz",
+        }
     assert (tmp_path / "out" / "build" / "hello").stat().st_mode & 0o111
 
 
@@ -344,3 +348,12 @@ def test_schema_is_json_schema(bc) -> None:
     schema = json.loads(bc("schema").stdout)
     assert "steps" in schema["properties"]
     assert schema.get("additionalProperties") is False
+
+
+def test_a_build_without_outputs_attests_nothing(bc, tmp_path: Path) -> None:
+    spec = _spec(tmp_path / "p", "version: 1\nname: none\nsteps: [{name: s, run: 'true'}]\n")
+    out = tmp_path / "out"
+    res = bc("build", "-f", str(spec), "--out", str(out), "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["provenance"]["path"] is None
+    assert not (out / "provenance.intoto.jsonl").exists()

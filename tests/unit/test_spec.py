@@ -1022,3 +1022,15 @@ def test_any_bytes_on_disk_give_a_spec_or_a_spec_error(
     else:
         return
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["d/x.tar.gz", "x.zip", ".tar.gz", "a\0.tar.gz"])
+def test_archive_name_must_be_a_tar_gz_file_name(name: str) -> None:
+    text = f"version: 1\nname: a\nsteps: [{{name: s, run: x}}]\narchive: {name!r}\n"
+    with pytest.raises(SpecError, match=r"b\.yaml:4: archive: "):
+        parse_spec(text.replace("'", '"').replace("\0", "\\0"), path=Path("b.yaml"))
+
+
+def test_archive_name() -> None:
+    text = "version: 1\nname: a\nsteps: [{name: s, run: x}]\narchive: dist.tar.gz\n"
+    assert parse_spec(text, path=Path("b.yaml")).spec.archive == "dist.tar.gz"

@@ -45,6 +45,7 @@ class SpawnPlan:
     drop_to: tuple[int, int] | None = None
     stdin: int | None = None
     capture: bool = True
+    umask: int | None = None
 
 
 def _preexec_for(plan: SpawnPlan, parent: int) -> Callable[[], None]:
@@ -53,8 +54,11 @@ def _preexec_for(plan: SpawnPlan, parent: int) -> Callable[[], None]:
     affinity = plan.affinity
     setns_fds = plan.setns_fds
     drop_to = plan.drop_to
+    umask = plan.umask
 
     def preexec() -> None:
+        if umask is not None:
+            os.umask(umask)
         for fd in cgroup_fds:
             os.write(fd, b"0")
         for res, value, hard in rlimits:

@@ -23,6 +23,7 @@ __all__ = [
     "Limits",
     "OciRootfs",
     "Rootfs",
+    "Variation",
     "parse_rootfs",
 ]
 
@@ -132,6 +133,21 @@ def parse_rootfs(text: str) -> Rootfs:
 
 
 @dataclass(frozen=True)
+class Variation:
+    """What ``--check-repro`` varies between its two builds; a build must not depend on it.
+
+    Attributes:
+        reverse_env: pass the environment to the cell in reverse order.
+        umask: the cell's umask instead of the supervisor's.
+        cpus: restrict the cell to this many CPUs (what ``nproc`` reports).
+    """
+
+    reverse_env: bool = False
+    umask: int | None = None
+    cpus: int | None = None
+
+
+@dataclass(frozen=True)
 class Bind:
     """A host file or directory bound read-only into the cell (pinned inputs)."""
 
@@ -157,6 +173,7 @@ class CellConfig:
         source_date_epoch: value of ``SOURCE_DATE_EPOCH`` inside the cell.
         exclude: host paths inside ``source`` that are not copied.
         binds: host files bound read-only into the cell (absolute ``dest``).
+        variation: perturbations for reproducibility checks.
     """
 
     argv: tuple[str, ...]
@@ -172,6 +189,7 @@ class CellConfig:
     source_date_epoch: int = 0
     exclude: tuple[Path, ...] = ()
     binds: tuple[Bind, ...] = ()
+    variation: Variation | None = None
 
     def __post_init__(self) -> None:
         if not self.argv:

@@ -73,6 +73,7 @@ from typing import IO, Any, Literal, Protocol, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from buildcell._fs import Closing, file_kind
+from buildcell._json import reject_duplicate_keys
 from buildcell.errors import ConfigError, ImageError, StateError
 from buildcell.units import format_size
 
@@ -307,19 +308,9 @@ _DOCKER_MANIFEST_LIST = TypeAdapter(list[_DockerEntry])
 _M = TypeVar("_M", bound=BaseModel)
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Two parsers that keep different duplicates would see different images in one blob.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
 def _parse_json(data: bytes, what: str) -> Any:
     try:
-        return json.loads(data, object_pairs_hook=_reject_duplicates)
+        return json.loads(data, object_pairs_hook=reject_duplicate_keys)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
         raise ImageError(f"{what} is not valid JSON: {e}") from e
 

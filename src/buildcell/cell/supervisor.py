@@ -317,10 +317,15 @@ class Cell:
             host_uid=storage.identity.uid,
             host_gid=storage.identity.gid,
         )
+        variation = cfg.variation
+        ordered = sorted(env.items(), reverse=bool(variation and variation.reverse_env))
+        if variation is not None and variation.cpus is not None:
+            available = sorted(self._affinity or os.sched_getaffinity(0))
+            self._affinity = frozenset(available[: max(1, variation.cpus)])
         self._plan = SandboxPlan(
             mounts=mounts,
             argv=(argv0, *cfg.argv[1:]),
-            env=tuple(sorted(env.items())),
+            env=tuple(ordered),
             cwd=CELL_WORKSPACE,
             hostname=CELL_HOSTNAME,
             uid=CELL_UID,
@@ -418,6 +423,7 @@ class Cell:
             setns_fds=anchor.setns_fds if anchor is not None else (),
             drop_to=(identity.uid, identity.gid) if identity.drop else None,
             stdin=0 if cfg.interactive else None,
+            umask=cfg.variation.umask if cfg.variation is not None else None,
         )
         self.events.emit(
             "cell.start",

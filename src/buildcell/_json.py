@@ -1,0 +1,25 @@
+"""Strict JSON parsing helpers shared by the parsers of untrusted documents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DuplicateKeyError", "reject_duplicate_keys"]
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object repeats a key."""
+
+
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses repeated keys.
+
+    Two parsers may keep different copies of a duplicated key (first or last wins), so a
+    document that is signed or pinned by digest must be unambiguous.
+    """
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKeyError(f"duplicate key {key[:60]!r}")
+        result[key] = value
+    return result

@@ -1,0 +1,722 @@
+"""Reproducibility: compare two builds' outputs bit for bit, and write archives that only
+depend on their content.
+
+Comparing never follows a symlink: the trees are walked with directory file descriptors,
+every path component is opened relative to its parent with ``O_NOFOLLOW``, and a file is
+read only after ``lstat`` said it is a regular file and ``fstat`` of the open descriptor
+agrees. Files are streamed in 1 MiB chunks: memory use does not grow with their size.
+
+A reproducible archive (:func:`write_reproducible_tar_gz`) is a function of the members'
+paths, kinds, executable bits, symlink targets and bytes, and of ``SOURCE_DATE_EPOCH``:
+creation order, mtimes, owners, umask and hard links in the source tree do not show.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import io
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from buildcell._fs import file_kind
+from buildcell.errors import ConfigError, OutputError
+
+__all__ = [
+    "FileDiff",
+    "ReproReport",
+    "clamp_mtimes",
+    "compare_trees",
+    "first_difference",
+    "write_reproducible_tar_gz",
+]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+# Below this many bytes the first difference is found by a plain scan; above, by bisecting
+# with slice comparisons, which run at memcmp speed instead of one Python step per byte.
+_SCAN = 64
+# Files in an output directory that describe the build rather than being its product, and
+# legitimately differ between two builds (build id, start time, signature).
+_BUILD_METADATA = frozenset({"outputs.json", "provenance.intoto.jsonl"})
+_SUMMARY_LIMIT = 4096
+_DIFFOSCOPE_TIMEOUT = 60.0
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a fifo swapped in after the lstat opens at once instead of waiting for a
+# writer; O_NOCTTY: a terminal can never become our controlling tty.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+# What opening a path component reports when the component is missing, is a symlink (we
+# never follow one) or is not a directory: for a comparison, the file is not there.
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+
+_FILE_MODE = 0o644
+_EXEC_MODE = 0o755
+_DIR_MODE = 0o755
+_LINK_MODE = 0o777
+
+
+@dataclass(frozen=True)
+class FileDiff:
+    """One path whose content differs between build A and build B.
+
+    Attributes:
+        path: posix path relative to the output directories.
+        size_a: size in build A, or ``None`` when it is not a regular file there (missing,
+            or a symlink, directory or special file).
+        size_b: the same for build B.
+        first_difference: byte offset of the first differing byte; when one file is a
+            prefix of the other, the shorter length; ``None`` when a side is missing.
+        summary: diffoscope's text report (at most about 4 KiB), when diffoscope is
+            installed, was asked for, and succeeded; else ``None``.
+    """
+
+    path: str
+    size_a: int | None
+    size_b: int | None
+    first_difference: int | None
+    summary: str | None = None
+
+
+@dataclass(frozen=True)
+class ReproReport:
+    """The result of :func:`compare_trees`.
+
+    Attributes:
+        reproducible: whether no compared path differs.
+        compared: how many paths were compared.
+        differences: the paths that differ, sorted by path.
+    """
+
+    reproducible: bool
+    compared: int
+    differences: tuple[FileDiff, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (the shape ``--json`` prints)."""
+        return {
+            "reproducible": self.reproducible,
+            "compared": self.compared,
+            "differences": [
+                {
+                    "path": d.path,
+                    "size_a": d.size_a,
+                    "size_b": d.size_b,
+                    "first_difference": d.first_difference,
+                    "summary": d.summary,
+                }
+                for d in self.differences
+            ],
+        }
+
+
+# --- pure helpers -----------------------------------------------------------------------
+
+
+def _common_prefix(x: bytes, y: bytes) -> int:
+    """Length of the longest common prefix of ``x`` and ``y``."""
+    mx, my = memoryview(x), memoryview(y)
+    lo, hi = 0, min(len(x), len(y))
+    # Invariant: x[:lo] == y[:lo], and the first difference lies in [lo, hi) unless hi is
+    # the shorter length and there is none.
+    while hi - lo > _SCAN:
+        mid = (lo + hi) // 2
+        if mx[lo:mid] == my[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    for i in range(lo, hi):
+        if x[i] != y[i]:
+            return i
+    return hi
+
+
+def _check_relpath(path: str, what: str) -> tuple[str, ...]:
+    """Split a relative posix path into its components.
+
+    Raises:
+        ConfigError: the path is empty, absolute, has an empty, ``.`` or ``..`` component,
+            or contains a NUL character.
+    """
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"invalid {what} {path!r}: expected a non-empty relative path")
+    if "\0" in path:
+        raise ConfigError(f"invalid {what} {path!r}: it contains a NUL character")
+    if path.startswith("/"):
+        raise ConfigError(f"invalid {what} {path!r}: it must be relative")
+    parts = tuple(path.split("/"))
+    if any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(f"invalid {what} {path!r}: empty, '.' or '..' path component")
+    return parts
+
+
+def _check_epoch(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"invalid SOURCE_DATE_EPOCH {value!r}: expected whole seconds since 1970 (>= 0)"
+        )
+    return value
+
+
+def _archive_order(members: Sequence[str]) -> list[str]:
+    """Every member and every parent directory of one, each once, sorted bytewise.
+
+    A path sorts before every path it is a prefix of, so a directory always precedes its
+    contents. Sorting the encoded bytes keeps the order independent of the locale and of
+    how undecodable names were decoded.
+    """
+    paths: set[str] = set()
+    for member in members:
+        parts = _check_relpath(member, "archive member")
+        paths.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(paths, key=os.fsencode)
+
+
+def _tar_info(name: str, mode: int, size: int, linkname: str, mtime: int) -> tarfile.TarInfo:
+    """A header that depends only on ``name``, the kind and exec bits of ``mode``, ``size``,
+    ``linkname`` and ``mtime``.
+
+    Raises:
+        OutputError: ``mode`` is not a regular file, directory or symlink.
+    """
+    info = tarfile.TarInfo(name)
+    if stat.S_ISREG(mode):
+        info.type = tarfile.REGTYPE
+        info.mode = _EXEC_MODE if mode & 0o111 else _FILE_MODE
+        info.size = size
+    elif stat.S_ISDIR(mode):
+        info.type = tarfile.DIRTYPE
+        info.mode = _DIR_MODE
+    elif stat.S_ISLNK(mode):
+        info.type = tarfile.SYMTYPE
+        info.mode = _LINK_MODE
+        info.linkname = linkname
+    else:
+        raise OutputError(
+            f"cannot archive {name!r}: it is a {file_kind(mode)}; only regular files, "
+            "directories and symlinks are archived"
+        )
+    info.mtime = mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+# --- reading without following symlinks -------------------------------------------------
+
+
+def _open_root(root: Path, what: str) -> int:
+    """Open a directory the caller named (the caller's path is taken as given).
+
+    Raises:
+        OutputError: it cannot be opened as a directory.
+    """
+    try:
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise OutputError(f"cannot open {what} {str(root)!r}: {_reason(e)}") from e
+
+
+def _open_dir_at(root_fd: int, parts: Sequence[str]) -> int:
+    """A new descriptor for ``root/parts``, refusing symlinks at every component.
+
+    Raises:
+        OSError: a component is missing, a symlink (ELOOP) or not a directory (ENOTDIR).
+    """
+    fd = os.dup(root_fd)
+    try:
+        for name in parts:
+            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_regular(name: str, dir_fd: int) -> int | None:
+    """Open ``name`` in ``dir_fd`` for reading if it is a regular file, else ``None``.
+
+    The lstat comes first so that a device or fifo is never opened at all.
+
+    Raises:
+        OSError: it cannot be read, or was replaced between the lstat and the open.
+    """
+    try:
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in _ABSENT:
+            return None
+        raise
+    if not stat.S_ISREG(before.st_mode):
+        return None
+    return _open_as_stated(name, dir_fd, before)
+
+
+def _open_as_stated(name: str | Path, dir_fd: int | None, before: os.stat_result) -> int:
+    """Open the regular file ``before`` describes, checking that it is still that file.
+
+    Raises:
+        OSError: it cannot be opened, or was replaced since ``before`` was taken.
+    """
+    fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    after = os.fstat(fd)
+    if not stat.S_ISREG(after.st_mode) or (after.st_dev, after.st_ino) != (
+        before.st_dev,
+        before.st_ino,
+    ):
+        os.close(fd)
+        raise OSError(errno.ESTALE, "it was replaced while being opened")
+    return fd
+
+
+def _open_member(root_fd: int, parts: Sequence[str]) -> int | None:
+    """Open ``root/parts`` as a regular file; ``None`` if it is not one (or not there).
+
+    Raises:
+        OSError: it cannot be read for another reason.
+    """
+    try:
+        parent = _open_dir_at(root_fd, parts[:-1])
+    except OSError as e:
+        if e.errno in _ABSENT:
+            return None
+        raise
+    try:
+        return _open_regular(parts[-1], parent)
+    finally:
+        os.close(parent)
+
+
+def _read_full(fd: int, size: int) -> bytes:
+    """Read ``size`` bytes, fewer only at end of file."""
+    first = os.read(fd, size)
+    if len(first) == size or not first:
+        return first
+    parts = [first]
+    got = len(first)
+    while got < size:
+        more = os.read(fd, size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _first_difference_fds(fd_a: int, size_a: int, fd_b: int, size_b: int) -> int | None:
+    """Offset of the first differing byte of two open files, ``None`` if equal.
+
+    Reads at most the sizes ``fstat`` gave, so a file that keeps growing cannot make the
+    comparison run forever.
+    """
+    offset = 0
+    while True:
+        chunk_a = _read_full(fd_a, min(_CHUNK, size_a - offset))
+        chunk_b = _read_full(fd_b, min(_CHUNK, size_b - offset))
+        if chunk_a != chunk_b:
+            return offset + _common_prefix(chunk_a, chunk_b)
+        if not chunk_a:
+            return None
+        offset += len(chunk_a)
+
+
+def _regular_files(root_fd: int) -> set[str]:
+    """Relative paths of the regular files below ``root_fd``, not descending symlinks.
+
+    Directories are reopened from the root one component at a time rather than kept open,
+    so a wide tree cannot exhaust file descriptors.
+
+    Raises:
+        OSError: a directory cannot be read.
+    """
+    found: set[str] = set()
+    pending: list[tuple[str, ...]] = [()]
+    while pending:
+        parts = pending.pop()
+        fd = _open_dir_at(root_fd, parts)
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((*parts, entry.name))
+                    elif entry.is_file(follow_symlinks=False) and (
+                        parts or entry.name not in _BUILD_METADATA
+                    ):
+                        found.add("/".join((*parts, entry.name)))
+        finally:
+            os.close(fd)
+    return found
+
+
+# --- diffoscope -------------------------------------------------------------------------
+
+
+def _diffoscope_env() -> dict[str, str]:
+    # Its own tools are found on PATH; a fixed locale and zone keep the report stable.
+    return {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TZ": "UTC",
+        "TMPDIR": tempfile.gettempdir(),
+    }
+
+
+def _diffoscope_summary(tool: str, a: Path, b: Path) -> str | None:
+    """diffoscope's text report on ``a`` and ``b``, truncated; ``None`` if it fails.
+
+    The report goes to an unnamed temporary file rather than a pipe: a helper that
+    diffoscope started and that outlives it cannot then keep us waiting for end of file,
+    and only the first few KiB are ever read back.
+    """
+    # Absolute paths: a relative one starting with '-' would read as an option. Paths, not
+    # /proc/self/fd links: diffoscope picks comparators by file name.
+    argv = [tool, "--text", "-", "--no-progress", os.path.abspath(a), os.path.abspath(b)]
+    with tempfile.TemporaryFile() as report:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=report,
+                stderr=subprocess.DEVNULL,
+                env=_diffoscope_env(),
+                close_fds=True,
+                process_group=0,
+            )
+        except OSError as e:
+            logger.warning("cannot run diffoscope (%s): %s", tool, _reason(e))
+            return None
+        try:
+            code = proc.wait(timeout=_DIFFOSCOPE_TIMEOUT)
+        except BaseException as e:
+            # Still unreaped, so its process group cannot have been recycled: kill the
+            # whole group, helpers included.
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if isinstance(e, subprocess.TimeoutExpired):
+                logger.warning(
+                    "diffoscope took longer than %gs on %s; no summary", _DIFFOSCOPE_TIMEOUT, a
+                )
+                return None
+            raise
+        # 0: no differences found, 1: differences found; anything else is a failure.
+        if code not in (0, 1):
+            logger.warning("diffoscope exited with %d on %s; no summary", code, a)
+            return None
+        report.seek(0)
+        data = report.read(_SUMMARY_LIMIT + 1)
+    if not data.strip():
+        return None
+    text = data[:_SUMMARY_LIMIT].decode("utf-8", errors="replace")
+    return text + "\n[... truncated]" if len(data) > _SUMMARY_LIMIT else text
+
+
+# --- public API -------------------------------------------------------------------------
+
+
+def first_difference(a: Path, b: Path) -> int | None:
+    """Byte offset of the first difference between two files; ``None`` if identical.
+
+    When one file is a prefix of the other, the offset is the shorter length. Neither path
+    is followed if it is a symlink.
+
+    Raises:
+        OutputError: a file is missing, a symlink, not a regular file, or unreadable.
+    """
+    fds: list[int] = []
+    try:
+        for path in (a, b):
+            try:
+                before = os.stat(path, follow_symlinks=False)
+                if not stat.S_ISREG(before.st_mode):
+                    kind = file_kind(before.st_mode)
+                    raise OutputError(f"cannot compare {str(path)!r}: it is a {kind}")
+                fds.append(_open_as_stated(path, None, before))
+            except OSError as e:
+                raise OutputError(f"cannot compare {str(path)!r}: {_reason(e)}") from e
+        fd_a, fd_b = fds
+        try:
+            return _first_difference_fds(fd_a, os.fstat(fd_a).st_size, fd_b, os.fstat(fd_b).st_size)
+        except OSError as e:
+            raise OutputError(f"cannot compare {str(a)!r} with {str(b)!r}: {_reason(e)}") from e
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def compare_trees(
+    a: Path, b: Path, *, paths: Sequence[str] | None = None, diffoscope: bool = True
+) -> ReproReport:
+    """Compare the regular files of two output directories byte for byte.
+
+    Without ``paths``, the union of the regular files in both trees is compared, except
+    ``outputs.json`` and ``provenance.intoto.jsonl`` at the top, which describe the build
+    and always differ. Symlinks, directories and special files are never compared nor
+    followed. With ``paths``, exactly those are compared; a path that is not a regular
+    file on either side is a difference too, so asking about an output nobody produced
+    does not pass.
+
+    When ``diffoscope`` is true and a ``diffoscope`` program is on ``PATH``, each file
+    that exists on both sides and differs gets its text report as the summary (it may
+    take up to a minute per file).
+
+    Raises:
+        ConfigError: an entry of ``paths`` is not a clean relative path.
+        OutputError: a tree is not a readable directory, or a file cannot be read.
+    """
+    wanted = None if paths is None else {p: _check_relpath(p, "path to compare") for p in paths}
+    tool = shutil.which("diffoscope") if diffoscope else None
+    fd_a = _open_root(a, "output directory")
+    try:
+        fd_b = _open_root(b, "output directory")
+        try:
+            if wanted is None:
+                try:
+                    names = _regular_files(fd_a) | _regular_files(fd_b)
+                except OSError as e:
+                    raise OutputError(
+                        f"cannot list the outputs in {str(a)!r} and {str(b)!r}: {_reason(e)}"
+                    ) from e
+                wanted = {name: tuple(name.split("/")) for name in names}
+            differences: list[FileDiff] = []
+            for path in sorted(wanted):
+                diff = _compare_one(((fd_a, a), (fd_b, b)), path, wanted[path])
+                if diff is not None:
+                    differences.append(diff)
+        finally:
+            os.close(fd_b)
+    finally:
+        os.close(fd_a)
+    if tool is not None:
+        differences = [_with_summary(tool, d, a, b) for d in differences]
+    return ReproReport(
+        reproducible=not differences, compared=len(wanted), differences=tuple(differences)
+    )
+
+
+def _compare_one(
+    roots: Sequence[tuple[int, Path]], path: str, parts: tuple[str, ...]
+) -> FileDiff | None:
+    """Compare ``path`` under the two ``(descriptor, path)`` roots.
+
+    Raises:
+        OutputError: it cannot be read on a side.
+    """
+    opened: list[tuple[int, int] | None] = []
+    try:
+        for root_fd, root in roots:
+            try:
+                fd = _open_member(root_fd, parts)
+            except OSError as e:
+                raise OutputError(
+                    f"cannot compare {path!r}: cannot read it in {str(root)!r}: {_reason(e)}"
+                ) from e
+            opened.append(None if fd is None else (fd, os.fstat(fd).st_size))
+        side_a, side_b = opened
+        if side_a is None or side_b is None:
+            return FileDiff(
+                path,
+                None if side_a is None else side_a[1],
+                None if side_b is None else side_b[1],
+                None,
+            )
+        try:
+            offset = _first_difference_fds(*side_a, *side_b)
+        except OSError as e:
+            raise OutputError(f"cannot compare {path!r}: {_reason(e)}") from e
+        return None if offset is None else FileDiff(path, side_a[1], side_b[1], offset)
+    finally:
+        for side in opened:
+            if side is not None:
+                os.close(side[0])
+
+
+def _with_summary(tool: str, diff: FileDiff, a: Path, b: Path) -> FileDiff:
+    if diff.size_a is None or diff.size_b is None:
+        return diff  # diffoscope needs both files; "missing" says all there is to say
+    summary = _diffoscope_summary(tool, a / diff.path, b / diff.path)
+    return FileDiff(diff.path, diff.size_a, diff.size_b, diff.first_difference, summary)
+
+
+def write_reproducible_tar_gz(
+    source_dir: Path, members: Sequence[str], target: Path, *, mtime: int
+) -> str:
+    """Pack ``members`` of ``source_dir`` into a .tar.gz that depends only on content.
+
+    Entries are sorted bytewise by path, and every parent directory of a member is
+    included before its contents. Each entry has mtime ``mtime`` (SOURCE_DATE_EPOCH),
+    uid and gid 0, empty owner names, and mode 0644, or 0755 for directories and for files
+    with any execute bit. Symlinks are stored as symlinks with their target verbatim; hard
+    links as regular files. A directory member adds only its own entry: list its contents
+    to include them. The format is PAX with no extended headers beyond those a long or
+    non-ASCII name needs; the gzip header has mtime 0 and no file name; the compression
+    level is 9. Nothing in ``source_dir`` is read through a symlink.
+
+    The archive is written to a temporary file next to ``target`` and renamed over it, so
+    ``target`` is either untouched or complete; it gets mode 0644.
+
+    Returns:
+        The sha256 hex digest of the archive as written.
+
+    Raises:
+        ConfigError: a member is not a clean relative path, or ``mtime`` is negative.
+        OutputError: a member is missing, is not a regular file, directory or symlink, has
+            a symlink among its parents, or cannot be read; or ``target`` cannot be
+            written.
+    """
+    epoch = _check_epoch(mtime)
+    explicit = set(members)
+    order = _archive_order(members)
+    root_fd = _open_root(source_dir, "directory to archive")
+    try:
+        with _atomic_target(target) as out:
+            # mtime=0 and filename="": the gzip header carries no time and no name.
+            with (
+                gzip.GzipFile(fileobj=out, mode="wb", mtime=0, filename="", compresslevel=9) as gz,
+                tarfile.open(
+                    fileobj=gz, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8"
+                ) as tar,
+            ):
+                for path in order:
+                    if path in explicit:
+                        _add_member(tar, root_fd, path, epoch, source_dir)
+                    else:
+                        tar.addfile(_tar_info(path, stat.S_IFDIR, 0, "", epoch))
+            out.flush()
+            out.seek(0)
+            return hashlib.file_digest(out, "sha256").hexdigest()
+    finally:
+        os.close(root_fd)
+
+
+def _add_member(tar: tarfile.TarFile, root_fd: int, path: str, epoch: int, source: Path) -> None:
+    parts = path.split("/")
+    where = f"{path!r} in {str(source)!r}"
+    try:
+        parent = _open_dir_at(root_fd, parts[:-1])
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OutputError(
+                f"cannot archive {where}: a parent directory is a symlink or not a directory"
+            ) from e
+        raise OutputError(f"cannot archive {where}: {_reason(e)}") from e
+    try:
+        name = parts[-1]
+        try:
+            mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                tar.addfile(_tar_info(path, mode, 0, os.readlink(name, dir_fd=parent), epoch))
+            elif stat.S_ISDIR(mode):
+                tar.addfile(_tar_info(path, mode, 0, "", epoch))
+            elif stat.S_ISREG(mode):
+                fd = _open_regular(name, parent)
+                if fd is None:
+                    raise OSError(errno.ESTALE, "it was replaced while being opened")
+                with open(fd, "rb", closefd=True) as f:
+                    info = os.fstat(fd)
+                    # A file that shrinks while being read makes addfile raise; one that
+                    # grows is cut at the size in the header.
+                    tar.addfile(_tar_info(path, info.st_mode, info.st_size, "", epoch), f)
+            else:
+                _tar_info(path, mode, 0, "", epoch)  # raises: not archivable
+        except OSError as e:
+            raise OutputError(f"cannot archive {where}: {_reason(e)}") from e
+    finally:
+        os.close(parent)
+
+
+@contextmanager
+def _atomic_target(target: Path) -> Iterator[io.BufferedRandom]:
+    """A temporary file beside ``target`` that replaces it only if the block succeeds.
+
+    Raises:
+        OutputError: the file cannot be created, written or renamed.
+    """
+    # Same directory as the target: the rename is atomic and never crosses devices.
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {str(target)!r}: {_reason(e)}") from e
+    try:
+        with open(fd, "w+b") as out:
+            yield out
+            out.flush()
+            os.fchmod(out.fileno(), 0o644)
+            os.fsync(out.fileno())
+        os.replace(name, target)
+    except BaseException as e:
+        with suppress(OSError):
+            os.unlink(name)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {str(target)!r}: {_reason(e)}") from e
+        raise
+
+
+def clamp_mtimes(root: Path, epoch: int) -> None:
+    """Set the mtime of ``root`` and of every entry below it to at most ``epoch``.
+
+    Entries already older keep their mtime; access times are kept. Symlinks are changed
+    themselves, never followed, and symlinked directories are not descended.
+
+    Raises:
+        ConfigError: ``epoch`` is negative.
+        OutputError: ``root`` is not a directory (a symlink is not followed), or an entry
+            cannot be read or changed.
+    """
+    limit = _check_epoch(epoch) * 1_000_000_000
+    try:
+        root_fd = os.open(root, _DIR_FLAGS)
+    except OSError as e:
+        # With O_DIRECTORY, a symlink can fail with ENOTDIR rather than ELOOP.
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            why = "it is a symlink or not a directory"
+        else:
+            why = _reason(e)
+        raise OutputError(f"cannot clamp mtimes under {str(root)!r}: {why}") from e
+    try:
+        top = os.fstat(root_fd)
+        if top.st_mtime_ns > limit:
+            os.utime(root_fd, ns=(top.st_atime_ns, limit))
+        pending: list[tuple[str, ...]] = [()]
+        while pending:
+            parts = pending.pop()
+            fd = _open_dir_at(root_fd, parts)
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        st = entry.stat(follow_symlinks=False)
+                        if st.st_mtime_ns > limit:
+                            os.utime(
+                                entry.name,
+                                ns=(st.st_atime_ns, limit),
+                                dir_fd=fd,
+                                follow_symlinks=False,
+                            )
+                        if stat.S_ISDIR(st.st_mode):
+                            pending.append((*parts, entry.name))
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot clamp mtimes under {str(root)!r}: {_reason(e)}") from e
+    finally:
+        os.close(root_fd)

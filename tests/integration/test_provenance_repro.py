@@ -1,0 +1,248 @@
+"""Signed provenance, offline verification and rebuild-and-compare, end to end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    return tmp_path / "examples"
+
+
+@pytest.fixture
+def keys(bc, tmp_path: Path) -> tuple[Path, Path]:
+    res = bc("keygen", "--out", str(tmp_path / "keys"))
+    assert res.returncode == 0, res.stderr
+    return tmp_path / "keys" / "buildcell.key", tmp_path / "keys" / "buildcell.pub"
+
+
+def _build(bc, spec: Path, out: Path, *extra: str) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    res = bc("build", "-f", str(spec), "--out", str(out), "--json", *extra, cwd=out.parent)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def _statement(provenance: Path) -> dict:  # type: ignore[type-arg]
+    envelope = json.loads(provenance.read_text())
+    return json.loads(base64.b64decode(envelope["payload"]))
+
+
+def test_keygen_modes_and_no_overwrite(bc, keys, tmp_path: Path) -> None:
+    private, public = keys
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert public.stat().st_mode & 0o777 == 0o644
+    again = bc("keygen", "--out", str(tmp_path / "keys"))
+    assert again.returncode == 125
+    assert private.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+def test_signed_build_verifies_and_tampering_is_caught(bc, keys, example, tmp_path) -> None:
+    private, public = keys
+    out = tmp_path / "out"
+    result = _build(
+        bc,
+        example / "hello-c" / "buildcell.yaml",
+        out,
+        "--sign-key",
+        str(private),
+        "--builder-id",
+        "https://ci.example/runner/7",
+    )
+    provenance = out / "provenance.intoto.jsonl"
+    assert result["provenance"]["signed"] is True
+    statement = _statement(provenance)
+    assert {s["name"] for s in statement["subject"]} == {
+        "build/hello",
+        "dist/hello.tar",
+        "hello-c.tar.gz",
+    }
+    predicate = statement["predicate"]
+    assert predicate["runDetails"]["builder"]["id"] == "https://ci.example/runner/7"
+    assert predicate["runDetails"]["metadata"]["invocationId"] == result["id"]
+    params = predicate["buildDefinition"]["externalParameters"]
+    spec_digest = params["spec"]["digest"]["sha256"]
+    source_digest = params["source"]["digest"]["sha256"]
+    deps = predicate["buildDefinition"]["resolvedDependencies"]
+    assert any(d.get("name") == "vendor/greeting.txt" and "sha256" in d["digest"] for d in deps)
+    artifacts = [str(out / "build" / "hello"), str(out / "hello-c.tar.gz")]
+    ok = bc(
+        "verify",
+        "--key",
+        str(public),
+        "--provenance",
+        str(provenance),
+        *artifacts,
+        "--builder-id",
+        "https://ci.example/runner/7",
+        "--spec-digest",
+        spec_digest,
+        "--source-digest",
+        source_digest,
+        "--no-network",
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.rstrip().endswith("verified")
+
+    # One byte flipped in an artifact.
+    tampered = tmp_path / "hello"
+    data = bytearray((out / "build" / "hello").read_bytes())
+    data[100] ^= 1
+    tampered.write_bytes(bytes(data))
+    res = bc("verify", "--key", str(public), "--provenance", str(provenance), str(tampered))
+    assert res.returncode == 1
+    assert "FAIL" in res.stdout
+    assert "is not a subject" in res.stdout
+
+    # The statement changed, the signature kept.
+    envelope = json.loads(provenance.read_text())
+    statement["subject"][0]["digest"]["sha256"] = "0" * 64
+    envelope["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    forged = tmp_path / "forged.jsonl"
+    forged.write_text(json.dumps(envelope))
+    res = bc("verify", "--key", str(public), "--provenance", str(forged))
+    assert res.returncode == 1
+    assert "FAIL signature" in res.stdout
+
+    # One byte of the signature flipped.
+    envelope = json.loads(provenance.read_text())
+    sig = bytearray(base64.b64decode(envelope["signatures"][0]["sig"]))
+    sig[0] ^= 1
+    envelope["signatures"][0]["sig"] = base64.b64encode(bytes(sig)).decode()
+    forged.write_text(json.dumps(envelope))
+    res = bc("verify", "--key", str(public), "--provenance", str(forged))
+    assert res.returncode == 1
+    assert "FAIL signature" in res.stdout
+
+    # Another key.
+    assert bc("keygen", "--out", str(tmp_path / "other")).returncode == 0
+    res = bc(
+        "verify",
+        "--key",
+        str(tmp_path / "other" / "buildcell.pub"),
+        "--provenance",
+        str(provenance),
+    )
+    assert res.returncode == 1
+    assert "FAIL signature" in res.stdout
+
+    # Expectations that do not hold are each listed.
+    res = bc(
+        "verify",
+        "--key",
+        str(public),
+        "--provenance",
+        str(provenance),
+        "--builder-id",
+        "https://elsewhere",
+        "--spec-digest",
+        "0" * 64,
+    )
+    assert res.returncode == 1
+    assert res.stdout.count("FAIL") == 2
+
+
+def test_unsigned_provenance_by_default(bc, example, tmp_path: Path, keys) -> None:
+    _, public = keys
+    out = tmp_path / "out"
+    result = _build(bc, example / "python-wheel" / "buildcell.yaml", out)
+    assert result["provenance"]["signed"] is False
+    res = bc(
+        "build",
+        "-f",
+        str(example / "python-wheel" / "buildcell.yaml"),
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert "unsigned" in res.stdout
+    from buildcell.provenance import validate_statement
+
+    assert validate_statement(_statement(out / "provenance.intoto.jsonl")) == []
+    res = bc("verify", "--key", str(public), "--provenance", str(out / "provenance.intoto.jsonl"))
+    assert res.returncode == 1
+
+
+def test_reproducible_example_passes_check_repro(bc, example, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = bc(
+        "build",
+        "-f",
+        str(example / "hello-c" / "buildcell.yaml"),
+        "--out",
+        str(out),
+        "--check-repro",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "reproducible: 3 output(s) identical" in res.stdout
+
+
+def test_unreproducible_example_fails_check_repro(bc, example, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = bc(
+        "build",
+        "-f",
+        str(example / "unreproducible" / "buildcell.yaml"),
+        "--out",
+        str(out),
+        "--check-repro",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 1
+    report = json.loads(res.stdout)["reproducibility"]
+    assert report["reproducible"] is False
+    differing = {d["path"] for d in report["differences"]}
+    assert differing == {"dist/build-time.txt", "dist/random.bin"}
+    text = bc(
+        "build",
+        "-f",
+        str(example / "unreproducible" / "buildcell.yaml"),
+        "--out",
+        str(out),
+        "--check-repro",
+        cwd=tmp_path,
+    )
+    assert "NOT reproducible" in text.stdout
+    assert "dist/random.bin: 32 bytes vs 32 bytes, first difference at byte" in text.stdout
+
+
+def test_source_date_epoch_from_git_commit(bc, tmp_path: Path) -> None:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "buildcell.yaml").write_text(
+        "version: 1\nname: sde\nsteps: [{name: s, run: 'mkdir -p o && echo $SOURCE_DATE_EPOCH > o/sde'}]\n"
+        'outputs: ["o/sde"]\n'
+    )
+    out = tmp_path / "out"
+    _build(bc, proj / "buildcell.yaml", out)
+    assert (out / "o" / "sde").read_text() == "0\n"
+    env = {
+        "GIT_AUTHOR_DATE": "@1700000000 +0000",
+        "GIT_COMMITTER_DATE": "@1700000000 +0000",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@e",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@e",
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+    }
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "x"]):
+        subprocess.run(["git", *args], cwd=proj, env=env, check=True)
+    result = _build(bc, proj / "buildcell.yaml", out)
+    assert (out / "o" / "sde").read_text() == "1700000000\n"
+    statement = _statement(out / "provenance.intoto.jsonl")
+    source = statement["predicate"]["buildDefinition"]["externalParameters"]["source"]
+    assert len(source["digest"]["gitCommit"]) == 40
+    assert result["status"] == "succeeded"
