@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from buildcell.records import RecordStore
+    from buildcell.redact import Secret
     from buildcell.repro import ReproReport
 
 __all__ = ["main"]
@@ -146,6 +147,14 @@ def _build_parser() -> _Parser:
         help="pass this host variable into the cell (repeatable)",
     )
     g.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME[=env:VAR|file:PATH]",
+        help="give the cell a secret as the read-only file /run/secrets/NAME (default source: "
+        "the host variable NAME); its value is redacted from the output (repeatable)",
+    )
+    g.add_argument(
         "-i",
         "--interactive",
         action="store_true",
@@ -209,6 +218,14 @@ def _build_parser() -> _Parser:
         "--json",
         action="store_true",
         help="print one JSON result object on stdout (logs go to stderr)",
+    )
+    build.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME[=env:VAR|file:PATH]",
+        help="bind a secret the spec declares to its source (default env:NAME); only the "
+        "steps that declare it get it (repeatable)",
     )
     build.add_argument(
         "--sign-key",
@@ -372,7 +389,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from buildcell.outputs import validate_patterns
 
         outputs = validate_patterns(args.output)
+    secrets = _secrets(args.secret)
+    if secrets:
+        from buildcell.cell.config import CellSecret
+        from buildcell.secrets import SecretDelivery
+
+        delivered = tuple(CellSecret(SecretDelivery(s.name), s) for s in secrets)
+    else:
+        delivered = ()
     config = CellConfig(
+        secrets=delivered,
+        redact=tuple(secrets),
         argv=tuple(cmd),
         source=source,
         outputs=outputs,
@@ -451,7 +478,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
         from buildcell.provenance import load_private_key
 
         key = load_private_key(args.sign_key)
-    options = BuildOptions(sign_key=key, builder_id=args.builder_id or DEFAULT_BUILDER_ID)
+    options = BuildOptions(
+        sign_key=key,
+        builder_id=args.builder_id or DEFAULT_BUILDER_ID,
+        secrets=tuple(_secrets(args.secret)),
+    )
     out_dir = (args.out or Path("buildcell-out")).absolute()
     state = StateDir(args.state_dir)
     live = not args.json and sys.stderr.isatty()
@@ -501,6 +532,14 @@ def _render_repro(repro: ReproReport) -> None:
         out.write(f"  {d.path}: {size_a} vs {size_b}{where}\n")
         if d.summary:
             out.write("    " + d.summary.rstrip().replace("\n", "\n    ") + "\n")
+
+
+def _secrets(items: Sequence[str]) -> list[Secret]:
+    if not items:
+        return []
+    from buildcell.secrets import parse_binding, resolve_bindings
+
+    return resolve_bindings([parse_binding(item) for item in items])
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ from buildcell.audit import EventLog
 from buildcell.cell.config import (
     Bind,
     CellConfig,
+    CellSecret,
     DirRootfs,
     HostRootfs,
     OciRootfs,
@@ -34,14 +35,17 @@ from buildcell.cell.config import (
 from buildcell.cell.storage import CellStorage, new_cell_id
 from buildcell.cell.supervisor import Cell, find_bwrap
 from buildcell.cell.workspace import remove_tree
-from buildcell.errors import Error
+from buildcell.errors import ConfigError, Error, OutputError
 from buildcell.records import BuildRecord, RecordStore, StepRecord
+from buildcell.secrets import SecretDelivery
 from buildcell.source import SourceInfo, describe_source
 from buildcell.spec import BuildSpec, DirRootfsSpec, LoadedSpec, OciRootfsSpec, StepSpec
 from buildcell.state import StateDir
 
 if TYPE_CHECKING:
+    from buildcell.outputs import OutputReport
     from buildcell.provenance import SigningKey
+    from buildcell.redact import Secret
     from buildcell.repro import ReproReport
 
 __all__ = [
@@ -148,12 +152,14 @@ class BuildOptions:
         builder_id: ``runDetails.builder.id`` of the provenance.
         variation: perturbations (``--check-repro`` uses them for its second build).
         provenance: write ``provenance.intoto.jsonl`` next to the outputs.
+        secrets: the values bound by the operator (``--secret``), by name.
     """
 
     sign_key: SigningKey | None = None
     builder_id: str = DEFAULT_BUILDER_ID
     variation: Variation | None = None
     provenance: bool = True
+    secrets: tuple[Secret, ...] = ()
 
 
 class _StepLog:
@@ -199,6 +205,7 @@ def run_build(
     reporter = reporter or _Silent()
     options = options or BuildOptions()
     spec = loaded.spec
+    _check_bindings(spec, options.secrets, reporter)
     spec_dir = loaded.path.parent.resolve()
     out_dir = out_dir.absolute()
     store = RecordStore(state.root / "builds")
@@ -244,6 +251,23 @@ def run_build(
                 step.status = "skipped" if step.status == "pending" else "interrupted"
         store.save(record)
     return result
+
+
+def _check_bindings(spec: BuildSpec, secrets: Sequence[Secret], reporter: BuildReporter) -> None:
+    """Every declared secret must be bound before anything runs; extra bindings warn."""
+    bound = {s.name for s in secrets}
+    declared: dict[str, str] = {}
+    for step in spec.steps:
+        for use in step.secrets:
+            declared.setdefault(use.name, step.name)
+    for name, step_name in declared.items():
+        if name not in bound:
+            raise ConfigError(
+                f"step {step_name!r} needs secret {name!r}, which is not bound",
+                hint=f"bind it: --secret {name}=env:VARIABLE or --secret {name}=file:PATH",
+            )
+    for name in sorted(bound - set(declared)):
+        reporter.message(f"warning: secret {name!r} is bound but no step declares it")
 
 
 def _collect_warning(event: dict[str, Any], result: BuildResult, reporter: BuildReporter) -> None:
@@ -352,6 +376,15 @@ class _BuildRun:
             binds=binds,
             variation=self.options.variation,
         )
+        by_name = {s.name: s for s in self.options.secrets}
+        config = dataclasses.replace(
+            config,
+            secrets=tuple(
+                CellSecret(SecretDelivery(use.name, use.env), by_name[use.name])
+                for use in step.secrets
+            ),
+            redact=self.options.secrets,
+        )
         step_record.status = "running"
         step_record.started = time.time()
         self.store.save(self.record)
@@ -389,7 +422,10 @@ class _BuildRun:
         record, events = self.record, self.events
         out_dir = self.result.out_dir
         patterns = validate_patterns(self.loaded.spec.outputs)
-        report = collect_outputs(storage.workspace, patterns, out_dir)
+        if self.options.secrets:
+            report = self._collect_checked(storage, patterns)
+        else:
+            report = collect_outputs(storage.workspace, patterns, out_dir)
         for out in report.collected:
             events.emit("output", path=out.path, size=out.size, sha256=out.sha256)
             record.outputs.append({"path": out.path, "sha256": out.sha256, "size": out.size})
@@ -406,6 +442,35 @@ class _BuildRun:
                 message=f"output pattern {pattern!r} matched no file",
             )
         self._write_manifest()
+
+    def _collect_checked(self, storage: CellStorage, patterns: tuple[str, ...]) -> OutputReport:
+        """Collect into a private staging directory, refuse to publish anything if an output
+        holds a secret's value (or an encoding of it), else publish."""
+        from buildcell.outputs import collect_outputs
+        from buildcell.redact import Scanner
+
+        staging = self.store.dir(self.record.id) / "staging"
+        try:
+            report = collect_outputs(storage.workspace, patterns, staging)
+            for out in report.collected:
+                scanner = Scanner(self.options.secrets)
+                with open(staging / out.path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        scanner.feed(chunk)
+                if scanner.found:
+                    names = ", ".join(sorted(scanner.found))
+                    self.events.emit("secret.leak", path=out.path, secrets=sorted(scanner.found))
+                    raise OutputError(
+                        f"output {out.path} contains the value of secret {names}; "
+                        "nothing was published",
+                        hint="a build must not copy secrets into its outputs",
+                    )
+            published = collect_outputs(
+                staging, [_glob_escape(o.path) for o in report.collected], self.result.out_dir
+            )
+            return dataclasses.replace(report, collected=published.collected)
+        finally:
+            remove_tree(staging)
 
     def _archive(self, name: str) -> None:
         from buildcell.repro import write_reproducible_tar_gz
@@ -440,6 +505,7 @@ class _BuildRun:
         from buildcell.provenance import (
             Dependency,
             Subject,
+            assert_no_values,
             make_statement,
             sign_statement,
             unsigned_envelope,
@@ -491,7 +557,7 @@ class _BuildRun:
                         "name": step.name,
                         "limits": spec.step_limits(step).to_limits().to_dict(),
                         "network": {"allow": []},
-                        "secrets": [],
+                        "secrets": [use.name for use in step.secrets],
                     }
                     for step in spec.steps
                 ],
@@ -503,6 +569,7 @@ class _BuildRun:
             finished_on=datetime.now(UTC),
             byproducts=byproducts,
         )
+        assert_no_values(statement, {s.name: s.reveal() for s in self.options.secrets})
         key = self.options.sign_key
         envelope = sign_statement(statement, key) if key else unsigned_envelope(statement)
         path = self.result.out_dir / "provenance.intoto.jsonl"
@@ -513,6 +580,11 @@ class _BuildRun:
         self.events.emit(
             "provenance", path=str(path), signed=key is not None, keyid=key.keyid if key else None
         )
+
+
+def _glob_escape(path: str) -> str:
+    """A pattern matching exactly ``path``."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
 
 
 def _sha256_file(path: Path) -> str:

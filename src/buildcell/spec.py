@@ -59,6 +59,7 @@ __all__ = [
     "LimitsSpec",
     "LoadedSpec",
     "OciRootfsSpec",
+    "SecretUse",
     "StepSpec",
     "load_spec",
     "parse_spec",
@@ -432,6 +433,43 @@ class LimitsSpec(BaseModel):
         )
 
 
+_SECRET_NAME = r"[A-Za-z_][A-Za-z0-9_.-]{0,127}"  # noqa: S105 - a name pattern
+
+
+def _check_secret_name(value: str) -> str:
+    if re.fullmatch(_SECRET_NAME, value) is None:
+        _fail(
+            f"invalid secret name {_show(value)}: expected letters, digits, '_', '.' or '-', "
+            "not starting with a digit"
+        )
+    return value
+
+
+_SecretName = Annotated[
+    StrictStr,
+    AfterValidator(_check_secret_name),
+    WithJsonSchema({"type": "string", "pattern": f"^{_SECRET_NAME}$"}),
+]
+
+
+class SecretUse(BaseModel):
+    """A secret a step needs, by name. It is always a file ``/run/secrets/NAME``; ``env``
+    also sets that environment variable (weaker: environments leak more easily). Where the
+    value comes from is never in the spec: the operator binds it (``--secret``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: _SecretName = Field(description="The secret's name, bound with --secret NAME=...")
+    env: _EnvName | None = Field(
+        default=None, description="Also deliver it as this environment variable."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: object) -> object:
+        return {"name": value} if isinstance(value, str) else value
+
+
 class StepSpec(BaseModel):
     """One step of a build: a shell command run in its own cell, in order."""
 
@@ -443,6 +481,20 @@ class StepSpec(BaseModel):
     limits: LimitsSpec | None = Field(
         default=None, description="Limits for this step; they override the build's limits."
     )
+    secrets: list[SecretUse] = Field(
+        default=[],
+        description="Secrets this step needs: names, or {name, env} mappings. Only this "
+        "step's cell gets them.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_secrets(self) -> StepSpec:
+        seen: dict[str, int] = {}
+        for index, use in enumerate(self.secrets):
+            first = seen.setdefault(use.name, index)
+            if first != index:
+                _fail(f"secret {use.name!r} is listed twice", at=("secrets", index))
+        return self
 
 
 class InputSpec(BaseModel):

@@ -8,7 +8,16 @@ from typing import Literal
 __all__ = ["Mount", "SandboxPlan", "bwrap_argv"]
 
 MountKind = Literal[
-    "ro-bind", "bind", "dev-bind", "tmpfs", "proc", "dev", "symlink", "dir", "remount-ro"
+    "ro-bind",
+    "bind",
+    "dev-bind",
+    "tmpfs",
+    "proc",
+    "dev",
+    "symlink",
+    "dir",
+    "remount-ro",
+    "ro-bind-data",
 ]
 
 
@@ -16,8 +25,10 @@ MountKind = Literal[
 class Mount:
     """One step of building the cell's filesystem, in order.
 
-    ``src`` is a host path for binds, the link target for symlinks, unused otherwise.
-    ``size`` applies to tmpfs, ``mode`` to tmpfs and dir.
+    ``src`` is a host path for binds, the link target for symlinks, a file descriptor
+    number for ``ro-bind-data`` (whose content becomes a read-only file in the sandbox's
+    own memory), unused otherwise. ``size`` applies to tmpfs, ``mode`` to tmpfs, dir and
+    ro-bind-data.
     """
 
     kind: MountKind
@@ -46,12 +57,12 @@ class SandboxPlan:
 
 def _mount_args(m: Mount) -> list[str]:
     args: list[str] = []
-    if m.mode is not None and m.kind in ("tmpfs", "dir"):
+    if m.mode is not None and m.kind in ("tmpfs", "dir", "ro-bind-data"):
         args += ["--perms", f"{m.mode:04o}"]
     if m.size is not None and m.kind == "tmpfs":
         args += ["--size", str(m.size)]
     match m.kind:
-        case "ro-bind" | "bind" | "dev-bind" | "symlink":
+        case "ro-bind" | "bind" | "dev-bind" | "symlink" | "ro-bind-data":
             assert m.src is not None, m
             args += [f"--{m.kind}", m.src, m.dest]
         case "tmpfs" | "proc" | "dev" | "dir" | "remount-ro":

@@ -6,8 +6,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from buildcell.errors import ConfigError
+
+if TYPE_CHECKING:
+    from buildcell.redact import Secret
+    from buildcell.secrets import SecretDelivery
 
 __all__ = [
     "CELL_GID",
@@ -18,6 +23,7 @@ __all__ = [
     "CELL_WORKSPACE",
     "Bind",
     "CellConfig",
+    "CellSecret",
     "DirRootfs",
     "HostRootfs",
     "Limits",
@@ -148,6 +154,14 @@ class Variation:
 
 
 @dataclass(frozen=True)
+class CellSecret:
+    """A secret given to one cell; the value stays inside ``secret`` (its repr hides it)."""
+
+    delivery: SecretDelivery
+    secret: Secret
+
+
+@dataclass(frozen=True)
 class Bind:
     """A host file or directory bound read-only into the cell (pinned inputs)."""
 
@@ -174,6 +188,8 @@ class CellConfig:
         exclude: host paths inside ``source`` that are not copied.
         binds: host files bound read-only into the cell (absolute ``dest``).
         variation: perturbations for reproducibility checks.
+        secrets: secrets delivered to this cell (``/run/secrets/NAME``, optionally env).
+        redact: secret values to redact from everything the cell prints.
     """
 
     argv: tuple[str, ...]
@@ -190,6 +206,8 @@ class CellConfig:
     exclude: tuple[Path, ...] = ()
     binds: tuple[Bind, ...] = ()
     variation: Variation | None = None
+    secrets: tuple[CellSecret, ...] = ()
+    redact: tuple[Secret, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.argv:

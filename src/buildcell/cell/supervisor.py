@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -386,6 +387,12 @@ class Cell:
             seccomp_fd = _seccomp_memfd(self._bpf)
             fds.append(seccomp_fd)
             pass_fds.append(seccomp_fd)
+        mounts = self._plan.mounts
+        if cfg.secrets:
+            secret_mounts, secret_args = self._secret_fds(fds, pass_fds)
+            # Before the final remount-ro of /: /run/secrets is a tmpfs of this cell alone.
+            mounts = (*mounts[:-1], *secret_mounts, mounts[-1])
+            extra += secret_args
         if self._nproc is not None:
             # RLIMIT_NPROC is counted per user namespace level: it must be set on the
             # sandbox's first process after bubblewrap made its namespaces, or every
@@ -395,7 +402,7 @@ class Cell:
             pass_fds.append(block_r)
             extra += ["--block-fd", str(block_r)]
         plan = SandboxPlan(
-            mounts=self._plan.mounts,
+            mounts=mounts,
             argv=self._plan.argv,
             env=self._plan.env,
             cwd=self._plan.cwd,
@@ -458,23 +465,90 @@ class Cell:
                 if block_w is not None:
                     os.write(block_w, b"x")
 
+        stdout, stderr, flush = self._output_sinks()
         try:
             outcome = _spawn.pump(
                 self._proc,
                 status_fd=status_r,
-                stdout=self._stdout,
-                stderr=self._stderr,
+                stdout=stdout,
+                stderr=stderr,
                 timeout=cfg.limits.timeout,
                 on_status=on_status,
                 kill=self._kill,
                 started=started,
             )
         finally:
+            flush()
             os.close(status_r)
             if block_w is not None:
                 os.close(block_w)
         self.result = self._classify(outcome)
         return self.result
+
+    def _secret_fds(self, fds: list[int], pass_fds: list[int]) -> tuple[list[Mount], list[str]]:
+        """Memory file descriptors carrying this cell's secrets into bubblewrap.
+
+        Files: bubblewrap copies each descriptor's content into a read-only file in the
+        sandbox's own memory. Environment variables: passed with ``--args FD`` so that no
+        value appears in bubblewrap's argv (which any local user can read in /proc).
+        """
+        cfg = self.config
+        mounts = [Mount("tmpfs", "/run/secrets", mode=0o755, size=1 << 20)]
+        env_args = bytearray()
+        for item in cfg.secrets:
+            name, value = item.delivery.name, item.secret.reveal()
+            fd = os.memfd_create(f"secret-{name}", os.MFD_CLOEXEC)
+            os.write(fd, value)
+            os.lseek(fd, 0, os.SEEK_SET)
+            fds.append(fd)
+            pass_fds.append(fd)
+            mounts.append(Mount("ro-bind-data", f"/run/secrets/{name}", src=str(fd), mode=0o400))
+            if item.delivery.env is not None:
+                env_args += b"--setenv\0" + item.delivery.env.encode() + b"\0" + value + b"\0"
+            self.events.emit(
+                "secret.mount",
+                step=self.step,
+                cell=self.cell_id,
+                secret=name,
+                delivery="file+env" if item.delivery.env else "file",
+                path=f"/run/secrets/{name}",
+                env=item.delivery.env,
+            )
+        if not env_args:
+            return mounts, []
+        fd = os.memfd_create("secret-env", os.MFD_CLOEXEC)
+        os.write(fd, bytes(env_args))
+        os.lseek(fd, 0, os.SEEK_SET)
+        fds.append(fd)
+        pass_fds.append(fd)
+        return mounts, ["--args", str(fd)]
+
+    def _output_sinks(self) -> tuple[_spawn.Sink, _spawn.Sink, Callable[[], None]]:
+        """The sinks the cell's output goes through: redacting when there are secrets."""
+        if not self.config.redact:
+            return self._stdout, self._stderr, lambda: None
+        from buildcell.redact import Redactor
+
+        pairs = [
+            (Redactor(self.config.redact), self._stdout),
+            (Redactor(self.config.redact), self._stderr),
+        ]
+
+        def wrap(redactor: Redactor, sink: _spawn.Sink) -> _spawn.Sink:
+            def write(data: bytes) -> None:
+                out = redactor.feed(data)
+                if out:
+                    sink(out)
+
+            return write
+
+        def flush() -> None:
+            for redactor, sink in pairs:
+                rest = redactor.flush()
+                if rest:
+                    sink(rest)
+
+        return wrap(*pairs[0]), wrap(*pairs[1]), flush
 
     def _classify(self, outcome: _spawn.PumpResult) -> CellResult:
         exec_status = outcome.status_value("exit-code")
