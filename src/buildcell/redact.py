@@ -23,7 +23,7 @@ import sys
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import compress, count
+from itertools import accumulate, compress, count
 from typing import Literal
 
 from buildcell.errors import ConfigError
@@ -47,10 +47,11 @@ REPLACEMENT = b"***"
 _Chunk = bytes | bytearray | memoryview
 
 # Cost model for choosing how to search, in nanoseconds, measured on a small x86-64 VM:
-# looking up one sampled block (creating the int, hashing it, probing the set) and
-# scanning one byte with bytes.find for one pattern. Only their ratio matters.
-_NS_PER_SAMPLE = 40.0
-_NS_PER_FIND_BYTE = 0.5
+# looking up one sampled block (creating the int, hashing it, probing the set), and
+# bytes.find, which skips about a needle's length per step: _NS_FIND / (len + 1) per byte.
+# Only their ratio matters.
+_NS_PER_SAMPLE = 38.0
+_NS_FIND = 5.0
 # 4-byte blocks collide with ordinary text far more often than 8-byte ones; weigh that in.
 _SHORT_GRAM_PENALTY = 1.3
 # Each pass costs a little on its own, which matters for small chunks.
@@ -61,6 +62,8 @@ _LOCATE_BY_FIND = 16
 # output against hex forms), use 8-byte blocks for the next _FALLBACK_CALLS searches.
 _FALSE_HIT_RATIO = 100
 _FALLBACK_CALLS = 16
+# Patterns are found by their anchor bytes while at most one byte in this many is one.
+_ANCHOR_DENSITY = 256
 
 # Every pattern is at least this long, so its first bytes can key a dictionary.
 _HEAD = MIN_SECRET_LENGTH
@@ -273,6 +276,111 @@ class _Sampler:
         return indices
 
 
+class _Plan:
+    """Finds a set of patterns: the shortest with ``bytes.find``, the rest by sampling.
+
+    Only patterns that do not start with another pattern are searched for; the others
+    (the padded ends of base64 forms, mostly) are checked where their prefix occurs.
+    """
+
+    def __init__(self, patterns: Iterable[bytes]) -> None:
+        roots: list[bytes] = []
+        by_head: dict[bytes, list[bytes]] = {}
+        extensions: dict[bytes, list[bytes]] = {}
+        for pattern in sorted(patterns, key=len):
+            siblings = by_head.setdefault(pattern[:_HEAD], [])
+            root = next((r for r in siblings if pattern.startswith(r)), None)
+            if root is None:
+                roots.append(pattern)
+                siblings.append(pattern)
+            else:
+                extensions.setdefault(root, []).append(pattern)
+        self._extensions = {root: tuple(longer) for root, longer in extensions.items()}
+
+        short, sampling = _plan(roots)
+        self._short = tuple(short)
+        sampled = roots[len(short) :]
+        self._sampler = _Sampler(sampling, sampled) if sampling is not None else None
+        # 4-byte blocks of hex-heavy output often hit the blocks of hex forms; when they
+        # keep doing so, 8-byte blocks (more of them, but no false hits) are cheaper.
+        self._fallback = None
+        self._fallback_left = 0
+        if sampling is not None and sampling.gram < 8:
+            wide = _Sampling.for_min_length(len(sampled[0]), grams=(8,))
+            self._fallback = _Sampler(wide, sampled) if wide is not None else None
+
+    def search(self, buf: bytes, found: set[tuple[int, bytes]]) -> None:
+        """Add ``(start, pattern)`` for every occurrence in ``buf`` to ``found``."""
+        roots: set[tuple[int, bytes]] = set()
+        for pattern in self._short:
+            at = buf.find(pattern)
+            while at >= 0:
+                roots.add((at, pattern))
+                at = buf.find(pattern, at + 1)
+        if self._fallback is not None and self._fallback_left > 0:
+            self._fallback_left -= 1
+            self._fallback.search(buf, roots)
+        elif self._sampler is not None:
+            sampled, compared = self._sampler.search(buf, roots)
+            if self._fallback is not None and compared * _FALSE_HIT_RATIO > sampled:
+                self._fallback_left = _FALLBACK_CALLS
+        found |= roots
+        for start, root in roots:
+            for pattern in self._extensions.get(root, ()):
+                if buf.startswith(pattern, start):
+                    found.add((start, pattern))
+
+
+class _Anchors:
+    """Finds patterns that contain a byte that text hardly ever does, by that byte.
+
+    Binary secrets have raw forms and lines short enough to force dense sampling, but
+    text output hardly ever contains their anchor bytes: one pass of ``bytes.translate``
+    rules them all out. Output full of such bytes is searched the other way.
+    """
+
+    def __init__(self, anchored: Mapping[bytes, int]) -> None:
+        entries: dict[int, list[tuple[bytes, int]]] = {}
+        for pattern, offset in anchored.items():
+            entries.setdefault(pattern[offset], []).append((pattern, offset))
+        self._entries = {byte: tuple(hits) for byte, hits in entries.items()}
+        self.others = bytes(b for b in range(256) if b not in self._entries)
+
+    def search(self, buf: bytes, present: bytes, found: set[tuple[int, bytes]]) -> None:
+        """Add occurrences in ``buf``, given the anchor bytes ``present`` in it."""
+        for byte in set(present):
+            needle = bytes((byte,))
+            candidates = self._entries[byte]
+            at = buf.find(needle)
+            while at >= 0:
+                for pattern, offset in candidates:
+                    start = at - offset
+                    if start >= 0 and buf.startswith(pattern, start):
+                        found.add((start, pattern))
+                at = buf.find(needle, at + 1)
+
+    @staticmethod
+    def choose(pattern: bytes) -> int | None:
+        """Where the rarest byte of ``pattern`` is, if it has one rare enough to anchor."""
+        rank, at = min((_RARITY[b], i) for i, b in enumerate(pattern))
+        return at if rank < _NOT_AN_ANCHOR else None
+
+
+def _rarity(byte: int) -> int:
+    """How common ``byte`` is in build output: 0 for never (in text), 3 for all the time."""
+    if byte in b"\t\n\v\f\r\x1b" or 0x20 <= byte < 0x7F:
+        return _NOT_AN_ANCHOR
+    if 0x80 <= byte < 0xC0:
+        return 2  # UTF-8 continuation bytes
+    if 0xC2 <= byte < 0xF5:
+        return 1  # UTF-8 lead bytes
+    return 0  # control characters, bytes that never occur in UTF-8
+
+
+_NOT_AN_ANCHOR = 3
+_RARITY = bytes(_rarity(b) for b in range(256))
+
+
 class _Index:
     """All patterns of a set of secrets, found together in one pass over a buffer."""
 
@@ -285,17 +393,16 @@ class _Index:
         patterns = sorted(self.names, key=len)
         self.max_len = len(patterns[-1]) if patterns else 0
 
-        short, sampling = _plan(patterns)
-        self._short = tuple(short)
-        sampled = patterns[len(short) :]
-        self._sampler = _Sampler(sampling, sampled) if sampling is not None else None
-        # 4-byte blocks of hex-heavy output often hit the blocks of hex forms; when they
-        # keep doing so, 8-byte blocks (more of them, but no false hits) are cheaper.
-        self._fallback = None
-        self._fallback_left = 0
-        if sampling is not None and sampling.gram < 8:
-            wide = _Sampling.for_min_length(len(sampled[0]), grams=(8,))
-            self._fallback = _Sampler(wide, sampled) if wide is not None else None
+        self._everything = _Plan(patterns)
+        anchored = {}
+        for pattern in patterns:
+            at = _Anchors.choose(pattern)
+            if at is not None:
+                anchored[pattern] = at
+        self._anchors = _Anchors(anchored) if anchored else None
+        self._unanchored = (
+            _Plan([p for p in patterns if p not in anchored]) if anchored else self._everything
+        )
 
         heads: dict[int, list[bytes]] = {}
         for pattern in reversed(patterns):
@@ -310,18 +417,14 @@ class _Index:
     def occurrences(self, buf: bytes) -> set[tuple[int, bytes]]:
         """``(start, pattern)`` for every occurrence of every pattern inside ``buf``."""
         found: set[tuple[int, bytes]] = set()
-        for pattern in self._short:
-            at = buf.find(pattern)
-            while at >= 0:
-                found.add((at, pattern))
-                at = buf.find(pattern, at + 1)
-        if self._fallback is not None and self._fallback_left > 0:
-            self._fallback_left -= 1
-            self._fallback.search(buf, found)
-        elif self._sampler is not None:
-            sampled, compared = self._sampler.search(buf, found)
-            if self._fallback is not None and compared * _FALSE_HIT_RATIO > sampled:
-                self._fallback_left = _FALLBACK_CALLS
+        if self._anchors is not None:
+            present = buf.translate(None, self._anchors.others)
+            if len(present) * _ANCHOR_DENSITY <= len(buf):
+                self._unanchored.search(buf, found)
+                self._anchors.search(buf, present, found)
+                return found
+        # Binary output is full of anchor bytes: search for everything the other way.
+        self._everything.search(buf, found)
         return found
 
     def ranges(self, buf: bytes) -> list[tuple[int, int]]:
@@ -366,19 +469,16 @@ class _Index:
 def _plan(patterns: Sequence[bytes]) -> tuple[Sequence[bytes], _Sampling | None]:
     """Split ``patterns`` (sorted by length) into those found with ``bytes.find`` and the
     rest, found by sampling, so that the estimated cost per byte is least."""
-    all_found = len(patterns) * _NS_PER_FIND_BYTE
-    best: tuple[float, int, _Sampling | None] = (all_found, len(patterns), None)
+    finding = list(accumulate((_NS_FIND / (len(p) + 1) for p in patterns), initial=0.0))
+    best: tuple[float, int, _Sampling | None] = (finding[-1], len(patterns), None)
     for split, pattern in enumerate(patterns):
-        if split * _NS_PER_FIND_BYTE >= best[0]:
+        if finding[split] >= best[0]:
             break
         if split and len(patterns[split - 1]) == len(pattern):
             continue
         sampling = _Sampling.for_min_length(len(pattern))
-        if sampling is None:
-            continue
-        cost = split * _NS_PER_FIND_BYTE + sampling.cost
-        if cost < best[0]:
-            best = (cost, split, sampling)
+        if sampling is not None and finding[split] + sampling.cost < best[0]:
+            best = (finding[split] + sampling.cost, split, sampling)
     return patterns[: best[1]], best[2]
 
 

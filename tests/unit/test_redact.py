@@ -5,6 +5,7 @@ import hashlib
 import itertools
 import json
 import random
+import string
 import urllib.parse
 from collections.abc import Callable, Sequence
 
@@ -294,6 +295,27 @@ def test_hex_heavy_output_is_redacted_exactly() -> None:
     assert expected.count(REPLACEMENT) == 12
     assert redactor.redact(data) == expected
     assert stream(redactor, chunks(data, range(4096, len(data), 4096))) == expected
+
+
+@pytest.mark.parametrize("output", ["text", "binary"])
+def test_binary_secrets_are_redacted_exactly_in_text_and_binary_output(output: str) -> None:
+    # Binary forms are found by their rare bytes in text output, by sampling in binary.
+    rng = random.Random(output)
+    values = [rng.randbytes(rng.randint(20, 40)) for _ in range(30)]
+    values.append(b"\x00line-one-of-key\nx\x01y\nthird-line\xc3\xa9\xff")
+    secrets = make_secrets(values)
+    forms = sorted(forms_of(secrets))
+    alphabet = string.printable.encode() if output == "text" else bytes(range(256))
+    parts = []
+    for _ in range(40):
+        parts.append(bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 3000))))
+        parts.append(rng.choice(forms))
+    data = b"".join(parts)
+    redactor = Redactor(secrets)
+    expected = naive_redact(data, secrets)
+    assert redactor.redact(data) == expected
+    assert stream(redactor, chunks(data, range(8192, len(data), 8192))) == expected
+    assert stream(redactor, chunks(data, range(61, len(data), 61))) == expected
 
 
 # --- Redactor: properties -----------------------------------------------------------------
