@@ -49,6 +49,7 @@ re-verify that the source still holds the digest (index, manifest and config, no
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import fcntl
@@ -445,13 +446,13 @@ class _Image(Closing):
         blob.stream.close()
         return True
 
+    @abc.abstractmethod
     def open(self, name: str) -> _Blob | None:
         """Open the regular file ``name``; None when it does not exist.
 
         Raises:
             ImageError: it exists but is not a regular file, or cannot be read.
         """
-        raise NotImplementedError
 
     def close(self) -> None:
         """Release what the image holds open."""
