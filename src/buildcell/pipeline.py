@@ -38,7 +38,7 @@ from buildcell.cell.workspace import remove_tree
 from buildcell.errors import ConfigError, Error, OutputError
 from buildcell.records import BuildRecord, RecordStore, StepRecord
 from buildcell.secrets import SecretDelivery
-from buildcell.source import SourceInfo, describe_source
+from buildcell.source import SourceInfo, describe_source, tree_digest
 from buildcell.spec import BuildSpec, DirRootfsSpec, LoadedSpec, OciRootfsSpec, StepSpec
 from buildcell.state import StateDir
 
@@ -367,6 +367,7 @@ class _BuildRun:
     ) -> bool:
         """Run one step in its own cell; False when it failed (the build stops)."""
         spec = self.loaded.spec
+        by_name = {s.name: s for s in self.options.secrets}
         config = CellConfig(
             argv=("/bin/sh", "-e", "-c", step.run),
             rootfs=self.rootfs,
@@ -375,10 +376,7 @@ class _BuildRun:
             source_date_epoch=self.sde,
             binds=binds,
             variation=self.options.variation,
-        )
-        by_name = {s.name: s for s in self.options.secrets}
-        config = dataclasses.replace(
-            config,
+            # Only the secrets this step declares; every bound value is redacted.
             secrets=tuple(
                 CellSecret(SecretDelivery(use.name, use.env), by_name[use.name])
                 for use in step.secrets
@@ -516,7 +514,12 @@ class _BuildRun:
         assert self.source is not None
         profile = seccomp.default_profile()
         rootfs_dep = Dependency(uri=record.rootfs, name="rootfs")
-        if isinstance(self.rootfs, OciRootfs):
+        if isinstance(self.rootfs, DirRootfs):
+            # The same listing digest as a source tree: paths, kinds, modes, contents.
+            rootfs_dep = Dependency(
+                uri=record.rootfs, name="rootfs", sha256=tree_digest(self.rootfs.path)
+            )
+        elif isinstance(self.rootfs, OciRootfs):
             rootfs_dep = Dependency(
                 uri=f"oci:{self.rootfs.path}",
                 name="rootfs",

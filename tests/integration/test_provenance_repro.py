@@ -246,3 +246,30 @@ def test_source_date_epoch_from_git_commit(bc, tmp_path: Path) -> None:
     source = statement["predicate"]["buildDefinition"]["externalParameters"]["source"]
     assert len(source["digest"]["gitCommit"]) == 40
     assert result["status"] == "succeeded"
+
+
+def test_dir_rootfs_is_recorded_with_its_digest(bc, tmp_path: Path, state_root: Path) -> None:
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        pytest.skip("/bin/busybox (busybox-static) is not installed")
+    root = state_root / "rootfs"  # reachable by the cells' unprivileged uids when root
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(busybox, root / "bin" / "busybox")
+    (root / "bin" / "sh").symlink_to("busybox")
+    proj = tmp_path / "p"
+    proj.mkdir()
+    (proj / "buildcell.yaml").write_text(
+        f"version: 1\nname: d\nrootfs: {{dir: {root}}}\n"
+        "steps: [{name: s, run: 'busybox mkdir -p o && busybox echo x > o/x'}]\n"
+        'outputs: ["o/x"]\n'
+    )
+    out = tmp_path / "out"
+    _build(bc, proj / "buildcell.yaml", out)
+    deps = _statement(out / "provenance.intoto.jsonl")["predicate"]["buildDefinition"][
+        "resolvedDependencies"
+    ]
+    (rootfs,) = [d for d in deps if d.get("name") == "rootfs"]
+    assert rootfs["uri"] == f"dir:{root}"
+    from buildcell.source import tree_digest
+
+    assert rootfs["digest"]["sha256"] == tree_digest(root)
