@@ -27,6 +27,8 @@ __all__ = ["GcReport", "collect_garbage"]
 _CELL_CGROUP = re.compile(r"^([0-9a-f]{8})\.(\d{8}T\d{6}-[0-9a-f]{8})$")
 #: A cell directory without its record is being created; leave it alone this long.
 _GRACE_SECONDS = 60.0
+#: A partial download untouched for this long belongs to a fetch that died.
+_PARTIAL_SECONDS = 600.0
 
 
 @dataclass
@@ -36,6 +38,7 @@ class GcReport:
     killed: int = 0
     cgroups_removed: int = 0
     failed: list[str] = field(default_factory=list)
+    leftovers: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +47,7 @@ class GcReport:
             "killed": self.killed,
             "cgroups_removed": self.cgroups_removed,
             "failed": self.failed,
+            "leftovers": self.leftovers,
         }
 
     def summary(self) -> str:
@@ -52,6 +56,8 @@ class GcReport:
             parts.append(f"killed {self.killed} leftover process(es)")
         if self.cgroups_removed:
             parts.append(f"removed {self.cgroups_removed} cgroup(s)")
+        if self.leftovers:
+            parts.append(f"removed {self.leftovers} leftover(s) of interrupted builds")
         parts.append(f"{len(self.busy)} still running")
         if self.failed:
             parts.append("could not remove: " + ", ".join(self.failed))
@@ -99,7 +105,41 @@ def collect_garbage(state: StateDir) -> GcReport:
         else:
             report.removed.append(cell_dir.name)
     report.cgroups_removed += _orphan_cgroups(state.tag, live_cgroups)
+    report.leftovers = _build_leftovers(state)
     return report
+
+
+def _build_leftovers(state: StateDir) -> int:
+    """What an interrupted build leaves besides its cell: the output staging directory,
+    the second tree of a reproducibility check, and partial downloads in the store."""
+    from buildcell.records import RecordStore
+
+    removed = 0
+    builds = state.root / "builds"
+    running: set[str] = set()
+    if builds.is_dir():
+        for record in RecordStore(builds).recent(limit=10**9):
+            if record.status == "running":
+                running.add(record.id)
+            elif (builds / record.id / "staging").exists():
+                remove_tree(builds / record.id / "staging")
+                removed += 1
+    repro = state.root / "repro"
+    if repro.is_dir():
+        for scratch in repro.iterdir():
+            if scratch.name not in running:
+                remove_tree(scratch)
+                removed += 1
+    store = state.root / "cas" / "sha256"
+    if store.is_dir():
+        cutoff = time.time() - _PARTIAL_SECONDS
+        for fan in store.iterdir():
+            for entry in fan.iterdir() if fan.is_dir() else ():
+                # Partial downloads are dot-files that a live fetch keeps writing to.
+                if entry.name.startswith(".") and entry.lstat().st_mtime < cutoff:
+                    entry.unlink(missing_ok=True)
+                    removed += 1
+    return removed
 
 
 def _orphan_cgroups(tag: str, live_cgroups: set[str]) -> int:

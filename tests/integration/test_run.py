@@ -582,3 +582,40 @@ def test_source_larger_than_the_disk_budget_is_a_clear_error(bc, tmp_path: Path)
     res = bc("run", "--disk", "4M", "--", "true", cwd=tmp_path)
     assert res.returncode == 125
     assert "does not fit in the cell's disk budget (4.0 MiB)" in res.stderr
+
+
+def test_gc_removes_leftovers_of_interrupted_builds(bc, state_root: Path) -> None:
+    import json
+
+    from buildcell.records import BuildRecord, RecordStore, StepRecord
+
+    from buildcell.state import StateDir
+
+    state = StateDir(state_root / "state").root
+    store = RecordStore(state / "builds")
+    record = BuildRecord(
+        id="20261128T120000-deadbeef",
+        name="n",
+        spec_path="/x",
+        spec_digest="sha256:" + "0" * 64,
+        steps=[StepRecord("s")],
+    )
+    store.create(record, "")
+    record.supervisor = {"pid": 2**22 + 4321, "start": 1}  # a supervisor that is gone
+    store.save(record)
+    (store.dir(record.id) / "staging" / "dist").mkdir(parents=True)
+    (state / "repro" / record.id).mkdir(parents=True)
+    fan = state / "cas" / "sha256" / "ab"
+    fan.mkdir(parents=True)
+    partial = fan / ".abcdef.partial"
+    partial.write_bytes(b"half")
+    os.utime(partial, (time.time() - 3600, time.time() - 3600))
+    fresh = fan / ".fresh.partial"
+    fresh.write_bytes(b"in progress")
+    report = json.loads(bc("gc", "--json").stdout)
+    assert report["leftovers"] == 3
+    assert not (store.dir(record.id) / "staging").exists()
+    assert not (state / "repro" / record.id).exists()
+    assert not partial.exists()
+    assert fresh.exists()
+    assert (store.dir(record.id) / "record.json").exists()  # records are history, kept
