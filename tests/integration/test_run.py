@@ -588,7 +588,6 @@ def test_gc_removes_leftovers_of_interrupted_builds(bc, state_root: Path) -> Non
     import json
 
     from buildcell.records import BuildRecord, RecordStore, StepRecord
-
     from buildcell.state import StateDir
 
     state = StateDir(state_root / "state").root
