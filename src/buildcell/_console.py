@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import IO, Any
+from typing import IO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -210,7 +210,3 @@ def render_records(records: list[BuildRecord], console: Console) -> None:
             f"{sum(s.status == 'succeeded' for s in r.steps)}/{len(r.steps)}",
         )
     console.print(table)
-
-
-def record_summary(record: BuildRecord) -> dict[str, Any]:
-    return record.to_dict()

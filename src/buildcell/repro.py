@@ -339,8 +339,9 @@ def _first_difference_fds(fd_a: int, size_a: int, fd_b: int, size_b: int) -> int
         offset += len(chunk_a)
 
 
-def _regular_files(root_fd: int) -> set[str]:
-    """Relative paths of the regular files below ``root_fd``, not descending symlinks.
+def _walk(root_fd: int) -> Iterator[tuple[tuple[str, ...], int, os.DirEntry[str]]]:
+    """Every entry below ``root_fd`` as (parent's path parts, parent's fd, entry), never
+    descending a symlink. The parent's fd is open only while its entries are yielded.
 
     Directories are reopened from the root one component at a time rather than kept open,
     so a wide tree cannot exhaust file descriptors.
@@ -348,7 +349,6 @@ def _regular_files(root_fd: int) -> set[str]:
     Raises:
         OSError: a directory cannot be read.
     """
-    found: set[str] = set()
     pending: list[tuple[str, ...]] = [()]
     while pending:
         parts = pending.pop()
@@ -358,13 +358,22 @@ def _regular_files(root_fd: int) -> set[str]:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         pending.append((*parts, entry.name))
-                    elif entry.is_file(follow_symlinks=False) and (
-                        parts or entry.name not in _BUILD_METADATA
-                    ):
-                        found.add("/".join((*parts, entry.name)))
+                    yield parts, fd, entry
         finally:
             os.close(fd)
-    return found
+
+
+def _regular_files(root_fd: int) -> set[str]:
+    """Relative paths of the regular files below ``root_fd``, not descending symlinks.
+
+    Raises:
+        OSError: a directory cannot be read.
+    """
+    return {
+        "/".join((*parts, entry.name))
+        for parts, _, entry in _walk(root_fd)
+        if entry.is_file(follow_symlinks=False) and (parts or entry.name not in _BUILD_METADATA)
+    }
 
 
 # --- diffoscope -------------------------------------------------------------------------
@@ -697,25 +706,10 @@ def clamp_mtimes(root: Path, epoch: int) -> None:
         top = os.fstat(root_fd)
         if top.st_mtime_ns > limit:
             os.utime(root_fd, ns=(top.st_atime_ns, limit))
-        pending: list[tuple[str, ...]] = [()]
-        while pending:
-            parts = pending.pop()
-            fd = _open_dir_at(root_fd, parts)
-            try:
-                with os.scandir(fd) as entries:
-                    for entry in entries:
-                        st = entry.stat(follow_symlinks=False)
-                        if st.st_mtime_ns > limit:
-                            os.utime(
-                                entry.name,
-                                ns=(st.st_atime_ns, limit),
-                                dir_fd=fd,
-                                follow_symlinks=False,
-                            )
-                        if stat.S_ISDIR(st.st_mode):
-                            pending.append((*parts, entry.name))
-            finally:
-                os.close(fd)
+        for _, fd, entry in _walk(root_fd):
+            st = entry.stat(follow_symlinks=False)
+            if st.st_mtime_ns > limit:
+                os.utime(entry.name, ns=(st.st_atime_ns, limit), dir_fd=fd, follow_symlinks=False)
     except OSError as e:
         raise OutputError(f"cannot clamp mtimes under {str(root)!r}: {_reason(e)}") from e
     finally:
