@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import IO
+from collections.abc import Mapping, Sequence
+from typing import IO, Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -19,11 +20,13 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from buildcell.egress.audit import EgressStats, EgressSummaryRow
 from buildcell.pipeline import BuildResult
 from buildcell.records import BuildRecord, StepRecord
 from buildcell.spec import BuildSpec, StepSpec
+from buildcell.units import format_size
 
-__all__ = ["LiveReporter", "PlainReporter", "render_record", "render_records"]
+__all__ = ["LiveReporter", "PlainReporter", "render_egress", "render_record", "render_records"]
 
 
 class _LineSplitter:
@@ -185,6 +188,19 @@ def render_record(
         console.print(outputs)
         if record.out_dir:
             console.print(f"outputs in {escape(record.out_dir)} (manifest: outputs.json)")
+    egress = [
+        EgressSummaryRow(
+            str(row["destination"]),
+            row["verdict"] == "allowed",
+            int(row["requests"]),
+            int(row["bytes_up"]),
+            int(row["bytes_down"]),
+            int(row["errors"]),
+        )
+        for step in record.steps
+        for row in step.egress
+    ]
+    render_egress(EgressStats.merge(egress), console)
     if result is not None:
         if result.provenance is not None:
             how = (
@@ -194,6 +210,34 @@ def render_record(
             )
             console.print(f"provenance: {escape(str(result.provenance))} ({how})")
         console.print(f"[dim]record: {escape(str(result.record_dir))}[/]")
+
+
+def render_egress(rows: Sequence[EgressSummaryRow | Mapping[str, Any]], console: Console) -> None:
+    """The egress table: each destination, how often, how many bytes, allowed or denied."""
+    if not rows:
+        return
+    table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+    for col, justify in (
+        ("egress", "left"),
+        ("verdict", "left"),
+        ("requests", "right"),
+        ("sent", "right"),
+        ("received", "right"),
+        ("errors", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        data = row.to_dict() if isinstance(row, EgressSummaryRow) else row
+        verdict = str(data["verdict"])
+        table.add_row(
+            escape(str(data["destination"])),
+            f"[{'green' if verdict == 'allowed' else 'red'}]{verdict}[/]",
+            str(data["requests"]),
+            format_size(int(data["bytes_up"])),
+            format_size(int(data["bytes_down"])),
+            str(data["errors"]) if data["errors"] else "",
+        )
+    console.print(table)
 
 
 def render_records(records: list[BuildRecord], console: Console) -> None:

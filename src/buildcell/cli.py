@@ -32,11 +32,21 @@ examples:
   buildcell run --source src --output 'dist/*.whl' -- python3 -m build --no-isolation
   buildcell run --memory 1G --pids 256 --cpus 1.5 --timeout 10m -- ./ci.sh
   buildcell run --rootfs dir:/srv/rootfs/bookworm --events ev.jsonl -- sh -c 'id; ls /'
+  buildcell run --allow pypi.example.org --allow '*.files.example.org' -- pip download -d v x
 
 inside the cell: uid/gid 1000 (builder), cwd /workspace (an ephemeral copy of --source),
 HOME=/home/builder, PATH=/usr/local/bin:/usr/bin:/bin, TZ=UTC, LANG=C.UTF-8,
-SOURCE_DATE_EPOCH; no network (loopback only); read-only root; no host environment
-variable unless named with --env/--pass-env.
+SOURCE_DATE_EPOCH; read-only root; no host environment variable unless named with
+--env/--pass-env.
+
+network: none at all (loopback only) unless --allow names a destination. Then the cell
+still has only loopback, where an HTTP proxy (127.0.0.1:3128, set in HTTP_PROXY and
+HTTPS_PROXY) and a resolver (127.0.0.1:53) answer for the host side: allowed names
+resolve to addresses local to the cell that lead, on an allowed port, to the real host;
+everything else is refused and recorded (net.allow, net.deny, dns.query events).
+DEST is HOST (ports 80 and 443), HOST:PORT, *.DOMAIN[:PORT] (subdomains only), or an
+IP or CIDR with a port (10.0.0.5:8080, [::1]:8080). Names never reach loopback,
+private, link-local or cloud metadata addresses unless that address is allowed literally.
 
 exit status: the command's own; 124 timeout; 125 buildcell could not do what was asked;
 126/127 command not executable / not found; 128+N killed by signal N (137 also on
@@ -160,6 +170,23 @@ def _build_parser() -> _Parser:
         action="store_true",
         help="connect stdin (default: /dev/null); the cell still has no controlling terminal",
     )
+    g = run.add_argument_group("network")
+    g.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="DEST",
+        help="let the cell reach DEST through its egress proxy (repeatable; see below); "
+        "without any, the cell has no network at all",
+    )
+    g.add_argument(
+        "--add-host",
+        action="append",
+        default=[],
+        metavar="NAME:ADDRESS",
+        help="resolve NAME to ADDRESS on the host side instead of asking DNS (repeatable); "
+        "the address guard still applies",
+    )
     g = run.add_argument_group("limits")
     g.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 512M, 2GiB")
     g.add_argument("--pids", metavar="N", help="maximum number of processes and threads")
@@ -226,6 +253,14 @@ def _build_parser() -> _Parser:
         metavar="NAME[=env:VAR|file:PATH]",
         help="bind a secret the spec declares to its source (default env:NAME); only the "
         "steps that declare it get it (repeatable)",
+    )
+    build.add_argument(
+        "--add-host",
+        action="append",
+        default=[],
+        metavar="NAME:ADDRESS",
+        help="resolve NAME to ADDRESS on the host side for steps with a network allowlist, "
+        "instead of asking DNS (repeatable); the address guard still applies",
     )
     build.add_argument(
         "--sign-key",
@@ -411,6 +446,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seccomp=not args.unsafe_no_seccomp,
         interactive=args.interactive,
         source_date_epoch=int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0),
+        **_network_options(args.allow, args.add_host),
     )
     state = StateDir(args.state_dir)
     events = EventLog(args.events, build="")
@@ -430,7 +466,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{PROG}: timed out after {args.timeout}; the cell was killed\n")
         elif result.reason == "oom" and not args.quiet:
             sys.stderr.write(f"{PROG}: out of memory (limit {args.memory}); the cell was killed\n")
+        if result.egress and not args.quiet:
+            from buildcell._console import render_egress
+
+            render_egress(result.egress, _stderr_console())
     return result.exit_code
+
+
+def _network_options(allow: Sequence[str], add_host: Sequence[str]) -> dict[str, Any]:
+    """``network`` and ``pinned_hosts`` of a CellConfig from --allow and --add-host.
+
+    Raises:
+        ConfigError: an entry does not parse.
+    """
+    if not allow and not add_host:
+        return {}
+    from buildcell.egress.policy import EgressPolicy
+
+    return {"network": EgressPolicy.from_strings(allow), "pinned_hosts": _pinned_hosts(add_host)}
+
+
+def _pinned_hosts(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    if not items:
+        return ()
+    from buildcell.egress.policy import parse_pinned_host
+
+    return tuple(parse_pinned_host(item) for item in items)
+
+
+def _stderr_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
 def _print_warnings(event: dict[str, Any]) -> None:
@@ -482,6 +549,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         sign_key=key,
         builder_id=args.builder_id or DEFAULT_BUILDER_ID,
         secrets=tuple(_secrets(args.secret)),
+        pinned_hosts=_pinned_hosts(args.add_host),
     )
     out_dir = (args.out or Path("buildcell-out")).absolute()
     state = StateDir(args.state_dir)

@@ -43,6 +43,7 @@ from buildcell.spec import BuildSpec, DirRootfsSpec, LoadedSpec, OciRootfsSpec, 
 from buildcell.state import StateDir
 
 if TYPE_CHECKING:
+    from buildcell.egress.policy import EgressPolicy
     from buildcell.outputs import OutputReport
     from buildcell.provenance import SigningKey
     from buildcell.redact import Secret
@@ -153,6 +154,8 @@ class BuildOptions:
         variation: perturbations (``--check-repro`` uses them for its second build).
         provenance: write ``provenance.intoto.jsonl`` next to the outputs.
         secrets: the values bound by the operator (``--secret``), by name.
+        pinned_hosts: ``(name, address)`` pairs the egress service resolves without DNS
+            (``--add-host``).
     """
 
     sign_key: SigningKey | None = None
@@ -160,6 +163,7 @@ class BuildOptions:
     variation: Variation | None = None
     provenance: bool = True
     secrets: tuple[Secret, ...] = ()
+    pinned_hosts: tuple[tuple[str, str], ...] = ()
 
 
 class _StepLog:
@@ -382,6 +386,8 @@ class _BuildRun:
                 for use in step.secrets
             ),
             redact=self.options.secrets,
+            network=_step_policy(step),
+            pinned_hosts=self.options.pinned_hosts,
         )
         step_record.status = "running"
         step_record.started = time.time()
@@ -404,6 +410,7 @@ class _BuildRun:
             step_record.duration = time.time() - step_record.started
         step_record.exit_code = cell_result.exit_code
         step_record.reason = cell_result.reason
+        step_record.egress = [row.to_dict() for row in cell_result.egress or ()]
         step_record.status = "succeeded" if cell_result.exit_code == 0 else "failed"
         self.store.save(self.record)
         self.reporter.step_finished(step, step_record)
@@ -528,6 +535,25 @@ class _BuildRun:
         dependencies = [rootfs_dep] + [
             Dependency(uri=i["uri"], sha256=i["sha256"], name=i["path"]) for i in record.inputs
         ]
+        # What the build actually reached: no digest exists for it, which is the point of
+        # recording it (a verifier can refuse builds that had egress: --no-network).
+        dependencies += [
+            Dependency(
+                uri=f"egress://{row['destination']}",
+                name=f"egress:{step.name}",
+                annotations={
+                    "kind": "egress",
+                    "host": str(row["destination"]).rpartition(":")[0],
+                    "port": int(str(row["destination"]).rpartition(":")[2]),
+                    "requests": row["requests"],
+                    "bytesUp": row["bytes_up"],
+                    "bytesDown": row["bytes_down"],
+                },
+            )
+            for step in record.steps
+            for row in step.egress
+            if row["verdict"] == "allowed"
+        ]
         record_dir = self.store.dir(record.id)
         byproducts = [
             Dependency(
@@ -559,7 +585,7 @@ class _BuildRun:
                     {
                         "name": step.name,
                         "limits": spec.step_limits(step).to_limits().to_dict(),
-                        "network": {"allow": []},
+                        "network": {"allow": step.network.allow if step.network else []},
                         "secrets": [use.name for use in step.secrets],
                     }
                     for step in spec.steps
@@ -583,6 +609,14 @@ class _BuildRun:
         self.events.emit(
             "provenance", path=str(path), signed=key is not None, keyid=key.keyid if key else None
         )
+
+
+def _step_policy(step: StepSpec) -> EgressPolicy | None:
+    if step.network is None or not step.network.allow:
+        return None
+    from buildcell.egress.policy import EgressPolicy
+
+    return EgressPolicy.from_strings(step.network.allow)
 
 
 def _glob_escape(path: str) -> str:

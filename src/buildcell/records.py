@@ -32,6 +32,7 @@ class StepRecord:
     reason: str | None = None
     started: float | None = None
     duration: float | None = None
+    egress: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -470,6 +470,39 @@ class SecretUse(BaseModel):
         return {"name": value} if isinstance(value, str) else value
 
 
+def _check_allow(value: str) -> str:
+    from buildcell.egress.policy import parse_allow
+
+    try:
+        return parse_allow(value).describe()
+    except ConfigError as e:
+        _fail(e.message + (f" ({e.hint})" if e.hint else ""))
+
+
+_AllowEntry = Annotated[
+    StrictStr,
+    AfterValidator(_check_allow),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "HOST (ports 80, 443), HOST:PORT, *.DOMAIN[:PORT] (subdomains "
+            "only), or an IP/CIDR with a port (10.0.0.5:8080, [::1]:8080).",
+        }
+    ),
+]
+
+
+class NetworkSpec(BaseModel):
+    """What a step may reach. Without it (or with an empty list) the step has no network."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    allow: list[_AllowEntry] = Field(
+        default=[],
+        description="Destinations reachable through the cell's egress proxy and resolver.",
+    )
+
+
 class StepSpec(BaseModel):
     """One step of a build: a shell command run in its own cell, in order."""
 
@@ -485,6 +518,10 @@ class StepSpec(BaseModel):
         default=[],
         description="Secrets this step needs: names, or {name, env} mappings. Only this "
         "step's cell gets them.",
+    )
+    network: NetworkSpec | None = Field(
+        default=None,
+        description="Egress allowlist of this step; without it the step has no network.",
     )
 
     @model_validator(mode="after")

@@ -46,6 +46,9 @@ class SpawnPlan:
     stdin: int | None = None
     capture: bool = True
     umask: int | None = None
+    #: Run in the child after entering ``setns_fds`` and before dropping privileges
+    #: (the network namespace set-up); it may only make syscalls, like the rest.
+    in_child: Callable[[], None] | None = None
 
 
 def _preexec_for(plan: SpawnPlan, parent: int) -> Callable[[], None]:
@@ -55,6 +58,7 @@ def _preexec_for(plan: SpawnPlan, parent: int) -> Callable[[], None]:
     setns_fds = plan.setns_fds
     drop_to = plan.drop_to
     umask = plan.umask
+    in_child = plan.in_child
 
     def preexec() -> None:
         if umask is not None:
@@ -69,6 +73,8 @@ def _preexec_for(plan: SpawnPlan, parent: int) -> Callable[[], None]:
         for fd, nstype in setns_fds:
             if _setns(fd, nstype) != 0:
                 raise OSError(ctypes.get_errno(), "setns")
+        if in_child is not None:
+            in_child()
         if drop_to is not None:
             uid, gid = drop_to
             os.setgroups([])

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from buildcell.errors import ConfigError
 
 if TYPE_CHECKING:
+    from buildcell.egress.policy import EgressPolicy
     from buildcell.redact import Secret
     from buildcell.secrets import SecretDelivery
 
@@ -40,6 +41,8 @@ CELL_HOME = "/home/builder"
 CELL_WORKSPACE = "/workspace"
 CELL_HOSTNAME = "buildcell"
 CELL_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: Where the cell's egress proxy listens (inside its own network namespace).
+CELL_PROXY = "http://127.0.0.1:3128"
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,9 @@ class CellConfig:
         variation: perturbations for reproducibility checks.
         secrets: secrets delivered to this cell (``/run/secrets/NAME``, optionally env).
         redact: secret values to redact from everything the cell prints.
+        network: the egress allowlist; ``None`` or an empty one means no network at all.
+        pinned_hosts: ``(name, address)`` pairs the host side resolves without DNS
+            (``--add-host``); such addresses still pass the address guard.
     """
 
     argv: tuple[str, ...]
@@ -208,6 +214,8 @@ class CellConfig:
     variation: Variation | None = None
     secrets: tuple[CellSecret, ...] = ()
     redact: tuple[Secret, ...] = ()
+    network: EgressPolicy | None = None
+    pinned_hosts: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -231,8 +239,17 @@ class CellConfig:
             "LOGNAME": CELL_USER,
             "SOURCE_DATE_EPOCH": str(self.source_date_epoch),
         }
+        if self.has_network:
+            for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+                env[name] = env[name.lower()] = CELL_PROXY
+            env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1"
         env.update(self.env)
         return env
+
+    @property
+    def has_network(self) -> bool:
+        """Whether the cell gets a network namespace with the egress service."""
+        return self.network is not None and not self.network.empty
 
     def resolved_out_dir(self) -> Path:
         return (self.out_dir or Path("buildcell-out")).absolute()

@@ -12,7 +12,9 @@ import resource
 import select
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +57,9 @@ from buildcell.errors import (
 from buildcell.state import StateDir, unreachable_ancestor
 
 if TYPE_CHECKING:
+    from buildcell.cell.netns import NetnsPlan
+    from buildcell.egress.audit import EgressSummaryRow
+    from buildcell.egress.service import EgressService
     from buildcell.outputs import OutputReport
 
 __all__ = ["Cell", "CellResult", "TeardownReport", "find_bwrap", "limits_backend", "run_cell"]
@@ -94,6 +99,7 @@ class TeardownReport:
     workspace_removed: bool
     mounts_left: int
     anchor_stopped: bool
+    network_released: bool = True
 
     @property
     def clean(self) -> bool:
@@ -103,6 +109,7 @@ class TeardownReport:
             and self.workspace_removed
             and self.mounts_left == 0
             and self.anchor_stopped
+            and self.network_released
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,6 +121,7 @@ class TeardownReport:
             "workspace_removed": self.workspace_removed,
             "mounts_left": self.mounts_left,
             "anchor_stopped": self.anchor_stopped,
+            "network_released": self.network_released,
         }
 
 
@@ -136,6 +144,7 @@ class CellResult:
     outputs: OutputReport | None = None
     teardown: TeardownReport | None = None
     oom_kills: int = 0
+    egress: list[EgressSummaryRow] | None = None
 
 
 @functools.cache
@@ -241,6 +250,7 @@ class Cell:
         self._rlimits: tuple[tuple[int, int], ...] = ()
         self._bpf: bytes | None = None
         self._seccomp_info: dict[str, Any] = {}
+        self._egress: EgressService | None = None
         self.result: CellResult | None = None
 
     # -- preparation ---------------------------------------------------------------
@@ -331,6 +341,7 @@ class Cell:
             hostname=CELL_HOSTNAME,
             uid=CELL_UID,
             gid=CELL_GID,
+            share_net=cfg.has_network,
         )
         self._bwrap = bwrap
 
@@ -411,6 +422,7 @@ class Cell:
             gid=self._plan.gid,
             seccomp_fd=seccomp_fd,
             status_fd=status_w,
+            share_net=self._plan.share_net,
             extra=tuple(extra),
         )
         self._argv = bwrap_argv(plan, self._bwrap)
@@ -421,6 +433,25 @@ class Cell:
         fds += cgroup_fds
         identity = self.storage.identity
         anchor = self.storage.anchor
+        netns_plan: NetnsPlan | None = None
+        in_child: Callable[[], None] | None = None
+        channel: tuple[socket.socket, socket.socket] | None = None
+        if cfg.has_network:
+            from buildcell.cell import netns
+
+            # Rootless, the namespace needs a user namespace to belong to: the anchor's
+            # when there is one (the cell enters it first), else one made with it.
+            assert cfg.network is not None
+            netns_plan = netns.plan_netns(
+                cfg.network.name_ports(), own_userns=os.geteuid() != 0 and anchor is None
+            )
+            for port in netns_plan.skipped_ports:
+                self._warn(
+                    f"port {port} is used by the cell's proxy or resolver: connections to it "
+                    "go through the proxy only, not transparently"
+                )
+            channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            in_child = netns.child_setup(netns_plan, channel[1])
         spawn_plan = _spawn.SpawnPlan(
             argv=self._argv,
             pass_fds=tuple(pass_fds),
@@ -431,6 +462,7 @@ class Cell:
             drop_to=(identity.uid, identity.gid) if identity.drop else None,
             stdin=0 if cfg.interactive else None,
             umask=cfg.variation.umask if cfg.variation is not None else None,
+            in_child=in_child,
         )
         self.events.emit(
             "cell.start",
@@ -441,7 +473,7 @@ class Cell:
             limits=cfg.limits.to_dict(),
             limits_backend=limits_backend().mode,
             seccomp=self._seccomp_info,
-            network="none",
+            network=cfg.network.describe() if cfg.has_network and cfg.network else "none",
             host_uid=identity.uid,
         )
         started = time.monotonic()
@@ -454,6 +486,11 @@ class Cell:
             for fd in fds:
                 if fd != block_w:
                     os.close(fd)
+            if channel is not None:
+                channel[1].close()
+        if channel is not None and netns_plan is not None:
+            with channel[0]:
+                self._start_egress(channel[0], netns_plan)
 
         def on_status(obj: dict[str, object]) -> None:
             pid = obj.get("child-pid")
@@ -484,6 +521,31 @@ class Cell:
                 os.close(block_w)
         self.result = self._classify(outcome)
         return self.result
+
+    def _start_egress(self, channel: socket.socket, plan: NetnsPlan) -> None:
+        from buildcell.cell.netns import receive_listeners
+        from buildcell.egress.service import EgressService
+
+        cfg = self.config
+        assert cfg.network is not None
+        socks = receive_listeners(channel, plan)
+        scrub = _scrubber(cfg)
+
+        def emit(event: str, **fields: Any) -> None:
+            self.events.emit(event, step=self.step, cell=self.cell_id, **fields)
+
+        try:
+            self._egress = EgressService(
+                cfg.network,
+                list(zip(plan.listeners, socks, strict=True)),
+                emit=emit,
+                pinned=dict(cfg.pinned_hosts),
+                scrub=scrub,
+            )
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
 
     def _secret_fds(self, fds: list[int], pass_fds: list[int]) -> tuple[list[Mount], list[str]]:
         """Memory file descriptors carrying this cell's secrets into bubblewrap.
@@ -700,6 +762,12 @@ class Cell:
         if self._init_pidfd is not None:
             os.close(self._init_pidfd)
             self._init_pidfd = None
+        network_released = True
+        if self._egress is not None:
+            self._egress.close()
+            network_released = self._egress.closed
+            if self.result is not None:
+                self.result.egress = self._egress.stats.rows()
         checks: dict[str, bool | int] = {
             "workspace_removed": True,
             "anchor_stopped": True,
@@ -718,6 +786,7 @@ class Cell:
             workspace_removed=bool(checks["workspace_removed"]),
             mounts_left=int(checks["mounts_left"]),
             anchor_stopped=bool(checks["anchor_stopped"]),
+            network_released=network_released,
         )
         if emit:
             self.events.emit(
@@ -740,6 +809,22 @@ class Cell:
         tb: TracebackType | None,
     ) -> None:
         self._teardown()
+
+
+def _scrubber(config: CellConfig) -> Callable[[str], str]:
+    """Redacts secret values from names and paths before they reach an event."""
+    if not config.redact:
+        return lambda text: text
+    from buildcell.redact import Redactor
+
+    redactor = Redactor(config.redact)
+    lock = threading.Lock()
+
+    def scrub(text: str) -> str:
+        with lock:
+            return redactor.redact(text.encode()).decode(errors="replace")
+
+    return scrub
 
 
 def run_cell(

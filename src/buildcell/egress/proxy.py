@@ -1,0 +1,445 @@
+"""The host side of a cell's egress: an HTTP forward proxy, CONNECT tunnels, transparent mode.
+
+Requests are parsed with h11 on both sides (never by hand). Every attempt is decided by
+the cell's ``EgressPolicy`` *after* the host resolved the name, and the connection goes
+to the address that was checked, so a name cannot be re-resolved to somewhere else in
+between (no DNS-rebinding window). A denial is answered with 403 and a body naming the
+policy and the ``--allow`` that would permit it; every attempt becomes an ``Attempt``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+
+from buildcell.egress.audit import Attempt
+from buildcell.egress.policy import EgressPolicy, Verdict, decide, normalize_host
+from buildcell.egress.relay import relay
+from buildcell.errors import ConfigError
+
+__all__ = ["EgressProxy", "Resolver"]
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+_READ = 64 * 1024
+_MAX_HEAD = 64 * 1024
+_HEAD_TIMEOUT = 30.0
+_CONNECT_TIMEOUT = 10.0
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"expect",
+    }
+)
+
+
+class _Closed(Exception):
+    """The peer went away or broke the protocol; the connection just ends."""
+
+
+@dataclass
+class _Upstream:
+    sock: socket.socket
+    address: str
+
+
+class EgressProxy:
+    """Serves accepted connections of one cell.
+
+    Args:
+        policy: the cell's allowlist.
+        resolve: host-side name resolution (``host, port -> addresses``).
+        name_for: maps a synthetic address handed out by the cell's resolver to its name.
+        record: called once per attempt, when it ends.
+        idle_timeout: a tunnel with no traffic either way for this long is closed.
+    """
+
+    def __init__(
+        self,
+        policy: EgressPolicy,
+        *,
+        resolve: Resolver,
+        name_for: Callable[[str], str | None],
+        record: Callable[[Attempt], None],
+        idle_timeout: float = 300.0,
+    ) -> None:
+        self.policy = policy
+        self._resolve = resolve
+        self._name_for = name_for
+        self._record = record
+        self.idle_timeout = idle_timeout
+
+    # -- decisions -------------------------------------------------------------------
+
+    async def _decide(self, host: str, port: int) -> Verdict:
+        try:
+            ipaddress.ip_address(host)
+            addresses = [host]
+        except ValueError:
+            if self.policy.match(host, port) is None:
+                # Not on the list: no reason to ask any resolver about it.
+                return decide(self.policy, host, port, [])
+            try:
+                addresses = await asyncio.wait_for(self._resolve(host, port), _CONNECT_TIMEOUT)
+            except (OSError, TimeoutError):
+                addresses = []
+        return decide(self.policy, host, port, addresses)
+
+    async def _open(self, address: str, port: int) -> _Upstream:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (address, port)), _CONNECT_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            sock.close()
+            raise
+        return _Upstream(sock, address)
+
+    @staticmethod
+    def _apply(attempt: Attempt, verdict: Verdict) -> None:
+        attempt.allowed = verdict.allowed
+        attempt.address = verdict.address
+        attempt.entry = verdict.entry.describe() if verdict.entry is not None else None
+        if not verdict.allowed:
+            attempt.reason = verdict.reason
+            attempt.suggestion = verdict.suggestion
+
+    async def _relay(
+        self, client: socket.socket, upstream: socket.socket, attempt: Attempt, pending: bytes = b""
+    ) -> None:
+        result = await relay(
+            client, upstream, client_pending=pending, idle_timeout=self.idle_timeout
+        )
+        attempt.bytes_up, attempt.bytes_down, attempt.error = result.up, result.down, result.error
+
+    def _finish(self, attempt: Attempt, started: float) -> None:
+        attempt.duration_ms = (time.monotonic() - started) * 1000
+        self._record(attempt)
+
+    # -- transparent mode ------------------------------------------------------------
+
+    async def serve_transparent(self, client: socket.socket, port: int) -> None:
+        """A connection the cell made to a synthetic address (or a literal one) on ``port``."""
+        started = time.monotonic()
+        local = client.getsockname()[0]
+        host = self._name_for(local) or local
+        attempt = Attempt("transparent", host, port)
+        try:
+            verdict = await self._decide(host, port)
+            self._apply(attempt, verdict)
+            if not verdict.allowed or verdict.address is None:
+                return
+            try:
+                upstream = await self._open(verdict.address, port)
+            except (OSError, TimeoutError) as e:
+                attempt.error = _why(e)
+                return
+            with contextlib.closing(upstream.sock):
+                await self._relay(client, upstream.sock, attempt)
+        finally:
+            self._finish(attempt, started)
+
+    # -- the HTTP proxy --------------------------------------------------------------
+
+    async def serve_proxy(self, client: socket.socket) -> None:
+        """One client connection to the proxy: requests until it closes, or a tunnel."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        try:
+            while True:
+                event = await _next_event(conn, client, timeout=_HEAD_TIMEOUT)
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+                if not isinstance(event, h11.Request):
+                    return
+                if event.method == b"CONNECT":
+                    await self._connect(conn, client, event)
+                    return
+                keep = await self._forward(conn, client, event)
+                if not keep or conn.our_state is not h11.DONE:
+                    return
+                try:
+                    conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    return
+        except h11.RemoteProtocolError as e:
+            await _send_error(conn, client, e.error_status_hint, f"malformed request: {e}")
+        except (_Closed, OSError, TimeoutError):
+            return
+
+    async def _connect(self, conn: h11.Connection, client: socket.socket, req: h11.Request) -> None:
+        started = time.monotonic()
+        target = req.target.decode("ascii", "replace")
+        parsed = _authority(target)
+        if parsed is None:
+            await _send_error(conn, client, 400, f"CONNECT needs HOST:PORT, not {target!r}")
+            return
+        host, port = parsed
+        attempt = Attempt("connect", host, port, method="CONNECT")
+        try:
+            verdict = await self._decide(host, port)
+            self._apply(attempt, verdict)
+            if not verdict.allowed or verdict.address is None:
+                attempt.status = 403
+                await _send_denied(conn, client, verdict, host, port)
+                return
+            try:
+                upstream = await self._open(verdict.address, port)
+            except (OSError, TimeoutError) as e:
+                attempt.error, attempt.status = _why(e), 502
+                await _send_error(conn, client, 502, f"cannot connect to {host}:{port}: {_why(e)}")
+                return
+            with contextlib.closing(upstream.sock):
+                attempt.status = 200
+                await _send(
+                    conn,
+                    client,
+                    h11.Response(status_code=200, headers=[], reason=b"Connection Established"),
+                )
+                pending, _closed = conn.trailing_data
+                await self._relay(client, upstream.sock, attempt, pending)
+        finally:
+            self._finish(attempt, started)
+
+    async def _forward(self, conn: h11.Connection, client: socket.socket, req: h11.Request) -> bool:
+        """An absolute-URI request; True when the client connection may be reused."""
+        started = time.monotonic()
+        target = req.target.decode("ascii", "replace")
+        try:
+            url = urlsplit(target)
+        except ValueError:
+            await _send_error(conn, client, 400, f"malformed request target {target!r}")
+            return False
+        if url.scheme != "http" or not url.hostname:
+            why = (
+                "use CONNECT for https (set HTTPS_PROXY)"
+                if url.scheme == "https"
+                else "this is a proxy: the request target must be an absolute http URL, "
+                f"not {target!r}"
+            )
+            await _send_error(conn, client, 400, why)
+            return False
+        try:
+            port = url.port or 80
+        except ValueError:
+            port = 0
+        host = _host(url.hostname)
+        if host is None or not port:
+            await _send_error(conn, client, 400, f"invalid host or port in {target!r}")
+            return False
+        names = {k.lower() for k, _v in req.headers}
+        if b"transfer-encoding" in names and b"content-length" in names:
+            # Two framings: the classic request-smuggling set-up (RFC 9112, 6.3).
+            await _send_error(conn, client, 400, "both Content-Length and Transfer-Encoding")
+            return False
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        method = req.method.decode("ascii", "replace")
+        attempt = Attempt("proxy", host, port, method=method, path=url.path or "/")
+        try:
+            verdict = await self._decide(host, port)
+            self._apply(attempt, verdict)
+            if not verdict.allowed or verdict.address is None:
+                attempt.status = 403
+                await _drain_body(conn, client)
+                return await _send_denied(conn, client, verdict, host, port)
+            try:
+                upstream = await self._open(verdict.address, port)
+            except (OSError, TimeoutError) as e:
+                attempt.error, attempt.status = _why(e), 502
+                await _drain_body(conn, client)
+                await _send_error(conn, client, 502, f"cannot connect to {host}:{port}: {_why(e)}")
+                return False
+            with contextlib.closing(upstream.sock):
+                return await self._exchange(
+                    conn, client, req, path=path, upstream=upstream.sock, attempt=attempt
+                )
+        finally:
+            self._finish(attempt, started)
+
+    async def _exchange(
+        self,
+        conn: h11.Connection,
+        client: socket.socket,
+        req: h11.Request,
+        *,
+        path: str,
+        upstream: socket.socket,
+        attempt: Attempt,
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        up = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
+        headers = [(k, v) for k, v in req.headers if k.lower() not in _HOP_BY_HOP]
+        headers.append((b"connection", b"close"))
+
+        async def send_up(event: h11.Event) -> None:
+            data = up.send(event)
+            if data:
+                await loop.sock_sendall(upstream, data)
+                attempt.bytes_up += len(data)
+
+        await send_up(
+            h11.Request(
+                method=req.method, target=path.encode(), headers=headers, http_version=b"1.1"
+            )
+        )
+        if conn.they_are_waiting_for_100_continue:
+            await _send(conn, client, h11.InformationalResponse(status_code=100, headers=[]))
+        while True:
+            event = await _next_event(conn, client, timeout=self.idle_timeout)
+            if isinstance(event, h11.Data):
+                await send_up(event)
+            elif isinstance(event, h11.EndOfMessage):
+                await send_up(h11.EndOfMessage())
+                break
+            else:
+                raise _Closed
+        try:
+            while True:
+                reply = await _next_event(
+                    up, upstream, timeout=self.idle_timeout, count=attempt, inbound=True
+                )
+                if isinstance(reply, h11.InformationalResponse):
+                    continue
+                if isinstance(reply, h11.Response):
+                    attempt.status = reply.status_code
+                    headers = [(k, v) for k, v in reply.headers if k.lower() not in _HOP_BY_HOP]
+                    await _send(
+                        conn,
+                        client,
+                        h11.Response(
+                            status_code=reply.status_code, headers=headers, reason=reply.reason
+                        ),
+                    )
+                elif isinstance(reply, h11.Data):
+                    await _send(conn, client, reply)
+                elif isinstance(reply, h11.EndOfMessage):
+                    await _send(conn, client, h11.EndOfMessage())
+                    return conn.our_state is h11.DONE
+                else:
+                    raise _Closed
+        except h11.RemoteProtocolError as e:
+            attempt.error = f"upstream broke HTTP: {e}"
+            if conn.our_state is h11.SEND_RESPONSE:
+                await _send_error(conn, client, 502, f"the upstream server broke HTTP: {e}")
+            return False
+
+
+# -- h11 plumbing ----------------------------------------------------------------------
+
+
+async def _next_event(
+    conn: h11.Connection,
+    sock: socket.socket,
+    *,
+    timeout: float,
+    count: Attempt | None = None,
+    inbound: bool = False,
+) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+    loop = asyncio.get_running_loop()
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(sock, _READ), timeout)
+        except (ConnectionError, TimeoutError) as e:
+            raise _Closed from e
+        if count is not None and inbound:
+            count.bytes_down += len(data)
+        conn.receive_data(data)
+
+
+async def _send(conn: h11.Connection, sock: socket.socket, event: h11.Event) -> None:
+    data = conn.send(event)
+    if data:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+
+async def _drain_body(conn: h11.Connection, sock: socket.socket) -> None:
+    """Read (and drop) a request body that will not be forwarded, so a reply can follow."""
+    if conn.they_are_waiting_for_100_continue:
+        return
+    with contextlib.suppress(_Closed):
+        while conn.their_state is h11.SEND_BODY:
+            event = await _next_event(conn, sock, timeout=5.0)
+            if not isinstance(event, h11.Data):
+                return
+
+
+async def _send_error(conn: h11.Connection, sock: socket.socket, status: int, message: str) -> None:
+    body = f"buildcell egress: {message}\n".encode()
+    with contextlib.suppress(h11.LocalProtocolError, OSError):
+        await _send(
+            conn,
+            sock,
+            h11.Response(
+                status_code=status,
+                headers=[
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            ),
+        )
+        await _send(conn, sock, h11.Data(data=body))
+        await _send(conn, sock, h11.EndOfMessage())
+
+
+async def _send_denied(
+    conn: h11.Connection, sock: socket.socket, verdict: Verdict, host: str, port: int
+) -> bool:
+    hint = f"; to permit it: --allow {verdict.suggestion}" if verdict.suggestion else ""
+    await _send_error(
+        conn, sock, 403, f"denied by the cell's network policy: {verdict.reason}{hint}"
+    )
+    return False
+
+
+def _authority(target: str) -> tuple[str, int] | None:
+    host, sep, port_text = target.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        return None
+    port = int(port_text)
+    if not 0 < port < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    name = _host(host)
+    return None if name is None else (name, port)
+
+
+def _host(text: str) -> str | None:
+    """An IP literal in its canonical form, or a normalized DNS name; None if neither."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    try:
+        return normalize_host(text)
+    except ConfigError:
+        return None
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__

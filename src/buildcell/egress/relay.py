@@ -1,0 +1,198 @@
+"""Copying a tunnel's bytes both ways: zero-copy with ``splice`` through a pipe.
+
+Each direction moves data socket -> pipe -> socket inside the kernel, so bytes never
+enter Python; the pipe (up to 1 MiB) is the only buffer, which bounds memory per tunnel
+and gives natural back-pressure: a peer that stops reading stops the other side being
+read. Where ``splice`` is unavailable the same loop copies through a reused buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["RelayResult", "relay"]
+
+_CHUNK = 1 << 20
+_F_SETPIPE_SZ = 1031
+_HAVE_SPLICE = hasattr(os, "splice")
+_SPLICE_FLAGS = (
+    getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _HAVE_SPLICE else 0
+)
+
+
+@dataclass
+class RelayResult:
+    """Bytes moved each way; ``up`` is from the cell to the destination."""
+
+    up: int = 0
+    down: int = 0
+    error: str | None = None
+    _last: float = field(default_factory=time.monotonic)
+
+
+async def _wait(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def _send_all(loop: asyncio.AbstractEventLoop, dst: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            sent = dst.send(view)
+        except BlockingIOError:
+            await _wait(loop, dst, write=True)
+            continue
+        view = view[sent:]
+
+
+async def _pump_splice(
+    loop: asyncio.AbstractEventLoop,
+    src: socket.socket,
+    dst: socket.socket,
+    result: RelayResult,
+    up: bool,
+) -> None:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, _F_SETPIPE_SZ, _CHUNK)
+        while True:
+            try:
+                n = os.splice(src.fileno(), w, _CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                await _wait(loop, src, write=False)
+                continue
+            if n == 0:
+                return
+            left = n
+            while left:
+                try:
+                    left -= os.splice(r, dst.fileno(), left, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await _wait(loop, dst, write=True)
+            _account(result, up, n)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def _pump_copy(
+    loop: asyncio.AbstractEventLoop,
+    src: socket.socket,
+    dst: socket.socket,
+    result: RelayResult,
+    up: bool,
+) -> None:
+    buf = bytearray(256 * 1024)
+    view = memoryview(buf)
+    while True:
+        try:
+            n = src.recv_into(buf)
+        except BlockingIOError:
+            await _wait(loop, src, write=False)
+            continue
+        if n == 0:
+            return
+        await _send_all(loop, dst, bytes(view[:n]))
+        _account(result, up, n)
+
+
+def _account(result: RelayResult, up: bool, n: int) -> None:
+    if up:
+        result.up += n
+    else:
+        result.down += n
+    result._last = time.monotonic()
+
+
+async def _direction(
+    loop: asyncio.AbstractEventLoop,
+    *,
+    src: socket.socket,
+    dst: socket.socket,
+    pending: bytes,
+    result: RelayResult,
+    up: bool,
+) -> None:
+    if pending:
+        await _send_all(loop, dst, pending)
+        _account(result, up, len(pending))
+    pump = _pump_splice if _HAVE_SPLICE else _pump_copy
+    await pump(loop, src, dst, result, up)
+    # Half-close: the other direction may still have a reply to deliver.
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+async def relay(
+    client: socket.socket,
+    upstream: socket.socket,
+    *,
+    client_pending: bytes = b"",
+    upstream_pending: bytes = b"",
+    idle_timeout: float = 300.0,
+) -> RelayResult:
+    """Copy both ways until both sides finished, one failed, or nothing moved for a while.
+
+    Both sockets must be non-blocking; the caller closes them afterwards.
+    """
+    loop = asyncio.get_running_loop()
+    result = RelayResult()
+    tasks = [
+        asyncio.ensure_future(
+            _direction(
+                loop, src=client, dst=upstream, pending=client_pending, result=result, up=True
+            )
+        ),
+        asyncio.ensure_future(
+            _direction(
+                loop, src=upstream, dst=client, pending=upstream_pending, result=result, up=False
+            )
+        ),
+    ]
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(
+                pending, timeout=min(idle_timeout, 5.0), return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                exc = task.exception()
+                if exc is not None:
+                    # A reset or broken pipe on one side ends the tunnel for both.
+                    result.error = exc.strerror if isinstance(exc, OSError) else repr(exc)
+                    return result
+            if pending and time.monotonic() - result._last > idle_timeout:
+                result.error = f"idle for {idle_timeout:g}s"
+                return result
+        return result
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await task

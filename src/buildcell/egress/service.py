@@ -1,0 +1,229 @@
+"""One cell's egress service: serves the listeners bound inside its network namespace.
+
+It runs an asyncio loop in a thread of the supervisor for as long as the cell lives:
+the proxy and transparent listeners go to ``EgressProxy``, the resolver's sockets to
+``DnsResponder``. Names are resolved on the host (or pinned by the operator with
+``--add-host``); the cell itself never talks to any resolver but this one. Closing the
+service cancels every connection and closes every socket, which also frees the cell's
+network namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import resource
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from buildcell._fs import Closing
+from buildcell.cell.netns import Listener
+from buildcell.egress.audit import Attempt, EgressStats
+from buildcell.egress.dns import DnsAnswer, DnsResponder, SyntheticAddresses
+from buildcell.egress.policy import EgressPolicy
+from buildcell.egress.proxy import EgressProxy
+from buildcell.errors import SandboxError
+
+__all__ = ["MAX_CONNECTIONS", "EgressService"]
+
+log = logging.getLogger(__name__)
+
+#: Connections served at once per cell; beyond it new ones are closed at once.
+MAX_CONNECTIONS = 2048
+
+Emit = Callable[..., Any]
+
+
+def _raise_nofile() -> None:
+    """Lift the soft descriptor limit to the hard one: each tunnel holds six descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class EgressService(Closing):
+    """Serves ``listeners`` (sockets bound in the cell's namespace) under ``policy``.
+
+    Args:
+        policy: the cell's allowlist.
+        listeners: each ``Listener`` with its socket, as ``receive_listeners`` returned.
+        emit: ``emit(event, **fields)`` for ``net.allow``, ``net.deny`` and ``dns.query``.
+        pinned: names the operator pinned to addresses (``--add-host``), resolved without
+            asking the host's resolver. They still pass the address guard.
+        scrub: applied to every name and path before it is recorded (secret redaction).
+        idle_timeout: tunnels with no traffic for this long are closed.
+
+    Raises:
+        SandboxError: the service thread could not start.
+    """
+
+    def __init__(
+        self,
+        policy: EgressPolicy,
+        listeners: Sequence[tuple[Listener, socket.socket]],
+        *,
+        emit: Emit,
+        pinned: Mapping[str, str] | None = None,
+        scrub: Callable[[str], str] = lambda text: text,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        self.policy = policy
+        self.stats = EgressStats()
+        self.addresses = SyntheticAddresses()
+        self._listeners = list(listeners)
+        self._emit = emit
+        self._pinned = dict(pinned or {})
+        self._scrub = scrub
+        self._loop = asyncio.new_event_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = threading.Event()
+        self._closed = False
+        self.proxy = EgressProxy(
+            policy,
+            resolve=self._resolve,
+            name_for=self.addresses.name_for,
+            record=self._record,
+            idle_timeout=idle_timeout,
+        )
+        self.dns = DnsResponder(policy.allows_name, self.addresses, self._record_dns)
+        _raise_nofile()
+        self._thread = threading.Thread(target=self._run, name="buildcell-egress", daemon=True)
+        try:
+            self._thread.start()
+        except RuntimeError as e:
+            self._close_sockets()
+            raise SandboxError(f"cannot start the egress service: {e}") from e
+        self._started.wait()
+
+    # -- audit -------------------------------------------------------------------------
+
+    def _record(self, attempt: Attempt) -> None:
+        attempt.host = self._scrub(attempt.host)
+        if attempt.path is not None:
+            attempt.path = self._scrub(attempt.path[:256])
+        self.stats.add(attempt)
+        self._emit("net.allow" if attempt.allowed else "net.deny", **attempt.event_fields())
+
+    def _record_dns(self, answer: DnsAnswer) -> None:
+        self.stats.add_dns(refused=not answer.allowed)
+        fields: dict[str, Any] = {
+            "name": self._scrub(answer.name[:256]),
+            "qtype": answer.qtype,
+            "rcode": answer.rcode,
+            "allowed": answer.allowed,
+            "transport": answer.transport,
+        }
+        if answer.address is not None:
+            fields["address"] = answer.address
+        self._emit("dns.query", **fields)
+
+    # -- resolution --------------------------------------------------------------------
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        pinned = self._pinned.get(host)
+        if pinned is not None:
+            return [pinned]
+        infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        seen: list[str] = []
+        for family, _type, _proto, _name, addr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                text = str(ipaddress.ip_address(addr[0]))
+                if text not in seen:
+                    seen.append(text)
+        return seen
+
+    # -- serving -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        for listener, sock in self._listeners:
+            self._spawn(self._serve(listener, sock))
+        self._loop.call_soon(self._started.set)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.run_until_complete(self._cancel_all())
+            self._loop.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("egress handler failed", exc_info=task.exception())
+
+    async def _serve(self, listener: Listener, sock: socket.socket) -> None:
+        if listener.role == "dns":
+            if listener.transport == "udp":
+                await self.dns.serve_udp(sock)
+            else:
+                await self.dns.serve_tcp(sock)
+            return
+        while True:
+            try:
+                client, _ = await self._loop.sock_accept(sock)
+            except OSError as e:
+                log.debug("accept on %s failed: %s", listener, e)
+                await asyncio.sleep(0.05)
+                continue
+            client.setblocking(False)
+            if len(self._tasks) >= MAX_CONNECTIONS:
+                client.close()
+                continue
+            if listener.role == "proxy":
+                self._spawn(self._own(client, self.proxy.serve_proxy(client)))
+            else:
+                self._spawn(self._own(client, self.proxy.serve_transparent(client, listener.port)))
+
+    @staticmethod
+    async def _own(client: socket.socket, work: Any) -> None:
+        try:
+            await work
+        finally:
+            client.close()
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for _listener, sock in self._listeners:
+            sock.close()
+
+    @property
+    def connections(self) -> int:
+        """Connections (and listeners) being served now."""
+        return len(self._tasks)
+
+    @property
+    def closed(self) -> bool:
+        """True once the thread has stopped and every listener is closed."""
+        return (
+            self._closed
+            and not self._thread.is_alive()
+            and all(sock.fileno() == -1 for _listener, sock in self._listeners)
+        )
+
+    def close(self) -> None:
+        """Stop serving: every connection is closed, every listener too. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        else:
+            self._close_sockets()

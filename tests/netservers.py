@@ -1,0 +1,143 @@
+"""Servers on the host's loopback for the network tests: HTTP origins and a UDP sink."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Origin:
+    """An HTTP server on 127.0.0.1; ``hits`` lists the paths it was asked for."""
+
+    name: str
+    port: int
+    hits: list[str] = field(default_factory=list)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _reply(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.server.origin.hits.append(self.path)
+        if self.path.startswith("/bytes/"):
+            n = int(self.path.rsplit("/", 1)[1])
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            chunk = b"x" * 65536
+            while n > 0:
+                self.wfile.write(chunk[: min(n, len(chunk))])
+                n -= len(chunk)
+            return
+        self._reply(f"hello from {self.server.origin.name} {self.path}\n".encode())
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        self.server.origin.hits.append(self.path)
+        length = int(self.headers.get("Content-Length", "0"))
+        self._reply(b"echo:" + self.rfile.read(length))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    origin: Origin
+
+
+@contextlib.contextmanager
+def http_origin(name: str) -> Iterator[Origin]:
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.origin = Origin(name, server.server_address[1])
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.origin
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@dataclass
+class UdpSink:
+    port: int
+    received: list[bytes] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def udp_sink() -> Iterator[UdpSink]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.1)
+    sink = UdpSink(sock.getsockname()[1])
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                sink.received.append(sock.recv(65536))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that echoes whatever it receives; yields its port."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def main() -> asyncio.Server:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+        port.append(server.sockets[0].getsockname()[1])
+        ready.set()
+        return server
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(main())
+        loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield port[0]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
