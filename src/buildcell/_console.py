@@ -188,18 +188,7 @@ def render_record(
         console.print(outputs)
         if record.out_dir:
             console.print(f"outputs in {escape(record.out_dir)} (manifest: outputs.json)")
-    egress = [
-        EgressSummaryRow(
-            str(row["destination"]),
-            row["verdict"] == "allowed",
-            int(row["requests"]),
-            int(row["bytes_up"]),
-            int(row["bytes_down"]),
-            int(row["errors"]),
-        )
-        for step in record.steps
-        for row in step.egress
-    ]
+    egress = [EgressSummaryRow.from_dict(row) for step in record.steps for row in step.egress]
     render_egress(EgressStats.merge(egress), console)
     if result is not None:
         if result.provenance is not None:

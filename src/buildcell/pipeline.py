@@ -43,6 +43,7 @@ from buildcell.spec import BuildSpec, DirRootfsSpec, LoadedSpec, OciRootfsSpec, 
 from buildcell.state import StateDir
 
 if TYPE_CHECKING:
+    from buildcell.egress.audit import EgressSummaryRow
     from buildcell.egress.policy import EgressPolicy
     from buildcell.outputs import OutputReport
     from buildcell.provenance import SigningKey
@@ -111,10 +112,19 @@ class BuildResult:
     def build_id(self) -> str:
         return self.record.id
 
+    def egress(self) -> list[EgressSummaryRow]:
+        """What every step reached or tried to reach, summed per destination."""
+        from buildcell.egress.audit import EgressStats, EgressSummaryRow
+
+        return EgressStats.merge(
+            [EgressSummaryRow.from_dict(row) for step in self.record.steps for row in step.egress]
+        )
+
     def to_dict(self) -> dict[str, Any]:
         data = self.record.to_dict()
         data["record_dir"] = str(self.record_dir)
         data["warnings"] = self.warnings
+        data["egress"] = [row.to_dict() for row in self.egress()]
         data["provenance"] = {
             "path": str(self.provenance) if self.provenance else None,
             "signed": self.signed_by is not None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,6 +68,18 @@ class EgressSummaryRow:
     bytes_up: int = 0
     bytes_down: int = 0
     errors: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EgressSummaryRow:
+        """The inverse of ``to_dict`` (rows kept in build records)."""
+        return cls(
+            str(data["destination"]),
+            data["verdict"] == "allowed",
+            int(data["requests"]),
+            int(data["bytes_up"]),
+            int(data["bytes_down"]),
+            int(data["errors"]),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
