@@ -165,6 +165,9 @@ def main() -> int:
         ]
         print("redaction throughput ...", flush=True)
         figures += redaction_figures()
+        from netbench import network_figures
+
+        figures += network_figures(state, measure, summary, max(20, N // 4))
         for f in figures:
             if "ratio" not in f:
                 f["ratio"] = f["ours"]["median"] / f["baseline"]["median"]  # type: ignore[index]

@@ -82,6 +82,48 @@ def _probe_cell(report: DoctorReport, state_dir: Path | None) -> None:
     report.cell_ok = ok and bool(result.teardown and result.teardown.clean)
 
 
+def _probe_egress(report: DoctorReport, state_dir: Path | None) -> None:
+    """A cell with a network policy: its own namespace, listeners, resolver answering."""
+    from buildcell.cell import CellConfig, Limits
+    from buildcell.cell.supervisor import run_cell
+    from buildcell.egress.policy import EgressPolicy
+    from buildcell.state import StateDir
+
+    out = bytearray()
+    try:
+        result = run_cell(
+            CellConfig(
+                argv=(
+                    "/bin/sh",
+                    "-c",
+                    "getent hosts allowed.doctor.invalid; getent hosts other.doctor.invalid; "
+                    "echo interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1)",
+                ),
+                limits=Limits(timeout=20),
+                network=EgressPolicy.from_strings(["allowed.doctor.invalid"]),
+            ),
+            state=StateDir(state_dir),
+            stdout=out.extend,
+            stderr=lambda _: None,
+        )
+    except Exception as e:  # doctor reports every failure instead of crashing
+        report.checks.append(Check("egress", False, f"no cell with a network policy: {e}"))
+        return
+    lines = out.decode(errors="replace").split("\n")
+    answered = any(ln.startswith("127.77.") and "allowed.doctor.invalid" in ln for ln in lines)
+    refused = not any("other.doctor.invalid" in ln for ln in lines)
+    only_lo = "interfaces lo" in lines
+    ok = answered and refused and only_lo and bool(result.teardown and result.teardown.clean)
+    detail = (
+        "own network namespace with only lo; proxy, resolver and transparent listeners "
+        "served from the host"
+        if ok
+        else f"unexpected: resolver answered={answered}, refused others={refused}, "
+        f"only lo={only_lo}, exit {result.exit_code}"
+    )
+    report.checks.append(Check("egress", ok, detail))
+
+
 def run_checks(state_dir: Path | None = None) -> DoctorReport:
     """Run every check; never raises for a failing check."""
     from buildcell.cell.identity import uid_range
@@ -154,6 +196,8 @@ def run_checks(state_dir: Path | None = None) -> DoctorReport:
         return report
 
     _probe_cell(report, state_dir)
+    if report.cell_ok:
+        _probe_egress(report, state_dir)
     return report
 
 

@@ -371,7 +371,10 @@ def test_doctor(bc) -> None:
         "limits backend",
         "state directory",
         "cell",
+        "egress",
     }
+    egress = next(c for c in report["checks"] if c["name"] == "egress")
+    assert egress["ok"] is True, egress
     assert set(report["limits"]) == {"memory", "pids", "cpus", "disk", "timeout"}
 
 
