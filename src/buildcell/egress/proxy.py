@@ -95,7 +95,8 @@ class EgressProxy:
                 # Not on the list: no reason to ask any resolver about it.
                 return decide(self.policy, host, port, [])
             try:
-                addresses = await asyncio.wait_for(self._resolve(host, port), _CONNECT_TIMEOUT)
+                async with asyncio.timeout(_CONNECT_TIMEOUT):
+                    addresses = await self._resolve(host, port)
             except (OSError, TimeoutError):
                 addresses = []
         return decide(self.policy, host, port, addresses)
@@ -106,7 +107,8 @@ class EgressProxy:
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (address, port)), _CONNECT_TIMEOUT)
+            async with asyncio.timeout(_CONNECT_TIMEOUT):
+                await loop.sock_connect(sock, (address, port))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except BaseException:
             sock.close()
@@ -358,7 +360,8 @@ async def _next_event(
         if event is not h11.NEED_DATA:
             return event
         try:
-            data = await asyncio.wait_for(loop.sock_recv(sock, _READ), timeout)
+            async with asyncio.timeout(timeout):
+                data = await loop.sock_recv(sock, _READ)
         except (ConnectionError, TimeoutError) as e:
             raise _Closed from e
         if count is not None and inbound:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 __all__ = ["RelayResult", "relay"]
 
 _CHUNK = 1 << 20
+_COPY_FIRST = 64 * 1024
 _F_SETPIPE_SZ = 1031
 _HAVE_SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = (
@@ -75,6 +76,10 @@ async def _pump_splice(
     result: RelayResult,
     up: bool,
 ) -> None:
+    # Most connections move a few kilobytes: a plain copy costs less for them than
+    # setting up pipes. Beyond that, bulk data goes through the kernel.
+    if not await _pump_copy(loop, src, dst, result, up, limit=_COPY_FIRST):
+        return
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         with contextlib.suppress(OSError):
@@ -105,19 +110,24 @@ async def _pump_copy(
     dst: socket.socket,
     result: RelayResult,
     up: bool,
-) -> None:
-    buf = bytearray(256 * 1024)
+    limit: int | None = None,
+) -> bool:
+    """Copy until EOF (False) or, with ``limit``, until that many bytes moved (True)."""
+    buf = bytearray(min(limit or _CHUNK, 256 * 1024))
     view = memoryview(buf)
-    while True:
+    moved = 0
+    while limit is None or moved < limit:
         try:
             n = src.recv_into(buf)
         except BlockingIOError:
             await _wait(loop, src, write=False)
             continue
         if n == 0:
-            return
+            return False
         await _send_all(loop, dst, bytes(view[:n]))
         _account(result, up, n)
+        moved += n
+    return True
 
 
 def _account(result: RelayResult, up: bool, n: int) -> None:
