@@ -110,6 +110,7 @@ async def _pump_copy(
     dst: socket.socket,
     result: RelayResult,
     up: bool,
+    *,
     limit: int | None = None,
 ) -> bool:
     """Copy until EOF (False) or, with ``limit``, until that many bytes moved (True)."""
