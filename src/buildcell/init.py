@@ -8,8 +8,9 @@ __all__ = ["starter_spec"]
 
 _HEADER = """\
 # buildcell.yaml — a declarative build, run by `buildcell build`.
-# Each step runs with `/bin/sh -e -c` in its own fresh cell: no network, read-only root,
-# /workspace holds a copy of this directory and carries over from step to step.
+# Each step runs with `/bin/sh -e -c` in its own fresh cell: read-only root, no network
+# unless the step says `network: {{allow: [HOST, HOST:PORT, "*.DOMAIN"]}}`; /workspace
+# holds a copy of this directory and carries over from step to step.
 # Editors can validate this file against `buildcell schema`.
 version: 1
 name: {name}
@@ -62,7 +63,8 @@ def starter_spec(directory: Path) -> tuple[str, str]:
         steps = (
             "steps:\n"
             "  - name: build\n"
-            "    # dependencies must be vendored or pinned as inputs (no network in a cell)\n"
+            "    # dependencies: vendored, pinned as inputs, or fetched in a step with\n"
+            "    # network: {allow: [YOUR-REGISTRY-HOST]}\n"
             "    run: npm run build --if-present\n"
             '# outputs: ["dist/**"]\n'
         )

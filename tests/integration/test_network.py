@@ -312,3 +312,26 @@ def test_listeners_and_threads_are_gone_after_the_cell(cell: Any) -> None:
             assert ran.of("teardown")[0]["network_released"] is True
     assert _fds() == before_fds
     assert threading.active_count() == before_threads
+
+
+def test_with_a_policy_other_host_ports_stay_unreachable(cell: Any) -> None:
+    """Only allowed ports have listeners; the host's other loopback services stay out of reach."""
+    with http_origin("a") as allowed, http_origin("b") as other:
+        ran = cell(
+            [
+                "python3",
+                "-c",
+                "import socket\n"
+                "for port in (PORT, 22, 5432):\n"
+                "    s=socket.socket(); s.settimeout(2)\n"
+                "    try: s.connect(('127.0.0.1', port)); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n');"
+                " print(port, s.recv(100))\n"
+                "    except OSError as e: print(port, 'refused', e.errno)\n".replace(
+                    "PORT", str(other.port)
+                ),
+            ],
+            **_net(f"api.test:{allowed.port}", f"127.0.0.1:{allowed.port}"),
+        )
+    assert ran.result.exit_code == 0, ran.stderr
+    assert ran.stdout.count("refused") == 3, ran.stdout
+    assert other.hits == [] and allowed.hits == []
