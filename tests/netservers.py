@@ -17,6 +17,7 @@ class Origin:
     name: str
     port: int
     hits: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -35,6 +36,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.origin.hits.append(self.path)
+        self.server.origin.hosts.append(self.headers.get("Host", ""))
         if self.path.startswith("/bytes/"):
             n = int(self.path.rsplit("/", 1)[1])
             self.send_response(200)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from buildcell.policy import Invocation
     from buildcell.records import RecordStore
     from buildcell.redact import Secret
     from buildcell.repro import ReproReport
@@ -61,9 +62,10 @@ commands:
   schema   print the JSON Schema of buildcell.yaml (for editors)
   keygen   make an Ed25519 key pair for signing provenance
   verify   check a provenance file offline: signature, subjects, expectations
-  ls       list recent builds
+  ls       list recent builds (of one project)
   show     summarize one build
   logs     print a build's logs
+  policy   check a spec against an operator policy (CEL rules) without running it
   doctor   check what this host supports: bubblewrap, namespaces, seccomp, limits
   gc       remove what killed supervisors left in the state directory
 
@@ -227,14 +229,7 @@ def _build_parser() -> _Parser:
         "dist --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    build.add_argument(
-        "-f",
-        "--file",
-        type=Path,
-        default=Path("buildcell.yaml"),
-        metavar="FILE",
-        help="the spec (default: ./buildcell.yaml)",
-    )
+    _add_spec_arg(build)
     build.add_argument(
         "--out",
         type=Path,
@@ -246,13 +241,13 @@ def _build_parser() -> _Parser:
         action="store_true",
         help="print one JSON result object on stdout (logs go to stderr)",
     )
+    _add_invocation_args(build)
     build.add_argument(
-        "--secret",
-        action="append",
-        default=[],
-        metavar="NAME[=env:VAR|file:PATH]",
-        help="bind a secret the spec declares to its source (default env:NAME); only the "
-        "steps that declare it get it (repeatable)",
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="check the build against this operator policy before anything runs (default: "
+        "the configuration file's policy, if any)",
     )
     build.add_argument(
         "--add-host",
@@ -330,8 +325,15 @@ def _build_parser() -> _Parser:
         description="Print the JSON Schema of buildcell.yaml, for editors.",
     )
 
-    ls = sub.add_parser("ls", help="list recent builds", description="List recent builds.")
+    project_help = (
+        "the project whose builds to see (default: derived from the current directory's "
+        "name); other projects' builds are never shown"
+    )
+    ls = sub.add_parser(
+        "ls", help="list recent builds", description="List recent builds of one project."
+    )
     ls.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
+    ls.add_argument("--project", metavar="NAME", help=project_help)
     ls.add_argument("--json", action="store_true", help="print JSON")
 
     show = sub.add_parser(
@@ -341,6 +343,7 @@ def _build_parser() -> _Parser:
     )
     show.add_argument("build_id", metavar="ID", help="a build id or a unique prefix of one")
     show.add_argument("--json", action="store_true", help="print JSON")
+    show.add_argument("--project", metavar="NAME", help=project_help)
 
     logs = sub.add_parser(
         "logs",
@@ -349,6 +352,32 @@ def _build_parser() -> _Parser:
     )
     logs.add_argument("build_id", metavar="ID", help="a build id or a unique prefix of one")
     logs.add_argument("--step", metavar="NAME", help="only this step, unprefixed")
+    logs.add_argument("--project", metavar="NAME", help=project_help)
+
+    policy = sub.add_parser(
+        "policy",
+        help="check a build against an operator policy",
+        description="Operator policies: CEL rules every build must pass before anything runs.",
+    )
+    policy_sub = policy.add_subparsers(
+        dest="policy_command", metavar="SUBCOMMAND", parser_class=_Parser
+    )
+    check = policy_sub.add_parser(
+        "check",
+        help="evaluate a policy against a spec without running anything",
+        description="Evaluate every rule of the policy against the spec and the invocation; "
+        "print each rule's verdict. Exits 0 when the build would be allowed, 125 when denied "
+        "or when the policy or spec is malformed.",
+    )
+    check.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="the policy (default: from the configuration file)",
+    )
+    _add_spec_arg(check)
+    _add_invocation_args(check)
+    check.add_argument("--json", action="store_true", help="print the decision as JSON")
 
     doctor = sub.add_parser(
         "doctor",
@@ -365,7 +394,50 @@ def _build_parser() -> _Parser:
         "their cgroups and workspaces removed. Cells still running are left alone.",
     )
     gc.add_argument("--json", action="store_true", help="print one JSON object")
+    gc.add_argument(
+        "--cache-max-age",
+        metavar="DURATION",
+        help="remove build caches unused for longer (default: the configuration file's "
+        "caches.max_age, else 336h)",
+    )
     return parser
+
+
+def _add_spec_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-f",
+        "--file",
+        type=Path,
+        default=Path("buildcell.yaml"),
+        metavar="FILE",
+        help="the spec (default: ./buildcell.yaml)",
+    )
+
+
+def _add_invocation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--project",
+        metavar="NAME",
+        help="the project the build belongs to (default: derived from the spec's directory); "
+        "records and caches are per project",
+    )
+    parser.add_argument(
+        "--trust",
+        choices=("trusted", "untrusted"),
+        default="untrusted",
+        help="trusted builds never read caches untrusted builds wrote (default: untrusted)",
+    )
+    parser.add_argument(
+        "--ref", metavar="REF", help="the source ref being built (refs/heads/main), for policies"
+    )
+    parser.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME[=env:VAR|file:PATH]",
+        help="bind a secret the spec declares to its source (default env:NAME); only the "
+        "steps that declare it get it (repeatable)",
+    )
 
 
 def _parse_env(items: Sequence[str], pass_names: Sequence[str]) -> dict[str, str]:
@@ -520,8 +592,12 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
     from buildcell.gc import collect_garbage
     from buildcell.state import StateDir
+    from buildcell.units import parse_duration
 
-    report = collect_garbage(StateDir(args.state_dir))
+    max_age = (
+        parse_duration(args.cache_max_age, what="--cache-max-age") if args.cache_max_age else None
+    )
+    report = collect_garbage(StateDir(args.state_dir), cache_max_age=max_age)
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
@@ -536,20 +612,33 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     from buildcell._console import LiveReporter, PlainReporter, render_record
     from buildcell.pipeline import DEFAULT_BUILDER_ID, BuildOptions, check_reproducible, run_build
+    from buildcell.settings import load_settings
     from buildcell.spec import load_spec
     from buildcell.state import StateDir
 
     loaded = load_spec(args.file)
+    settings = load_settings()
     key = None
     if args.sign_key is not None:
         from buildcell.provenance import load_private_key
 
         key = load_private_key(args.sign_key)
+    secrets = tuple(_secrets(args.secret))
+    invocation = _invocation(args, loaded.path, secrets)
+    policy_path = args.policy or settings.policy
+    policy = None
+    if policy_path is not None:
+        from buildcell.policy import load_policy
+
+        policy = load_policy(policy_path)
     options = BuildOptions(
         sign_key=key,
         builder_id=args.builder_id or DEFAULT_BUILDER_ID,
-        secrets=tuple(_secrets(args.secret)),
+        secrets=secrets,
         pinned_hosts=_pinned_hosts(args.add_host),
+        invocation=invocation,
+        policy=policy,
+        cache_max_size=settings.cache_max_size,
     )
     out_dir = (args.out or Path("buildcell-out")).absolute()
     state = StateDir(args.state_dir)
@@ -582,6 +671,56 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return result.exit_code
     if args.check_repro and (repro is None or not repro.reproducible):
         return 1
+    return 0
+
+
+def _invocation(args: argparse.Namespace, spec_path: Path, secrets: Sequence[Secret]) -> Invocation:
+    from buildcell.policy import Invocation
+    from buildcell.records import project_name
+
+    project = (
+        project_name(args.project)
+        if args.project
+        else project_name(spec_path.absolute().parent.name, derived=True)
+    )
+    return Invocation(
+        project=project,
+        ref=args.ref,
+        trust=args.trust,
+        secrets=tuple(s.name for s in secrets),
+    )
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    import json
+
+    from buildcell.errors import PolicyError, UsageError
+    from buildcell.policy import check, load_policy
+    from buildcell.settings import load_settings
+    from buildcell.spec import load_spec
+
+    if args.policy_command != "check":
+        raise UsageError("policy needs a subcommand", hint="buildcell policy check --policy FILE")
+    path = args.policy or load_settings().policy
+    if path is None:
+        raise UsageError(
+            "no policy given and none configured", hint="buildcell policy check --policy FILE"
+        )
+    policy = load_policy(path)
+    loaded = load_spec(args.file)
+    decision = check(policy, loaded.spec, _invocation(args, loaded.path, _secrets(args.secret)))
+    if args.json:
+        print(json.dumps(decision.to_dict(), indent=2))
+    else:
+        for r in decision.results:
+            verdict = "PASS" if r.passed else "FAIL"
+            why = f": {r.error or r.message}" if not r.passed else ""
+            print(f"{verdict} {r.name}{why}")
+        print(f"{'allowed' if decision.allowed else 'denied'} by {path} ({decision.policy_digest})")
+    if not decision.allowed:
+        if not args.json:
+            sys.stderr.write(f"{PROG}: error: {decision.summary()}\n")
+        return PolicyError.exit_code
     return 0
 
 
@@ -677,10 +816,13 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _records(args: argparse.Namespace) -> RecordStore:
-    from buildcell.records import RecordStore
+    from buildcell.records import RecordStore, project_name
     from buildcell.state import StateDir
 
-    return RecordStore(StateDir(args.state_dir).root / "builds")
+    project = (
+        project_name(args.project) if args.project else project_name(Path.cwd().name, derived=True)
+    )
+    return RecordStore(StateDir(args.state_dir).root / "builds", project=project)
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -692,7 +834,10 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2))
     elif not records:
-        print("no builds yet: `buildcell build` runs the buildcell.yaml of this directory")
+        print(
+            f"no builds of project {_records(args).project!r} yet: `buildcell build` runs the "
+            "buildcell.yaml of this directory"
+        )
     else:
         render_records(records, _stdout_console())
     return 0
@@ -774,6 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ls": _cmd_ls,
         "show": _cmd_show,
         "logs": _cmd_logs,
+        "policy": _cmd_policy,
         "doctor": _cmd_doctor,
         "gc": _cmd_gc,
     }[args.command]

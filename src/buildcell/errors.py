@@ -15,6 +15,7 @@ __all__ = [
     "ImageError",
     "InputError",
     "OutputError",
+    "PolicyError",
     "SandboxError",
     "SeccompError",
     "SpecError",
@@ -78,6 +79,10 @@ class SeccompError(Error):
 
 class OutputError(Error):
     """Outputs could not be collected safely."""
+
+
+class PolicyError(Error):
+    """An operator policy is malformed, or it denies the build (exit 125, nothing runs)."""
 
 
 class StateError(Error):

@@ -39,6 +39,7 @@ class GcReport:
     cgroups_removed: int = 0
     failed: list[str] = field(default_factory=list)
     leftovers: int = 0
+    caches_expired: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +49,7 @@ class GcReport:
             "cgroups_removed": self.cgroups_removed,
             "failed": self.failed,
             "leftovers": self.leftovers,
+            "caches_expired": self.caches_expired,
         }
 
     def summary(self) -> str:
@@ -58,6 +60,8 @@ class GcReport:
             parts.append(f"removed {self.cgroups_removed} cgroup(s)")
         if self.leftovers:
             parts.append(f"removed {self.leftovers} leftover(s) of interrupted builds")
+        if self.caches_expired:
+            parts.append(f"expired {self.caches_expired} cache generation(s) or work copies")
         parts.append(f"{len(self.busy)} still running")
         if self.failed:
             parts.append("could not remove: " + ", ".join(self.failed))
@@ -69,8 +73,13 @@ def _alive(entry: dict[str, Any]) -> bool:
     return isinstance(pid, int) and start is not None and process_start_time(pid) == start
 
 
-def collect_garbage(state: StateDir) -> GcReport:
-    """Remove every cell whose supervisor is gone; return what was done."""
+def collect_garbage(state: StateDir, *, cache_max_age: float | None = None) -> GcReport:
+    """Remove every cell whose supervisor is gone, and expired caches; return what was done.
+
+    Args:
+        cache_max_age: build caches unused for longer than this many seconds are removed
+            (default: the configuration file's ``caches.max_age``).
+    """
     report = GcReport()
     live_cgroups: set[str] = set()
     for cell_dir in sorted(state.cells.iterdir()):
@@ -106,6 +115,13 @@ def collect_garbage(state: StateDir) -> GcReport:
             report.removed.append(cell_dir.name)
     report.cgroups_removed += _orphan_cgroups(state.tag, live_cgroups)
     report.leftovers = _build_leftovers(state)
+    from buildcell.caches import expire_caches
+
+    if cache_max_age is None:
+        from buildcell.settings import load_settings
+
+        cache_max_age = load_settings().cache_max_age
+    report.caches_expired = len(expire_caches(state.caches, max_age_seconds=cache_max_age))
     return report
 
 

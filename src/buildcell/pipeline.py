@@ -8,6 +8,7 @@ workspace carries over, and it is erased when the build ends.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,17 +36,26 @@ from buildcell.cell.config import (
 from buildcell.cell.storage import CellStorage, new_cell_id
 from buildcell.cell.supervisor import Cell, find_bwrap
 from buildcell.cell.workspace import remove_tree
-from buildcell.errors import ConfigError, Error, OutputError
+from buildcell.errors import ConfigError, Error, OutputError, PolicyError
 from buildcell.records import BuildRecord, RecordStore, StepRecord
 from buildcell.secrets import SecretDelivery
 from buildcell.source import SourceInfo, describe_source, tree_digest
-from buildcell.spec import BuildSpec, DirRootfsSpec, LoadedSpec, OciRootfsSpec, StepSpec
+from buildcell.spec import (
+    BuildSpec,
+    CacheSpec,
+    DirRootfsSpec,
+    LoadedSpec,
+    OciRootfsSpec,
+    StepSpec,
+)
 from buildcell.state import StateDir
 
 if TYPE_CHECKING:
+    from buildcell.caches import CacheLease
     from buildcell.egress.audit import EgressSummaryRow
     from buildcell.egress.policy import EgressPolicy
     from buildcell.outputs import OutputReport
+    from buildcell.policy import Invocation, Policy
     from buildcell.provenance import SigningKey
     from buildcell.redact import Secret
     from buildcell.repro import ReproReport
@@ -166,6 +176,10 @@ class BuildOptions:
         secrets: the values bound by the operator (``--secret``), by name.
         pinned_hosts: ``(name, address)`` pairs the egress service resolves without DNS
             (``--add-host``).
+        invocation: project, ref, trust level and bound secrets of this build (default:
+            an untrusted build of the project named after the spec's directory).
+        policy: the operator policy checked before anything runs.
+        cache_max_size: a step's cache larger than this is not saved.
     """
 
     sign_key: SigningKey | None = None
@@ -174,6 +188,9 @@ class BuildOptions:
     provenance: bool = True
     secrets: tuple[Secret, ...] = ()
     pinned_hosts: tuple[tuple[str, str], ...] = ()
+    invocation: Invocation | None = None
+    policy: Policy | None = None
+    cache_max_size: int = 2 << 30
 
 
 class _StepLog:
@@ -222,6 +239,7 @@ def run_build(
     _check_bindings(spec, options.secrets, reporter)
     spec_dir = loaded.path.parent.resolve()
     out_dir = out_dir.absolute()
+    invocation = _invocation(options, spec_dir)
     store = RecordStore(state.root / "builds")
     record = BuildRecord(
         id=new_cell_id(),
@@ -230,6 +248,9 @@ def run_build(
         spec_digest=loaded.digest,
         steps=[StepRecord(s.name) for s in spec.steps],
         out_dir=str(out_dir),
+        project=invocation.project,
+        trust=invocation.trust,
+        ref=invocation.ref,
     )
     rootfs = _rootfs(spec, spec_dir)
     record.rootfs = rootfs.describe()
@@ -237,19 +258,29 @@ def run_build(
     result = BuildResult(record, record_dir, out_dir)
     events = EventLog(record_dir / "events.jsonl", build=record.id)
     events.subscribe(lambda e: _collect_warning(e, result, reporter))
-    reporter.build_started(record.id, spec)
-    events.emit(
-        "build.start",
-        name=spec.name,
-        spec=str(loaded.path),
-        spec_digest=loaded.digest,
-        rootfs=record.rootfs,
-    )
     try:
         with events:
+            # Before anything is announced or run: a denied build only leaves its record.
+            _gate(options.policy, loaded, invocation, record, events)
+            reporter.build_started(record.id, spec)
+            events.emit(
+                "build.start",
+                name=spec.name,
+                spec=str(loaded.path),
+                spec_digest=loaded.digest,
+                rootfs=record.rootfs,
+                project=record.project,
+                trust=record.trust,
+                ref=record.ref,
+            )
             _BuildRun(
                 loaded, spec_dir, rootfs, state, store, result, events, reporter, options
             ).run()
+    except PolicyError as e:
+        record.status = "denied"
+        record.error = e.message
+        record.exit_code = e.exit_code
+        raise
     except Error as e:
         record.status = "error"
         record.error = e.message
@@ -265,6 +296,48 @@ def run_build(
                 step.status = "skipped" if step.status == "pending" else "interrupted"
         store.save(record)
     return result
+
+
+def _invocation(options: BuildOptions, spec_dir: Path) -> Invocation:
+    from buildcell.policy import Invocation
+    from buildcell.records import project_name
+
+    if options.invocation is not None:
+        return options.invocation
+    return Invocation(
+        project=project_name(spec_dir.name, derived=True),
+        secrets=tuple(s.name for s in options.secrets),
+    )
+
+
+def _gate(
+    policy: Policy | None,
+    loaded: LoadedSpec,
+    invocation: Invocation,
+    record: BuildRecord,
+    events: EventLog,
+) -> None:
+    """The operator policy, before anything runs: recorded either way, raises on denial.
+
+    Raises:
+        PolicyError: the policy denies the build.
+    """
+    if policy is None:
+        return
+    from buildcell.policy import check, require_allowed
+
+    decision = check(policy, loaded.spec, invocation)
+    record.policy = {"path": str(policy.path), **decision.to_dict()}
+    events.emit(
+        "policy.decision",
+        policy=str(policy.path),
+        digest=decision.policy_digest,
+        allowed=decision.allowed,
+        failed=[
+            {"rule": r.name, "message": r.message, "error": r.error} for r in decision.failures
+        ],
+    )
+    require_allowed(decision)
 
 
 def _check_bindings(spec: BuildSpec, secrets: Sequence[Secret], reporter: BuildReporter) -> None:
@@ -380,8 +453,68 @@ class _BuildRun:
         self, step: StepSpec, step_record: StepRecord, storage: CellStorage, binds: tuple[Bind, ...]
     ) -> bool:
         """Run one step in its own cell; False when it failed (the build stops)."""
-        spec = self.loaded.spec
         by_name = {s.name: s for s in self.options.secrets}
+        with contextlib.ExitStack() as leases:
+            caches = [
+                (cache, leases.enter_context(self._lease(step, cache, storage)))
+                for cache in step.caches
+            ]
+            ok = self._run_step(
+                step, step_record, storage, binds=binds, caches=caches, by_name=by_name
+            )
+            if ok:
+                for cache, lease in caches:
+                    saved = lease.commit()
+                    self.events.emit(
+                        "cache.save",
+                        step=step.name,
+                        key=cache.key,
+                        path=cache.path,
+                        trust=lease.trust,
+                        published=saved.published,
+                        size=saved.size,
+                        reason=saved.reason,
+                    )
+                    if not saved.published:
+                        self.events.emit(
+                            "warning",
+                            step=step.name,
+                            message=f"cache {cache.key!r} not saved: {saved.reason}",
+                        )
+        return ok
+
+    def _lease(self, step: StepSpec, cache: CacheSpec, storage: CellStorage) -> CacheLease:
+        from buildcell.caches import CacheStore
+
+        identity = storage.identity
+        invocation = _invocation(self.options, self.spec_dir)
+        lease = CacheStore(self.state.caches, max_bytes=self.options.cache_max_size).lease(
+            invocation.project,
+            cache.key,
+            invocation.trust,
+            owner=(identity.uid, identity.gid) if identity.drop else None,
+        )
+        self.events.emit(
+            "cache.restore",
+            step=step.name,
+            key=cache.key,
+            path=cache.path,
+            trust=lease.trust,
+            source=lease.source,
+        )
+        return lease
+
+    def _run_step(
+        self,
+        step: StepSpec,
+        step_record: StepRecord,
+        storage: CellStorage,
+        *,
+        binds: tuple[Bind, ...],
+        caches: list[tuple[CacheSpec, CacheLease]],
+        by_name: dict[str, Secret],
+    ) -> bool:
+        spec = self.loaded.spec
         config = CellConfig(
             argv=("/bin/sh", "-e", "-c", step.run),
             rootfs=self.rootfs,
@@ -398,6 +531,7 @@ class _BuildRun:
             redact=self.options.secrets,
             network=_step_policy(step),
             pinned_hosts=self.options.pinned_hosts,
+            caches=tuple(Bind(lease.work, cache.path) for cache, lease in caches),
         )
         step_record.status = "running"
         step_record.started = time.time()
@@ -562,7 +696,7 @@ class _BuildRun:
             )
             for step in record.steps
             for row in step.egress
-            if row["verdict"] == "allowed"
+            if row["verdict"] == "allowed" and str(row["destination"]).rpartition(":")[2].isdigit()
         ]
         record_dir = self.store.dir(record.id)
         byproducts = [
@@ -591,6 +725,16 @@ class _BuildRun:
                 "seccompProfile": {"name": profile.name, "digest": profile.digest()},
                 "rootfs": record.rootfs,
                 "sourceDateEpoch": self.sde,
+                "invocation": {
+                    "project": record.project,
+                    "trust": record.trust,
+                    "ref": record.ref,
+                },
+                "policy": (
+                    {"digest": record.policy["policy_digest"], "allowed": record.policy["allowed"]}
+                    if record.policy
+                    else None
+                ),
                 "steps": [
                     {
                         "name": step.name,

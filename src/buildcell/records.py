@@ -7,21 +7,47 @@ Layout under the state directory::
     builds/<build-id>/events.jsonl   the audit trail
     builds/<build-id>/logs/<step>.log  each step's output (stdout and stderr, in order)
     builds/<build-id>/outputs.json   the outputs manifest
+
+Every record belongs to a project; a ``RecordStore`` opened for one project lists, loads
+and finds only that project's builds, so no buildcell command shows one project another's
+records, logs or outputs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from buildcell.cell.storage import process_start_time
-from buildcell.errors import Error
+from buildcell.errors import ConfigError, Error
 
-__all__ = ["BuildRecord", "RecordStore", "StepRecord"]
+__all__ = ["DEFAULT_PROJECT", "BuildRecord", "RecordStore", "StepRecord", "project_name"]
+
+DEFAULT_PROJECT = "default"
+_PROJECT = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def project_name(text: str, *, derived: bool = False) -> str:
+    """A valid project name: ``text`` itself, or (``derived``) made from a directory name.
+
+    Raises:
+        ConfigError: ``text`` is not a valid name (and was not derived).
+    """
+    if derived:
+        name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:64]
+        return name if _PROJECT.fullmatch(name) else DEFAULT_PROJECT
+    if _PROJECT.fullmatch(text) is None:
+        raise ConfigError(
+            f"invalid project name {text!r}: expected lowercase letters, digits, '.', '_' or "
+            "'-' (at most 64), starting with a letter or digit",
+            hint="for example --project acme-api",
+        )
+    return text
 
 
 @dataclass
@@ -52,6 +78,10 @@ class BuildRecord:
     rootfs: str = "host"
     out_dir: str | None = None
     supervisor: dict[str, int | None] = field(default_factory=dict)
+    project: str = DEFAULT_PROJECT
+    trust: str = "untrusted"
+    ref: str | None = None
+    policy: dict[str, Any] | None = None
 
     @property
     def duration(self) -> float | None:
@@ -71,10 +101,17 @@ class BuildRecord:
 
 
 class RecordStore:
-    """The ``builds/`` directory of a state directory."""
+    """The ``builds/`` directory of a state directory, seen from one project.
 
-    def __init__(self, root: Path) -> None:
+    Args:
+        root: the ``builds/`` directory.
+        project: only this project's records are listed and loaded; ``None`` for all
+            (used by the build that writes them and by ``gc``).
+    """
+
+    def __init__(self, root: Path, *, project: str | None = None) -> None:
         self.root = root
+        self.project = project
         root.mkdir(mode=0o700, exist_ok=True)
 
     def create(self, record: BuildRecord, spec_text: str) -> Path:
@@ -101,11 +138,17 @@ class RecordStore:
         Raises:
             Error: no build, or an ambiguous prefix.
         """
-        matches = sorted(p.name for p in self.root.iterdir() if p.name.startswith(build_id))
+        matches = sorted(
+            p.name for p in self.root.iterdir() if p.name.startswith(build_id) and self._visible(p)
+        )
         if build_id in matches:
             matches = [build_id]
         if not matches:
-            raise Error(f"no build {build_id!r}", hint="`buildcell ls` lists recent builds")
+            where = f" in project {self.project!r}" if self.project is not None else ""
+            raise Error(
+                f"no build {build_id!r}{where}",
+                hint="`buildcell ls` lists recent builds (--project NAME for another project)",
+            )
         if len(matches) > 1:
             raise Error(
                 f"build id {build_id!r} is ambiguous: {', '.join(matches[:5])}",
@@ -125,10 +168,20 @@ class RecordStore:
                 record.status = "interrupted"
         return record
 
+    def _visible(self, path: Path) -> bool:
+        """Whether ``path`` is a record of this store's project (any, without one)."""
+        if self.project is None:
+            return True
+        try:
+            data = json.loads((path / "record.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and data.get("project", DEFAULT_PROJECT) == self.project
+
     def recent(self, limit: int = 20) -> list[BuildRecord]:
         records = []
         for path in sorted(self.root.iterdir(), reverse=True):
-            if (path / "record.json").exists():
+            if (path / "record.json").exists() and self._visible(path):
                 try:
                     records.append(self._read(path))
                 except Error:

@@ -503,6 +503,47 @@ class NetworkSpec(BaseModel):
     )
 
 
+_CACHE_KEY = r"[a-z0-9][a-z0-9._-]{0,63}"
+
+
+def _check_cache_key(value: str) -> str:
+    if re.fullmatch(_CACHE_KEY, value) is None:
+        _fail(
+            f"invalid cache key {_show(value)}: expected lowercase letters, digits, '.', '_' "
+            "or '-' (at most 64), starting with a letter or digit"
+        )
+    return value
+
+
+def _check_cache_path(value: str) -> str:
+    path = posixpath.normpath(value)
+    if not value.startswith("/") or path != value.rstrip("/") or path == "/":
+        _fail(f"invalid cache path {_show(value)}: expected an absolute, normalized path")
+    if not (path.startswith(("/home/builder/", "/workspace/", "/tmp/")) or path == "/tmp"):
+        _fail(
+            f"invalid cache path {_show(value)}: caches live under /home/builder, /workspace "
+            "or /tmp"
+        )
+    return path
+
+
+class CacheSpec(BaseModel):
+    """A writable directory that survives between builds of the same project.
+
+    It is keyed by project, ``key`` and trust level: a trusted build never sees what an
+    untrusted one wrote."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Annotated[StrictStr, AfterValidator(_check_cache_path)] = Field(
+        description="Where the cache appears in the cell (under /home/builder, /workspace or "
+        "/tmp), e.g. /home/builder/.cache/pip."
+    )
+    key: Annotated[StrictStr, AfterValidator(_check_cache_key)] = Field(
+        description="The cache's name within the project, e.g. pip."
+    )
+
+
 class StepSpec(BaseModel):
     """One step of a build: a shell command run in its own cell, in order."""
 
@@ -522,6 +563,10 @@ class StepSpec(BaseModel):
     network: NetworkSpec | None = Field(
         default=None,
         description="Egress allowlist of this step; without it the step has no network.",
+    )
+    caches: list[CacheSpec] = Field(
+        default=[],
+        description="Writable caches kept between builds of this project, per trust level.",
     )
 
     @model_validator(mode="after")

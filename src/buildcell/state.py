@@ -6,6 +6,7 @@ Layout (``buildcell gc`` relies on it)::
     <root>/cells/<cell-id>/workspace/   its writable workspace
     <root>/ids/<slot>.lock              host uid slots held by running cells (root only)
     <root>/cache/                       content that is safe to share (synthesized /etc, ...)
+    <root>/caches/<project>/<trust>/<key>/  build caches, one generation current at a time
 
 As root the directories a cell's unprivileged host uid must traverse are ``0711``: the
 cell can reach its own workspace by path, nobody can list what is there.
@@ -74,6 +75,11 @@ class StateDir:
     @property
     def cache(self) -> Path:
         return self._ensure(self.root / "cache", self.traverse_mode)
+
+    @property
+    def caches(self) -> Path:
+        """Build caches (``caches:`` of steps), per project, trust level and key."""
+        return self._ensure(self.root / "caches", self.traverse_mode)
 
     def _check_reachable(self) -> None:
         # Cells run as unprivileged host uids and bubblewrap opens their workspace by path.

@@ -122,7 +122,7 @@ steps: [{{name: s, run: "touch /workspace/ran"}}]
     assert res.returncode == 125
     assert wrong in res.stderr
     assert hashlib.sha256(b"tampered").hexdigest() in res.stderr
-    ls = json.loads(bc("ls", "--json").stdout)
+    ls = json.loads(bc("ls", "--project", "p", "--json").stdout)
     assert ls[0]["status"] == "error"
     assert ls[0]["steps"][0]["status"] == "skipped"
 
@@ -146,7 +146,15 @@ outputs: ["dist/*"]
     assert "[bad] about to fail" in res.stdout
     assert "[never]" not in res.stdout
     assert not out.exists()  # nothing is published from a failed build
-    show = json.loads(bc("show", "--json", json.loads(bc("ls", "--json").stdout)[0]["id"]).stdout)
+    show = json.loads(
+        bc(
+            "show",
+            "--project",
+            "p",
+            "--json",
+            json.loads(bc("ls", "--project", "p", "--json").stdout)[0]["id"],
+        ).stdout
+    )
     assert [s["status"] for s in show["steps"]] == ["succeeded", "failed", "skipped"]
 
 
@@ -180,7 +188,7 @@ steps:
     first = res.stderr.splitlines()[0]
     assert "buildcell.yaml:6" in first
     assert "steps[0].limits.timeout" in first
-    assert json.loads(bc("ls", "--json").stdout) == []
+    assert json.loads(bc("ls", "--project", "p", "--json").stdout) == []
 
 
 def test_missing_spec_file(bc, tmp_path: Path) -> None:
@@ -201,24 +209,26 @@ steps:
 """,
     )
     assert bc("build", "-f", str(spec), cwd=tmp_path).returncode == 0
-    builds = json.loads(bc("ls", "--json").stdout)
+    builds = json.loads(bc("ls", "--project", "p", "--json").stdout)
     assert len(builds) == 1
     build_id = builds[0]["id"]
-    assert "logged" in bc("ls").stdout
-    show = bc("show", build_id[:18])
+    assert "logged" in bc("ls", "--project", "p").stdout
+    show = bc("show", "--project", "p", build_id[:18])
     assert show.returncode == 0
     assert "succeeded" in show.stdout
-    logs = bc("logs", build_id).stdout.splitlines()
+    logs = bc("logs", "--project", "p", build_id).stdout.splitlines()
     assert "[first] out-one" in logs
     assert "[first] err-one" in logs
     assert "[second] out-two" in logs
-    assert bc("logs", build_id, "--step", "second").stdout == "out-two\n"
-    bad = bc("logs", build_id, "--step", "third")
+    assert bc("logs", "--project", "p", build_id, "--step", "second").stdout == "out-two\n"
+    bad = bc("logs", "--project", "p", build_id, "--step", "third")
     assert bad.returncode == 125
     assert "first, second" in bad.stderr
-    assert bc("show", "nope").returncode == 125
+    assert bc("show", "--project", "p", "nope").returncode == 125
 
-    record_dir = Path(json.loads(bc("show", "--json", build_id).stdout)["spec_path"]).parent
+    record_dir = Path(
+        json.loads(bc("show", "--project", "p", "--json", build_id).stdout)["spec_path"]
+    ).parent
     assert record_dir == tmp_path / "p"
 
 

@@ -196,6 +196,7 @@ class CellConfig:
         network: the egress allowlist; ``None`` or an empty one means no network at all.
         pinned_hosts: ``(name, address)`` pairs the host side resolves without DNS
             (``--add-host``); such addresses still pass the address guard.
+        caches: host directories bound read-write (build caches), after everything else.
     """
 
     argv: tuple[str, ...]
@@ -216,6 +217,7 @@ class CellConfig:
     redact: tuple[Secret, ...] = ()
     network: EgressPolicy | None = None
     pinned_hosts: tuple[tuple[str, str], ...] = ()
+    caches: tuple[Bind, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.argv:

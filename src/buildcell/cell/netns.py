@@ -155,9 +155,12 @@ def child_setup(plan: NetnsPlan, channel: socket.socket) -> Callable[[], None]:
                     sock.listen(1024)
             fds = array.array("i", [s.fileno() for s in made])
             channel.sendmsg([b"ok"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        except OSError as e:
+        except BaseException as e:
+            # Whatever failed, bubblewrap must not start without the namespace it was
+            # promised; the parent reads this line instead of the sockets.
+            why = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
             try:
-                channel.send(f"err:{e.strerror or e}".encode(errors="replace")[:400])
+                channel.send(f"err:{why}".encode(errors="replace")[:400])
             finally:
                 os._exit(125)
         finally:
@@ -176,8 +179,9 @@ def receive_listeners(channel: socket.socket, plan: NetnsPlan) -> list[socket.so
     count = len(plan.listeners)
     channel.settimeout(10)
     try:
+        # MSG_CMSG_CLOEXEC: no later exec of the supervisor ever inherits a listener.
         data, ancdata, _flags, _addr = channel.recvmsg(
-            512, socket.CMSG_SPACE(count * array.array("i").itemsize)
+            512, socket.CMSG_SPACE(count * array.array("i").itemsize), socket.MSG_CMSG_CLOEXEC
         )
     except OSError as e:
         raise SandboxError(f"cannot receive the cell's network listeners: {e}") from e

@@ -156,7 +156,8 @@ class WritableAreas:
     ``workspace`` is always a host directory. ``tmp`` and ``home`` are host directories
     when the cell has a disk budget (all three then live on one size-capped tmpfs), or
     ``None`` for a fresh tmpfs inside the sandbox. ``binds`` are (host path, cell path)
-    pairs bound read-only after the workspace (pinned inputs inside it).
+    pairs bound read-only after the workspace (pinned inputs inside it); ``caches`` the
+    same, bound read-write (build caches, possibly inside home or the workspace).
     """
 
     def __init__(
@@ -165,11 +166,13 @@ class WritableAreas:
         tmp: str | None = None,
         home: str | None = None,
         binds: tuple[tuple[str, str], ...] = (),
+        caches: tuple[tuple[str, str], ...] = (),
     ):
         self.workspace = workspace
         self.tmp = tmp
         self.home = home
         self.binds = binds
+        self.caches = caches
 
 
 def cell_mounts(root: list[Mount], areas: WritableAreas) -> tuple[Mount, ...]:
@@ -191,5 +194,6 @@ def cell_mounts(root: list[Mount], areas: WritableAreas) -> tuple[Mount, ...]:
         mounts.append(Mount("bind", CELL_HOME, src=areas.home))
     mounts.append(Mount("bind", CELL_WORKSPACE, src=areas.workspace))
     mounts += [Mount("ro-bind", dest, src=src) for src, dest in areas.binds]
+    mounts += [Mount("bind", dest, src=src) for src, dest in areas.caches]
     mounts.append(Mount("remount-ro", "/"))
     return tuple(mounts)

@@ -317,6 +317,7 @@ class Cell:
                 self._scratch.tmp,
                 self._scratch.home,
                 tuple((str(b.src), b.dest) for b in cfg.binds),
+                tuple((str(b.src), b.dest) for b in cfg.caches),
             ),
         )
         env = cfg.cell_env()
@@ -480,17 +481,26 @@ class Cell:
         try:
             try:
                 self._proc = _spawn.spawn(spawn_plan)
-            except OSError as e:
-                raise SandboxError(f"cannot start bubblewrap: {e.strerror or e}") from e
+            except (OSError, subprocess.SubprocessError) as e:
+                # SubprocessError: a step between fork and exec failed (joining a cgroup,
+                # the network namespace, the uid switch).
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise SandboxError(f"cannot start bubblewrap: {why}") from e
+            if channel is not None and netns_plan is not None:
+                channel[1].close()
+                self._start_egress(channel[0], netns_plan)
+        except BaseException:
+            os.close(status_r)
+            if block_w is not None:
+                os.close(block_w)
+            raise
         finally:
             for fd in fds:
                 if fd != block_w:
                     os.close(fd)
             if channel is not None:
-                channel[1].close()
-        if channel is not None and netns_plan is not None:
-            with channel[0]:
-                self._start_egress(channel[0], netns_plan)
+                for end in channel:
+                    end.close()
 
         def on_status(obj: dict[str, object]) -> None:
             pid = obj.get("child-pid")
@@ -815,14 +825,25 @@ def _scrubber(config: CellConfig) -> Callable[[str], str]:
     """Redacts secret values from names and paths before they reach an event."""
     if not config.redact:
         return lambda text: text
-    from buildcell.redact import Redactor
+    from buildcell.redact import Redactor, Secret
 
-    redactor = Redactor(config.redact)
+    # Host names reach the egress service lowercased (DNS is case-insensitive), so each
+    # secret is also looked for in lowercase.
+    redactors = [
+        Redactor(config.redact),
+        Redactor([Secret(s.name, s.reveal().lower()) for s in config.redact]),
+    ]
     lock = threading.Lock()
 
     def scrub(text: str) -> str:
+        data = text.encode()
         with lock:
-            return redactor.redact(text.encode()).decode(errors="replace")
+            data = redactors[0].redact(data)
+            lowered = redactors[1].redact(data.lower())
+        if lowered != data.lower():
+            # A secret in another case: the lowercased, redacted text is what is kept.
+            data = lowered
+        return data.decode(errors="replace")
 
     return scrub
 

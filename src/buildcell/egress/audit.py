@@ -7,7 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Attempt", "EgressStats", "EgressSummaryRow"]
+__all__ = ["MAX_ROWS", "Attempt", "EgressStats", "EgressSummaryRow"]
+
+#: Distinct destinations counted per cell; further ones are summed in one row.
+MAX_ROWS = 500
 
 
 @dataclass
@@ -104,6 +107,9 @@ class EgressStats:
     def add(self, attempt: Attempt) -> None:
         destination = f"{attempt.host}:{attempt.port}"
         with self._lock:
+            if (destination, attempt.allowed) not in self._rows and len(self._rows) >= MAX_ROWS:
+                # Bounded memory whatever a build tries: the rest share one row.
+                destination = "(other destinations)"
             row = self._rows.get((destination, attempt.allowed))
             if row is None:
                 row = self._rows[(destination, attempt.allowed)] = EgressSummaryRow(

@@ -33,6 +33,7 @@ _READ = 64 * 1024
 _MAX_HEAD = 64 * 1024
 _HEAD_TIMEOUT = 30.0
 _CONNECT_TIMEOUT = 10.0
+_SEND_TIMEOUT = 300.0
 _HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -166,7 +167,9 @@ class EgressProxy:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         try:
             while True:
-                event = await _next_event(conn, client, timeout=_HEAD_TIMEOUT)
+                # One deadline for the whole head: a byte now and then does not extend it.
+                async with asyncio.timeout(_HEAD_TIMEOUT):
+                    event = await _next_event(conn, client, timeout=_HEAD_TIMEOUT)
                 if isinstance(event, h11.ConnectionClosed):
                     return
                 if not isinstance(event, h11.Request):
@@ -183,6 +186,9 @@ class EgressProxy:
                     return
         except h11.RemoteProtocolError as e:
             await _send_error(conn, client, e.error_status_hint, f"malformed request: {e}")
+        except h11.LocalProtocolError as e:
+            # What the client sent cannot be relayed as HTTP/1.1 (h11 refuses to write it).
+            await _send_error(conn, client, 400, f"cannot forward this request: {e}")
         except (_Closed, OSError, TimeoutError):
             return
 
@@ -285,15 +291,29 @@ class EgressProxy:
         upstream: socket.socket,
         attempt: Attempt,
     ) -> bool:
-        loop = asyncio.get_running_loop()
         up = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
-        headers = [(k, v) for k, v in req.headers if k.lower() not in _HOP_BY_HOP]
-        headers.append((b"connection", b"close"))
+        # The upstream is asked for exactly the checked authority: the cell's own Host
+        # header never travels (a shared front end would route by it), nor any header
+        # the client's Connection header names as hop-by-hop.
+        named = {
+            token.strip().lower()
+            for k, v in req.headers
+            if k.lower() == b"connection"
+            for token in v.split(b",")
+        }
+        headers = [
+            (k, v)
+            for k, v in req.headers
+            if k.lower() not in _HOP_BY_HOP and k.lower() not in named and k.lower() != b"host"
+        ]
+        authority = _hostport(attempt.host, attempt.port, default=80)
+        headers = [(b"host", authority.encode()), *headers, (b"connection", b"close")]
 
         async def send_up(event: h11.Event) -> None:
             data = up.send(event)
             if data:
-                await loop.sock_sendall(upstream, data)
+                async with asyncio.timeout(self.idle_timeout):
+                    await asyncio.get_running_loop().sock_sendall(upstream, data)
                 attempt.bytes_up += len(data)
 
         await send_up(
@@ -303,15 +323,19 @@ class EgressProxy:
         )
         if conn.they_are_waiting_for_100_continue:
             await _send(conn, client, h11.InformationalResponse(status_code=100, headers=[]))
-        while True:
-            event = await _next_event(conn, client, timeout=self.idle_timeout)
-            if isinstance(event, h11.Data):
-                await send_up(event)
-            elif isinstance(event, h11.EndOfMessage):
-                await send_up(h11.EndOfMessage())
-                break
-            else:
-                raise _Closed
+        try:
+            while True:
+                event = await _next_event(conn, client, timeout=self.idle_timeout)
+                if isinstance(event, h11.Data):
+                    await send_up(event)
+                elif isinstance(event, h11.EndOfMessage):
+                    await send_up(h11.EndOfMessage())
+                    break
+                else:
+                    raise _Closed
+        except OSError as e:
+            # The upstream stopped reading (an early 413, say): still relay its answer.
+            attempt.error = f"upstream stopped reading the request: {_why(e)}"
         try:
             while True:
                 reply = await _next_event(
@@ -372,7 +396,9 @@ async def _next_event(
 async def _send(conn: h11.Connection, sock: socket.socket, event: h11.Event) -> None:
     data = conn.send(event)
     if data:
-        await asyncio.get_running_loop().sock_sendall(sock, data)
+        # A client that never reads does not hold the connection forever.
+        async with asyncio.timeout(_SEND_TIMEOUT):
+            await asyncio.get_running_loop().sock_sendall(sock, data)
 
 
 async def _drain_body(conn: h11.Connection, sock: socket.socket) -> None:
@@ -438,6 +464,11 @@ def _host(text: str) -> str | None:
         return normalize_host(text)
     except ConfigError:
         return None
+
+
+def _hostport(host: str, port: int, *, default: int) -> str:
+    text = f"[{host}]" if ":" in host else host
+    return text if port == default else f"{text}:{port}"
 
 
 def _why(e: BaseException) -> str:

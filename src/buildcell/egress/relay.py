@@ -13,12 +13,16 @@ import contextlib
 import fcntl
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
 __all__ = ["RelayResult", "relay"]
 
 _CHUNK = 1 << 20
+#: Each tunnel direction's only buffer. It lives in the supervisor's memory, not the
+#: cell's: small enough that a thousand stalled tunnels stay bounded (~512 MiB).
+_PIPE_SIZE = 256 * 1024
 _COPY_FIRST = 64 * 1024
 _F_SETPIPE_SZ = 1031
 _HAVE_SPLICE = hasattr(os, "splice")
@@ -83,7 +87,7 @@ async def _pump_splice(
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         with contextlib.suppress(OSError):
-            fcntl.fcntl(w, _F_SETPIPE_SZ, _CHUNK)
+            fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE_SIZE)
         while True:
             try:
                 n = os.splice(src.fileno(), w, _CHUNK, flags=_SPLICE_FLAGS)
@@ -95,10 +99,13 @@ async def _pump_splice(
             left = n
             while left:
                 try:
-                    left -= os.splice(r, dst.fileno(), left, flags=_SPLICE_FLAGS)
+                    moved = os.splice(r, dst.fileno(), left, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     await _wait(loop, dst, write=True)
-            _account(result, up, n)
+                    continue
+                left -= moved
+                # Progress is counted as it is made: a slow reader is not "idle".
+                _account(result, up, moved)
     finally:
         os.close(r)
         os.close(w)
@@ -158,6 +165,11 @@ async def _direction(
         dst.shutdown(socket.SHUT_WR)
 
 
+def _abort(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 async def relay(
     client: socket.socket,
     upstream: socket.socket,
@@ -193,8 +205,11 @@ async def relay(
             for task in done:
                 exc = task.exception()
                 if exc is not None:
-                    # A reset or broken pipe on one side ends the tunnel for both.
+                    # A reset or broken pipe on one side ends the tunnel for both, and the
+                    # other side sees a reset too, not a clean end of a truncated stream.
                     result.error = exc.strerror if isinstance(exc, OSError) else repr(exc)
+                    _abort(client)
+                    _abort(upstream)
                     return result
             if pending and time.monotonic() - result._last > idle_timeout:
                 result.error = f"idle for {idle_timeout:g}s"

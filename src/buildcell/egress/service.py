@@ -28,12 +28,33 @@ from buildcell.egress.policy import EgressPolicy
 from buildcell.egress.proxy import EgressProxy
 from buildcell.errors import SandboxError
 
-__all__ = ["MAX_CONNECTIONS", "EgressService"]
+__all__ = ["MAX_CONNECTIONS", "MAX_NOISY_EVENTS", "EgressService"]
 
 log = logging.getLogger(__name__)
 
 #: Connections served at once per cell; beyond it new ones are closed at once.
-MAX_CONNECTIONS = 2048
+MAX_CONNECTIONS = 1024
+
+#: Denials and DNS queries recorded as events per cell; beyond it they are only counted
+#: (a hostile build could otherwise grow the audit trail without bound).
+MAX_NOISY_EVENTS = 2000
+
+
+class _EventBudget:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.used < self.limit:
+                self.used += 1
+                return True
+            self.dropped += 1
+            return False
+
 
 Emit = Callable[..., Any]
 
@@ -81,8 +102,10 @@ class EgressService(Closing):
         self._scrub = scrub
         self._loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._clients: set[socket.socket] = set()
         self._started = threading.Event()
         self._closed = False
+        self._budget = _EventBudget(MAX_NOISY_EVENTS)
         self.proxy = EgressProxy(
             policy,
             resolve=self._resolve,
@@ -98,21 +121,34 @@ class EgressService(Closing):
         except RuntimeError as e:
             self._close_sockets()
             raise SandboxError(f"cannot start the egress service: {e}") from e
-        self._started.wait()
+        if not self._started.wait(timeout=30):
+            self.close()
+            raise SandboxError("the egress service did not start")
 
     # -- audit -------------------------------------------------------------------------
 
+    def _text(self, text: str) -> str:
+        """Scrubbed first, cut after: a secret across the cut is still redacted whole."""
+        return self._scrub(text)[:256]
+
     def _record(self, attempt: Attempt) -> None:
-        attempt.host = self._scrub(attempt.host)
-        if attempt.path is not None:
-            attempt.path = self._scrub(attempt.path[:256])
+        # Everything the cell chose (names, paths, and the reasons quoting them) is text
+        # a hostile build controls: it is scrubbed of secret values before it is kept.
+        attempt.host = self._text(attempt.host)
+        for name in ("path", "reason", "suggestion", "error"):
+            value = getattr(attempt, name)
+            if value is not None:
+                setattr(attempt, name, self._text(value))
         self.stats.add(attempt)
-        self._emit("net.allow" if attempt.allowed else "net.deny", **attempt.event_fields())
+        if attempt.allowed or self._budget.take():
+            self._emit("net.allow" if attempt.allowed else "net.deny", **attempt.event_fields())
 
     def _record_dns(self, answer: DnsAnswer) -> None:
         self.stats.add_dns(refused=not answer.allowed)
+        if not self._budget.take():
+            return
         fields: dict[str, Any] = {
-            "name": self._scrub(answer.name[:256]),
+            "name": self._text(answer.name),
             "qtype": answer.qtype,
             "rcode": answer.rcode,
             "allowed": answer.allowed,
@@ -148,6 +184,8 @@ class EgressService(Closing):
             self._loop.run_forever()
         finally:
             self._loop.run_until_complete(self._cancel_all())
+            # A lookup still running in the resolver's thread is not waited for.
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
             self._loop.close()
 
     def _spawn(self, coro: Any) -> None:
@@ -168,8 +206,13 @@ class EgressService(Closing):
                 await self.dns.serve_tcp(sock)
             return
         while True:
+            await self._readable(sock)
             try:
-                client, _ = await self._loop.sock_accept(sock)
+                # accept() itself, not loop.sock_accept(): a cancellation right after
+                # an accept can then never drop the new socket unclosed.
+                client, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
             except OSError as e:
                 log.debug("accept on %s failed: %s", listener, e)
                 await asyncio.sleep(0.05)
@@ -178,16 +221,32 @@ class EgressService(Closing):
             if len(self._tasks) >= MAX_CONNECTIONS:
                 client.close()
                 continue
+            # Owned by the service until its handler ends: a handler cancelled before it
+            # ever ran still has its socket closed (by _cancel_all).
+            self._clients.add(client)
             if listener.role == "proxy":
                 self._spawn(self._own(client, self.proxy.serve_proxy(client)))
             else:
                 self._spawn(self._own(client, self.proxy.serve_transparent(client, listener.port)))
 
-    @staticmethod
-    async def _own(client: socket.socket, work: Any) -> None:
+    async def _readable(self, sock: socket.socket) -> None:
+        ready: asyncio.Future[None] = self._loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self._loop.add_reader(sock.fileno(), wake)
+        try:
+            await ready
+        finally:
+            self._loop.remove_reader(sock.fileno())
+
+    async def _own(self, client: socket.socket, work: Any) -> None:
         try:
             await work
         finally:
+            self._clients.discard(client)
             client.close()
 
     async def _cancel_all(self) -> None:
@@ -197,6 +256,9 @@ class EgressService(Closing):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for client in list(self._clients):
+            client.close()
+        self._clients.clear()
         self._close_sockets()
 
     def _close_sockets(self) -> None:
@@ -222,6 +284,14 @@ class EgressService(Closing):
         if self._closed:
             return
         self._closed = True
+        if self._budget.dropped:
+            self._emit(
+                "net.suppressed",
+                recorded=self._budget.used,
+                suppressed=self._budget.dropped,
+                message=f"{self._budget.dropped} further denials and DNS queries were only "
+                "counted, not recorded one by one",
+            )
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)

@@ -370,3 +370,133 @@ def test_close_ends_every_connection() -> None:
         assert c.recv(100) == b""
         c.close()
         assert _fds() == before
+
+
+# -- regressions -------------------------------------------------------------------------
+
+
+def test_upstream_gets_the_checked_authority_not_the_cells_host_header() -> None:
+    with http_origin("a") as origin, serve(*_both(origin.port)) as s:
+        reply = _exchange(
+            s.port,
+            f"GET http://api.test:{origin.port}/h HTTP/1.1\r\nHost: evil.example\r\n"
+            "Connection: close, X-Secret-Hop\r\nX-Secret-Hop: 1\r\n\r\n".encode(),
+        )
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert origin.hosts == [f"api.test:{origin.port}"]
+
+
+def test_http10_request_without_host_is_forwarded_not_crashed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with (
+        caplog.at_level(logging.ERROR, logger="buildcell.egress"),
+        http_origin("a") as origin,
+        serve(*_both(origin.port)) as s,
+    ):
+        reply = _exchange(
+            s.port, f"GET http://api.test:{origin.port}/old HTTP/1.0\r\n\r\n".encode()
+        )
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert reply.endswith(b"/old\n")
+    assert not caplog.records
+
+
+def test_early_upstream_response_reaches_the_client() -> None:
+    """An upstream that refuses a large body (413) and closes: the client still gets it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def refuse() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            conn.sendall(
+                b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig"
+            )
+            conn.shutdown(socket.SHUT_WR)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    body = b"x" * (20 << 20)
+    try:
+        with (
+            serve(*_both(port)) as s,
+            socket.create_connection(("127.0.0.1", s.port), timeout=10) as c,
+        ):
+            c.sendall(
+                f"POST http://api.test:{port}/up HTTP/1.1\r\nHost: a\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+            )
+            with contextlib.suppress(OSError):
+                c.sendall(body)
+            reply = bytearray()
+            with contextlib.suppress(OSError):
+                while chunk := c.recv(65536):
+                    reply += chunk
+    finally:
+        thread.join(5)
+        listener.close()
+    assert bytes(reply).startswith(b"HTTP/1.1 413"), bytes(reply[:200])
+
+
+def test_noisy_denials_are_counted_not_all_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from buildcell.egress import audit, service
+
+    monkeypatch.setattr(service, "MAX_NOISY_EVENTS", 5)
+    monkeypatch.setattr(audit, "MAX_ROWS", 3)
+    with serve("api.test:1") as s:
+        for i in range(12):
+            _exchange(s.port, f"GET http://h{i}.test/ HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        rows = s.service.stats.rows()
+    assert len(s.of("net.deny")) == 5
+    (suppressed,) = s.of("net.suppressed")
+    assert suppressed["suppressed"] == 7
+    assert len(rows) == 4
+    assert sum(r.requests for r in rows) == 12
+    assert "(other destinations)" in {r.destination for r in rows}
+
+
+def test_secret_values_never_reach_egress_events() -> None:
+    from buildcell.cell.config import CellConfig
+    from buildcell.cell.supervisor import _scrubber
+    from buildcell.redact import Secret
+
+    secret = Secret("tok", b"TopSecretValue42")
+    scrub = _scrubber(CellConfig(argv=("x",), redact=(secret,)))
+    long_path = "/" + "a" * 250 + "TopSecretValue42"
+    with serve("api.test:1", scrub=scrub) as s:
+        _exchange(s.port, b"GET http://TopSecretValue42.evil.test/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        _exchange(s.port, f"GET http://api.test:1{long_path} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        _exchange(s.port, b"CONNECT topsecretvalue42.test:443 HTTP/1.1\r\nHost: h\r\n\r\n")
+    import json
+
+    dumped = json.dumps(s.events).lower()
+    assert "topsecretvalue42" not in dumped
+    assert "topsecre" not in dumped
+    assert len(s.of("net.deny")) + len(s.of("net.allow")) == 3
+
+
+def test_received_listeners_are_close_on_exec() -> None:
+    import array
+
+    from buildcell.cell.netns import Listener, NetnsPlan, receive_listeners
+
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    inheritable = socket.socket()
+    inheritable.set_inheritable(True)
+    with parent, child, inheritable:
+        child.sendmsg(
+            [b"ok"],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [inheritable.fileno()]))],
+        )
+        (got,) = receive_listeners(
+            parent, NetnsPlan((Listener("proxy", "tcp", "127.0.0.1", 3128),))
+        )
+        with got:
+            assert not got.get_inheritable()

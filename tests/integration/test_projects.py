@@ -1,0 +1,256 @@
+"""Operator policy, projects and caches through the CLI and real cells."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import read_events
+
+POLICY = """\
+version: 1
+rules:
+  - name: limits-set
+    expr: spec.steps.all(s, s.limits.memory != null && s.limits.memory <= 1073741824)
+    message: every step needs a memory limit of at most 1 GiB
+  - name: release-key-only-on-main
+    expr: >
+      !("release-key" in spec.secrets) ||
+      (invocation.trust == "trusted" && invocation.ref == "refs/heads/main")
+    message: the release key is only for trusted builds of main
+  - name: egress-in-org
+    expr: spec.egress.all(e, e.endsWith(".corp.example:443"))
+    message: egress only to the organisation's hosts
+"""
+
+
+def _project(tmp_path: Path, spec: str, name: str = "proj") -> Path:
+    d = tmp_path / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "buildcell.yaml").write_text(spec)
+    return d
+
+
+def _policy(tmp_path: Path, text: str = POLICY) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+SPEC_OK = (
+    "version: 1\nname: p\nlimits: {memory: 512M}\nsteps:\n"
+    "  - name: s\n    run: echo ran > ran.txt\noutputs: [ran.txt]\n"
+)
+SPEC_BAD = (
+    "version: 1\nname: p\nsteps:\n"
+    "  - name: s\n    run: echo ran > ran.txt\n    secrets: [release-key]\n"
+    "    network: {allow: ['evil.example.net']}\noutputs: [ran.txt]\n"
+)
+
+
+def test_policy_denial_lists_every_failed_rule_and_runs_nothing(bc: Any, tmp_path: Path) -> None:
+    d = _project(tmp_path, SPEC_BAD)
+    res = bc(
+        "build",
+        "--policy",
+        str(_policy(tmp_path)),
+        "--secret",
+        "release-key=env:KEY",
+        cwd=d,
+        env={"KEY": "not-a-real-key-123"},
+    )
+    assert res.returncode == 125, res.stderr
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("buildcell: error: policy denies this build")
+    for rule in ("limits-set", "release-key-only-on-main", "egress-in-org"):
+        assert rule in first
+    assert not (d / "buildcell-out").exists()
+    ls = bc("ls", "--json", cwd=d)
+    (record,) = json.loads(ls.stdout)
+    assert record["status"] == "denied"
+    assert record["steps"][0]["status"] == "skipped"
+    assert record["policy"]["allowed"] is False
+
+
+def test_trusted_main_with_limits_is_allowed_and_recorded(bc: Any, tmp_path: Path) -> None:
+    d = _project(tmp_path, SPEC_OK)
+    policy = _policy(tmp_path)
+    res = bc(
+        "build", "--policy", str(policy), "--trust", "trusted", "--ref", "refs/heads/main", cwd=d
+    )
+    assert res.returncode == 0, res.stderr + res.stdout
+    provenance = d / "buildcell-out" / "provenance.intoto.jsonl"
+    statement = json.loads(base64.b64decode(json.loads(provenance.read_text())["payload"]))
+    internal = statement["predicate"]["buildDefinition"]["internalParameters"]
+    import hashlib
+
+    assert internal["policy"] == {
+        "digest": "sha256:" + hashlib.sha256(policy.read_bytes()).hexdigest(),
+        "allowed": True,
+    }
+    assert internal["invocation"] == {
+        "project": "proj",
+        "trust": "trusted",
+        "ref": "refs/heads/main",
+    }
+    (record,) = json.loads(bc("ls", "--json", cwd=d).stdout)
+    assert (record["project"], record["trust"], record["ref"]) == (
+        "proj",
+        "trusted",
+        "refs/heads/main",
+    )
+
+
+def test_policy_decision_is_an_event(bc: Any, tmp_path: Path, state_root: Path) -> None:
+    d = _project(tmp_path, SPEC_OK)
+    assert bc("build", "--policy", str(_policy(tmp_path)), cwd=d).returncode == 0
+    (build_dir,) = (state_root / "state" / "builds").iterdir()
+    (decision,) = [
+        e for e in read_events(build_dir / "events.jsonl") if e["event"] == "policy.decision"
+    ]
+    assert decision["allowed"] is True
+    assert decision["digest"].startswith("sha256:")
+    assert decision["failed"] == []
+
+
+def test_malformed_policy_denies_and_says_where(bc: Any, tmp_path: Path) -> None:
+    d = _project(tmp_path, SPEC_OK)
+    bad = _policy(tmp_path, "version: 1\nrules:\n  - name: x\n    expr: 'spec.steps.all(s,'\n")
+    res = bc("build", "--policy", str(bad), cwd=d)
+    assert res.returncode == 125
+    assert "policy.yaml:4: rule 'x': expression does not parse" in res.stderr.splitlines()[0]
+    assert not (d / "buildcell-out").exists()
+    raising = _policy(
+        tmp_path, "version: 1\nrules:\n  - name: boom\n    expr: spec.nope.missing == 1\n"
+    )
+    res = bc("build", "--policy", str(raising), cwd=d)
+    assert res.returncode == 125
+    assert "boom" in res.stderr.splitlines()[0]
+
+
+def test_policy_check_command(bc: Any, tmp_path: Path) -> None:
+    d = _project(tmp_path, SPEC_OK)
+    policy = _policy(tmp_path)
+    ok = bc("policy", "check", "--policy", str(policy), cwd=d)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[:3] == [
+        "PASS limits-set",
+        "PASS release-key-only-on-main",
+        "PASS egress-in-org",
+    ]
+    (d / "buildcell.yaml").write_text(SPEC_BAD)
+    denied = bc("policy", "check", "--policy", str(policy), "--json", cwd=d)
+    assert denied.returncode == 125
+    decision = json.loads(denied.stdout)
+    assert decision["allowed"] is False
+    assert {r["name"] for r in decision["results"] if not r["passed"]} == {
+        "limits-set",
+        "release-key-only-on-main",
+        "egress-in-org",
+    }
+
+
+def test_policy_from_the_configuration_file(bc: Any, tmp_path: Path) -> None:
+    d = _project(tmp_path, SPEC_OK.replace("limits: {memory: 512M}\n", ""))
+    config = tmp_path / "config.yaml"
+    config.write_text("policy: policy.yaml\n")
+    _policy(tmp_path)
+    res = bc("build", cwd=d, env={"BUILDCELL_CONFIG": str(config)})
+    assert res.returncode == 125
+    assert "policy denies this build: limits-set" in res.stderr
+    config.write_text("polcy: policy.yaml\n")
+    res = bc("build", cwd=d, env={"BUILDCELL_CONFIG": str(config)})
+    assert res.returncode == 125
+    assert "unknown setting 'polcy'" in res.stderr
+
+
+def test_projects_do_not_see_each_others_builds(bc: Any, tmp_path: Path) -> None:
+    a = _project(tmp_path, SPEC_OK, "alpha")
+    b = _project(tmp_path, SPEC_OK, "beta")
+    assert bc("build", cwd=a).returncode == 0
+    assert bc("build", "--project", "beta", cwd=b).returncode == 0
+    (ra,) = json.loads(bc("ls", "--json", cwd=a).stdout)
+    (rb,) = json.loads(bc("ls", "--json", "--project", "beta").stdout)
+    assert (ra["project"], rb["project"]) == ("alpha", "beta")
+    for command in (["show", ra["id"]], ["logs", ra["id"]]):
+        res = bc(*command, "--project", "beta")
+        assert res.returncode == 125, res.stdout
+        assert "in project 'beta'" in res.stderr
+        assert ra["id"] not in res.stdout
+    assert bc("show", ra["id"], cwd=a).returncode == 0
+    assert bc("logs", ra["id"], "--project", "alpha").returncode == 0
+    res = bc("ls", "--project", "Not/Valid")
+    assert res.returncode == 125
+    assert "invalid project name" in res.stderr
+
+
+CACHE_SPEC = """\
+version: 1
+name: c
+steps:
+  - name: use
+    run: |
+      mkdir -p $HOME/.cache/tool
+      ls $HOME/.cache/tool | sort | tr '\\n' ' ' > seen.txt
+      echo "$MARK" > $HOME/.cache/tool/$MARK
+    env: {{MARK: {mark}}}
+    caches: [{{path: /home/builder/.cache/tool, key: tool}}]
+outputs: [seen.txt]
+"""
+
+
+def _cache_build(bc: Any, d: Path, mark: str, trust: str) -> str:
+    (d / "buildcell.yaml").write_text(CACHE_SPEC.format(mark=mark))
+    res = bc("build", "--trust", trust, "--out", f"out-{mark}", cwd=d)
+    assert res.returncode == 0, res.stderr + res.stdout
+    return (d / f"out-{mark}" / "seen.txt").read_text().strip()
+
+
+def test_untrusted_build_cannot_poison_the_trusted_cache(bc: Any, tmp_path: Path) -> None:
+    d = _project(tmp_path, "", "cachey")
+    assert _cache_build(bc, d, "t1", "trusted") == ""
+    assert _cache_build(bc, d, "poison", "untrusted") == "t1"  # starts from a trusted snapshot
+    assert _cache_build(bc, d, "t2", "trusted") == "t1"  # never sees the poison
+    assert _cache_build(bc, d, "u2", "untrusted") == "t1 t2"
+    other = _project(tmp_path, "", "other")
+    assert _cache_build(bc, other, "o1", "trusted") == ""  # another project: its own cache
+
+
+def test_concurrent_builds_of_one_cache_do_not_corrupt_it(bc: Any, tmp_path: Path) -> None:
+    d = _project(tmp_path, "", "busy")
+    marks = [f"m{i}" for i in range(4)]
+    for mark in marks:
+        (d / mark).mkdir()
+        (d / mark / "buildcell.yaml").write_text(CACHE_SPEC.format(mark=mark))
+    results: dict[str, Any] = {}
+
+    def build(mark: str) -> None:
+        results[mark] = bc("build", "--project", "busy", "--trust", "trusted", cwd=d / mark)
+
+    threads = [threading.Thread(target=build, args=(m,)) for m in marks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.returncode == 0 for r in results.values()), [r.stderr for r in results.values()]
+    seen = _cache_build(bc, d, "after", "trusted").split()
+    # One complete generation won: at least one writer's file, never a torn mix of a
+    # generation and its predecessor.
+    assert seen and set(seen) <= set(marks)
+
+
+def test_gc_expires_caches(bc: Any, tmp_path: Path, state_root: Path) -> None:
+    d = _project(tmp_path, "", "old")
+    _cache_build(bc, d, "x", "trusted")
+    caches = state_root / "state" / "caches" / "old"
+    assert any(caches.rglob("gen-*"))
+    time.sleep(0.01)
+    res = bc("gc", "--json", "--cache-max-age", "1ms")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["caches_expired"] >= 1
+    assert not any(caches.rglob("gen-*"))
+    assert _cache_build(bc, d, "y", "trusted") == ""
