@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from buildcell.audit import EventLog
     from buildcell.policy import Invocation
     from buildcell.records import RecordStore
     from buildcell.redact import Secret
@@ -189,6 +190,15 @@ def _build_parser() -> _Parser:
         help="resolve NAME to ADDRESS on the host side instead of asking DNS (repeatable); "
         "the address guard still applies",
     )
+    g = run.add_argument_group("operator policy")
+    g.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="check the command against this operator policy first (default: the "
+        "configuration file's policy, if any); it sees the command as a one-step spec",
+    )
+    _add_invocation_args(g, secrets=False)
     g = run.add_argument_group("limits")
     g.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 512M, 2GiB")
     g.add_argument("--pids", metavar="N", help="maximum number of processes and threads")
@@ -414,7 +424,7 @@ def _add_spec_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_invocation_args(parser: argparse.ArgumentParser) -> None:
+def _add_invocation_args(parser: argparse._ActionsContainer, *, secrets: bool = True) -> None:
     parser.add_argument(
         "--project",
         metavar="NAME",
@@ -430,6 +440,8 @@ def _add_invocation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ref", metavar="REF", help="the source ref being built (refs/heads/main), for policies"
     )
+    if not secrets:
+        return
     parser.add_argument(
         "--secret",
         action="append",
@@ -527,6 +539,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         events.build = cell.cell_id
         if not args.quiet:
             events.subscribe(_print_warnings)
+        _gate_run(args, cmd, secrets, outputs, events)
         with cell:
             result = cell.run()
             report = cell.collect()
@@ -543,6 +556,79 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
             render_egress(result.egress, _stderr_console())
     return result.exit_code
+
+
+def _gate_run(
+    args: argparse.Namespace,
+    cmd: Sequence[str],
+    secrets: Sequence[Secret],
+    outputs: Sequence[str],
+    events: EventLog,
+) -> None:
+    """The operator policy for ``run``: the command seen as a one-step spec.
+
+    Raises:
+        PolicyError: the policy is malformed or denies the command.
+    """
+    from buildcell.settings import load_settings
+
+    path = args.policy or load_settings().policy
+    if path is None:
+        return
+    import shlex
+
+    from buildcell.policy import Invocation, check, load_policy, require_allowed
+    from buildcell.records import project_name
+    from buildcell.spec import BuildSpec
+
+    rootfs: object = "host"
+    if args.rootfs.startswith("dir:"):
+        rootfs = {"dir": args.rootfs[4:]}
+    elif args.rootfs.startswith("oci:"):
+        where, _, digest = args.rootfs[4:].rpartition("@")
+        rootfs = {"oci": where, "digest": digest}
+    step: dict[str, object] = {"name": "run", "run": shlex.join(cmd)}
+    if secrets:
+        step["secrets"] = [s.name for s in secrets]
+    if args.allow:
+        step["network"] = {"allow": list(args.allow)}
+    limits = {
+        name: getattr(args, name)
+        for name in ("memory", "pids", "cpus", "disk", "timeout")
+        if getattr(args, name) is not None
+    }
+    spec = BuildSpec.model_validate(
+        {
+            "version": 1,
+            "name": "run",
+            "rootfs": rootfs,
+            "limits": limits,
+            "steps": [step],
+            "outputs": list(outputs),
+        }
+    )
+    source = (args.source or Path.cwd()).absolute()
+    invocation = Invocation(
+        project=project_name(args.project)
+        if args.project
+        else project_name(source.name, derived=True),
+        ref=args.ref,
+        trust=args.trust,
+        secrets=tuple(s.name for s in secrets),
+        unsafe=("no-seccomp",) if args.unsafe_no_seccomp else (),
+    )
+    policy = load_policy(path)
+    decision = check(policy, spec, invocation)
+    events.emit(
+        "policy.decision",
+        policy=str(path),
+        digest=decision.policy_digest,
+        allowed=decision.allowed,
+        failed=[
+            {"rule": r.name, "message": r.message, "error": r.error} for r in decision.failures
+        ],
+    )
+    require_allowed(decision)
 
 
 def _network_options(allow: Sequence[str], add_host: Sequence[str]) -> dict[str, Any]:

@@ -19,8 +19,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from buildcell.errors import ConfigError
 from buildcell.units import parse_duration, parse_size
 
@@ -66,6 +64,8 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(f"configuration file {target} does not exist") from None
     except OSError as e:
         raise ConfigError(f"cannot read configuration file {target}: {e.strerror}") from e
+    import yaml  # only when there is a file: `buildcell run` starts without PyYAML
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -254,3 +254,38 @@ def test_gc_expires_caches(bc: Any, tmp_path: Path, state_root: Path) -> None:
     assert json.loads(res.stdout)["caches_expired"] >= 1
     assert not any(caches.rglob("gen-*"))
     assert _cache_build(bc, d, "y", "trusted") == ""
+
+
+def test_run_is_checked_against_the_policy_too(bc: Any, tmp_path: Path) -> None:
+    policy = _policy(
+        tmp_path,
+        "version: 1\nrules:\n"
+        "  - name: no-unsafe\n    expr: size(invocation.unsafe) == 0\n"
+        "  - name: no-egress\n    expr: size(spec.egress) == 0\n"
+        "    message: one-off commands get no network\n",
+    )
+    ok = bc("run", "--policy", str(policy), "--", "sh", "-c", "echo ran", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == "ran\n"
+    denied = bc(
+        "run",
+        "--policy",
+        str(policy),
+        "--unsafe-no-seccomp",
+        "--allow",
+        "x.example.org",
+        "--events",
+        str(tmp_path / "ev.jsonl"),
+        "--",
+        "sh",
+        "-c",
+        "echo ran",
+        cwd=tmp_path,
+    )
+    assert denied.returncode == 125
+    assert denied.stdout == ""
+    line = denied.stderr.splitlines()[-2 if "hint" in denied.stderr.splitlines()[-1] else -1]
+    assert "no-unsafe" in line and "no-egress (one-off commands get no network)" in line
+    (decision,) = [e for e in read_events(tmp_path / "ev.jsonl") if e["event"] == "policy.decision"]
+    assert decision["allowed"] is False
+    assert not [e for e in read_events(tmp_path / "ev.jsonl") if e["event"] == "cell.start"]
