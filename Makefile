@@ -42,6 +42,7 @@ test: lint typecheck
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	@scripts/bench-deps.sh
 	$(BIN)/python bench/run.py
 
 clean:

@@ -168,8 +168,11 @@ def main() -> int:
         from netbench import network_figures
 
         figures += network_figures(state, measure, summary, max(20, N // 4))
+        from suite import suite_figures
+
+        figures += suite_figures(state, measure, summary, N)
         for f in figures:
-            if "ratio" not in f:
+            if "ratio" not in f and "skipped" not in f:
                 f["ratio"] = f["ours"]["median"] / f["baseline"]["median"]  # type: ignore[index]
         podman = shutil.which("podman")
         results["figures"] = figures
@@ -254,6 +257,12 @@ def render(results: dict[str, object]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for f in results["figures"]:  # type: ignore[attr-defined]
+        if "skipped" in f:
+            lines.append(
+                f"| {f['figure']} | not measured: {f['skipped']} | {f['baseline_name']} | | | "
+                f"{f['target']} |"
+            )
+            continue
         lines.append(
             f"| {f['figure']} | {_fmt(f['ours'], f.get('unit', 'ms'))} | {f['baseline_name']} | "
             f"{_fmt(f['baseline'], f.get('unit', 'ms'))} | {f['ratio']:.2f}× | {f['target']} |"
