@@ -207,3 +207,10 @@ def bc_rootless(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def derived_project(directory: Path) -> str:
+    """The project a build of the spec in ``directory`` belongs to without --project."""
+    from buildcell.records import project_name
+
+    return project_name(str(directory.absolute()), derived=True)

@@ -539,7 +539,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         events.build = cell.cell_id
         if not args.quiet:
             events.subscribe(_print_warnings)
-        _gate_run(args, cmd, secrets, outputs, events)
+        _gate_run(args, cmd, secrets, outputs, events, env=config.env)
         with cell:
             result = cell.run()
             report = cell.collect()
@@ -564,6 +564,8 @@ def _gate_run(
     secrets: Sequence[Secret],
     outputs: Sequence[str],
     events: EventLog,
+    *,
+    env: dict[str, str],
 ) -> None:
     """The operator policy for ``run``: the command seen as a one-step spec.
 
@@ -572,8 +574,8 @@ def _gate_run(
     """
     from buildcell.settings import load_settings
 
-    path = args.policy or load_settings().policy
-    if path is None:
+    policies = _policy_paths(args.policy, load_settings().policy)
+    if not policies:
         return
     import shlex
 
@@ -583,11 +585,11 @@ def _gate_run(
 
     rootfs: object = "host"
     if args.rootfs.startswith("dir:"):
-        rootfs = {"dir": args.rootfs[4:]}
+        rootfs = {"dir": os.path.abspath(args.rootfs[4:])}
     elif args.rootfs.startswith("oci:"):
         where, _, digest = args.rootfs[4:].rpartition("@")
-        rootfs = {"oci": where, "digest": digest}
-    step: dict[str, object] = {"name": "run", "run": shlex.join(cmd)}
+        rootfs = {"oci": os.path.abspath(where), "digest": digest}
+    step: dict[str, object] = {"name": "run", "run": shlex.join(cmd), "env": dict(env)}
     if secrets:
         step["secrets"] = [s.name for s in secrets]
     if args.allow:
@@ -608,27 +610,37 @@ def _gate_run(
         }
     )
     source = (args.source or Path.cwd()).absolute()
+    unsafe = (["no-seccomp"] if args.unsafe_no_seccomp else []) + (
+        ["seccomp-profile"] if args.seccomp_profile is not None else []
+    )
     invocation = Invocation(
         project=project_name(args.project)
         if args.project
-        else project_name(source.name, derived=True),
+        else project_name(str(source), derived=True),
         ref=args.ref,
         trust=args.trust,
         secrets=tuple(s.name for s in secrets),
-        unsafe=("no-seccomp",) if args.unsafe_no_seccomp else (),
+        unsafe=tuple(unsafe),
+        pinned_hosts=tuple(args.add_host),
     )
-    policy = load_policy(path)
-    decision = check(policy, spec, invocation)
-    events.emit(
-        "policy.decision",
-        policy=str(path),
-        digest=decision.policy_digest,
-        allowed=decision.allowed,
-        failed=[
-            {"rule": r.name, "message": r.message, "error": r.error} for r in decision.failures
-        ],
-    )
-    require_allowed(decision)
+    for path in policies:
+        decision = check(load_policy(path), spec, invocation)
+        events.emit(
+            "policy.decision",
+            policy=str(path),
+            digest=decision.policy_digest,
+            allowed=decision.allowed,
+            failed=[
+                {"rule": r.name, "message": r.message, "error": r.error} for r in decision.failures
+            ],
+        )
+        require_allowed(decision)
+
+
+def _policy_paths(given: Path | None, configured: Path | None) -> list[Path]:
+    """The configured policy always applies; ``--policy`` adds one, never replaces it."""
+    paths = [p.absolute() for p in (configured, given) if p is not None]
+    return list(dict.fromkeys(paths))
 
 
 def _network_options(allow: Sequence[str], add_host: Sequence[str]) -> dict[str, Any]:
@@ -710,20 +722,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
         key = load_private_key(args.sign_key)
     secrets = tuple(_secrets(args.secret))
-    invocation = _invocation(args, loaded.path, secrets)
-    policy_path = args.policy or settings.policy
-    policy = None
-    if policy_path is not None:
-        from buildcell.policy import load_policy
+    invocation = _invocation(args, loaded.path, tuple(s.name for s in secrets))
+    from buildcell.policy import load_policy
 
-        policy = load_policy(policy_path)
+    policies = tuple(load_policy(p) for p in _policy_paths(args.policy, settings.policy))
     options = BuildOptions(
         sign_key=key,
         builder_id=args.builder_id or DEFAULT_BUILDER_ID,
         secrets=secrets,
         pinned_hosts=_pinned_hosts(args.add_host),
         invocation=invocation,
-        policy=policy,
+        policies=policies,
         cache_max_size=settings.cache_max_size,
     )
     out_dir = (args.out or Path("buildcell-out")).absolute()
@@ -760,20 +769,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _invocation(args: argparse.Namespace, spec_path: Path, secrets: Sequence[Secret]) -> Invocation:
+def _invocation(args: argparse.Namespace, spec_path: Path, secrets: Sequence[str]) -> Invocation:
     from buildcell.policy import Invocation
     from buildcell.records import project_name
 
     project = (
         project_name(args.project)
         if args.project
-        else project_name(spec_path.absolute().parent.name, derived=True)
+        else project_name(str(spec_path.absolute().parent), derived=True)
     )
     return Invocation(
         project=project,
         ref=args.ref,
         trust=args.trust,
-        secrets=tuple(s.name for s in secrets),
+        secrets=tuple(secrets),
+        pinned_hosts=tuple(getattr(args, "add_host", ()) or ()),
     )
 
 
@@ -792,9 +802,13 @@ def _cmd_policy(args: argparse.Namespace) -> int:
         raise UsageError(
             "no policy given and none configured", hint="buildcell policy check --policy FILE"
         )
+    from buildcell.secrets import parse_binding
+
     policy = load_policy(path)
     loaded = load_spec(args.file)
-    decision = check(policy, loaded.spec, _invocation(args, loaded.path, _secrets(args.secret)))
+    # Only the names: a dry check needs no secret's value.
+    names = tuple(parse_binding(item).name for item in args.secret)
+    decision = check(policy, loaded.spec, _invocation(args, loaded.path, names))
     if args.json:
         print(json.dumps(decision.to_dict(), indent=2))
     else:
@@ -906,7 +920,7 @@ def _records(args: argparse.Namespace) -> RecordStore:
     from buildcell.state import StateDir
 
     project = (
-        project_name(args.project) if args.project else project_name(Path.cwd().name, derived=True)
+        project_name(args.project) if args.project else project_name(str(Path.cwd()), derived=True)
     )
     return RecordStore(StateDir(args.state_dir).root / "builds", project=project)
 

@@ -178,7 +178,8 @@ class BuildOptions:
             (``--add-host``).
         invocation: project, ref, trust level and bound secrets of this build (default:
             an untrusted build of the project named after the spec's directory).
-        policy: the operator policy checked before anything runs.
+        policies: the operator policies checked before anything runs (the configuration
+            file's and ``--policy``'s): every one must allow the build.
         cache_max_size: a step's cache larger than this is not saved.
     """
 
@@ -189,7 +190,7 @@ class BuildOptions:
     secrets: tuple[Secret, ...] = ()
     pinned_hosts: tuple[tuple[str, str], ...] = ()
     invocation: Invocation | None = None
-    policy: Policy | None = None
+    policies: tuple[Policy, ...] = ()
     cache_max_size: int = 2 << 30
 
 
@@ -261,7 +262,7 @@ def run_build(
     try:
         with events:
             # Before anything is announced or run: a denied build only leaves its record.
-            _gate(options.policy, loaded, invocation, record, events)
+            _gate(options.policies, loaded, invocation, record, events)
             reporter.build_started(record.id, spec)
             events.emit(
                 "build.start",
@@ -305,13 +306,13 @@ def _invocation(options: BuildOptions, spec_dir: Path) -> Invocation:
     if options.invocation is not None:
         return options.invocation
     return Invocation(
-        project=project_name(spec_dir.name, derived=True),
+        project=project_name(str(spec_dir), derived=True),
         secrets=tuple(s.name for s in options.secrets),
     )
 
 
 def _gate(
-    policy: Policy | None,
+    policies: Sequence[Policy],
     loaded: LoadedSpec,
     invocation: Invocation,
     record: BuildRecord,
@@ -322,22 +323,27 @@ def _gate(
     Raises:
         PolicyError: the policy denies the build.
     """
-    if policy is None:
+    if not policies:
         return
     from buildcell.policy import check, require_allowed
 
-    decision = check(policy, loaded.spec, invocation)
-    record.policy = {"path": str(policy.path), **decision.to_dict()}
-    events.emit(
-        "policy.decision",
-        policy=str(policy.path),
-        digest=decision.policy_digest,
-        allowed=decision.allowed,
-        failed=[
-            {"rule": r.name, "message": r.message, "error": r.error} for r in decision.failures
-        ],
-    )
-    require_allowed(decision)
+    decisions = [(policy, check(policy, loaded.spec, invocation)) for policy in policies]
+    record.policy = {
+        "allowed": all(d.allowed for _, d in decisions),
+        "policies": [{"path": str(p.path), **d.to_dict()} for p, d in decisions],
+    }
+    for policy, decision in decisions:
+        events.emit(
+            "policy.decision",
+            policy=str(policy.path),
+            digest=decision.policy_digest,
+            allowed=decision.allowed,
+            failed=[
+                {"rule": r.name, "message": r.message, "error": r.error} for r in decision.failures
+            ],
+        )
+    for _, decision in decisions:
+        require_allowed(decision)
 
 
 def _check_bindings(spec: BuildSpec, secrets: Sequence[Secret], reporter: BuildReporter) -> None:
@@ -464,6 +470,26 @@ class _BuildRun:
             )
             if ok:
                 for cache, lease in caches:
+                    leaked = _secrets_in_tree(lease.work, self.options.secrets)
+                    if leaked:
+                        # A cache outlives the step and reaches later builds (untrusted
+                        # ones start from the trusted cache): a secret must not ride along.
+                        self.events.emit(
+                            "cache.save",
+                            step=step.name,
+                            key=cache.key,
+                            path=cache.path,
+                            trust=lease.trust,
+                            published=False,
+                            reason=f"holds secret {', '.join(leaked)}",
+                        )
+                        self.events.emit(
+                            "warning",
+                            step=step.name,
+                            message=f"cache {cache.key!r} not saved: it holds the value of "
+                            f"secret {', '.join(leaked)}",
+                        )
+                        continue
                     saved = lease.commit()
                     self.events.emit(
                         "cache.save",
@@ -730,11 +756,10 @@ class _BuildRun:
                     "trust": record.trust,
                     "ref": record.ref,
                 },
-                "policy": (
-                    {"digest": record.policy["policy_digest"], "allowed": record.policy["allowed"]}
-                    if record.policy
-                    else None
-                ),
+                "policies": [
+                    {"digest": p["policy_digest"], "allowed": p["allowed"]}
+                    for p in (record.policy or {}).get("policies", [])
+                ],
                 "steps": [
                     {
                         "name": step.name,
@@ -763,6 +788,33 @@ class _BuildRun:
         self.events.emit(
             "provenance", path=str(path), signed=key is not None, keyid=key.keyid if key else None
         )
+
+
+def _secrets_in_tree(root: Path, secrets: Sequence[Secret]) -> list[str]:
+    """Names of the secrets whose value (in any encoding) is in a file or link of ``root``."""
+    if not secrets:
+        return []
+    from buildcell.redact import Scanner
+
+    found: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*filenames, *dirnames]:
+            path = os.path.join(dirpath, name)
+            scanner = Scanner(secrets)
+            scanner.feed(name.encode(errors="surrogateescape"))
+            try:
+                if os.path.islink(path):
+                    scanner.feed(os.readlink(path).encode(errors="surrogateescape"))
+                elif name in filenames and os.path.isfile(path):
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    with os.fdopen(fd, "rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            scanner.feed(chunk)
+            except OSError:
+                # Unreadable here means unreadable for the copy too: not a leak path.
+                continue
+            found |= scanner.found
+    return sorted(found)
 
 
 def _step_policy(step: StepSpec) -> EgressPolicy | None:

@@ -107,6 +107,7 @@ import difflib
 import functools
 import hashlib
 import logging
+import posixpath
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -278,7 +279,9 @@ class Invocation:
         ref: the source ref being built (``refs/heads/main``), if known.
         trust: whether the build runs trusted code (``trusted``) or not.
         secrets: the names of the secrets bound for this build.
-        unsafe: the ``--unsafe-*`` flags in use, without the prefix (``no-seccomp``).
+        unsafe: the ``--unsafe-*`` flags in use, without the prefix (``no-seccomp``),
+            and ``seccomp-profile`` when a custom seccomp profile replaces the built-in one.
+        pinned_hosts: names pinned to addresses with ``--add-host``, as ``NAME=ADDRESS``.
     """
 
     project: str
@@ -286,6 +289,7 @@ class Invocation:
     trust: Literal["trusted", "untrusted"] = "untrusted"
     secrets: tuple[str, ...] = ()
     unsafe: tuple[str, ...] = ()
+    pinned_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.trust not in ("trusted", "untrusted"):
@@ -318,6 +322,7 @@ def build_context(spec: BuildSpec, invocation: Invocation) -> dict[str, Any]:
             "trust": invocation.trust,
             "secrets": list(invocation.secrets),
             "unsafe": list(invocation.unsafe),
+            "pinned_hosts": list(invocation.pinned_hosts),
         },
     }
 
@@ -326,10 +331,11 @@ def _rootfs_context(spec: BuildSpec) -> dict[str, str | None]:
     from buildcell.spec import DirRootfsSpec, HostRootfsSpec, OciRootfsSpec
 
     rootfs = spec.rootfs
+    # Paths are normalized (``..`` collapsed) so that a prefix rule means what it says.
     if isinstance(rootfs, OciRootfsSpec):
-        return {"kind": "oci", "path": rootfs.oci, "digest": rootfs.digest}
+        return {"kind": "oci", "path": posixpath.normpath(rootfs.oci), "digest": rootfs.digest}
     if isinstance(rootfs, DirRootfsSpec):
-        return {"kind": "dir", "path": rootfs.dir, "digest": None}
+        return {"kind": "dir", "path": posixpath.normpath(rootfs.dir), "digest": None}
     assert isinstance(rootfs, HostRootfsSpec)
     return {"kind": "host", "path": None, "digest": None}
 
@@ -353,7 +359,9 @@ def _step_context(spec: BuildSpec, step: StepSpec) -> dict[str, Any]:
         "env": {**spec.env, **step.env},
         "secrets": [use.name for use in step.secrets],
         "network": {"allow": list(step.network.allow) if step.network else []},
-        "limits": _limits_context(spec.step_limits(step)),
+        # The disk budget is the build's: a step's own disk value is not enforced, so
+        # the policy must not be shown it as if it were.
+        "limits": {**_limits_context(spec.step_limits(step)), "disk": spec.limits.to_limits().disk},
         "caches": [{"path": cache.path, "key": cache.key} for cache in step.caches],
     }
 

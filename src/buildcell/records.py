@@ -15,6 +15,7 @@ records, logs or outputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,14 +34,17 @@ _PROJECT = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def project_name(text: str, *, derived: bool = False) -> str:
-    """A valid project name: ``text`` itself, or (``derived``) made from a directory name.
+    """A valid project name: ``text`` itself, or (``derived``) made from a directory path.
 
     Raises:
         ConfigError: ``text`` is not a valid name (and was not derived).
     """
     if derived:
-        name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:64]
-        return name if _PROJECT.fullmatch(name) else DEFAULT_PROJECT
+        # The directory's name, made valid, plus a short digest of its whole path: two
+        # checkouts that happen to share a name are still two projects.
+        base = re.sub(r"[^a-z0-9._-]+", "-", os.path.basename(text.rstrip("/")).lower())
+        base = base.strip("-._")[:56] or "project"
+        return f"{base}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
     if _PROJECT.fullmatch(text) is None:
         raise ConfigError(
             f"invalid project name {text!r}: expected lowercase letters, digits, '.', '_' or "

@@ -64,10 +64,25 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(f"configuration file {target} does not exist") from None
     except OSError as e:
         raise ConfigError(f"cannot read configuration file {target}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"configuration file {target} is not UTF-8 text") from e
     import yaml  # only when there is a file: `buildcell run` starts without PyYAML
 
+    class _Strict(yaml.SafeLoader):
+        """Refuses a key given twice: the second must not silently win (policy: ...)."""
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[object, object]:
+        keys = [loader.construct_object(k, deep=True) for k, _ in node.value]
+        for i, key in enumerate(keys):
+            if key in keys[:i]:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"setting {key!r} is given twice", node.value[i][0].start_mark
+                )
+        return loader.construct_mapping(node, deep=True)
+
+    _Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Strict)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{target}:{mark.line + 1}" if mark is not None else str(target)
@@ -82,11 +97,19 @@ def load_settings(path: Path | None = None) -> Settings:
             f"{target}: unknown setting {unknown[0]!r}", hint="known settings: policy, caches"
         )
     policy = data.get("policy")
-    if policy is not None and not isinstance(policy, str):
-        raise ConfigError(f"{target}: policy: expected a file path")
+    # Present means meant: an empty value is an error, never "no policy" (fail closed).
+    if "policy" in data and (not isinstance(policy, str) or not policy.strip()):
+        raise ConfigError(f"{target}: policy: expected the path of a policy file")
     caches = data.get("caches") or {}
     if not isinstance(caches, dict) or set(caches) - {"max_size", "max_age"}:
         raise ConfigError(f"{target}: caches: expected a mapping with max_size and max_age")
+    for key in ("max_size", "max_age"):
+        if key in caches and (
+            isinstance(caches[key], bool) or not isinstance(caches[key], str | int)
+        ):
+            raise ConfigError(
+                f"{target}: caches.{key}: expected a size or duration such as 2GiB, 336h"
+            )
     return Settings(
         path=target,
         policy=(target.parent / policy).absolute() if policy else None,

@@ -519,10 +519,10 @@ def _check_cache_path(value: str) -> str:
     path = posixpath.normpath(value)
     if not value.startswith("/") or path != value.rstrip("/") or path == "/":
         _fail(f"invalid cache path {_show(value)}: expected an absolute, normalized path")
-    if not (path.startswith(("/home/builder/", "/workspace/", "/tmp/")) or path == "/tmp"):
+    # Not under /workspace: a cache there would hide sources, pinned inputs or outputs.
+    if not (path.startswith(("/home/builder/", "/tmp/")) or path == "/tmp"):
         _fail(
-            f"invalid cache path {_show(value)}: caches live under /home/builder, /workspace "
-            "or /tmp"
+            f"invalid cache path {_show(value)}: caches live under /home/builder or /tmp",
         )
     return path
 
@@ -536,8 +536,8 @@ class CacheSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: Annotated[StrictStr, AfterValidator(_check_cache_path)] = Field(
-        description="Where the cache appears in the cell (under /home/builder, /workspace or "
-        "/tmp), e.g. /home/builder/.cache/pip."
+        description="Where the cache appears in the cell (under /home/builder or /tmp), e.g. "
+        "/home/builder/.cache/pip."
     )
     key: Annotated[StrictStr, AfterValidator(_check_cache_key)] = Field(
         description="The cache's name within the project, e.g. pip."
@@ -568,6 +568,20 @@ class StepSpec(BaseModel):
         default=[],
         description="Writable caches kept between builds of this project, per trust level.",
     )
+
+    @model_validator(mode="after")
+    def _distinct_caches(self) -> StepSpec:
+        for index, cache in enumerate(self.caches):
+            for other in self.caches[:index]:
+                if cache.key == other.key:
+                    _fail(f"cache key {cache.key!r} is listed twice", at=("caches", index))
+                if posixpath.commonpath([cache.path, other.path]) in (cache.path, other.path):
+                    _fail(
+                        f"cache path {cache.path!r} overlaps {other.path!r}: one would hide "
+                        "the other",
+                        at=("caches", index),
+                    )
+        return self
 
     @model_validator(mode="after")
     def _distinct_secrets(self) -> StepSpec:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import REPO
+from tests.conftest import REPO, derived_project
 
 
 class _Server:
@@ -122,7 +122,7 @@ steps: [{{name: s, run: "touch /workspace/ran"}}]
     assert res.returncode == 125
     assert wrong in res.stderr
     assert hashlib.sha256(b"tampered").hexdigest() in res.stderr
-    ls = json.loads(bc("ls", "--project", "p", "--json").stdout)
+    ls = json.loads(bc("ls", "--project", derived_project(tmp_path / "p"), "--json").stdout)
     assert ls[0]["status"] == "error"
     assert ls[0]["steps"][0]["status"] == "skipped"
 
@@ -150,9 +150,11 @@ outputs: ["dist/*"]
         bc(
             "show",
             "--project",
-            "p",
+            derived_project(tmp_path / "p"),
             "--json",
-            json.loads(bc("ls", "--project", "p", "--json").stdout)[0]["id"],
+            json.loads(bc("ls", "--project", derived_project(tmp_path / "p"), "--json").stdout)[0][
+                "id"
+            ],
         ).stdout
     )
     assert [s["status"] for s in show["steps"]] == ["succeeded", "failed", "skipped"]
@@ -188,7 +190,7 @@ steps:
     first = res.stderr.splitlines()[0]
     assert "buildcell.yaml:6" in first
     assert "steps[0].limits.timeout" in first
-    assert json.loads(bc("ls", "--project", "p", "--json").stdout) == []
+    assert json.loads(bc("ls", "--project", derived_project(tmp_path / "p"), "--json").stdout) == []
 
 
 def test_missing_spec_file(bc, tmp_path: Path) -> None:
@@ -209,25 +211,32 @@ steps:
 """,
     )
     assert bc("build", "-f", str(spec), cwd=tmp_path).returncode == 0
-    builds = json.loads(bc("ls", "--project", "p", "--json").stdout)
+    builds = json.loads(bc("ls", "--project", derived_project(tmp_path / "p"), "--json").stdout)
     assert len(builds) == 1
     build_id = builds[0]["id"]
-    assert "logged" in bc("ls", "--project", "p").stdout
-    show = bc("show", "--project", "p", build_id[:18])
+    assert "logged" in bc("ls", "--project", derived_project(tmp_path / "p")).stdout
+    show = bc("show", "--project", derived_project(tmp_path / "p"), build_id[:18])
     assert show.returncode == 0
     assert "succeeded" in show.stdout
-    logs = bc("logs", "--project", "p", build_id).stdout.splitlines()
+    logs = bc("logs", "--project", derived_project(tmp_path / "p"), build_id).stdout.splitlines()
     assert "[first] out-one" in logs
     assert "[first] err-one" in logs
     assert "[second] out-two" in logs
-    assert bc("logs", "--project", "p", build_id, "--step", "second").stdout == "out-two\n"
-    bad = bc("logs", "--project", "p", build_id, "--step", "third")
+    assert (
+        bc(
+            "logs", "--project", derived_project(tmp_path / "p"), build_id, "--step", "second"
+        ).stdout
+        == "out-two\n"
+    )
+    bad = bc("logs", "--project", derived_project(tmp_path / "p"), build_id, "--step", "third")
     assert bad.returncode == 125
     assert "first, second" in bad.stderr
-    assert bc("show", "--project", "p", "nope").returncode == 125
+    assert bc("show", "--project", derived_project(tmp_path / "p"), "nope").returncode == 125
 
     record_dir = Path(
-        json.loads(bc("show", "--project", "p", "--json", build_id).stdout)["spec_path"]
+        json.loads(
+            bc("show", "--project", derived_project(tmp_path / "p"), "--json", build_id).stdout
+        )["spec_path"]
     ).parent
     assert record_dir == tmp_path / "p"
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import read_events
+from tests.conftest import derived_project, read_events
 
 POLICY = """\
 version: 1
@@ -74,6 +74,7 @@ def test_policy_denial_lists_every_failed_rule_and_runs_nothing(bc: Any, tmp_pat
     assert record["status"] == "denied"
     assert record["steps"][0]["status"] == "skipped"
     assert record["policy"]["allowed"] is False
+    assert record["policy"]["policies"][0]["allowed"] is False
 
 
 def test_trusted_main_with_limits_is_allowed_and_recorded(bc: Any, tmp_path: Path) -> None:
@@ -88,18 +89,19 @@ def test_trusted_main_with_limits_is_allowed_and_recorded(bc: Any, tmp_path: Pat
     internal = statement["predicate"]["buildDefinition"]["internalParameters"]
     import hashlib
 
-    assert internal["policy"] == {
-        "digest": "sha256:" + hashlib.sha256(policy.read_bytes()).hexdigest(),
-        "allowed": True,
-    }
+    assert internal["policies"] == [
+        {"digest": "sha256:" + hashlib.sha256(policy.read_bytes()).hexdigest(), "allowed": True}
+    ]
+    project = derived_project(d)
+    assert project.startswith("proj-")
     assert internal["invocation"] == {
-        "project": "proj",
+        "project": project,
         "trust": "trusted",
         "ref": "refs/heads/main",
     }
     (record,) = json.loads(bc("ls", "--json", cwd=d).stdout)
     assert (record["project"], record["trust"], record["ref"]) == (
-        "proj",
+        project,
         "trusted",
         "refs/heads/main",
     )
@@ -175,14 +177,15 @@ def test_projects_do_not_see_each_others_builds(bc: Any, tmp_path: Path) -> None
     assert bc("build", "--project", "beta", cwd=b).returncode == 0
     (ra,) = json.loads(bc("ls", "--json", cwd=a).stdout)
     (rb,) = json.loads(bc("ls", "--json", "--project", "beta").stdout)
-    assert (ra["project"], rb["project"]) == ("alpha", "beta")
+    assert (ra["project"], rb["project"]) == (derived_project(a), "beta")
+    assert ra["project"].startswith("alpha-")
     for command in (["show", ra["id"]], ["logs", ra["id"]]):
         res = bc(*command, "--project", "beta")
         assert res.returncode == 125, res.stdout
         assert "in project 'beta'" in res.stderr
         assert ra["id"] not in res.stdout
     assert bc("show", ra["id"], cwd=a).returncode == 0
-    assert bc("logs", ra["id"], "--project", "alpha").returncode == 0
+    assert bc("logs", ra["id"], "--project", ra["project"]).returncode == 0
     res = bc("ls", "--project", "Not/Valid")
     assert res.returncode == 125
     assert "invalid project name" in res.stderr
@@ -203,9 +206,9 @@ outputs: [seen.txt]
 """
 
 
-def _cache_build(bc: Any, d: Path, mark: str, trust: str) -> str:
+def _cache_build(bc: Any, d: Path, mark: str, trust: str, *project: str) -> str:
     (d / "buildcell.yaml").write_text(CACHE_SPEC.format(mark=mark))
-    res = bc("build", "--trust", trust, "--out", f"out-{mark}", cwd=d)
+    res = bc("build", "--trust", trust, "--out", f"out-{mark}", *project, cwd=d)
     assert res.returncode == 0, res.stderr + res.stdout
     return (d / f"out-{mark}" / "seen.txt").read_text().strip()
 
@@ -237,7 +240,7 @@ def test_concurrent_builds_of_one_cache_do_not_corrupt_it(bc: Any, tmp_path: Pat
     for t in threads:
         t.join()
     assert all(r.returncode == 0 for r in results.values()), [r.stderr for r in results.values()]
-    seen = _cache_build(bc, d, "after", "trusted").split()
+    seen = _cache_build(bc, d, "after", "trusted", "--project", "busy").split()
     # One complete generation won: at least one writer's file, never a torn mix of a
     # generation and its predecessor.
     assert seen and set(seen) <= set(marks)
@@ -246,7 +249,7 @@ def test_concurrent_builds_of_one_cache_do_not_corrupt_it(bc: Any, tmp_path: Pat
 def test_gc_expires_caches(bc: Any, tmp_path: Path, state_root: Path) -> None:
     d = _project(tmp_path, "", "old")
     _cache_build(bc, d, "x", "trusted")
-    caches = state_root / "state" / "caches" / "old"
+    caches = state_root / "state" / "caches" / derived_project(d)
     assert any(caches.rglob("gen-*"))
     time.sleep(0.01)
     res = bc("gc", "--json", "--cache-max-age", "1ms")
@@ -289,3 +292,80 @@ def test_run_is_checked_against_the_policy_too(bc: Any, tmp_path: Path) -> None:
     (decision,) = [e for e in read_events(tmp_path / "ev.jsonl") if e["event"] == "policy.decision"]
     assert decision["allowed"] is False
     assert not [e for e in read_events(tmp_path / "ev.jsonl") if e["event"] == "cell.start"]
+
+
+def test_configured_policy_cannot_be_replaced_or_emptied(bc: Any, tmp_path: Path) -> None:
+    d = _project(tmp_path, SPEC_OK)
+    deny = tmp_path / "deny.yaml"
+    deny.write_text("version: 1\nrules:\n  - name: nothing\n    expr: 'false'\n")
+    allow = tmp_path / "allow.yaml"
+    allow.write_text("version: 1\nrules:\n  - name: anything\n    expr: 'true'\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"policy: {deny}\n")
+    env = {"BUILDCELL_CONFIG": str(config)}
+    res = bc("build", "--policy", str(allow), cwd=d, env=env)
+    assert res.returncode == 125
+    assert "nothing" in res.stderr
+    for text in (f"policy: {deny}\npolicy: ''\n", "policy: ''\n", "policy:\n"):
+        config.write_text(text)
+        res = bc("build", cwd=d, env=env)
+        assert res.returncode == 125, text
+        assert "ran" not in res.stdout
+        assert len(res.stderr.splitlines()) <= 2
+    config.write_text("caches: {max_age: }\n")
+    res = bc("gc", env=env)
+    assert res.returncode == 125
+    assert "caches.max_age" in res.stderr
+
+
+def test_a_cache_holding_a_secret_is_not_saved(bc: Any, tmp_path: Path) -> None:
+    d = _project(tmp_path, "", "leaky")
+    (d / "buildcell.yaml").write_text(
+        "version: 1\nname: c\nsteps:\n  - name: use\n"
+        "    run: |\n      mkdir -p $HOME/.cache/tool\n"
+        "      cp /run/secrets/token $HOME/.cache/tool/stolen\n"
+        "      echo ok > $HOME/.cache/tool/fine\n"
+        "    secrets: [token]\n"
+        "    caches: [{path: /home/builder/.cache/tool, key: tool}]\n"
+    )
+    res = bc(
+        "build",
+        "--trust",
+        "trusted",
+        "--secret",
+        "token=env:TOK",
+        cwd=d,
+        env={"TOK": "supersecret-token-value"},
+    )
+    assert res.returncode == 0, res.stderr
+    assert "cache 'tool' not saved: it holds the value of secret token" in res.stdout + res.stderr
+    assert _cache_build(bc, d, "u1", "untrusted") == ""
+
+
+def test_run_policy_sees_env_custom_seccomp_and_pinned_hosts(bc: Any, tmp_path: Path) -> None:
+    from tests.conftest import ASSETS
+
+    policy = _policy(
+        tmp_path,
+        "version: 1\nrules:\n"
+        "  - name: no-preload\n    expr: '!(\"LD_PRELOAD\" in spec.steps[0].env)'\n"
+        "  - name: builtin-seccomp\n    expr: '!(\"seccomp-profile\" in invocation.unsafe)'\n"
+        "  - name: no-pins\n    expr: size(invocation.pinned_hosts) == 0\n",
+    )
+    res = bc(
+        "run",
+        "--policy",
+        str(policy),
+        "--env",
+        "LD_PRELOAD=/tmp/x.so",
+        "--seccomp-profile",
+        str(ASSETS / "docker-seccomp-default.json"),
+        "--add-host",
+        "a.test:127.0.0.1",
+        "--",
+        "true",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 125
+    line = res.stderr.splitlines()[0]
+    assert all(rule in line for rule in ("no-preload", "builtin-seccomp", "no-pins")), line

@@ -14,7 +14,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from tests.conftest import cli_env
+from tests.conftest import cli_env, derived_project
 
 SECRET = "s3cr3t-" + random_secrets.token_hex(12) + '-"quoted"\\back'
 
@@ -103,8 +103,13 @@ def test_secret_is_redacted_everywhere_and_only_in_its_step(
     assert "TOKEN2" not in "\n".join(
         ln for ln in res.stdout.splitlines() if ln.startswith("[snoop]")
     )
-    build_id = json.loads(bc("ls", "--project", "p", "--json").stdout)[0]["id"]
-    _assert_absent(bc("logs", "--project", "p", build_id).stdout.encode(), "the stored logs")
+    build_id = json.loads(bc("ls", "--project", derived_project(tmp_path / "p"), "--json").stdout)[
+        0
+    ]["id"]
+    _assert_absent(
+        bc("logs", "--project", derived_project(tmp_path / "p"), build_id).stdout.encode(),
+        "the stored logs",
+    )
     # Nothing under the state directory or the output directory holds the value.
     for root in (state_root, tmp_path):
         for path in root.rglob("*"):
@@ -161,7 +166,7 @@ steps: [{name: s, secrets: [pypirc], run: "touch /workspace/ran"}]
     assert res.returncode == 125
     assert "needs secret 'pypirc', which is not bound" in res.stderr
     assert "--secret pypirc=" in res.stderr
-    assert json.loads(bc("ls", "--project", "p", "--json").stdout) == []
+    assert json.loads(bc("ls", "--project", derived_project(tmp_path / "p"), "--json").stdout) == []
 
 
 def test_binding_an_undeclared_secret_warns(bc, tmp_path: Path, secret_env) -> None:

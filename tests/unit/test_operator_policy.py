@@ -297,6 +297,7 @@ def test_context_shape() -> None:
             "trust": "trusted",
             "secrets": ["token", "netrc"],
             "unsafe": ["no-seccomp"],
+            "pinned_hosts": [],
         },
     }
     assert json.loads(json.dumps(context)) == context  # plain JSON data, nothing else
@@ -319,6 +320,7 @@ def test_context_defaults() -> None:
         "trust": "untrusted",
         "secrets": [],
         "unsafe": [],
+        "pinned_hosts": [],
     }
 
 
@@ -826,3 +828,19 @@ def test_recursion_limit_is_not_lowered(tmp_path: Path) -> None:
 def test_importing_the_module_does_not_import_celpy() -> None:
     code = "import sys, buildcell.policy; assert 'celpy' not in sys.modules, 'celpy imported'"
     subprocess.run([sys.executable, "-W", "error", "-c", code], check=True, timeout=60)
+
+
+def test_context_shows_what_is_enforced_not_what_is_written() -> None:
+    from buildcell.policy import Invocation, build_context
+    from buildcell.spec import parse_spec
+
+    spec = parse_spec(
+        "version: 1\nname: x\nrootfs: {dir: /srv/rootfs/../../..}\nlimits: {disk: 64M}\n"
+        "steps:\n  - name: s\n    run: 'true'\n    limits: {disk: 4M}\n",
+        path=Path("buildcell.yaml"),
+    ).spec
+    context = build_context(spec, Invocation(project="p", pinned_hosts=("a.test=127.0.0.1",)))
+    assert context["spec"]["rootfs"]["path"] == "/"
+    # A step's own disk value is not enforced (the budget is the build's): not shown either.
+    assert context["spec"]["steps"][0]["limits"]["disk"] == 64 << 20
+    assert context["invocation"]["pinned_hosts"] == ["a.test=127.0.0.1"]

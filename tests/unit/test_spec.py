@@ -1034,3 +1034,22 @@ def test_archive_name_must_be_a_tar_gz_file_name(name: str) -> None:
 def test_archive_name() -> None:
     text = "version: 1\nname: a\nsteps: [{name: s, run: x}]\narchive: dist.tar.gz\n"
     assert parse_spec(text, path=Path("b.yaml")).spec.archive == "dist.tar.gz"
+
+
+@pytest.mark.parametrize(
+    ("caches", "words"),
+    [
+        ("[{path: /workspace/vendor, key: v}]", "caches live under /home/builder or /tmp"),
+        ("[{path: /home/builder/a, key: a}, {path: /home/builder/a/b, key: b}]", "overlaps"),
+        ("[{path: /home/builder/a, key: a}, {path: /tmp/a, key: a}]", "listed twice"),
+        ("[{path: /home/builder/../etc, key: a}]", "normalized"),
+    ],
+)
+def test_cache_paths_cannot_hide_each_other_or_the_workspace(caches: str, words: str) -> None:
+    from buildcell.errors import SpecError
+    from buildcell.spec import parse_spec
+
+    text = f"version: 1\nname: x\nsteps:\n  - name: s\n    run: 'true'\n    caches: {caches}\n"
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, path=Path("buildcell.yaml"))
+    assert words in info.value.message

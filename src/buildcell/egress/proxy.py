@@ -414,7 +414,7 @@ async def _drain_body(conn: h11.Connection, sock: socket.socket) -> None:
 
 async def _send_error(conn: h11.Connection, sock: socket.socket, status: int, message: str) -> None:
     body = f"buildcell egress: {message}\n".encode()
-    with contextlib.suppress(h11.LocalProtocolError, OSError):
+    with contextlib.suppress(h11.LocalProtocolError, OSError, TimeoutError):
         await _send(
             conn,
             sock,
@@ -429,6 +429,23 @@ async def _send_error(conn: h11.Connection, sock: socket.socket, status: int, me
         )
         await _send(conn, sock, h11.Data(data=body))
         await _send(conn, sock, h11.EndOfMessage())
+        await _linger(sock)
+
+
+async def _linger(sock: socket.socket) -> None:
+    """Half-close, then read what the client is still sending for a moment before the
+    socket is closed: closing with unread input sends a reset, which can destroy the
+    error response before the client reads it."""
+    sock.shutdown(socket.SHUT_WR)
+    loop = asyncio.get_running_loop()
+    budget = 1 << 20
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(1.0):
+            while budget > 0:
+                data = await loop.sock_recv(sock, 65536)
+                if not data:
+                    return
+                budget -= len(data)
 
 
 async def _send_denied(

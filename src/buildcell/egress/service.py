@@ -284,6 +284,12 @@ class EgressService(Closing):
         if self._closed:
             return
         self._closed = True
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        else:
+            self._close_sockets()
+        # After the handlers ended: the ones cancelled above have been counted too.
         if self._budget.dropped:
             self._emit(
                 "net.suppressed",
@@ -292,8 +298,3 @@ class EgressService(Closing):
                 message=f"{self._budget.dropped} further denials and DNS queries were only "
                 "counted, not recorded one by one",
             )
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-        else:
-            self._close_sockets()
