@@ -5,12 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps demo test lint typecheck unit bench clean
+.PHONY: help setup system-deps demo test lint typecheck unit bench stress clean
 
 help:
 	@echo "make demo   build and run a C program in a cell, then watch a hostile build be contained"
 	@echo "make test   lint, type-check and run the whole test suite"
-	@echo "make bench  measure per-cell overhead against raw bubblewrap (writes bench/results.md)"
+	@echo "make bench  measure against raw bubblewrap, podman, cp -a, bare builds (writes bench/results.md)"
+	@echo "make stress the fault and load suite, bounded, loopback only (writes stress/results.md)"
 
 system-deps:
 	@scripts/system-deps.sh
@@ -29,8 +30,8 @@ demo: setup
 	@$(BIN)/python examples/demo.py
 
 lint: setup
-	$(BIN)/ruff check src tests bench examples
-	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/ruff check src tests bench examples stress
+	$(BIN)/ruff format --check src tests bench examples stress
 
 typecheck: setup
 	$(BIN)/mypy
@@ -44,6 +45,9 @@ test: lint typecheck
 bench: setup
 	@scripts/bench-deps.sh
 	$(BIN)/python bench/run.py
+
+stress: setup
+	$(BIN)/python stress/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache buildcell-out
