@@ -1071,6 +1071,14 @@ class _Unpacker(Closing):
                     f"{where}: entry {member.name!r} {e}",
                     hint="the image is malformed or hostile; nothing was unpacked",
                 ) from None
+            if member.size and (not parts or parts[-1].startswith(_WHITEOUT) or not member.isreg()):
+                # Only files carry data. Anything else claiming some would make tarfile skip
+                # that much of the stream, 64 KiB at a time, for as long as the claim says.
+                raise ImageError(
+                    f"{where}: entry {member.name[:200]!r} claims {member.size} bytes of data "
+                    "but is not a file",
+                    hint="the image is malformed or hostile; nothing was unpacked",
+                )
             if not parts:
                 continue  # the root itself: its mode is ours to choose
             if len(parts) > _MAX_DEPTH:

@@ -980,6 +980,16 @@ def test_truncated_file_is_an_error_not_a_hang(tmp_path: Path, outside: Path) ->
     expect_contained(tmp_path, outside, [[F("a", b"a"), huge]], match="unexpected end of data")
 
 
+@pytest.mark.parametrize("name", [".wh.x", "a/.wh..wh..opq", "./"])
+def test_entries_that_are_not_files_cannot_claim_data(
+    tmp_path: Path, outside: Path, name: str
+) -> None:
+    """Regression (found by make stress): a whiteout or the root claiming 1 TiB of data made
+    tarfile skip that much of a tiny stream, for minutes. Refused at once now."""
+    hostile = F(name, b"", size=1 << 40)
+    expect_contained(tmp_path, outside, [[F("a/keep", b"k"), hostile]], match="but is not a file")
+
+
 def test_declared_size_over_the_limit(
     tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
