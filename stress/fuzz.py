@@ -1553,7 +1553,8 @@ def _check_atheris(scale: float, budget: float) -> Row:
         crashes = sorted(workdir.glob("crash-*")) + sorted(workdir.glob("timeout-*"))
         shown = _short(crashes[0].read_bytes()) if crashes else ""
         lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "Exception" in ln]
-        why = lines[-1] if lines else f"exit status {proc.returncode}"
+        tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("INFO")]
+        why = lines[-1] if lines else f"exit status {proc.returncode}: {(tail or [''])[-1][:120]}"
         detail = _one_line(f"crash: {why[:160]} on input {shown}")
         _log(f"{what}: {detail}")
         return Row("fuzz", what, tried, False, detail)

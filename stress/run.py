@@ -48,7 +48,18 @@ def main() -> int:
     print(table)
     if scale >= 1.0 and set(only) == set(MODULES):
         (HERE / "results.md").write_text(table)
+        _update_readme(table)
     return 0 if all(r.held for r in rows) else 1
+
+
+def _update_readme(table: str) -> None:
+    readme = HERE.parent / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- stress:start -->", "<!-- stress:end -->"
+    if start in text and end in text:
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        readme.write_text(f"{head}{start}\n{table}{end}{tail}")
 
 
 if __name__ == "__main__":
