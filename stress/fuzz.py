@@ -1128,46 +1128,11 @@ def _origin() -> Iterator[int]:
         thread.join()
 
 
-@dataclass
-class _Served:
-    service: Any
-    port: int
-    events: list[dict[str, Any]] = field(default_factory=list)
+def _serve(*allow: str, **kw: Any) -> contextlib.AbstractContextManager[Any]:
+    """The egress service on loopback sockets (the helper the unit tests use)."""
+    from tests.netservers import loopback_egress
 
-
-def _bound(kind: int = socket.SOCK_STREAM) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
-    sock.bind(("127.0.0.1", 0))
-    if kind == socket.SOCK_STREAM:
-        sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-@contextlib.contextmanager
-def _serve(*allow: str, **kw: Any) -> Iterator[_Served]:
-    """The egress service on loopback sockets (as tests/unit/egress/test_proxy.py serves it)."""
-    from buildcell.cell.netns import Listener
-    from buildcell.egress.policy import EgressPolicy
-    from buildcell.egress.service import EgressService
-
-    events: list[dict[str, Any]] = []
-    lock = threading.Lock()
-
-    def emit(event: str, **fields: Any) -> None:
-        with lock:
-            events.append({"event": event, **fields})
-
-    proxy = _bound()
-    listeners = [(Listener("proxy", "tcp", "127.0.0.1", 3128), proxy)]
-    listeners.append((Listener("dns", "udp", "127.0.0.1", 53), _bound(socket.SOCK_DGRAM)))
-    listeners.append((Listener("dns", "tcp", "127.0.0.1", 53), _bound()))
-    kw.setdefault("pinned", {"api.test": "127.0.0.1"})
-    service = EgressService(EgressPolicy.from_strings(allow), listeners, emit=emit, **kw)
-    try:
-        yield _Served(service, proxy.getsockname()[1], events)
-    finally:
-        service.close()
+    return loopback_egress(*allow, **kw)
 
 
 def _exchange(port: int, data: bytes, *, timeout: float) -> bytes:

@@ -10,15 +10,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
-from tests.netservers import echo_server
-
-from buildcell.cell.netns import Listener
-from buildcell.egress.policy import EgressPolicy
-from buildcell.egress.service import EgressService
+from tests.netservers import echo_server, loopback_egress
 
 __all__ = ["Row", "checks"]
 
@@ -43,34 +40,11 @@ def _rss_kib() -> int:
     return 0
 
 
-def _bound(kind: int = socket.SOCK_STREAM) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
-    sock.bind(("127.0.0.1", 0))
-    if kind == socket.SOCK_STREAM:
-        sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
 @contextlib.contextmanager
-def _service(port: int) -> Iterator[tuple[EgressService, int]]:
-    proxy = _bound()
-    listeners = [
-        (Listener("proxy", "tcp", "127.0.0.1", 3128), proxy),
-        (Listener("dns", "udp", "127.0.0.1", 53), _bound(socket.SOCK_DGRAM)),
-        (Listener("dns", "tcp", "127.0.0.1", 53), _bound()),
-    ]
-    service = EgressService(
-        EgressPolicy.from_strings([f"api.test:{port}", f"127.0.0.1:{port}"]),
-        listeners,
-        emit=lambda event, **fields: None,
-        pinned={"api.test": "127.0.0.1"},
-        idle_timeout=5.0,
-    )
-    try:
-        yield service, proxy.getsockname()[1]
-    finally:
-        service.close()
+def _service(port: int) -> Iterator[tuple[Any, int]]:
+    allow = (f"api.test:{port}", f"127.0.0.1:{port}")
+    with loopback_egress(*allow, idle_timeout=5.0) as served:
+        yield served.service, served.port
 
 
 def _wait(check: object, timeout: float) -> bool:

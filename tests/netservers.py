@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 @dataclass
@@ -143,3 +144,58 @@ def echo_server() -> Iterator[int]:
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@dataclass
+class Served:
+    """A running egress service on loopback: its proxy port and what it recorded."""
+
+    service: Any
+    port: int
+    transparent: dict[int, int]
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == name]
+
+
+def _bound(kind: int = socket.SOCK_STREAM) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.bind(("127.0.0.1", 0))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+@contextlib.contextmanager
+def loopback_egress(*allow: str, transparent: tuple[int, ...] = (), **kw: Any) -> Iterator[Served]:
+    """The real egress service with its listeners on the host's loopback instead of a
+    cell's namespace, so hostile clients can be scripted precisely. ``transparent`` maps
+    each allowed port to the loopback port of its transparent listener."""
+    from buildcell.cell.netns import Listener
+    from buildcell.egress.policy import EgressPolicy
+    from buildcell.egress.service import EgressService
+
+    events: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def emit(event: str, **fields: Any) -> None:
+        with lock:
+            events.append({"event": event, **fields})
+
+    proxy = _bound()
+    listeners = [(Listener("proxy", "tcp", "127.0.0.1", 3128), proxy)]
+    listeners.append((Listener("dns", "udp", "127.0.0.1", 53), _bound(socket.SOCK_DGRAM)))
+    listeners.append((Listener("dns", "tcp", "127.0.0.1", 53), _bound()))
+    ports = {}
+    for port in transparent:
+        sock = _bound()
+        ports[port] = sock.getsockname()[1]
+        listeners.append((Listener("transparent", "tcp", "0.0.0.0", port), sock))
+    kw.setdefault("pinned", {"api.test": "127.0.0.1"})
+    service = EgressService(EgressPolicy.from_strings(allow), listeners, emit=emit, **kw)
+    try:
+        yield Served(service, proxy.getsockname()[1], ports, events)
+    finally:
+        service.close()

@@ -14,64 +14,21 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.netservers import echo_server, http_origin
+from tests.netservers import Served, echo_server, http_origin, loopback_egress
 
 from buildcell.cell.netns import Listener
-from buildcell.egress.policy import EgressPolicy
-from buildcell.egress.service import EgressService
-
-
-@dataclass
-class Served:
-    service: EgressService
-    port: int
-    transparent: dict[int, int]
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    def of(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == name]
-
-
-def _bound(kind: int = socket.SOCK_STREAM) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
-    sock.bind(("127.0.0.1", 0))
-    if kind == socket.SOCK_STREAM:
-        sock.listen(1024)
-    sock.setblocking(False)
-    return sock
 
 
 @contextlib.contextmanager
 def serve(*allow: str, transparent: tuple[int, ...] = (), **kw: Any) -> Iterator[Served]:
-    events: list[dict[str, Any]] = []
-    lock = threading.Lock()
-
-    def emit(event: str, **fields: Any) -> None:
-        with lock:
-            events.append({"event": event, **fields})
-
-    proxy = _bound()
-    listeners = [(Listener("proxy", "tcp", "127.0.0.1", 3128), proxy)]
-    listeners.append((Listener("dns", "udp", "127.0.0.1", 53), _bound(socket.SOCK_DGRAM)))
-    listeners.append((Listener("dns", "tcp", "127.0.0.1", 53), _bound()))
-    ports = {}
-    for port in transparent:
-        sock = _bound()
-        ports[port] = sock.getsockname()[1]
-        listeners.append((Listener("transparent", "tcp", "0.0.0.0", port), sock))
-    kw.setdefault("pinned", {"api.test": "127.0.0.1"})
-    service = EgressService(EgressPolicy.from_strings(allow), listeners, emit=emit, **kw)
-    try:
-        yield Served(service, proxy.getsockname()[1], ports, events)
-    finally:
-        service.close()
-    assert service.closed
+    with loopback_egress(*allow, transparent=transparent, **kw) as served:
+        yield served
+    assert served.service.closed
 
 
 def _exchange(port: int, data: bytes, *, shut: bool = True, timeout: float = 5.0) -> bytes:
@@ -494,7 +451,7 @@ def test_secret_values_never_reach_egress_events() -> None:
 def test_received_listeners_are_close_on_exec() -> None:
     import array
 
-    from buildcell.cell.netns import Listener, NetnsPlan, receive_listeners
+    from buildcell.cell.netns import NetnsPlan, receive_listeners
 
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     inheritable = socket.socket()
