@@ -359,14 +359,10 @@ def _private_uid_env() -> tuple[dict[str, str], range]:
 
 
 def _cli_env(state_dir: Path, **extra: str) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "BUILDCELL_STATE_DIR": str(state_dir),
-        "PYTHONPATH": str(REPO / "src"),
-        "HOME": os.environ.get("HOME", "/tmp"),
-    }
-    env.update(extra)
-    return env
+    # The environment the CLI tests give it: one definition serves both.
+    from tests.conftest import cli_env
+
+    return cli_env(state_dir, **extra)
 
 
 def _bc(
@@ -684,9 +680,9 @@ def _guarded(name: str, check: Callable[[float], Row], scale: float) -> Row:
 
 def checks(scale: float) -> list[Row]:
     """Run the cell stress checks; ``scale`` 1.0 is the full suite, 0.05 a smoke run."""
-    src = str(REPO / "src")
-    if src not in sys.path:
-        sys.path.insert(0, src)
+    for path in (str(REPO / "src"), str(REPO)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
     return [
         _guarded("many cells", _check_many_cells, scale),
         _guarded("supervisor SIGKILL", _check_supervisor_kill, scale),

@@ -625,15 +625,7 @@ def _gate_run(
     )
     for path in policies:
         decision = check(load_policy(path), spec, invocation)
-        events.emit(
-            "policy.decision",
-            policy=str(path),
-            digest=decision.policy_digest,
-            allowed=decision.allowed,
-            failed=[
-                {"rule": r.name, "message": r.message, "error": r.error} for r in decision.failures
-            ],
-        )
+        events.emit("policy.decision", policy=str(path), **decision.event_fields())
         require_allowed(decision)
 
 

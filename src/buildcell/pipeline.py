@@ -241,6 +241,8 @@ def run_build(
     spec_dir = loaded.path.parent.resolve()
     out_dir = out_dir.absolute()
     invocation = _invocation(options, spec_dir)
+    # Derived once: later uses (cache leases) read it back from the options.
+    options = dataclasses.replace(options, invocation=invocation)
     store = RecordStore(state.root / "builds")
     record = BuildRecord(
         id=new_cell_id(),
@@ -333,15 +335,7 @@ def _gate(
         "policies": [{"path": str(p.path), **d.to_dict()} for p, d in decisions],
     }
     for policy, decision in decisions:
-        events.emit(
-            "policy.decision",
-            policy=str(policy.path),
-            digest=decision.policy_digest,
-            allowed=decision.allowed,
-            failed=[
-                {"rule": r.name, "message": r.message, "error": r.error} for r in decision.failures
-            ],
-        )
+        events.emit("policy.decision", policy=str(policy.path), **decision.event_fields())
     for _, decision in decisions:
         require_allowed(decision)
 
@@ -470,44 +464,35 @@ class _BuildRun:
             )
             if ok:
                 for cache, lease in caches:
-                    leaked = _secrets_in_tree(lease.work, self.options.secrets)
-                    if leaked:
-                        # A cache outlives the step and reaches later builds (untrusted
-                        # ones start from the trusted cache): a secret must not ride along.
-                        self.events.emit(
-                            "cache.save",
-                            step=step.name,
-                            key=cache.key,
-                            path=cache.path,
-                            trust=lease.trust,
-                            published=False,
-                            reason=f"holds secret {', '.join(leaked)}",
-                        )
-                        self.events.emit(
-                            "warning",
-                            step=step.name,
-                            message=f"cache {cache.key!r} not saved: it holds the value of "
-                            f"secret {', '.join(leaked)}",
-                        )
-                        continue
-                    saved = lease.commit()
-                    self.events.emit(
-                        "cache.save",
-                        step=step.name,
-                        key=cache.key,
-                        path=cache.path,
-                        trust=lease.trust,
-                        published=saved.published,
-                        size=saved.size,
-                        reason=saved.reason,
-                    )
-                    if not saved.published:
-                        self.events.emit(
-                            "warning",
-                            step=step.name,
-                            message=f"cache {cache.key!r} not saved: {saved.reason}",
-                        )
+                    self._save_cache(step, cache, lease)
         return ok
+
+    def _save_cache(self, step: StepSpec, cache: CacheSpec, lease: CacheLease) -> None:
+        """Publish a step's cache copy unless it holds a secret; one event either way."""
+        leaked = _secrets_in_tree(lease.work, self.options.secrets)
+        size: int | None = None
+        reason: str | None
+        if leaked:
+            # A cache outlives the step and reaches later builds (untrusted ones start
+            # from the trusted cache): a secret must not ride along.
+            published, reason = False, f"it holds the value of secret {', '.join(leaked)}"
+        else:
+            saved = lease.commit()
+            published, size, reason = saved.published, saved.size, saved.reason
+        self.events.emit(
+            "cache.save",
+            step=step.name,
+            key=cache.key,
+            path=cache.path,
+            trust=lease.trust,
+            published=published,
+            size=size,
+            reason=reason,
+        )
+        if not published:
+            self.events.emit(
+                "warning", step=step.name, message=f"cache {cache.key!r} not saved: {reason}"
+            )
 
     def _lease(self, step: StepSpec, cache: CacheSpec, storage: CellStorage) -> CacheLease:
         from buildcell.caches import CacheStore

@@ -410,6 +410,16 @@ class Decision:
         """The results of the rules that failed, in the policy's order."""
         return tuple(result for result in self.results if not result.passed)
 
+    def event_fields(self) -> dict[str, Any]:
+        """The fields of the ``policy.decision`` event (besides the policy's path)."""
+        return {
+            "digest": self.policy_digest,
+            "allowed": self.allowed,
+            "failed": [
+                {"rule": r.name, "message": r.message, "error": r.error} for r in self.failures
+            ],
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """The decision as JSON-ready data, for ``--json`` output and build records."""
         return {
