@@ -83,7 +83,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(125)
 
 
-def _build_parser() -> _Parser:
+def _build_parser(only: str | None = None) -> _Parser:
+    """The parser of every command, or of the one named ``only`` (quicker to build)."""
     parser = _Parser(
         prog=PROG,
         description="Run every build in its own ephemeral, least-privilege cell.",
@@ -96,7 +97,19 @@ def _build_parser() -> _Parser:
         "--state-dir", type=Path, metavar="DIR", help="state directory (overrides the default)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, add in _COMMANDS.items():
+        if only is None or name == only:
+            add(sub)
+    return parser
 
+
+_PROJECT_HELP = (
+    "the project whose builds to see (default: derived from the current directory's "
+    "name); other projects' builds are never shown"
+)
+
+
+def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
     run = sub.add_parser(
         "run",
         help="run one command in a fresh cell",
@@ -228,6 +241,8 @@ def _build_parser() -> _Parser:
         "cmd", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]", help=argparse.SUPPRESS
     )
 
+
+def _add_build(sub: argparse._SubParsersAction[_Parser]) -> None:
     build = sub.add_parser(
         "build",
         help="run the build a buildcell.yaml declares",
@@ -287,6 +302,8 @@ def _build_parser() -> _Parser:
         "umask and CPU count; compare the outputs bit for bit; exit 0 only when reproducible",
     )
 
+
+def _add_keygen(sub: argparse._SubParsersAction[_Parser]) -> None:
     keygen = sub.add_parser(
         "keygen",
         help="make an Ed25519 key pair for signing provenance",
@@ -297,6 +314,8 @@ def _build_parser() -> _Parser:
         "--out", type=Path, default=Path("."), metavar="DIR", help="where to write the pair"
     )
 
+
+def _add_verify(sub: argparse._SubParsersAction[_Parser]) -> None:
     verify = sub.add_parser(
         "verify",
         help="verify a provenance file offline",
@@ -321,6 +340,8 @@ def _build_parser() -> _Parser:
     verify.add_argument("--no-network", action="store_true", help="expect that no step had egress")
     verify.add_argument("--json", action="store_true", help="print the checks as JSON")
 
+
+def _add_init(sub: argparse._SubParsersAction[_Parser]) -> None:
     init = sub.add_parser(
         "init",
         help="write a starter buildcell.yaml",
@@ -329,23 +350,25 @@ def _build_parser() -> _Parser:
     )
     init.add_argument("--force", action="store_true", help="overwrite an existing buildcell.yaml")
 
+
+def _add_schema(sub: argparse._SubParsersAction[_Parser]) -> None:
     sub.add_parser(
         "schema",
         help="print the JSON Schema of buildcell.yaml",
         description="Print the JSON Schema of buildcell.yaml, for editors.",
     )
 
-    project_help = (
-        "the project whose builds to see (default: derived from the current directory's "
-        "name); other projects' builds are never shown"
-    )
+
+def _add_ls(sub: argparse._SubParsersAction[_Parser]) -> None:
     ls = sub.add_parser(
         "ls", help="list recent builds", description="List recent builds of one project."
     )
     ls.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
-    ls.add_argument("--project", metavar="NAME", help=project_help)
+    ls.add_argument("--project", metavar="NAME", help=_PROJECT_HELP)
     ls.add_argument("--json", action="store_true", help="print JSON")
 
+
+def _add_show(sub: argparse._SubParsersAction[_Parser]) -> None:
     show = sub.add_parser(
         "show",
         help="summarize one build",
@@ -353,8 +376,10 @@ def _build_parser() -> _Parser:
     )
     show.add_argument("build_id", metavar="ID", help="a build id or a unique prefix of one")
     show.add_argument("--json", action="store_true", help="print JSON")
-    show.add_argument("--project", metavar="NAME", help=project_help)
+    show.add_argument("--project", metavar="NAME", help=_PROJECT_HELP)
 
+
+def _add_logs(sub: argparse._SubParsersAction[_Parser]) -> None:
     logs = sub.add_parser(
         "logs",
         help="print a build's logs",
@@ -362,8 +387,10 @@ def _build_parser() -> _Parser:
     )
     logs.add_argument("build_id", metavar="ID", help="a build id or a unique prefix of one")
     logs.add_argument("--step", metavar="NAME", help="only this step, unprefixed")
-    logs.add_argument("--project", metavar="NAME", help=project_help)
+    logs.add_argument("--project", metavar="NAME", help=_PROJECT_HELP)
 
+
+def _add_policy(sub: argparse._SubParsersAction[_Parser]) -> None:
     policy = sub.add_parser(
         "policy",
         help="check a build against an operator policy",
@@ -389,6 +416,8 @@ def _build_parser() -> _Parser:
     _add_invocation_args(check)
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
 
+
+def _add_doctor(sub: argparse._SubParsersAction[_Parser]) -> None:
     doctor = sub.add_parser(
         "doctor",
         help="check what this host supports",
@@ -397,6 +426,8 @@ def _build_parser() -> _Parser:
     )
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
 
+
+def _add_gc(sub: argparse._SubParsersAction[_Parser]) -> None:
     gc = sub.add_parser(
         "gc",
         help="remove what killed supervisors left behind",
@@ -410,7 +441,22 @@ def _build_parser() -> _Parser:
         help="remove build caches unused for longer (default: the configuration file's "
         "caches.max_age, else 336h)",
     )
-    return parser
+
+
+_COMMANDS = {
+    "run": _add_run,
+    "build": _add_build,
+    "keygen": _add_keygen,
+    "verify": _add_verify,
+    "init": _add_init,
+    "schema": _add_schema,
+    "ls": _add_ls,
+    "show": _add_show,
+    "logs": _add_logs,
+    "policy": _add_policy,
+    "doctor": _add_doctor,
+    "gc": _add_gc,
+}
 
 
 def _add_spec_arg(parser: argparse.ArgumentParser) -> None:
@@ -978,9 +1024,21 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names, if it is a known one: only its parser need be built."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--state-dir":
+            next(args, None)
+        elif arg == "--" or not arg.startswith("-"):
+            return arg if arg in _COMMANDS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``buildcell`` command; returns the exit status."""
-    parser = _build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if args.version:
         from buildcell import __version__

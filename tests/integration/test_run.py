@@ -519,6 +519,40 @@ def test_root_cells_run_as_an_unprivileged_host_uid(cell) -> None:
 
 
 @root_only
+def test_root_cells_keep_no_way_back_to_root(cell) -> None:
+    # Every id the cell's processes hold (real, effective, saved, filesystem) is the
+    # cell's: an id still 0 on the host would show as the overflow id 65534 in here.
+    groups = os.getgroups()
+    os.setgroups([0, 4])  # supplementary groups the supervisor has must not reach the cell
+    try:
+        ran = cell(["/bin/sh", "-c", "grep -E '^(Uid|Gid|Groups):' /proc/self/status"])
+    finally:
+        os.setgroups(groups)
+    lines = dict(line.split(":", 1) for line in ran.stdout.splitlines())
+    assert lines["Uid"].split() == ["1000"] * 4
+    assert lines["Gid"].split() == ["1000"] * 4
+    assert lines["Groups"].split() == []
+
+
+@root_only
+def test_root_spawning_thread_gets_its_credentials_back(cell) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    before = (os.getresuid(), os.getresgid(), os.getgroups(), libc.prctl(3, 0, 0, 0, 0))
+    pdeathsig = ctypes.c_int(0)
+    libc.prctl(1, 10, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGUSR1: must survive the switch
+    try:
+        assert cell(["/bin/true"]).result.exit_code == 0
+        libc.prctl(2, ctypes.byref(pdeathsig), 0, 0, 0)
+        after = (os.getresuid(), os.getresgid(), os.getgroups(), libc.prctl(3, 0, 0, 0, 0))
+    finally:
+        libc.prctl(1, 0, 0, 0, 0)
+    assert after == before
+    assert pdeathsig.value == 10
+
+
+@root_only
 def test_root_concurrent_cells_get_distinct_host_uids(state) -> None:
     from buildcell.cell.identity import acquire_identity
 
@@ -621,3 +655,9 @@ def test_gc_removes_leftovers_of_interrupted_builds(bc, state_root: Path) -> Non
     assert not partial.exists()
     assert fresh.exists()
     assert (store.dir(record.id) / "record.json").exists()  # records are history, kept
+
+
+def test_cells_cannot_dump_core(cell) -> None:
+    # Soft and hard limit: a build cannot raise it back and write its memory to disk.
+    ran = cell(["/bin/sh", "-c", "ulimit -S -c; ulimit -H -c"])
+    assert ran.stdout.split() == ["0", "0"]

@@ -4,10 +4,30 @@ Between fork and exec (``preexec``) the child joins the cell's cgroups, lowers r
 enters prepared namespaces, drops to the cell's host uid, and asks to be SIGKILLed if the
 supervisor thread that started it goes away. Everything it touches was prepared by the
 parent (open file descriptors, resolved libc functions): the child only makes syscalls.
+
+Running Python between fork and exec is the expensive part of starting a cell: the fork
+cannot be a ``vfork``, and every page the child's interpreter touches is copied. So a plan
+that needs nothing but the uid switch, the umask and disabled core dumps, for a program
+that arms its own death signal (``self_guarded``: bubblewrap with ``--die-with-parent``
+and ``--json-status-fd``), is started without a Python ``preexec`` at all:
+
+- the uid/gid switch: Linux keeps credentials per thread (glibc's ``set*id`` wrappers
+  change every thread's; the raw system calls only the caller's). The spawning thread
+  alone takes the cell's uid and gid for the instant of a ``vfork`` and ``exec``, keeping
+  saved uid 0 as its way back, and restores its credentials, death signal and
+  dumpable flag before it returns. Where the system call numbers are not known, the
+  switch is done by :mod:`subprocess` in C after a full fork;
+- the umask is set by :mod:`subprocess` in C;
+- core dumps: the supervisor holds secret values, so the first spawn disables core dumps
+  of the supervisor itself (soft and hard limit 0), which every child inherits;
+- the death signal: bubblewrap sets it before its sandbox process may run anything. Had the
+  supervisor died before that, bubblewrap's next step, the status write to the
+  supervisor's pipe, kills it with SIGPIPE while its sandbox process still waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -16,8 +36,9 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["PumpResult", "SpawnPlan", "pump", "spawn"]
 
@@ -49,6 +70,20 @@ class SpawnPlan:
     #: Run in the child after entering ``setns_fds`` and before dropping privileges
     #: (the network namespace set-up); it may only make syscalls, like the rest.
     in_child: Callable[[], None] | None = None
+    #: The program sets its own parent-death signal before it runs anything of the cell,
+    #: and dies if the supervisor is already gone by then (see the module doc).
+    self_guarded: bool = False
+
+    def needs_preexec(self) -> bool:
+        """Whether anything of the plan has to run in Python between fork and exec."""
+        return bool(
+            not self.self_guarded
+            or self.cgroup_procs_fds
+            or any(res != resource.RLIMIT_CORE or value != 0 for res, value in self.rlimits)
+            or self.affinity
+            or self.setns_fds
+            or self.in_child is not None
+        )
 
 
 def _preexec_for(plan: SpawnPlan, parent: int) -> Callable[[], None]:
@@ -96,18 +131,93 @@ def spawn(plan: SpawnPlan) -> subprocess.Popen[bytes]:
         OSError: the program could not be started (callers translate it).
     """
     pipe = subprocess.PIPE if plan.capture else subprocess.DEVNULL
-    return subprocess.Popen(
-        list(plan.argv),
-        stdin=plan.stdin if plan.stdin is not None else subprocess.DEVNULL,
-        stdout=pipe,
-        stderr=pipe,
-        pass_fds=plan.pass_fds,
-        close_fds=True,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
-        # The child runs only pre-bound syscalls (no imports, no locks): see the module doc.
-        preexec_fn=_preexec_for(plan, os.getpid()),  # noqa: PLW1509
-        process_group=0,
-    )
+    common: dict[str, Any] = {
+        "stdin": plan.stdin if plan.stdin is not None else subprocess.DEVNULL,
+        "stdout": pipe,
+        "stderr": pipe,
+        "pass_fds": plan.pass_fds,
+        "close_fds": True,
+        "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+        "process_group": 0,
+    }
+    if plan.needs_preexec():
+        return subprocess.Popen(
+            list(plan.argv),
+            **common,
+            # The child runs only pre-bound syscalls (no imports, no locks): see the module
+            # doc.
+            preexec_fn=_preexec_for(plan, os.getpid()),  # noqa: PLW1509
+        )
+    _disable_own_core_dumps()
+    if plan.umask is not None:
+        common["umask"] = plan.umask
+    if plan.drop_to is None:
+        return subprocess.Popen(list(plan.argv), **common)
+    uid, gid = plan.drop_to
+    if _THREAD_CRED_SYSCALLS is None:
+        return subprocess.Popen(list(plan.argv), **common, user=uid, group=gid, extra_groups=[])
+    with _thread_credentials(uid, gid):
+        return subprocess.Popen(list(plan.argv), **common)
+
+
+# (setgroups, setresgid, setresuid) system call numbers.
+_THREAD_CRED_SYSCALLS: tuple[int, int, int] | None = {
+    "x86_64": (116, 119, 117),
+    "aarch64": (159, 149, 147),
+}.get(os.uname().machine)
+PR_GET_PDEATHSIG = 2
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
+
+
+def _syscall(number: int, *args: object) -> None:
+    if _libc.syscall(ctypes.c_long(number), *args) != 0:
+        raise OSError(ctypes.get_errno(), "cannot switch the spawning thread's credentials")
+
+
+@contextlib.contextmanager
+def _thread_credentials(uid: int, gid: int) -> Iterator[None]:
+    """The calling thread alone runs as ``uid``/``gid`` without supplementary groups.
+
+    Its saved uid and gid stay what they were, so that it can switch back; a child it
+    starts with ``vfork`` and ``exec`` gets the new ids as its saved ones too (``execve``
+    copies the effective ids there). A credential change clears the thread's death signal
+    and the process's dumpable flag, so both are put back.
+    """
+    assert _THREAD_CRED_SYSCALLS is not None
+    setgroups, setresgid, setresuid = _THREAD_CRED_SYSCALLS
+    ruid, euid, suid = os.getresuid()
+    rgid, egid, sgid = os.getresgid()
+    groups = os.getgroups()
+    pdeathsig = ctypes.c_int(0)
+    _prctl(PR_GET_PDEATHSIG, ctypes.byref(pdeathsig), 0, 0, 0)
+    dumpable = _prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    keep = ctypes.c_long(-1)
+    try:
+        _syscall(setgroups, ctypes.c_long(0), None)
+        _syscall(setresgid, ctypes.c_long(gid), ctypes.c_long(gid), keep)
+        _syscall(setresuid, ctypes.c_long(uid), ctypes.c_long(uid), keep)
+        yield
+    finally:
+        # Effective uid first: setting the gids and groups needs it back.
+        _syscall(setresuid, ctypes.c_long(ruid), ctypes.c_long(euid), ctypes.c_long(suid))
+        _syscall(setresgid, ctypes.c_long(rgid), ctypes.c_long(egid), ctypes.c_long(sgid))
+        gid_array = (ctypes.c_uint * max(1, len(groups)))(*groups)
+        _syscall(setgroups, ctypes.c_long(len(groups)), gid_array)
+        if dumpable >= 0:
+            _prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)
+        if pdeathsig.value:
+            _prctl(PR_SET_PDEATHSIG, pdeathsig.value, 0, 0, 0)
+
+
+_core_dumps_disabled = False
+
+
+def _disable_own_core_dumps() -> None:
+    global _core_dumps_disabled  # noqa: PLW0603 - once per process
+    if not _core_dumps_disabled:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        _core_dumps_disabled = True
 
 
 @dataclass

@@ -64,7 +64,9 @@ class StorageAnchor(Closing):
             "infinity",
         ]
         try:
-            self._proc = _spawn.spawn(_spawn.SpawnPlan(argv=argv, pass_fds=(w,), capture=True))
+            self._proc = _spawn.spawn(
+                _spawn.SpawnPlan(argv=argv, pass_fds=(w,), capture=True, self_guarded=True)
+            )
         except OSError as e:
             os.close(r)
             os.close(w)

@@ -12,7 +12,6 @@ import resource
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -57,6 +56,8 @@ from buildcell.errors import (
 from buildcell.state import StateDir, unreachable_ancestor
 
 if TYPE_CHECKING:
+    import socket
+
     from buildcell.cell.netns import NetnsPlan
     from buildcell.egress.audit import EgressSummaryRow
     from buildcell.egress.service import EgressService
@@ -451,6 +452,8 @@ class Cell:
                     f"port {port} is used by the cell's proxy or resolver: connections to it "
                     "go through the proxy only, not transparently"
                 )
+            import socket
+
             channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             in_child = netns.child_setup(netns_plan, channel[1])
         spawn_plan = _spawn.SpawnPlan(
@@ -464,6 +467,8 @@ class Cell:
             stdin=0 if cfg.interactive else None,
             umask=cfg.variation.umask if cfg.variation is not None else None,
             in_child=in_child,
+            # bwrap_argv always passes --die-with-parent, and the status pipe is ours.
+            self_guarded=True,
         )
         self.events.emit(
             "cell.start",

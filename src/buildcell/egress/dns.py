@@ -34,6 +34,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from buildcell.egress.relay import linger
 from buildcell.errors import SandboxError
 
 __all__ = ["DnsAnswer", "DnsResponder", "SyntheticAddresses"]
@@ -350,6 +351,10 @@ class DnsResponder:
                         await loop.sock_sendall(conn, _LENGTH.pack(len(reply)) + reply)
                 except (TimeoutError, OSError):
                     return
+            # The budget is spent. Queries already pipelined behind it stay unanswered (the
+            # client asks again on a new connection), but they must not turn the close into
+            # a reset that destroys replies the client has not read yet.
+            await linger(conn)
         finally:
             open_connections.discard(conn)
             conn.close()

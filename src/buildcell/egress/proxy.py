@@ -22,7 +22,7 @@ import h11
 
 from buildcell.egress.audit import Attempt
 from buildcell.egress.policy import EgressPolicy, Verdict, decide, normalize_host
-from buildcell.egress.relay import relay
+from buildcell.egress.relay import linger, relay
 from buildcell.errors import ConfigError
 
 __all__ = ["EgressProxy", "Resolver"]
@@ -429,23 +429,7 @@ async def _send_error(conn: h11.Connection, sock: socket.socket, status: int, me
         )
         await _send(conn, sock, h11.Data(data=body))
         await _send(conn, sock, h11.EndOfMessage())
-        await _linger(sock)
-
-
-async def _linger(sock: socket.socket) -> None:
-    """Half-close, then read what the client is still sending for a moment before the
-    socket is closed: closing with unread input sends a reset, which can destroy the
-    error response before the client reads it."""
-    sock.shutdown(socket.SHUT_WR)
-    loop = asyncio.get_running_loop()
-    budget = 1 << 20
-    with contextlib.suppress(OSError, TimeoutError):
-        async with asyncio.timeout(1.0):
-            while budget > 0:
-                data = await loop.sock_recv(sock, 65536)
-                if not data:
-                    return
-                budget -= len(data)
+        await linger(sock)
 
 
 async def _send_denied(

@@ -17,7 +17,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["RelayResult", "relay"]
+__all__ = ["RelayResult", "linger", "relay"]
 
 _CHUNK = 1 << 20
 #: Each tunnel direction's only buffer. It lives in the supervisor's memory, not the
@@ -163,6 +163,22 @@ async def _direction(
     # Half-close: the other direction may still have a reply to deliver.
     with contextlib.suppress(OSError):
         dst.shutdown(socket.SHUT_WR)
+
+
+async def linger(sock: socket.socket, *, timeout: float = 1.0) -> None:
+    """Half-close, then read what the peer is still sending for a moment before the socket
+    is closed: closing with unread input sends a reset, which can destroy the last reply
+    before the peer reads it."""
+    loop = asyncio.get_running_loop()
+    budget = 1 << 20
+    with contextlib.suppress(OSError, TimeoutError):
+        sock.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(timeout):
+            while budget > 0:
+                data = await loop.sock_recv(sock, 65536)
+                if not data:
+                    return
+                budget -= len(data)
 
 
 def _abort(sock: socket.socket) -> None:

@@ -1,0 +1,55 @@
+"""The command line parser: built for one command when argv names it, whole otherwise."""
+
+from __future__ import annotations
+
+import pytest
+
+from buildcell import cli
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["run", "--", "true"], "run"),
+        (["--debug", "build", "--json"], "build"),
+        (["--state-dir", "run", "gc"], "gc"),  # the option's value is not the command
+        (["--state-dir=/x", "ls"], "ls"),
+        (["nosuch"], None),
+        (["--version"], None),
+        ([], None),
+    ],
+)
+def test_command_of(argv: list[str], command: str | None) -> None:
+    assert cli._command_of(argv) == command
+
+
+@pytest.mark.parametrize("name", sorted(cli._COMMANDS))
+def test_one_command_parser_parses_like_the_whole_one(name: str) -> None:
+    argv = {
+        "run": ["run", "--memory", "1G", "--allow", "a.example:443", "--", "make", "-j2"],
+        "build": ["build", "--json", "--trust", "untrusted"],
+        "verify": ["verify", "--key", "k.pub", "--provenance", "p.jsonl", "a.whl"],
+        "show": ["show", "abc", "--json"],
+        "logs": ["logs", "abc", "--step", "test"],
+        "policy": ["policy", "check", "--json"],
+        "gc": ["gc", "--cache-max-age", "1h"],
+    }.get(name, [name])
+    assert cli._build_parser(name).parse_args(argv) == cli._build_parser().parse_args(argv)
+
+
+def test_unknown_command_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["nosuch"])
+    assert exit_.value.code == 125
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nosuch'" in err
+    for name in cli._COMMANDS:
+        assert name in err
+
+
+def test_main_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for name in cli._COMMANDS:
+        assert f"\n  {name} " in out
