@@ -1477,6 +1477,12 @@ atheris.Fuzz()
 """
 
 
+#: What libFuzzer saves an input as, by what went wrong with it.
+_LIBFUZZER_ARTIFACTS = ("crash", "oom", "timeout", "slow-unit", "leak")
+#: libFuzzer's own exit statuses (FuzzerOptions.h); anything else is the target's crash.
+_LIBFUZZER_EXITS = {70: "timeout", 71: "out of memory", 72: "interrupted", 77: "crash"}
+
+
 def _check_atheris(scale: float, budget: float) -> Row:
     what = "atheris coverage-guided (parse_allow + parse_spec)"
     try:
@@ -1515,12 +1521,17 @@ def _check_atheris(scale: float, budget: float) -> Row:
             detail = f"0 crashes in {tried} runs"
             _log(f"{what}: {detail}")
             return Row("fuzz", what, tried, True, detail)
-        crashes = sorted(workdir.glob("crash-*")) + sorted(workdir.glob("timeout-*"))
-        shown = _short(crashes[0].read_bytes()) if crashes else ""
-        lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "Exception" in ln]
+        artifacts = [p for kind in _LIBFUZZER_ARTIFACTS for p in sorted(workdir.glob(f"{kind}-*"))]
+        shown = _short(artifacts[0].read_bytes()) if artifacts else "(none saved)"
+        lines = [
+            ln
+            for ln in proc.stderr.splitlines()
+            if "Error" in ln or "Exception" in ln or "ERROR: libFuzzer" in ln
+        ]
         tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("INFO")]
+        meaning = _LIBFUZZER_EXITS.get(proc.returncode, "crash")
         why = lines[-1] if lines else f"exit status {proc.returncode}: {(tail or [''])[-1][:120]}"
-        detail = _one_line(f"crash: {why[:160]} on input {shown}")
+        detail = _one_line(f"{meaning}: {why[:160]} on input {shown}")
         _log(f"{what}: {detail}")
         return Row("fuzz", what, tried, False, detail)
     finally:

@@ -193,17 +193,21 @@ def _thread_credentials(uid: int, gid: int) -> Iterator[None]:
     _prctl(PR_GET_PDEATHSIG, ctypes.byref(pdeathsig), 0, 0, 0)
     dumpable = _prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
     keep = ctypes.c_long(-1)
+    gid_array = (ctypes.c_uint * max(1, len(groups)))(*groups)
+    # Undone in reverse order, and only what was done: the uid first, since setting the
+    # gids and groups back needs it.
+    undo: list[Callable[[], None]] = []
     try:
         _syscall(setgroups, ctypes.c_long(0), None)
+        undo.append(lambda: _syscall(setgroups, ctypes.c_long(len(groups)), gid_array))
         _syscall(setresgid, ctypes.c_long(gid), ctypes.c_long(gid), keep)
+        undo.append(lambda: _syscall(setresgid, *map(ctypes.c_long, (rgid, egid, sgid))))
         _syscall(setresuid, ctypes.c_long(uid), ctypes.c_long(uid), keep)
+        undo.append(lambda: _syscall(setresuid, *map(ctypes.c_long, (ruid, euid, suid))))
         yield
     finally:
-        # Effective uid first: setting the gids and groups needs it back.
-        _syscall(setresuid, ctypes.c_long(ruid), ctypes.c_long(euid), ctypes.c_long(suid))
-        _syscall(setresgid, ctypes.c_long(rgid), ctypes.c_long(egid), ctypes.c_long(sgid))
-        gid_array = (ctypes.c_uint * max(1, len(groups)))(*groups)
-        _syscall(setgroups, ctypes.c_long(len(groups)), gid_array)
+        for step in reversed(undo):
+            step()
         if dumpable >= 0:
             _prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)
         if pdeathsig.value:
