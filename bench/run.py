@@ -39,6 +39,14 @@ from buildcell.cell.supervisor import _etc_dir, find_bwrap, run_cell  # noqa: E4
 from buildcell.state import StateDir  # noqa: E402
 
 N = int(os.environ.get("BENCH_N", "200"))
+#: Comma-separated groups to measure (cell, redaction, network, suite); default all. A
+#: partial run prints its table but leaves bench/results.* and the README alone.
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(","))) or {
+    "cell",
+    "redaction",
+    "network",
+    "suite",
+}
 
 
 def _sink(_: bytes) -> None:
@@ -135,56 +143,68 @@ def main() -> int:
             "python": platform.python_version(),
             "n": N,
         }
-        print(f"per-cell overhead, {N} rounds ...", flush=True)
-        cell = measure({"raw bwrap": raw_bwrap, "run_cell": buildcell_run_cell}, N)
-        print(f"whole CLI process, {N // 2} rounds ...", flush=True)
-        whole = measure(
-            {
-                "raw bwrap": raw_bwrap,
-                "buildcell run": buildcell_cli,
-                "python -c pass": python_startup,
-            },
-            max(20, N // 2),
-        )
-        figures = [
-            {
-                "figure": "per-cell overhead: `run_cell` of /bin/true",
-                "ours": summary(cell["run_cell"]),
-                "baseline": summary(cell["raw bwrap"]),
-                "baseline_name": "raw bwrap, same flags",
-                "target": "≤ 1.3×",
-            },
-            {
-                "figure": "`buildcell run -- /bin/true`, whole CLI process",
-                "ours": summary(whole["buildcell run"]),
-                "baseline": summary(whole["raw bwrap"]),
-                "baseline_name": "raw bwrap, same flags",
-                "target": "(report; interpreter start-up alone: "
-                f"{statistics.median(whole['python -c pass']):.1f} ms)",
-            },
-        ]
-        print("redaction throughput ...", flush=True)
-        figures += redaction_figures()
-        from netbench import network_figures
+        figures: list[dict[str, object]] = []
+        if "cell" in ONLY:
+            figures += cell_figures(raw_bwrap, buildcell_run_cell, buildcell_cli, python_startup)
+        if "redaction" in ONLY:
+            print("redaction throughput ...", flush=True)
+            figures += redaction_figures()
+        if "network" in ONLY:
+            from netbench import network_figures
 
-        figures += network_figures(state, measure, summary, max(20, N // 4))
-        from suite import suite_figures
+            figures += network_figures(state, measure, summary, max(20, N // 4))
+        if "suite" in ONLY:
+            from suite import suite_figures
 
-        figures += suite_figures(state, measure, summary, N)
+            figures += suite_figures(state, measure, summary, N)
         for f in figures:
             if "ratio" not in f and "skipped" not in f:
                 f["ratio"] = f["ours"]["median"] / f["baseline"]["median"]  # type: ignore[index]
         podman = shutil.which("podman")
         results["figures"] = figures
         results["podman"] = "installed" if podman else "not installed: not measured"
-        (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         table = render(results)
-        (HERE / "results.md").write_text(table)
-        update_readme(table)
+        if len(ONLY) == 4:
+            (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            (HERE / "results.md").write_text(table)
+            update_readme(table)
         print(table)
         return 0
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def cell_figures(
+    raw_bwrap: Callable[[], object],
+    run_cell: Callable[[], object],
+    cli: Callable[[], object],
+    python_startup: Callable[[], object],
+) -> list[dict[str, object]]:
+    """``run_cell`` and the whole CLI against raw bubblewrap with the same flags."""
+    print(f"per-cell overhead, {N} rounds ...", flush=True)
+    cell = measure({"raw bwrap": raw_bwrap, "run_cell": run_cell}, N)
+    print(f"whole CLI process, {N // 2} rounds ...", flush=True)
+    whole = measure(
+        {"raw bwrap": raw_bwrap, "buildcell run": cli, "python -c pass": python_startup},
+        max(20, N // 2),
+    )
+    return [
+        {
+            "figure": "per-cell overhead: `run_cell` of /bin/true",
+            "ours": summary(cell["run_cell"]),
+            "baseline": summary(cell["raw bwrap"]),
+            "baseline_name": "raw bwrap, same flags",
+            "target": "≤ 1.3×",
+        },
+        {
+            "figure": "`buildcell run -- /bin/true`, whole CLI process",
+            "ours": summary(whole["buildcell run"]),
+            "baseline": summary(whole["raw bwrap"]),
+            "baseline_name": "raw bwrap, same flags",
+            "target": "(report; interpreter start-up alone: "
+            f"{statistics.median(whole['python -c pass']):.1f} ms)",
+        },
+    ]
 
 
 def redaction_figures() -> list[dict[str, object]]:

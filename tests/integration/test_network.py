@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -335,3 +336,35 @@ def test_with_a_policy_other_host_ports_stay_unreachable(cell: Any) -> None:
     assert ran.result.exit_code == 0, ran.stderr
     assert ran.stdout.count("refused") == 3, ran.stdout
     assert other.hits == [] and allowed.hits == []
+
+
+def test_the_supervisor_stays_in_its_own_network_namespace(cell: Any) -> None:
+    # As root the spawning thread enters the cell's namespace to bind the listeners and
+    # start bubblewrap; it must come back, and nothing may listen on the host for the cell.
+    import socket
+
+    def netns() -> str:
+        return os.readlink("/proc/thread-self/ns/net")
+
+    def host_proxy_port_open() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", 3128)) == 0
+
+    assert not host_proxy_port_open()
+    home = netns()
+    opened: list[bool] = []
+
+    def watch() -> None:  # while the cell runs
+        time.sleep(0.5)
+        opened.append(host_proxy_port_open())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        ran = cell(["sh", "-c", "readlink /proc/self/ns/net; sleep 1"], **_net("api.test:80"))
+    finally:
+        watcher.join()
+    assert netns() == home  # this thread started the cell
+    assert opened == [False]
+    inside = ran.stdout.strip()
+    assert inside.startswith("net:[") and inside != home

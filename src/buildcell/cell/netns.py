@@ -1,10 +1,14 @@
 """The cell's network namespace: only ``lo``, plus listening sockets the host serves.
 
 A cell with a network policy gets a namespace of its own in which nothing routes
-anywhere. Its process, between fork and exec of bubblewrap, creates that namespace,
-brings ``lo`` up, binds the listeners of the policy (the proxy, the resolver, one
-transparent listener per allowed port) *inside* it and hands them to the supervisor over
-a unix socket with ``SCM_RIGHTS``; bubblewrap then keeps the namespace (``--share-net``).
+anywhere. As root, the supervisor thread that starts the cell enters a new namespace of
+its own (namespaces belong to threads), brings ``lo`` up, binds the listeners of the
+policy (the proxy, the resolver, one transparent listener per allowed port) *inside* it,
+starts bubblewrap there and goes back (:func:`thread_netns`). Rootless, the namespace must
+belong to a user namespace, which one thread of a process cannot enter: the cell's own
+process does the same between fork and exec of bubblewrap and hands the listeners to the
+supervisor over a unix socket with ``SCM_RIGHTS`` (:func:`child_setup`). Either way
+bubblewrap keeps the namespace (``--share-net``).
 The host side serves those sockets from outside: no helper process or binary exists
 inside the cell, it works rootless (the namespace then belongs to a user namespace the
 same process creates, or to the storage anchor's), and per-cell ports never clash because
@@ -17,13 +21,14 @@ them (teardown) frees it.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import errno
 import fcntl
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +42,7 @@ __all__ = [
     "child_setup",
     "plan_netns",
     "receive_listeners",
+    "thread_netns",
 ]
 
 PROXY_PORT = 3128
@@ -52,6 +58,7 @@ _IFF_UP = 0x1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _unshare = _libc.unshare
+_setns = _libc.setns
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,69 @@ def _write(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+def _fill_namespace(listeners: Iterable[Listener], made: list[socket.socket]) -> None:
+    """In the current network namespace: ``lo`` up, each listener bound (into ``made``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        req = bytearray(struct.pack("16sH14x", b"lo", 0))
+        fcntl.ioctl(s, _SIOCGIFFLAGS, req)
+        current = struct.unpack_from("16sH", req)[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", current | _IFF_UP))
+    for item in listeners:
+        kind = socket.SOCK_STREAM if item.transport == "tcp" else socket.SOCK_DGRAM
+        sock = socket.socket(socket.AF_INET, kind | socket.SOCK_CLOEXEC)
+        made.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((item.address, item.port))
+        if item.transport == "tcp":
+            sock.listen(1024)
+
+
+@contextlib.contextmanager
+def thread_netns(plan: NetnsPlan) -> Iterator[list[socket.socket]]:
+    """As root: the calling thread alone enters a new network namespace for the block.
+
+    Namespaces belong to threads, so the rest of the supervisor stays where it is; a
+    process the thread starts inside the block (bubblewrap with ``--share-net``) lives in
+    the new namespace, without anything of Python having to run between its fork and exec.
+    Yields the listeners bound inside, non-blocking, in ``plan.listeners`` order; they are
+    the caller's to close unless the block raises.
+
+    Raises:
+        SandboxError: the namespace or a listener could not be made.
+    """
+    assert not plan.own_userns, "a user namespace cannot be entered by one thread"
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    made: list[socket.socket] = []
+    try:
+        if _unshare(_CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise SandboxError(
+                f"cannot set up the cell's network namespace: unshare: {os.strerror(err)}"
+            )
+        try:
+            try:
+                _fill_namespace(plan.listeners, made)
+            except OSError as e:
+                raise SandboxError(
+                    f"cannot set up the cell's network namespace: {e.strerror or e}"
+                ) from e
+            for sock in made:
+                sock.setblocking(False)
+            yield made
+        except BaseException:
+            for sock in made:
+                sock.close()
+            raise
+        finally:
+            if _setns(home, _CLONE_NEWNET) != 0:
+                # The thread would go on in the cell's namespace: nothing may continue.
+                err = ctypes.get_errno()
+                os.write(2, f"buildcell: cannot leave a network namespace: {err}\n".encode())
+                os.abort()
+    finally:
+        os.close(home)
+
+
 def child_setup(plan: NetnsPlan, channel: socket.socket) -> Callable[[], None]:
     """The step run in the cell's process before bubblewrap starts (after fork).
 
@@ -140,19 +210,7 @@ def child_setup(plan: NetnsPlan, channel: socket.socket) -> Callable[[], None]:
                 _write("/proc/self/setgroups", b"deny")
                 _write("/proc/self/uid_map", uid_map)
                 _write("/proc/self/gid_map", gid_map)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                req = bytearray(struct.pack("16sH14x", b"lo", 0))
-                fcntl.ioctl(s, _SIOCGIFFLAGS, req)
-                current = struct.unpack_from("16sH", req)[1]
-                fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", current | _IFF_UP))
-            for item in listeners:
-                kind = socket.SOCK_STREAM if item.transport == "tcp" else socket.SOCK_DGRAM
-                sock = socket.socket(socket.AF_INET, kind | socket.SOCK_CLOEXEC)
-                made.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((item.address, item.port))
-                if item.transport == "tcp":
-                    sock.listen(1024)
+            _fill_namespace(listeners, made)
             fds = array.array("i", [s.fileno() for s in made])
             channel.sendmsg([b"ok"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         except BaseException as e:

@@ -438,6 +438,8 @@ class Cell:
         netns_plan: NetnsPlan | None = None
         in_child: Callable[[], None] | None = None
         channel: tuple[socket.socket, socket.socket] | None = None
+        in_namespace: contextlib.AbstractContextManager[list[socket.socket] | None]
+        in_namespace = contextlib.nullcontext()
         if cfg.has_network:
             from buildcell.cell import netns
 
@@ -452,10 +454,15 @@ class Cell:
                     f"port {port} is used by the cell's proxy or resolver: connections to it "
                     "go through the proxy only, not transparently"
                 )
-            import socket
+            if not netns_plan.own_userns and anchor is None:
+                # As root, the spawning thread alone enters the namespace and binds the
+                # listeners; bubblewrap inherits it, and the fork stays a vfork.
+                in_namespace = netns.thread_netns(netns_plan)
+            else:
+                import socket
 
-            channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            in_child = netns.child_setup(netns_plan, channel[1])
+                channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                in_child = netns.child_setup(netns_plan, channel[1])
         spawn_plan = _spawn.SpawnPlan(
             argv=self._argv,
             pass_fds=tuple(pass_fds),
@@ -484,16 +491,22 @@ class Cell:
         )
         started = time.monotonic()
         try:
-            try:
-                self._proc = _spawn.spawn(spawn_plan)
-            except (OSError, subprocess.SubprocessError) as e:
-                # SubprocessError: a step between fork and exec failed (joining a cgroup,
-                # the network namespace, the uid switch).
-                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                raise SandboxError(f"cannot start bubblewrap: {why}") from e
-            if channel is not None and netns_plan is not None:
-                channel[1].close()
-                self._start_egress(channel[0], netns_plan)
+            with in_namespace as listeners:
+                try:
+                    self._proc = _spawn.spawn(spawn_plan)
+                except (OSError, subprocess.SubprocessError) as e:
+                    # SubprocessError: a step between fork and exec failed (joining a
+                    # cgroup, the network namespace, the uid switch).
+                    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    raise SandboxError(f"cannot start bubblewrap: {why}") from e
+            if netns_plan is not None:
+                if channel is not None:
+                    from buildcell.cell.netns import receive_listeners
+
+                    channel[1].close()
+                    listeners = receive_listeners(channel[0], netns_plan)
+                assert listeners is not None
+                self._start_egress(listeners, netns_plan)
         except BaseException:
             os.close(status_r)
             if block_w is not None:
@@ -537,19 +550,18 @@ class Cell:
         self.result = self._classify(outcome)
         return self.result
 
-    def _start_egress(self, channel: socket.socket, plan: NetnsPlan) -> None:
-        from buildcell.cell.netns import receive_listeners
+    def _start_egress(self, socks: list[socket.socket], plan: NetnsPlan) -> None:
+        """Serve the listeners bound in the cell's namespace (closed here on failure)."""
         from buildcell.egress.service import EgressService
 
         cfg = self.config
         assert cfg.network is not None
-        socks = receive_listeners(channel, plan)
-        scrub = _scrubber(cfg)
 
         def emit(event: str, **fields: Any) -> None:
             self.events.emit(event, step=self.step, cell=self.cell_id, **fields)
 
         try:
+            scrub = _scrubber(cfg)
             self._egress = EgressService(
                 cfg.network,
                 list(zip(plan.listeners, socks, strict=True)),
