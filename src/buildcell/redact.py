@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 import sys
 import urllib.parse
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, compress, count
@@ -217,13 +219,13 @@ class _Sampler:
 
     def __init__(self, sampling: _Sampling, patterns: Iterable[bytes]) -> None:
         self.sampling = sampling
-        entries: dict[int, list[tuple[bytes, int]]] = {}
+        entries: defaultdict[int, list[tuple[bytes, int]]] = defaultdict(list)
+        # Native byte order, as the cast of the buffer reads its blocks.
+        block_at = struct.Struct("=Q" if sampling.gram == 8 else "=I").unpack_from
+        offsets = range(sampling.gap)
         for pattern in patterns:
-            for offset in range(sampling.gap):
-                block = pattern[offset : offset + sampling.gram]
-                entries.setdefault(int.from_bytes(block, sys.byteorder), []).append(
-                    (pattern, offset)
-                )
+            for offset in offsets:
+                entries[block_at(pattern, offset)[0]].append((pattern, offset))
         self._entries = {key: tuple(hits) for key, hits in entries.items()}
         self._blocks = frozenset(self._entries)
         self._format: Literal["I", "Q"] = "Q" if sampling.gram == 8 else "I"
@@ -303,11 +305,13 @@ class _Plan:
         self._sampler = _Sampler(sampling, sampled) if sampling is not None else None
         # 4-byte blocks of hex-heavy output often hit the blocks of hex forms; when they
         # keep doing so, 8-byte blocks (more of them, but no false hits) are cheaper.
-        self._fallback = None
+        # Built the first time it is needed: most output never is hex-heavy.
+        self._fallback: _Sampler | None = None
+        self._fallback_plan: tuple[_Sampling, Sequence[bytes]] | None = None
         self._fallback_left = 0
         if sampling is not None and sampling.gram < 8:
             wide = _Sampling.for_min_length(len(sampled[0]), grams=(8,))
-            self._fallback = _Sampler(wide, sampled) if wide is not None else None
+            self._fallback_plan = (wide, sampled) if wide is not None else None
 
     def search(self, buf: bytes, found: set[tuple[int, bytes]]) -> None:
         """Add ``(start, pattern)`` for every occurrence in ``buf`` to ``found``."""
@@ -317,12 +321,15 @@ class _Plan:
             while at >= 0:
                 roots.add((at, pattern))
                 at = buf.find(pattern, at + 1)
-        if self._fallback is not None and self._fallback_left > 0:
+        if self._fallback_left > 0:
             self._fallback_left -= 1
+            if self._fallback is None:
+                assert self._fallback_plan is not None
+                self._fallback = _Sampler(*self._fallback_plan)
             self._fallback.search(buf, roots)
         elif self._sampler is not None:
             sampled, compared = self._sampler.search(buf, roots)
-            if self._fallback is not None and compared * _FALSE_HIT_RATIO > sampled:
+            if self._fallback_plan is not None and compared * _FALSE_HIT_RATIO > sampled:
                 self._fallback_left = _FALLBACK_CALLS
         found |= roots
         for start, root in roots:
@@ -362,8 +369,9 @@ class _Anchors:
     @staticmethod
     def choose(pattern: bytes) -> int | None:
         """Where the rarest byte of ``pattern`` is, if it has one rare enough to anchor."""
-        rank, at = min((_RARITY[b], i) for i, b in enumerate(pattern))
-        return at if rank < _NOT_AN_ANCHOR else None
+        ranks = pattern.translate(_RARITY)
+        rank = min(ranks)
+        return ranks.index(rank) if rank < _NOT_AN_ANCHOR else None
 
 
 def _rarity(byte: int) -> int:
@@ -504,6 +512,15 @@ class Redactor:
         # Length of the start of _carry already covered by an emitted "***" whose range
         # may still grow; None when the last range is closed.
         self._open: int | None = None
+
+    def fresh(self) -> Redactor:
+        """A redactor of the same secrets for another stream, sharing this one's index
+        (which costs far more to build than a stream's state)."""
+        twin = Redactor.__new__(Redactor)
+        twin._index = self._index
+        twin._carry = b""
+        twin._open = None
+        return twin
 
     @property
     def max_pattern(self) -> int:

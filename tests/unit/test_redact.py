@@ -391,6 +391,38 @@ def test_every_byte_split_matches_the_whole(secret_values: list[bytes], junk: by
     assert stream(redactor, [bytes([b]) for b in data]) == redactor.redact(data)
 
 
+def test_hex_heavy_output_switches_to_wide_blocks_and_still_redacts() -> None:
+    # 4-byte blocks of hex output keep hitting the blocks of the secrets' hex forms; the
+    # redactor then searches with 8-byte blocks for a while. Nothing may slip through.
+    rng = random.Random(7)
+    secrets = [Secret(f"s{i}", rng.randbytes(12)) for i in range(100)]
+    redactor = Redactor(secrets)
+    plan = redactor._index._unanchored  # hex output has no anchor bytes
+    assert plan._fallback_plan is not None and plan._fallback is None  # built lazily
+    junk = rng.randbytes(1 << 15).hex().encode()
+    out = redactor.feed(junk)
+    for i, secret in enumerate(secrets):
+        out += redactor.feed(junk[: 1000 + i] + secret.reveal().hex().encode() + b"|")
+    out += redactor.flush()
+    assert plan._fallback is not None
+    assert out.count(b"***|") == len(secrets)
+    for secret in secrets:
+        assert secret.reveal().hex().encode() not in out
+
+
+def test_fresh_redactors_share_the_index_but_not_the_stream() -> None:
+    secret = Secret("token", b"s3cr3t-token-value")
+    first = Redactor([secret])
+    second = first.fresh()
+    # Interleaved halves of a secret in each stream: neither stream sees the other's carry.
+    out1 = first.feed(b"a: s3cr3t-tok")
+    out2 = second.feed(b"b: s3cr3t-")
+    out1 += first.feed(b"en-value.") + first.flush()
+    out2 += second.feed(b"token-value!") + second.flush()
+    assert (out1, out2) == (b"a: ***.", b"b: ***!")
+    assert second.max_pattern == first.max_pattern
+
+
 # --- Scanner and scan ---------------------------------------------------------------------
 
 

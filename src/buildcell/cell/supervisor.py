@@ -618,10 +618,8 @@ class Cell:
             return self._stdout, self._stderr, lambda: None
         from buildcell.redact import Redactor
 
-        pairs = [
-            (Redactor(self.config.redact), self._stdout),
-            (Redactor(self.config.redact), self._stderr),
-        ]
+        redactor = Redactor(self.config.redact)
+        pairs = [(redactor, self._stdout), (redactor.fresh(), self._stderr)]
 
         def wrap(redactor: Redactor, sink: _spawn.Sink) -> _spawn.Sink:
             def write(data: bytes) -> None:
