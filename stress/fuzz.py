@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -127,6 +128,7 @@ class _Run:
     tried: int = 0
     crash: tuple[str, str] | None = None  # (exception text, input repr)
     crash_size: int = 0
+    crash_repr: str = ""  # the whole input, kept for stress/findings/
     crash_at: float = 0.0
     out_of_time: bool = False
 
@@ -145,6 +147,7 @@ class _Run:
             what = f"{type(error).__name__}: {_one_line(str(error))[:140]}"
             self.crash = (what, _short(value))
             self.crash_size = len(shown)
+            self.crash_repr = shown
         if not self.crash_at:
             self.crash_at = time.monotonic()
 
@@ -204,12 +207,24 @@ def _fuzz(
         exc, shown = run.crash
         detail = f"crash: {exc} on input {shown}" if shown else exc
         _log(f"{what}: {detail} ({elapsed:.1f} s)")
+        if run.crash_repr:
+            saved = _save_finding(what, f"{exc}\n{run.crash_repr}\n")
+            _log(f"{what}: the whole input is in {saved}")
         return Row("fuzz", what, run.tried, False, detail)
     detail = f"0 crashes in {run.tried} cases"
     if run.out_of_time:
         detail += f" (stopped at the {budget:.0f} s budget, {cases} planned)"
     _log(f"{what}: {detail} ({elapsed:.1f} s)")
     return Row("fuzz", what, run.tried, True, detail)
+
+
+def _save_finding(what: str, text: str) -> Path:
+    """Keep a failing input whole (the table shows it shortened) under stress/findings/."""
+    slug = re.sub(r"[^a-z0-9]+", "-", what.lower()).strip("-")[:60]
+    path = Path(__file__).resolve().parent / "findings" / f"{slug}.txt"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return path
 
 
 class _Capture(logging.Handler):
@@ -1477,6 +1492,8 @@ atheris.Fuzz()
 """
 
 
+_RELAY = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+
 #: What libFuzzer saves an input as, by what went wrong with it.
 _LIBFUZZER_ARTIFACTS = ("crash", "oom", "timeout", "slow-unit", "leak")
 #: libFuzzer's own exit statuses (FuzzerOptions.h); anything else is the target's crash.
@@ -1502,6 +1519,10 @@ def _check_atheris(scale: float, budget: float) -> Row:
         }
         argv = [sys.executable, str(driver), f"-runs={runs}", f"-max_total_time={seconds}"]
         argv += [f"-artifact_prefix={workdir}/", "-rss_limit_mb=2048", "-timeout=10"]
+        # Through a small relay process: a child of this (by now large) process inherits
+        # its peak RSS as its own (``ru_maxrss`` carries the old memory's high-water mark
+        # across exec), which libFuzzer's RSS limit would take for the fuzzer's.
+        argv = [sys.executable, "-c", _RELAY, *argv]
         _log(f"{what}: up to {runs} runs, {seconds} s")
         try:
             proc = subprocess.run(
@@ -1573,6 +1594,8 @@ def checks(scale: float) -> list[Row]:
         for name, check in plan:
             try:
                 rows.append(check(capture))
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+                _log(f"{name}: the harness' peak RSS so far is {peak} MiB")
             except Exception as e:
                 detail = _one_line(f"the check itself failed: {type(e).__name__}: {e}")[:200]
                 _log(f"{name}: {detail}")

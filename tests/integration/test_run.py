@@ -661,3 +661,27 @@ def test_cells_cannot_dump_core(cell) -> None:
     # Soft and hard limit: a build cannot raise it back and write its memory to disk.
     ran = cell(["/bin/sh", "-c", "ulimit -S -c; ulimit -H -c"])
     assert ran.stdout.split() == ["0", "0"]
+
+
+def test_bwrap_started_for_a_dead_supervisor_never_runs_the_command(tmp_path: Path) -> None:
+    # The spawn path without Python between fork and exec relies on this: were the
+    # supervisor gone before bubblewrap armed its death signal, bubblewrap's first status
+    # report (to a pipe nobody reads any more) kills it before the command may start.
+    from buildcell.cell import _spawn
+    from buildcell.cell.supervisor import find_bwrap
+
+    marker = tmp_path / f"ran-{os.getpid()}"
+    r, w = os.pipe()
+    os.close(r)  # the supervisor's end, gone
+    argv = [find_bwrap(), "--unshare-all", "--die-with-parent", "--dev-bind", "/", "/",
+            "--json-status-fd", str(w), "--", "sh", "-c", f"touch {marker}"]  # fmt: skip
+    try:
+        plan = _spawn.SpawnPlan(argv=argv, pass_fds=(w,), capture=False, self_guarded=True)
+        proc = _spawn.spawn(plan)
+        os.close(w)
+        assert proc.wait(timeout=30) == -signal.SIGPIPE
+        time.sleep(0.3)
+        assert not marker.exists()
+    finally:
+        # bubblewrap's half-made sandbox process stays blocked; it is ours to remove.
+        subprocess.run(["pkill", "-KILL", "-f", str(marker)], check=False)

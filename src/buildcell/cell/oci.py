@@ -485,6 +485,27 @@ def _archive_key(name: str) -> str | None:
     return key if key and key != "." else None
 
 
+def _open_tar(*args: Any, **kwargs: Any) -> tarfile.TarFile:
+    """``tarfile.open``, which reads the first header (see :func:`_next_entry`)."""
+    try:
+        return tarfile.open(*args, **kwargs)
+    except (ValueError, OverflowError) as e:
+        raise tarfile.ReadError(f"malformed entry header ({e})") from e
+
+
+def _next_entry(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
+    """``tar.next()``; a header tarfile cannot parse is a :class:`tarfile.ReadError`.
+
+    Besides ``TarError``, tarfile's header parsing raises ``ValueError`` and
+    ``OverflowError`` on some hostile input (a GNU sparse 1.0 map without its newline,
+    say): that is a malformed image, not a bug of ours.
+    """
+    try:
+        return tar.next()
+    except (ValueError, OverflowError) as e:
+        raise tarfile.ReadError(f"malformed entry header ({e})") from e
+
+
 class _Archive(_Image):
     """A tar (optionally compressed) holding an OCI layout or a docker-archive."""
 
@@ -492,13 +513,13 @@ class _Archive(_Image):
         super().__init__(source)
         try:
             # Held open until close(): blobs are read from it on demand.
-            self._tar = tarfile.open(source, "r:*")  # noqa: SIM115
+            self._tar = _open_tar(source, "r:*")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise ImageError(f"cannot read image archive {source}: {e}") from e
         self._members: dict[str, tarfile.TarInfo] = {}
         try:
             count = 0
-            while (member := self._tar.next()) is not None:
+            while (member := _next_entry(self._tar)) is not None:
                 count += 1
                 if count > _MAX_ARCHIVE_MEMBERS:
                     raise ImageError(
@@ -996,7 +1017,7 @@ class _Unpacker(Closing):
             )
             try:
                 # Stream mode reads the layer once, front to back, like the hash does.
-                with tarfile.open(
+                with _open_tar(
                     fileobj=cast(IO[bytes], stream), mode="r|", bufsize=_TAR_BUFSIZE
                 ) as tar:
                     self._apply_members(tar, stream, where)
@@ -1056,7 +1077,7 @@ class _Unpacker(Closing):
         # What this layer put in place (with the parents of each), so that its whiteouts
         # remove only what lower layers made, whatever order the entries come in.
         touched: set[tuple[str, ...]] = set()
-        while (member := tar.next()) is not None:
+        while (member := _next_entry(tar)) is not None:
             # Stream mode needs no index of members; tarfile keeps one anyway (and typeshed
             # does not declare it). Dropping it keeps memory flat over a million entries.
             cast(Any, tar).members.clear()

@@ -990,6 +990,29 @@ def test_entries_that_are_not_files_cannot_claim_data(
     expect_contained(tmp_path, outside, [[F("a/keep", b"k"), hostile]], match="but is not a file")
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_a_header_tarfile_cannot_parse_is_a_malformed_layer(
+    tmp_path: Path, outside: Path, first: bool
+) -> None:
+    """Regression (found by make stress): a GNU sparse 1.0 map without its newline made
+    tarfile raise ValueError, which escaped as a crash instead of a clean error. As the
+    first entry it fails while the tar is opened, later while it is read."""
+    sparse = F("f", b"abc", pax={"GNU.sparse.major": "1", "GNU.sparse.minor": "0"})
+    layer = [sparse] if first else [F("a/keep", b"k"), sparse]
+    expect_contained(tmp_path, outside, [layer], match="malformed entry header")
+
+
+def test_an_image_archive_member_tarfile_cannot_parse_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "image.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("index.json")
+        info.size = 3
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(ImageError, match="malformed entry header"):
+        unpack_image(archive, "sha256:" + "0" * 64, cache_dir=tmp_path / "cache")
+
+
 def test_declared_size_over_the_limit(
     tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
