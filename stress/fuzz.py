@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gzip
-import hashlib
 import http.server
-import io
 import json
 import logging
 import os
@@ -27,7 +25,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import stat
 import struct
 import subprocess
@@ -44,6 +41,7 @@ from typing import Any
 import yaml
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
+from tests.oci_images import DEFAULT_MTIME, native_arch, sha256_digest, tar_bytes
 
 from buildcell.errors import ConfigError, Error, SeccompError
 
@@ -597,34 +595,14 @@ _OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 _OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 _OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
 _OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-_MTIME = 1_600_000_000
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+_MTIME = DEFAULT_MTIME
 
 
 def _dumps(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _goarch() -> str:
-    machine = os.uname().machine
-    return {"x86_64": "amd64", "aarch64": "arm64", "i686": "386"}.get(machine, machine)
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = _MTIME
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-_VALID_LAYER = _tar({"etc/os-release": b"ID=fuzz\n", "bin/tool": b"#!/bin/sh\n"})
+_VALID_LAYER = tar_bytes({"etc/os-release": b"ID=fuzz\n", "bin/tool": b"#!/bin/sh\n"})
 
 
 @dataclass
@@ -643,27 +621,31 @@ def _image_docs(layer_tar: bytes, gz: bool) -> _Docs:
     blob = gzip.compress(layer_tar, mtime=0) if gz else layer_tar
     layer_type = _OCI_GZIP if gz else _OCI_TAR
     config = {
-        "architecture": _goarch(),
+        "architecture": native_arch(),
         "os": "linux",
         "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [_sha(layer_tar)]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256_digest(layer_tar)]},
     }
     config_data = _dumps(config)
     manifest = {
         "schemaVersion": 2,
         "mediaType": _OCI_MANIFEST,
-        "config": {"mediaType": _OCI_CONFIG, "digest": _sha(config_data), "size": len(config_data)},
-        "layers": [{"mediaType": layer_type, "digest": _sha(blob), "size": len(blob)}],
+        "config": {
+            "mediaType": _OCI_CONFIG,
+            "digest": sha256_digest(config_data),
+            "size": len(config_data),
+        },
+        "layers": [{"mediaType": layer_type, "digest": sha256_digest(blob), "size": len(blob)}],
     }
     manifest_data = _dumps(manifest)
-    descriptor = {"mediaType": _OCI_MANIFEST, "digest": _sha(manifest_data)}
+    descriptor = {"mediaType": _OCI_MANIFEST, "digest": sha256_digest(manifest_data)}
     descriptor["size"] = len(manifest_data)
     platform_index = {
         "schemaVersion": 2,
         "mediaType": _OCI_INDEX,
         "manifests": [
             {**descriptor, "platform": {"os": "linux", "architecture": "s390x"}},
-            {**descriptor, "platform": {"os": "linux", "architecture": _goarch()}},
+            {**descriptor, "platform": {"os": "linux", "architecture": native_arch()}},
         ],
     }
     index = {"schemaVersion": 2, "manifests": [descriptor]}
@@ -694,16 +676,16 @@ def _oci_files(
     files: dict[str, bytes] = {"oci-layout": layout or b'{"imageLayoutVersion":"1.0.0"}'}
 
     def add(data: bytes) -> str:
-        digest = _sha(data)
+        digest = sha256_digest(data)
         files["blobs/sha256/" + digest.removeprefix("sha256:")] = data
         return digest
 
     layer_descs = []
     diff_ids = []
-    for tar_bytes in layers if layers is not None else []:
-        blob = gzip.compress(tar_bytes, mtime=0) if docs.layer_type == _OCI_GZIP else tar_bytes
+    for layer in layers if layers is not None else []:
+        blob = gzip.compress(layer, mtime=0) if docs.layer_type == _OCI_GZIP else layer
         layer_descs.append({"mediaType": docs.layer_type, "digest": add(blob), "size": len(blob)})
-        diff_ids.append(_sha(tar_bytes))
+        diff_ids.append(sha256_digest(layer))
     if layers is None:
         add(docs.layer_blob)
     if config is None:
@@ -736,15 +718,15 @@ def _docker_files(
     """The files of a classic ``docker save`` tarball; the config digest is the pin."""
     files: dict[str, bytes] = {}
     names = []
-    for tar_bytes in layers:
-        name = _sha(tar_bytes).removeprefix("sha256:") + "/layer.tar"
-        files[name] = tar_bytes
+    for layer in layers:
+        name = sha256_digest(layer).removeprefix("sha256:") + "/layer.tar"
+        files[name] = layer
         names.append(name)
     if config is None:
         doc = copy.deepcopy(_BASE_DOCS.config)
-        doc["rootfs"]["diff_ids"] = [_sha(t) for t in layers]
+        doc["rootfs"]["diff_ids"] = [sha256_digest(t) for t in layers]
         config = _dumps(doc)
-    config_name = _sha(config).removeprefix("sha256:") + ".json"
+    config_name = sha256_digest(config).removeprefix("sha256:") + ".json"
     files[config_name] = config
     if manifest_json is None:
         entry = [{"Config": config_name, "RepoTags": ["fuzz:latest"], "Layers": names}]
@@ -754,7 +736,7 @@ def _docker_files(
         manifest_json = manifest_json.replace(b"CONFIG.json", config_name.encode())
         manifest_json = manifest_json.replace(b"LAYER/layer.tar", names[0].encode())
     files["manifest.json"] = manifest_json
-    return files, {"config": _sha(config)}
+    return files, {"config": sha256_digest(config)}
 
 
 def _snapshot(root: Path, skip: Path) -> dict[str, tuple[Any, ...]]:
@@ -833,7 +815,7 @@ class _Sandbox:
                 path.write_bytes(data)
         else:
             source = self.work / "image.tar"
-            source.write_bytes(_tar(files))
+            source.write_bytes(tar_bytes(files))
         before = _snapshot(self.base, self.cache)
         try:
             rootfs = unpack_image(source, digest, cache_dir=self.cache)
@@ -1092,7 +1074,7 @@ def _check_oci_layers(cases: int, budget: float) -> Row:
                 stored = [gzip.compress(t, mtime=0) if gz else t for t in layers]
                 # diff_ids must be of the uncompressed tars, not of what is stored.
                 config = copy.deepcopy(_BASE_DOCS.config)
-                config["rootfs"]["diff_ids"] = [_sha(t) for t in layers]
+                config["rootfs"]["diff_ids"] = [sha256_digest(t) for t in layers]
                 files, pins = _docker_files(stored, config=_dumps(config))
                 box.unpack(files, "archive", pins["config"])
                 return
@@ -1150,19 +1132,6 @@ def _serve(*allow: str, **kw: Any) -> contextlib.AbstractContextManager[Any]:
     return loopback_egress(*allow, **kw)
 
 
-def _exchange(port: int, data: bytes, *, timeout: float) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            s.sendall(data)
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_WR)
-        out = bytearray()
-        with contextlib.suppress(TimeoutError, ConnectionResetError):
-            while chunk := s.recv(65536):
-                out += chunk
-        return bytes(out)
-
-
 def _request_strategy(origin_port: int) -> st.SearchStrategy[bytes]:
     methods = st.one_of(
         st.sampled_from([b"GET", b"POST", b"HEAD", b"CONNECT", b"PUT", b"OPTIONS", b"get", b""]),
@@ -1217,12 +1186,14 @@ def _request_strategy(origin_port: int) -> st.SearchStrategy[bytes]:
 
 
 def _check_proxy(cases: int, budget: float, capture: _Capture) -> Row:
+    from tests.netservers import exchange
+
     what = f"proxy requests (buildcell.egress.service.EgressService), {cases} cases"
     with _origin() as port, _serve("api.test:1", f"api.test:{port}", f"127.0.0.1:{port}") as s:
 
         def target(data: bytes) -> None:
             start = len(capture.records)
-            _exchange(s.port, data, timeout=2.0)
+            exchange(s.port, data, timeout=2.0)
             # Wait for the handler to end, so an error it logs is pinned on this input.
             deadline = time.monotonic() + 1.0
             while s.service.connections > 3 and time.monotonic() < deadline:
@@ -1239,7 +1210,7 @@ def _check_proxy(cases: int, budget: float, capture: _Capture) -> Row:
         )
         problems = []
         try:
-            reply = _exchange(
+            reply = exchange(
                 s.port,
                 f"GET http://api.test:{port}/final HTTP/1.1\r\nHost: api.test\r\n"
                 "Connection: close\r\n\r\n".encode(),

@@ -199,3 +199,19 @@ def loopback_egress(*allow: str, transparent: tuple[int, ...] = (), **kw: Any) -
         yield Served(service, proxy.getsockname()[1], ports, events)
     finally:
         service.close()
+
+
+def exchange(port: int, data: bytes, *, shut: bool = True, timeout: float = 5.0) -> bytes:
+    """Send ``data`` to 127.0.0.1:``port`` and return everything it answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        # The proxy may answer (and stop reading) before a hostile request is all sent.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(data)
+        if shut:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_WR)
+        out = bytearray()
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := s.recv(65536):
+                out += chunk
+        return bytes(out)

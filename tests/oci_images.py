@@ -41,6 +41,7 @@ __all__ = [
     "make_oci_layout",
     "native_arch",
     "sha256_digest",
+    "tar_bytes",
     "write_dir",
     "write_tar",
 ]
@@ -334,8 +335,8 @@ def write_dir(directory: Path, files: Mapping[str, bytes]) -> None:
         path.write_bytes(data)
 
 
-def write_tar(path: Path, files: Mapping[str, bytes], *, compress: bool = False) -> None:
-    """Write ``files`` as a tar (gzip-compressed with ``compress``) at ``path``."""
+def tar_bytes(files: Mapping[str, bytes]) -> bytes:
+    """A tar of regular ``files`` (name -> content), all with :data:`DEFAULT_MTIME`."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in files.items():
@@ -343,7 +344,13 @@ def write_tar(path: Path, files: Mapping[str, bytes], *, compress: bool = False)
             info.size = len(data)
             info.mtime = DEFAULT_MTIME
             tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(_gzip(buf.getvalue()) if compress else buf.getvalue())
+    return buf.getvalue()
+
+
+def write_tar(path: Path, files: Mapping[str, bytes], *, compress: bool = False) -> None:
+    """Write ``files`` as a tar (gzip-compressed with ``compress``) at ``path``."""
+    data = tar_bytes(files)
+    path.write_bytes(_gzip(data) if compress else data)
 
 
 def blob_path(layout: Path, digest: str) -> Path:

@@ -277,7 +277,16 @@ def run_build(
                 ref=record.ref,
             )
             _BuildRun(
-                loaded, spec_dir, rootfs, state, store, result, events, reporter, options
+                loaded,
+                spec_dir,
+                rootfs,
+                state,
+                store,
+                result,
+                events,
+                reporter,
+                options,
+                invocation,
             ).run()
     except PolicyError as e:
         record.status = "denied"
@@ -384,6 +393,7 @@ class _BuildRun:
     events: EventLog
     reporter: BuildReporter
     options: BuildOptions
+    invocation: Invocation
     source: SourceInfo | None = None
     sde: int = 0
 
@@ -498,7 +508,7 @@ class _BuildRun:
         from buildcell.caches import CacheStore
 
         identity = storage.identity
-        invocation = _invocation(self.options, self.spec_dir)
+        invocation = self.invocation
         lease = CacheStore(self.state.caches, max_bytes=self.options.cache_max_size).lease(
             invocation.project,
             cache.key,

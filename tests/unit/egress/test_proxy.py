@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.netservers import Served, echo_server, http_origin, loopback_egress
+from tests.netservers import Served, echo_server, exchange, http_origin, loopback_egress
 
 from buildcell.cell.netns import Listener
 
@@ -29,21 +29,6 @@ def serve(*allow: str, transparent: tuple[int, ...] = (), **kw: Any) -> Iterator
     with loopback_egress(*allow, transparent=transparent, **kw) as served:
         yield served
     assert served.service.closed
-
-
-def _exchange(port: int, data: bytes, *, shut: bool = True, timeout: float = 5.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        # The proxy may answer (and stop reading) before a hostile request is all sent.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            s.sendall(data)
-        if shut:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_WR)
-        out = bytearray()
-        with contextlib.suppress(TimeoutError, ConnectionResetError):
-            while chunk := s.recv(65536):
-                out += chunk
-        return bytes(out)
 
 
 def _fds() -> int:
@@ -67,7 +52,7 @@ def _both(port: int) -> tuple[str, str]:
 
 def test_forward_request() -> None:
     with http_origin("a") as origin, serve(*_both(origin.port)) as s:
-        reply = _exchange(
+        reply = exchange(
             s.port,
             f"GET http://api.test:{origin.port}/p?q=1 HTTP/1.1\r\nHost: api.test\r\n"
             "Proxy-Connection: keep-alive\r\nConnection: close\r\n\r\n".encode(),
@@ -93,14 +78,14 @@ def test_forward_request() -> None:
 )
 def test_bad_requests_get_400(request_line: bytes, status: bytes, words: bytes) -> None:
     with serve("api.test") as s:
-        reply = _exchange(s.port, request_line + b"\r\nHost: x\r\n\r\n")
+        reply = exchange(s.port, request_line + b"\r\nHost: x\r\n\r\n")
     assert reply.split(b" ", 2)[1] == status, reply
     assert words in reply
 
 
 def test_oversized_head_is_refused() -> None:
     with serve("api.test") as s:
-        reply = _exchange(
+        reply = exchange(
             s.port, b"GET http://api.test/ HTTP/1.1\r\nX: " + b"a" * 200_000 + b"\r\n\r\n"
         )
     assert reply.split(b" ", 2)[1] in (b"431", b"400")
@@ -108,7 +93,7 @@ def test_oversized_head_is_refused() -> None:
 
 def test_smuggling_with_both_framings_is_refused() -> None:
     with http_origin("a") as origin, serve(*_both(origin.port)) as s:
-        reply = _exchange(
+        reply = exchange(
             s.port,
             f"POST http://api.test:{origin.port}/ HTTP/1.1\r\nHost: a\r\n"
             "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode(),
@@ -119,7 +104,7 @@ def test_smuggling_with_both_framings_is_refused() -> None:
 
 def test_denied_request_body_is_not_forwarded_and_explains() -> None:
     with serve("api.test:1") as s:
-        reply = _exchange(
+        reply = exchange(
             s.port,
             b"POST http://other.test:8080/x HTTP/1.1\r\nHost: other.test\r\n"
             b"Content-Length: 5\r\n\r\nhello",
@@ -133,7 +118,7 @@ def test_denied_request_body_is_not_forwarded_and_explains() -> None:
 
 def test_unresolvable_name_is_denied_with_a_reason() -> None:
     with serve("nowhere.invalid:80", pinned={}) as s:
-        reply = _exchange(
+        reply = exchange(
             s.port, b"GET http://nowhere.invalid/ HTTP/1.1\r\nHost: nowhere.invalid\r\n\r\n"
         )
     assert reply.startswith(b"HTTP/1.1 403")
@@ -145,7 +130,7 @@ def test_upstream_refusing_gives_502() -> None:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     with serve(*_both(closed_port)) as s:
-        reply = _exchange(
+        reply = exchange(
             s.port, f"CONNECT api.test:{closed_port} HTTP/1.1\r\nHost: api.test\r\n\r\n".encode()
         )
     assert reply.startswith(b"HTTP/1.1 502")
@@ -155,7 +140,7 @@ def test_upstream_refusing_gives_502() -> None:
 
 def test_half_closed_client_still_gets_its_reply() -> None:
     with echo_server() as port, serve(*_both(port)) as s:
-        reply = _exchange(
+        reply = exchange(
             s.port, f"CONNECT api.test:{port} HTTP/1.1\r\nHost: api.test\r\n\r\nping".encode()
         )
     assert reply.startswith(b"HTTP/1.1 200")
@@ -235,7 +220,7 @@ def test_hostile_requests_never_crash_the_proxy(
     shared: Served, data: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.ERROR, logger="buildcell.egress"):
-        reply = _exchange(shared.port, data, timeout=3.0)
+        reply = exchange(shared.port, data, timeout=3.0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert reply == b"" or reply.startswith(b"HTTP/1.1 ")
     # A denied destination, never a connection: api.test:1 has nothing behind it.
@@ -250,7 +235,7 @@ def test_service_survives_hostile_input_and_leaks_no_fds(shared: Served) -> None
     _eventually(lambda: shared.service.connections <= 3, timeout=15.0)
     before = _fds()
     for junk in (b"\x16\x03\x01\x02\x00\x01", b"GET", b"\r\n\r\n" * 1000, os.urandom(4096)):
-        _exchange(shared.port, junk, timeout=2.0)
+        exchange(shared.port, junk, timeout=2.0)
     _eventually(lambda: shared.service.connections <= 3, timeout=15.0)
     assert _fds() == before
 
@@ -278,7 +263,7 @@ def test_a_client_that_never_reads_does_not_stall_others() -> None:
         )
         try:
             for i in range(5):
-                reply = _exchange(
+                reply = exchange(
                     s.port,
                     f"GET http://api.test:{origin.port}/n{i} HTTP/1.1\r\nHost: a\r\n"
                     "Connection: close\r\n\r\n".encode(),
@@ -341,7 +326,7 @@ def test_close_ends_every_connection() -> None:
 
 def test_upstream_gets_the_checked_authority_not_the_cells_host_header() -> None:
     with http_origin("a") as origin, serve(*_both(origin.port)) as s:
-        reply = _exchange(
+        reply = exchange(
             s.port,
             f"GET http://api.test:{origin.port}/h HTTP/1.1\r\nHost: evil.example\r\n"
             "Connection: close, X-Secret-Hop\r\nX-Secret-Hop: 1\r\n\r\n".encode(),
@@ -358,9 +343,7 @@ def test_http10_request_without_host_is_forwarded_not_crashed(
         http_origin("a") as origin,
         serve(*_both(origin.port)) as s,
     ):
-        reply = _exchange(
-            s.port, f"GET http://api.test:{origin.port}/old HTTP/1.0\r\n\r\n".encode()
-        )
+        reply = exchange(s.port, f"GET http://api.test:{origin.port}/old HTTP/1.0\r\n\r\n".encode())
     assert reply.startswith(b"HTTP/1.1 200"), reply
     assert reply.endswith(b"/old\n")
     assert not caplog.records
@@ -421,7 +404,7 @@ def test_noisy_denials_are_counted_not_all_recorded(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(audit, "MAX_ROWS", 3)
     with serve("api.test:1") as s:
         for i in range(12):
-            _exchange(s.port, f"GET http://h{i}.test/ HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+            exchange(s.port, f"GET http://h{i}.test/ HTTP/1.1\r\nHost: h\r\n\r\n".encode())
         _eventually(lambda: sum(r.requests for r in s.service.stats.rows()) == 12)
         rows = s.service.stats.rows()
     assert len(s.of("net.deny")) == 5
@@ -441,9 +424,9 @@ def test_secret_values_never_reach_egress_events() -> None:
     scrub = _scrubber(CellConfig(argv=("x",), redact=(secret,)))
     long_path = "/" + "a" * 250 + "TopSecretValue42"
     with serve("api.test:1", scrub=scrub) as s:
-        _exchange(s.port, b"GET http://TopSecretValue42.evil.test/ HTTP/1.1\r\nHost: h\r\n\r\n")
-        _exchange(s.port, f"GET http://api.test:1{long_path} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
-        _exchange(s.port, b"CONNECT topsecretvalue42.test:443 HTTP/1.1\r\nHost: h\r\n\r\n")
+        exchange(s.port, b"GET http://TopSecretValue42.evil.test/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        exchange(s.port, f"GET http://api.test:1{long_path} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        exchange(s.port, b"CONNECT topsecretvalue42.test:443 HTTP/1.1\r\nHost: h\r\n\r\n")
     import json
 
     dumped = json.dumps(s.events).lower()
