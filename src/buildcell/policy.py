@@ -743,21 +743,20 @@ def _plain_value(value: Any) -> Any:
 
 def _compose(text: str, source: str) -> yaml.Node | None:
     """The YAML node tree of ``text``; PyYAML's failures become one-line errors."""
+    from buildcell.spec import yaml_error
+
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        problem = ", ".join(part for part in (e.context, e.problem) if part) or "syntax error"
-        raise PolicyError(
-            _one_line(f"{source}:{line}: invalid YAML: {problem}"),
-            hint="quote expressions that contain ': ', ' #' or start with a YAML indicator "
-            "such as '!', '{', '[', '*' or '&'; or write them as a block (expr: |)",
-        ) from e
-    except yaml.YAMLError as e:
-        raise PolicyError(_one_line(f"{source}: invalid YAML: {e}")) from e
-    except RecursionError as e:
-        raise PolicyError(f"{source}: invalid YAML: nested too deeply") from e
+    except (yaml.YAMLError, RecursionError) as e:
+        line, problem = yaml_error(e, text)
+        where = source if line is None else f"{source}:{line}"
+        hint = None
+        if isinstance(e, yaml.MarkedYAMLError):
+            hint = (
+                "quote expressions that contain ': ', ' #' or start with a YAML indicator "
+                "such as '!', '{', '[', '*' or '&'; or write them as a block (expr: |)"
+            )
+        raise PolicyError(_one_line(f"{where}: {problem}"), hint=hint) from e
 
 
 def _kind(node: yaml.Node) -> str:

@@ -884,7 +884,14 @@ def _compose(text: str, source: str) -> yaml.Node | None:
     """The YAML node tree of ``text``; PyYAML's failures become :class:`SpecError`."""
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
+    except (yaml.YAMLError, RecursionError) as e:
+        line, problem = yaml_error(e, text)
+        raise SpecError(_message(source, line, (), problem)) from e
+
+
+def yaml_error(e: yaml.YAMLError | RecursionError, text: str) -> tuple[int | None, str]:
+    """Where in ``text`` (1-based line, if known) PyYAML failed, and ``invalid YAML: ...``."""
+    if isinstance(e, yaml.MarkedYAMLError):
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else 1
         problem = e.problem or e.context or "syntax error"
@@ -898,16 +905,14 @@ def _compose(text: str, source: str) -> yaml.Node | None:
                 problem = f"{e.problem} ({context})"
             else:
                 problem = f"{context}, {e.problem}"
-        raise SpecError(_message(source, line, (), f"invalid YAML: {problem}")) from e
-    except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, e.position) + 1
+        return line, f"invalid YAML: {problem}"
+    if isinstance(e, yaml.reader.ReaderError):
         char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
-        message = f"invalid YAML: unacceptable character {char}: {e.reason}"
-        raise SpecError(_message(source, line, (), message)) from e
-    except yaml.YAMLError as e:
-        raise SpecError(_message(source, None, (), f"invalid YAML: {e}")) from e
-    except RecursionError as e:
-        raise SpecError(_message(source, None, (), "invalid YAML: nested too deeply")) from e
+        line = text.count("\n", 0, e.position) + 1
+        return line, f"invalid YAML: unacceptable character {char}: {e.reason}"
+    if isinstance(e, RecursionError):
+        return None, "invalid YAML: nested too deeply"
+    return None, f"invalid YAML: {e}"
 
 
 def _message(source: str, line: int | None, loc: _Loc, problem: str) -> str:
