@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console
 
     from buildcell.audit import EventLog
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
     from buildcell.repro import ReproReport
 
 __all__ = ["main"]
+
+if TYPE_CHECKING:
+    _AddParser = Callable[[argparse._SubParsersAction["_Parser"]], None]
+    _Handler = Callable[[argparse.Namespace], int]
 
 PROG = "buildcell"
 
@@ -97,7 +103,7 @@ def _build_parser(only: str | None = None) -> _Parser:
         "--state-dir", type=Path, metavar="DIR", help="state directory (overrides the default)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, add in _COMMANDS.items():
+    for name, (add, _handler) in _COMMANDS.items():
         if only is None or name == only:
             add(sub)
     return parser
@@ -441,22 +447,6 @@ def _add_gc(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="remove build caches unused for longer (default: the configuration file's "
         "caches.max_age, else 336h)",
     )
-
-
-_COMMANDS = {
-    "run": _add_run,
-    "build": _add_build,
-    "keygen": _add_keygen,
-    "verify": _add_verify,
-    "init": _add_init,
-    "schema": _add_schema,
-    "ls": _add_ls,
-    "show": _add_show,
-    "logs": _add_logs,
-    "policy": _add_policy,
-    "doctor": _add_doctor,
-    "gc": _add_gc,
-}
 
 
 def _add_spec_arg(parser: argparse.ArgumentParser) -> None:
@@ -1024,6 +1014,23 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+#: Each command: what adds its parser, and what runs it.
+_COMMANDS: dict[str, tuple[_AddParser, _Handler]] = {
+    "run": (_add_run, _cmd_run),
+    "build": (_add_build, _cmd_build),
+    "keygen": (_add_keygen, _cmd_keygen),
+    "verify": (_add_verify, _cmd_verify),
+    "init": (_add_init, _cmd_init),
+    "schema": (_add_schema, _cmd_schema),
+    "ls": (_add_ls, _cmd_ls),
+    "show": (_add_show, _cmd_show),
+    "logs": (_add_logs, _cmd_logs),
+    "policy": (_add_policy, _cmd_policy),
+    "doctor": (_add_doctor, _cmd_doctor),
+    "gc": (_add_gc, _cmd_gc),
+}
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     """The command ``argv`` names, if it is a known one: only its parser need be built."""
     args = iter(argv)
@@ -1059,20 +1066,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     from buildcell.errors import Error
 
-    handler = {
-        "run": _cmd_run,
-        "build": _cmd_build,
-        "keygen": _cmd_keygen,
-        "verify": _cmd_verify,
-        "init": _cmd_init,
-        "schema": _cmd_schema,
-        "ls": _cmd_ls,
-        "show": _cmd_show,
-        "logs": _cmd_logs,
-        "policy": _cmd_policy,
-        "doctor": _cmd_doctor,
-        "gc": _cmd_gc,
-    }[args.command]
+    handler = _COMMANDS[args.command][1]
     try:
         return handler(args)
     except Error as e:

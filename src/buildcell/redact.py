@@ -18,6 +18,7 @@ to pay off are found with :meth:`bytes.find`. The work is linear in the output s
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import struct
 import sys
@@ -508,6 +509,10 @@ class Redactor:
 
     def __init__(self, secrets: Sequence[Secret]) -> None:
         self._index = _Index(secrets)
+        self._start()
+
+    def _start(self) -> None:
+        """A stream's state: nothing kept back yet."""
         self._carry = b""
         # Length of the start of _carry already covered by an emitted "***" whose range
         # may still grow; None when the last range is closed.
@@ -516,10 +521,8 @@ class Redactor:
     def fresh(self) -> Redactor:
         """A redactor of the same secrets for another stream, sharing this one's index
         (which costs far more to build than a stream's state)."""
-        twin = Redactor.__new__(Redactor)
-        twin._index = self._index
-        twin._carry = b""
-        twin._open = None
+        twin = copy.copy(self)
+        twin._start()
         return twin
 
     @property
@@ -546,7 +549,7 @@ class Redactor:
     def flush(self) -> bytes:
         """Redact and return what :meth:`feed` kept back; the stream may then start over."""
         buf, opened = self._carry, self._open
-        self._carry, self._open = b"", None
+        self._start()
         return self._emit(buf, len(buf), opened)[0]
 
     def redact(self, data: _Chunk) -> bytes:
