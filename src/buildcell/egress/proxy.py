@@ -22,7 +22,7 @@ import h11
 
 from buildcell.egress.audit import Attempt
 from buildcell.egress.policy import EgressPolicy, Verdict, decide, normalize_host
-from buildcell.egress.relay import linger, relay
+from buildcell.egress.relay import RelayResult, linger, relay
 from buildcell.errors import ConfigError
 
 __all__ = ["EgressProxy", "Resolver"]
@@ -128,10 +128,20 @@ class EgressProxy:
     async def _relay(
         self, client: socket.socket, upstream: socket.socket, attempt: Attempt, pending: bytes = b""
     ) -> None:
-        result = await relay(
-            client, upstream, client_pending=pending, idle_timeout=self.idle_timeout
-        )
-        attempt.bytes_up, attempt.bytes_down, attempt.error = result.up, result.down, result.error
+        result = RelayResult()
+        try:
+            await relay(
+                client,
+                upstream,
+                client_pending=pending,
+                idle_timeout=self.idle_timeout,
+                result=result,
+            )
+        finally:
+            # Also when the tunnel is cancelled (the cell ended with it open): what it
+            # moved until then is what the audit records.
+            attempt.bytes_up, attempt.bytes_down = result.up, result.down
+            attempt.error = result.error
 
     def _finish(self, attempt: Attempt, started: float) -> None:
         attempt.duration_ms = (time.monotonic() - started) * 1000

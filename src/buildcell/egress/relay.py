@@ -193,13 +193,17 @@ async def relay(
     client_pending: bytes = b"",
     upstream_pending: bytes = b"",
     idle_timeout: float = 300.0,
+    result: RelayResult | None = None,
 ) -> RelayResult:
     """Copy both ways until both sides finished, one failed, or nothing moved for a while.
 
-    Both sockets must be non-blocking; the caller closes them afterwards.
+    Both sockets must be non-blocking; the caller closes them afterwards. Bytes are
+    counted into ``result`` as they move, so a caller that passes its own still knows
+    what moved when the relay is cancelled.
     """
     loop = asyncio.get_running_loop()
-    result = RelayResult()
+    if result is None:
+        result = RelayResult()
     tasks = [
         asyncio.ensure_future(
             _direction(

@@ -324,6 +324,23 @@ def test_close_ends_every_connection() -> None:
 # -- regressions -------------------------------------------------------------------------
 
 
+def test_a_tunnel_open_at_close_still_records_what_it_moved() -> None:
+    # Regression: a tunnel still open when the cell ended (the service closing cancels
+    # it) was recorded with 0 bytes either way, however much it had moved.
+    with echo_server() as port:
+        with serve(*_both(port)) as s:
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+            c.sendall(f"CONNECT api.test:{port} HTTP/1.1\r\nHost: api.test\r\n\r\n".encode())
+            assert c.recv(100).startswith(b"HTTP/1.1 200")
+            c.sendall(b"x" * 1000)
+            echoed = b""
+            while len(echoed) < 1000:
+                echoed += c.recv(4096)
+        c.close()
+    (allow,) = s.of("net.allow")
+    assert (allow["bytes_up"], allow["bytes_down"]) == (1000, 1000)
+
+
 def test_upstream_gets_the_checked_authority_not_the_cells_host_header() -> None:
     with http_origin("a") as origin, serve(*_both(origin.port)) as s:
         reply = exchange(
