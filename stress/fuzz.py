@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gzip
 import http.server
 import json
@@ -41,7 +42,14 @@ from typing import Any
 import yaml
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
-from tests.oci_images import DEFAULT_MTIME, native_arch, sha256_digest, tar_bytes
+from tests.oci_images import (
+    DEFAULT_MTIME,
+    SparseEntry,
+    SparseFormat,
+    native_arch,
+    sha256_digest,
+    tar_bytes,
+)
 
 from buildcell.errors import ConfigError, Error, SeccompError
 
@@ -467,7 +475,7 @@ name: hello-c
 rootfs: host
 env: {CFLAGS: "-O2 -Wall -Wextra"}
 inputs:
-  - file: ../assets/greeting.txt
+  - file: assets/greeting.txt
     sha256: 29a21b4330687ac21cc39e73311dcbd0b60a3b7f5cffd43a6cc011363259826d
     path: vendor/greeting.txt
 limits: {memory: 1GiB, pids: 256, cpus: 2, timeout: 5m}
@@ -798,12 +806,17 @@ class _Sandbox:
     def unpack(self, files: dict[str, bytes], fmt: str, digest: str) -> None:
         """Write the image as ``fmt``, unpack ``digest``, and check the containment.
 
+        Every unpack gets a budget of :data:`_UNPACK_BUDGET` (sparse members declare far
+        more than that); whatever it accepts must take no more blocks and bytes on disk
+        than it was charged, and a refusal must leave nothing.
+
         Raises:
             ImageError, ConfigError, StateError: the clean refusals of unpack_image.
             _Violation: something outside the cache changed, a failed unpack left a
-                tree behind, or the rootfs holds what it must not (devices, setuid).
+                tree behind, more was written than charged, or the rootfs holds what it
+                must not (devices, setuid, anything writable by group or others).
         """
-        from buildcell.cell.oci import unpack_image
+        from buildcell.cell.oci import UnpackBudget, unpack_image
 
         for leftover in self.work.iterdir():
             _remove(leftover)
@@ -817,8 +830,9 @@ class _Sandbox:
             source = self.work / "image.tar"
             source.write_bytes(tar_bytes(files))
         before = _snapshot(self.base, self.cache)
+        budget = UnpackBudget(_UNPACK_BUDGET)
         try:
-            rootfs = unpack_image(source, digest, cache_dir=self.cache)
+            rootfs = unpack_image(source, digest, cache_dir=self.cache, budget=budget)
         except Error:
             self._check_outside(before)
             oci = self.cache / "oci"
@@ -832,6 +846,12 @@ class _Sandbox:
             raise
         self._check_outside(before)
         self._check_rootfs(rootfs)
+        blocks, sizes = _disk_use(rootfs)
+        if max(blocks, sizes) > budget.used or budget.used > budget.limit:
+            raise _Violation(
+                f"the unpacked tree takes {blocks} bytes of blocks and {sizes} of st_size, "
+                f"but was charged {budget.used} of {budget.limit}"
+            )
 
     def _check_outside(self, before: dict[str, tuple[Any, ...]]) -> None:
         after = _snapshot(self.base, self.cache)
@@ -848,6 +868,26 @@ class _Sandbox:
                     raise _Violation(f"rootfs holds a device or fifo: {name!r}")
                 if not stat.S_ISLNK(mode) and mode & (stat.S_ISUID | stat.S_ISGID):
                     raise _Violation(f"rootfs holds a setuid/setgid entry: {name!r}")
+                if not stat.S_ISLNK(mode) and mode & (stat.S_ISVTX | 0o022):
+                    raise _Violation(f"rootfs holds a sticky or g/o-writable entry: {name!r}")
+
+
+#: What one fuzzed image may take; sparse members declare up to terabytes.
+_UNPACK_BUDGET = 256 << 20
+
+
+def _disk_use(root: Path) -> tuple[int, int]:
+    """(st_blocks in bytes, st_size) of everything below ``root``, each inode once."""
+    blocks = sizes = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            info = os.lstat(os.path.join(dirpath, name))
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                blocks += info.st_blocks * 512
+                sizes += info.st_size
+    return blocks, sizes
 
 
 @st.composite
@@ -936,9 +976,19 @@ def _raw(text: str) -> str:
     return text.encode("utf-8", "surrogatepass").decode("utf-8", "surrogateescape")
 
 
-def _layer_bytes(members: list[_Member], fmt: int) -> bytes:
+def _sparse_bytes(entry: SparseEntry) -> bytes:
+    try:
+        return entry.tobuf()
+    except ValueError:  # a number too big for an old GNU header: say it in PAX
+        return dataclasses.replace(entry, fmt="pax0.1").tobuf()
+
+
+def _layer_bytes(members: list[_Member | SparseEntry], fmt: int) -> bytes:
     out = bytearray()
     for m in members:
+        if isinstance(m, SparseEntry):
+            out += _sparse_bytes(m)
+            continue
         info = tarfile.TarInfo(_raw(m.name))
         info.type = _TYPES[m.kind]
         info.mode = m.mode
@@ -966,7 +1016,39 @@ def _layer_bytes(members: list[_Member], fmt: int) -> bytes:
     return bytes(out)
 
 
-def _member_strategy(outside: Path) -> st.SearchStrategy[_Member]:
+_SPARSE_FORMATS: tuple[SparseFormat, ...] = ("gnu", "pax0.0", "pax0.1", "pax1.0")
+
+
+def _sparse_strategy(name: st.SearchStrategy[str]) -> st.SearchStrategy[SparseEntry]:
+    """Sparse members in the four GNU formats: honest ones, and the maps and sizes an
+    attacker declares (terabytes in a few bytes, overlapping, negative, past the size,
+    more data than stored), with long names carried every way."""
+    sizes = st.sampled_from([0, 1, 4096, 1 << 20, 600 << 20, 1 << 40, 10**30, -1])
+    offsets = st.sampled_from([0, 1, 511, 4096, 1 << 20, 600 << 20, 1 << 40, -4096])
+    data = st.sampled_from([b"", b"x", b"data" * 300])
+    pieces = st.sampled_from([0, 1, 4, 4096, 1 << 20, 1 << 40, -4])
+    hostile_map = st.lists(st.tuples(offsets, pieces), max_size=30)
+    records = st.sampled_from(
+        [(), (), (("size", "-1"),), (("size", "99999999999"),),
+         (("GNU.sparse.name", "../escape"),), (("GNU.sparse.name", "/abs/name"),),
+         (("GNU.sparse.realsize", "-5"),), (("GNU.sparse.size", "1e9"),),
+         (("path", "n" * 300),), (("GNU.sparse.map", "0,1,x"),)]
+    )  # fmt: skip
+    long_name = st.sampled_from([None, "gnu", "path", "sparse-name"])
+    return st.builds(
+        SparseEntry,
+        name=st.one_of(name, st.just("d/" + "long" * 40)).map(_raw),
+        realsize=sizes,
+        chunks=st.lists(st.tuples(offsets, data), max_size=5).map(tuple),
+        fmt=st.sampled_from(_SPARSE_FORMATS),
+        sparse_map=st.one_of(st.none(), st.none(), hostile_map),
+        long_name=long_name,
+        mode=st.sampled_from([0o644, 0o4777, 0o666]),
+        records=records,
+    )
+
+
+def _member_strategy(outside: Path) -> st.SearchStrategy[_Member | SparseEntry]:
     escape = "../" * 5 + "outside"
     piece = st.sampled_from(
         ["a", "b", "dir", "link", "etc", "bin", "..", ".", "", ".wh.a", ".wh.link",
@@ -1007,7 +1089,7 @@ def _member_strategy(outside: Path) -> st.SearchStrategy[_Member]:
         ),
         max_size=2,
     )  # fmt: skip
-    return st.builds(
+    plain = st.builds(
         _Member,
         name=name,
         kind=st.sampled_from([*_TYPES, "file", "file", "dir", "symlink", "hardlink"]),
@@ -1018,6 +1100,9 @@ def _member_strategy(outside: Path) -> st.SearchStrategy[_Member]:
         mtime=st.sampled_from([_MTIME, 0, -1, 2**33, 1.5]),
         pax=st.lists(pax, max_size=1).map(lambda p: tuple(p[0]) if p else ()),
     )
+    # One member in four is sparse: enough to meet the plain ones (links to them,
+    # whiteouts of them, the same name again in another layer).
+    return st.one_of(plain, plain, plain, _sparse_strategy(name))
 
 
 @dataclass(frozen=True)
@@ -1030,7 +1115,13 @@ class _LayerCase:
     layers: list[bytes] = field(repr=False)
 
 
-def _describe(m: _Member) -> str:
+def _describe(m: _Member | SparseEntry) -> str:
+    if isinstance(m, SparseEntry):
+        return (
+            f"sparse/{m.fmt} {m.name[:60]!r} realsize={m.realsize} map={m.map[:6]}"
+            + (f" long_name={m.long_name}" if m.long_name else "")
+            + (f" records={dict(m.records)}" if m.records else "")
+        )
     text = f"{m.kind} {m.name[:60]!r}"
     if m.linkname:
         text += f" -> {m.linkname[:40]!r}"

@@ -42,6 +42,19 @@ def _userns_available() -> bool:
 requires_userns = pytest.mark.skipif(not _userns_available(), reason="no user namespaces")
 
 
+@pytest.fixture(params=["openat2", "walk"])
+def resolution(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test with the kernel's openat2 and with the component walk that stands in
+    for it (buildcell.confined), each in turn."""
+    from buildcell import confined
+
+    if request.param == "openat2" and not confined.openat2_available():
+        pytest.skip("this kernel has no openat2")
+    confined._force_walk(request.param == "walk")
+    yield request.param
+    confined._force_walk(False)
+
+
 @pytest.fixture
 def state_root() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="bc-state-", dir="/tmp"))

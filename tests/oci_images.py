@@ -4,10 +4,14 @@ Everything is assembled in memory with :mod:`tarfile`, :mod:`hashlib` and :mod:`
 written out, so tests can also reach for the pieces (``build_oci_layout`` returns every
 file and digest) to tamper with them.
 
-A layer is a list of :class:`TarEntry` (or ready-made tar bytes, for hand-crafted
-hostile layers). Entries are written in PAX format, so any name survives; an entry whose
-``size`` differs from ``len(data)`` is written as declared and ends the layer there,
-truncated, the way a hostile or damaged layer would be.
+A layer is a list of members (or ready-made tar bytes, for hand-crafted hostile layers).
+A :class:`TarEntry` is written in PAX format, so any name survives; an entry whose ``size``
+differs from ``len(data)`` is written as declared and ends the layer there, truncated, the
+way a hostile or damaged layer would be. A :class:`SparseEntry` is a sparse file in one of
+the four formats GNU tar writes (old GNU ``S`` members, PAX 0.0, 0.1 and 1.0), which
+:mod:`tarfile` reads but cannot write: its headers are assembled here byte by byte, with
+checksums, so tests can also declare what no honest tar would (a map past the real size,
+overlapping or negative pieces, more data than stored). :class:`RawMember` is any bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import subprocess
 import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,18 +36,29 @@ __all__ = [
     "OCI_LAYER_TAR",
     "BuiltImage",
     "Layer",
+    "Member",
+    "RawMember",
+    "SparseEntry",
+    "SparseFormat",
     "TarEntry",
     "blob_path",
     "build_docker_archive",
     "build_oci_layout",
+    "gnu_longname",
+    "gzip_zeros",
+    "host_tool_entries",
     "layer_tar",
     "make_busybox_layout",
     "make_docker_archive",
+    "make_host_tools_layout",
     "make_oci_archive",
     "make_oci_layout",
     "native_arch",
+    "pax_header",
+    "pax_records",
     "sha256_digest",
     "tar_bytes",
+    "tar_header",
     "write_dir",
     "write_tar",
 ]
@@ -112,8 +129,235 @@ class TarEntry:
         return info
 
 
-#: A layer: entries to build a tar from, or the bytes of an (uncompressed) tar.
-Layer = Sequence[TarEntry] | bytes
+# --- hand-made headers ---------------------------------------------------------------------
+
+_BLOCK = tarfile.BLOCKSIZE
+SparseFormat = Literal["gnu", "pax0.0", "pax0.1", "pax1.0"]
+
+
+def _number(value: int, width: int) -> bytes:
+    """A numeric header field: octal with a NUL when it fits, else GNU base-256.
+
+    Negative values are written in base-256 too (two's complement after an 0xff byte), as
+    GNU tar reads them: hostile headers use them.
+    """
+    if 0 <= value < 8 ** (width - 1):
+        return b"%0*o\0" % (width - 1, value)
+    if value >= 0:
+        if value >= 1 << (8 * (width - 1)):
+            raise ValueError(f"{value} does not fit in {width} bytes")
+        return b"\x80" + value.to_bytes(width - 1, "big")
+    if -value > 1 << (8 * (width - 1)):
+        raise ValueError(f"{value} does not fit in {width} bytes")
+    complement = (1 << (8 * (width - 1))) + value
+    return b"\xff" + complement.to_bytes(width - 1, "big")
+
+
+def _field(text: str | bytes, width: int) -> bytes:
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    return data[:width].ljust(width, b"\0")
+
+
+def tar_header(
+    name: str | bytes,
+    *,
+    type: bytes = tarfile.REGTYPE,
+    size: int = 0,
+    mode: int = 0o644,
+    mtime: int = DEFAULT_MTIME,
+    linkname: str | bytes = "",
+    gnu: bool = False,
+    extra: Mapping[int, bytes] | None = None,
+) -> bytes:
+    """One 512-byte tar header with a correct checksum.
+
+    Args:
+        name: at most 100 bytes are kept (longer names need :func:`gnu_longname` or a
+            ``path`` record in :func:`pax_header`).
+        gnu: the old GNU magic (``ustar  \\0``) instead of POSIX ``ustar\\0`` ``00``.
+        extra: raw bytes to place at offsets of the header (old GNU sparse fields).
+    """
+    block = bytearray(_BLOCK)
+    block[0:100] = _field(name, 100)
+    block[100:108] = _number(mode, 8)
+    block[108:116] = _number(4242, 8)
+    block[116:124] = _number(4242, 8)
+    block[124:136] = _number(size, 12)
+    block[136:148] = _number(mtime, 12)
+    block[156:157] = type
+    block[157:257] = _field(linkname, 100)
+    block[257:265] = b"ustar  \0" if gnu else b"ustar\x0000"
+    block[265:297] = _field("nobody", 32)
+    block[297:329] = _field("nobody", 32)
+    for offset, data in (extra or {}).items():
+        block[offset : offset + len(data)] = data
+    block[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % _BLOCK)
+
+
+def gnu_longname(name: str | bytes, *, link: bool = False) -> bytes:
+    """A GNU ``L`` (or, with ``link``, ``K``) member carrying the next member's long name."""
+    data = (name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name) + b"\0"
+    kind = tarfile.GNUTYPE_LONGLINK if link else tarfile.GNUTYPE_LONGNAME
+    return tar_header("././@LongLink", type=kind, size=len(data), gnu=True) + _padded(data)
+
+
+def pax_records(records: Sequence[tuple[str, str]]) -> bytes:
+    """``"%d %s=%s\\n"`` records, in order, repeated keys kept (PAX 0.0 repeats some)."""
+    out = bytearray()
+    for key, value in records:
+        body = f" {key}={value}\n".encode("utf-8", "surrogateescape")
+        length = len(body) + 1
+        while len(str(length)) + len(body) != length:
+            length += 1
+        out += str(length).encode() + body
+    return bytes(out)
+
+
+def pax_header(records: Sequence[tuple[str, str]], *, name: str = "PaxHeaders/x") -> bytes:
+    """A PAX extended header member (type ``x``) holding ``records``."""
+    data = pax_records(records)
+    return tar_header(name, type=tarfile.XHDTYPE, size=len(data)) + _padded(data)
+
+
+@dataclass(frozen=True)
+class SparseEntry:
+    """A sparse regular file, written in one of GNU tar's sparse formats.
+
+    Attributes:
+        name: the member name (any length: a long one goes into a GNU ``L`` member or a
+            PAX record, as ``long_name`` says).
+        realsize: the size the file declares (what unpacking it would write).
+        chunks: (offset, data) pieces with data; the rest of the file is holes.
+        fmt: ``gnu`` (old GNU, type ``S``), ``pax0.0``, ``pax0.1`` or ``pax1.0``.
+        sparse_map: the (offset, size) map to declare instead of the one ``chunks`` imply
+            (hostile maps: overlapping, past ``realsize``, negative, claiming more data
+            than stored). The implied map ends with ``(realsize, 0)`` when the file ends
+            in a hole, as GNU tar writes it.
+        long_name: how a name over 100 bytes is carried: ``gnu`` (an ``L`` member, any
+            format), ``path`` (a PAX ``path`` record) or ``sparse-name`` (PAX
+            ``GNU.sparse.name``, followed by a ``path`` record of the placeholder name, as
+            GNU tar writes 0.1 and 1.0); by default ``gnu`` for old GNU members,
+            ``sparse-name`` for 1.0 and ``path`` otherwise.
+        mode: permission bits.
+        mtime: modification time, seconds.
+        records: more PAX records, after the sparse ones (PAX formats only).
+    """
+
+    name: str
+    realsize: int
+    chunks: Sequence[tuple[int, bytes]] = ()
+    fmt: SparseFormat = "gnu"
+    sparse_map: Sequence[tuple[int, int]] | None = None
+    long_name: Literal["gnu", "path", "sparse-name"] | None = None
+    mode: int = 0o644
+    mtime: int = DEFAULT_MTIME
+    records: Sequence[tuple[str, str]] = ()
+
+    @property
+    def data(self) -> bytes:
+        """What the member stores: the chunks' data, concatenated."""
+        return b"".join(data for _, data in self.chunks)
+
+    @property
+    def map(self) -> list[tuple[int, int]]:
+        if self.sparse_map is not None:
+            return list(self.sparse_map)
+        pieces = [(offset, len(data)) for offset, data in self.chunks]
+        end = pieces[-1][0] + pieces[-1][1] if pieces else 0
+        return [*pieces, (self.realsize, 0)] if end < self.realsize else pieces
+
+    def tobuf(self) -> bytes:
+        """The member's bytes: headers, then the stored data padded to a block."""
+        how = self.long_name or {"gnu": "gnu", "pax1.0": "sparse-name"}.get(self.fmt, "path")
+        long = len(self.name.encode("utf-8", "surrogateescape")) > 100
+        prefix = gnu_longname(self.name) if long and how == "gnu" else b""
+        if self.fmt == "gnu":
+            return prefix + self._old_gnu()
+        records: list[tuple[str, str]] = []
+        data = self.data
+        ustar_name = self.name
+        if self.fmt == "pax0.0":
+            records += [
+                ("GNU.sparse.size", str(self.realsize)),
+                ("GNU.sparse.numblocks", str(len(self.map))),
+            ]
+            for offset, size in self.map:
+                records += [("GNU.sparse.offset", str(offset)), ("GNU.sparse.numbytes", str(size))]
+        elif self.fmt == "pax0.1":
+            records += [
+                ("GNU.sparse.size", str(self.realsize)),
+                ("GNU.sparse.numblocks", str(len(self.map))),
+                ("GNU.sparse.map", ",".join(f"{o},{n}" for o, n in self.map)),
+            ]
+        else:
+            records += [
+                ("GNU.sparse.major", "1"),
+                ("GNU.sparse.minor", "0"),
+                ("GNU.sparse.realsize", str(self.realsize)),
+            ]
+            lines = [str(len(self.map))] + [f"{n}" for pair in self.map for n in pair]
+            data = _padded("".join(f"{line}\n" for line in lines).encode()) + data
+        if how == "sparse-name" and self.fmt != "pax0.0":
+            head, _, base = self.name.rpartition("/")
+            ustar_name = (head + "/" if head else "") + "GNUSparseFile.0/" + base
+            records.append(("GNU.sparse.name", self.name))
+            if len(ustar_name.encode("utf-8", "surrogateescape")) > 100:
+                records.append(("path", ustar_name))
+        elif long and how == "path":
+            records.append(("path", self.name))
+        records += list(self.records)
+        header = tar_header(ustar_name, size=len(data), mode=self.mode, mtime=self.mtime)
+        return prefix + pax_header(records) + header + _padded(data)
+
+    def _old_gnu(self) -> bytes:
+        pieces = self.map
+        extra = {483: _number(self.realsize, 12)}
+
+        def entry(offset: int, size: int) -> bytes:
+            return _number(offset, 12) + _number(size, 12)
+
+        head, rest = pieces[:4], pieces[4:]
+        extra[386] = b"".join(entry(o, n) for o, n in head)
+        extra[482] = b"\1" if rest else b"\0"
+        blocks = bytearray()
+        while rest:
+            part, rest = rest[:21], rest[21:]
+            block = bytearray(_BLOCK)
+            block[0 : 24 * len(part)] = b"".join(entry(o, n) for o, n in part)
+            block[504] = 1 if rest else 0
+            blocks += block
+        header = tar_header(
+            self.name,
+            type=tarfile.GNUTYPE_SPARSE,
+            size=len(self.data),
+            mode=self.mode,
+            mtime=self.mtime,
+            gnu=True,
+            extra=extra,
+        )
+        return header + bytes(blocks) + _padded(self.data)
+
+
+@dataclass(frozen=True)
+class RawMember:
+    """Bytes to put into a layer as they are (headers made with :func:`tar_header`)."""
+
+    data: bytes
+
+    def tobuf(self) -> bytes:
+        return self.data
+
+
+Member = TarEntry | SparseEntry | RawMember
+
+#: A layer: members to build a tar from, or the bytes of an (uncompressed) tar.
+Layer = Sequence[Member] | bytes
 
 
 def sha256_digest(data: bytes) -> str:
@@ -121,10 +365,13 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def layer_tar(entries: Sequence[TarEntry]) -> bytes:
-    """A PAX tar of ``entries``, in order; stops after the first truncated entry."""
+def layer_tar(entries: Sequence[Member]) -> bytes:
+    """A tar of ``entries``, in order; stops after the first truncated entry."""
     out = bytearray()
     for entry in entries:
+        if not isinstance(entry, TarEntry):
+            out += entry.tobuf()
+            continue
         out += entry.tarinfo().tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         out += entry.data
         if entry.size is not None and entry.size != len(entry.data):
@@ -136,6 +383,16 @@ def layer_tar(entries: Sequence[TarEntry]) -> bytes:
 
 def _gzip(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
+
+
+def gzip_zeros(head: bytes, zeros: int) -> bytes:
+    """A gzip stream of ``head`` followed by ``zeros`` zero bytes (whole MiB), built from
+    repeated gzip members so that neither it nor its input is ever in memory whole: 1 GiB
+    of zeros takes about 1 MiB."""
+    chunk = 1 << 20
+    if zeros % chunk:
+        raise ValueError("zeros must be whole MiB")
+    return _gzip(head) + _gzip(b"\0" * chunk) * (zeros // chunk)
 
 
 def _json(doc: Any) -> bytes:
@@ -179,6 +436,7 @@ def build_oci_layout(
     layer_media_type: str | None = None,
     platform_index: bool = False,
     with_diff_ids: bool = True,
+    blobs: Sequence[bytes] = (),
 ) -> BuiltImage:
     """The files of an OCI image layout holding one image.
 
@@ -189,6 +447,9 @@ def build_oci_layout(
         platform_index: put the manifest in an image index, next to a manifest for another
             architecture, and return the index digest.
         with_diff_ids: list the layers' diff_ids in the config.
+        blobs: ready-made layer blobs (compressed as ``compress`` says) stored as they
+            are after ``layers``, e.g. a gzip bomb too big to build in memory; an image
+            with any has no diff_ids.
     """
     files: dict[str, bytes] = {"oci-layout": _json({"imageLayoutVersion": "1.0.0"})}
 
@@ -199,15 +460,15 @@ def build_oci_layout(
 
     tars = [_layer_bytes(layer) for layer in layers]
     diff_ids = [sha256_digest(t) for t in tars]
-    blobs = [_gzip(t) if compress else t for t in tars]
+    stored = [_gzip(t) if compress else t for t in tars] + list(blobs)
     media_type = layer_media_type or (OCI_LAYER_GZIP if compress else OCI_LAYER_TAR)
-    layer_digests = [add(b) for b in blobs]
+    layer_digests = [add(b) for b in stored]
     layer_descs = [
         {"mediaType": media_type, "digest": d, "size": len(b)}
-        for d, b in zip(layer_digests, blobs, strict=True)
+        for d, b in zip(layer_digests, stored, strict=True)
     ]
     config: dict[str, Any] = {"architecture": native_arch(), "os": "linux", "config": {}}
-    if with_diff_ids:
+    if with_diff_ids and not blobs:
         config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     config_data = _json(config)
     manifest = _json(
@@ -417,3 +678,63 @@ def make_busybox_layout(directory: Path) -> str | None:
         TarEntry("root/", "dir", mode=0o700),
     ]
     return make_oci_layout(directory, [entries])
+
+
+def _ldd_paths(binary: str) -> list[str]:
+    """The shared libraries ``binary`` loads, as absolute paths (none when static)."""
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return []
+    out = subprocess.run([ldd, binary], capture_output=True, text=True, check=False).stdout
+    found = []
+    for line in out.splitlines():
+        for word in line.split():
+            if word.startswith("/"):
+                found.append(word)
+    return found
+
+
+def host_tool_entries(tools: Sequence[str]) -> list[TarEntry]:
+    """Members copying host programs, with the libraries they load, to the same paths.
+
+    Symlinks on the way (``/bin -> usr/bin``, ``/lib64/ld-linux... -> ...``) become the same
+    symlinks in the image, so every path the programs and the loader use resolves there.
+    """
+    entries: dict[str, TarEntry] = {}
+
+    def add(path: str, hops: int = 0) -> None:
+        if hops > 16:
+            raise ValueError(f"too many symlinks resolving {path}")
+        parts = [p for p in path.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            here = "/" + "/".join(parts[:i])
+            if os.path.islink(here):
+                target = os.readlink(here)
+                entries.setdefault(here[1:], TarEntry(here[1:], "symlink", linkname=target))
+                resolved = os.path.normpath(os.path.join(os.path.dirname(here), target))
+                add("/".join([resolved, *parts[i:]]), hops + 1)
+                return
+        with open(path, "rb") as f:
+            data = f.read()
+        mode = os.stat(path).st_mode & 0o755
+        entries.setdefault(path[1:], TarEntry(path[1:], "file", data, mode=mode))
+
+    for tool in tools:
+        add(tool)
+        for lib in _ldd_paths(tool):
+            add(lib)
+    return list(entries.values())
+
+
+def make_host_tools_layout(
+    directory: Path,
+    layers: Sequence[Layer] = (),
+    *,
+    tools: Sequence[str] = ("/usr/bin/true", "/bin/sh"),
+    **options: Any,
+) -> str:
+    """An OCI layout whose first layer holds host ``tools`` (and their libraries), then
+    ``layers``; returns the digest to pin. The image has ``/etc``, ``/tmp`` and ``/usr``."""
+    base: list[Member] = [TarEntry("etc/", "dir"), TarEntry("tmp/", "dir", mode=0o1777)]
+    base += host_tool_entries(tools)
+    return make_oci_layout(directory, [base, *layers], **options)

@@ -6,17 +6,24 @@ a build that trusts them, so:
 
 * a trusted build reads and writes only the trusted cache of its project and key;
 * an untrusted build starts from a private copy of the trusted cache when there is one,
-  else of its own untrusted cache, else from nothing, and saves only as the untrusted
-  cache; nothing an untrusted build does reaches the trusted cache;
+  else of its own *scope*'s untrusted cache, else from nothing, and saves only into its
+  scope; nothing an untrusted build does reaches the trusted cache or another scope;
+* an untrusted build's scope is its ref (``--ref refs/pull/1/merge``): one pull request's
+  builds share a cache, and never see another pull request's (as GitHub Actions scopes
+  caches by ref). Without a ref the scope is the build itself: its steps share the cache,
+  and it is removed when the build ends;
 * a project's caches live below its validated name, so no project reaches another's.
 
 Layout, below the store's root (``StateDir.caches``)::
 
-    <project>/<trust>/<key>/lock          flock: shared to begin a lease, exclusive to swap
-    <project>/<trust>/<key>/used          mtime: when a generation was last published or copied
-    <project>/<trust>/<key>/current       symlink to the published generation, gen-<id>
-    <project>/<trust>/<key>/gen-<id>/     generations; never written once published
-    <project>/<trust>/<key>/work-<id>/    a build's private copy, flocked while it lives
+    <project>/trusted/<key>/...           the trusted cache
+    <project>/untrusted/<scope>/<key>/... an untrusted scope's: ref-<digest of the ref>, or
+                                          build-<build id>; ``<scope>/ref`` holds the ref
+    <key>/lock          flock: shared to begin a lease, exclusive to swap
+    <key>/used          mtime: when a generation was last published or copied
+    <key>/current       symlink to the published generation, gen-<id>
+    <key>/gen-<id>/     generations; never written once published
+    <key>/work-<id>/    a build's private copy, flocked while it lives
 
 Every build works on its own copy, made while holding a shared flock on a generation
 directory. Publishing renames the copy to a generation and swaps ``current`` (a rename, so
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -50,10 +58,12 @@ from buildcell.errors import ConfigError, SandboxError, StateError
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "CacheLease",
+    "CacheScope",
     "CacheSource",
     "CacheStore",
     "CommitResult",
     "Trust",
+    "cache_scope",
     "expire_caches",
 ]
 
@@ -72,6 +82,7 @@ _ID = r"(?P<time>[0-9]{10,})-[0-9a-f]{16}"
 _GEN = re.compile(f"gen-{_ID}")
 _WORK = re.compile(f"work-{_ID}")
 _LINK_TMP = re.compile(rf"\.current-{_ID}")
+_SCOPE = re.compile(r"(ref-[0-9a-f]{32}|build-[0-9a-z-]{1,58})")
 _LOCK = "lock"
 _USED = "used"
 _CURRENT = "current"
@@ -110,6 +121,50 @@ def _check_trust(value: object) -> Trust:
     raise ConfigError(
         f"invalid cache trust level {_show(value)}: expected 'trusted' or 'untrusted'"
     )
+
+
+@dataclass(frozen=True)
+class CacheScope:
+    """Whose caches a build reads and writes.
+
+    Attributes:
+        trust: the trust level.
+        name: ``trusted``, or an untrusted scope's directory (``ref-...``, ``build-...``).
+        ref: the ref an untrusted scope belongs to, if any.
+        ephemeral: the scope lives for one build only (an untrusted build without a ref).
+    """
+
+    trust: Trust
+    name: str
+    ref: str | None = None
+    ephemeral: bool = False
+
+    def describe(self) -> str:
+        """``trusted``, ``ref:REF`` or ``build`` (one build only): for records and policies."""
+        if self.trust == "trusted":
+            return "trusted"
+        return f"ref:{self.ref}" if self.ref is not None else "build"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"trust": self.trust, "scope": self.describe(), "ephemeral": self.ephemeral}
+
+
+def cache_scope(trust: Trust, *, ref: str | None, build_id: str) -> CacheScope:
+    """The scope of a build's caches: trusted, its ref's, or (no ref) its own.
+
+    Raises:
+        ConfigError: ``trust`` is invalid, or the build id cannot name a scope.
+    """
+    trust = _check_trust(trust)
+    if trust == "trusted":
+        return CacheScope("trusted", "trusted", ref=ref)
+    if ref is not None:
+        digest = hashlib.sha256(ref.encode(errors="surrogateescape")).hexdigest()[:32]
+        return CacheScope("untrusted", f"ref-{digest}", ref=ref)
+    name = f"build-{build_id.lower()}"
+    if _SCOPE.fullmatch(name) is None:
+        raise ConfigError(f"invalid build id {_show(build_id)} for a cache scope")
+    return CacheScope("untrusted", name, ephemeral=True)
 
 
 def _new_id() -> str:
@@ -596,20 +651,21 @@ class CacheStore:
         self,
         project: str,
         key: str,
-        trust: Trust,
+        scope: CacheScope | Trust,
         *,
         owner: tuple[int, int] | None = None,
     ) -> CacheLease:
-        """Make a private, writable copy of the cache ``(project, key, trust)``.
+        """Make a private, writable copy of the cache ``(project, key)`` in ``scope``.
 
         A trusted lease starts from the trusted generation. An untrusted one starts from
-        the trusted generation if there is one, else from the untrusted one; either way it
-        only ever publishes as untrusted. With neither, the copy starts empty.
+        the trusted generation if there is one, else from its own scope's; either way it
+        only ever publishes into its scope. With neither, the copy starts empty.
 
         Args:
             project: the project name: lowercase letters, digits, ``.``, ``_``, ``-``.
             key: the cache's key within the project, same grammar.
-            trust: ``"trusted"`` or ``"untrusted"``: what the build is and saves as.
+            scope: whose cache (:func:`cache_scope`); ``"trusted"`` for short, and
+                ``"untrusted"`` for an untrusted scope without a ref or build (tests).
             owner: ``(uid, gid)`` the copy is given to, for the cell to write (needs root).
 
         Raises:
@@ -619,8 +675,13 @@ class CacheStore:
         """
         project = _check_name("project name", project)
         key = _check_name("cache key", key)
-        trust = _check_trust(trust)
-        kdir, lease_id, lock = self._make_work(project, trust, key)
+        if not isinstance(scope, CacheScope):
+            trust = _check_trust(scope)
+            scope = CacheScope(trust, "trusted" if trust == "trusted" else "build-shared")
+        trust = scope.trust
+        if trust == "untrusted" and _SCOPE.fullmatch(scope.name) is None:
+            raise ConfigError(f"invalid cache scope {_show(scope.name)}")
+        kdir, lease_id, lock = self._make_work(project, scope, key)
         try:
             lease = CacheLease(
                 kdir=kdir,
@@ -637,7 +698,7 @@ class CacheStore:
         # from what earlier untrusted builds (an attacker's, maybe) left behind.
         sources: list[tuple[Trust, Path]] = [("trusted", self.root / project / "trusted" / key)]
         if trust == "untrusted":
-            sources.append(("untrusted", kdir))
+            sources.append(("untrusted", kdir))  # its own scope's, never another's
         try:
             lease._fill(sources)
         except BaseException:
@@ -645,7 +706,16 @@ class CacheStore:
             raise
         return lease
 
-    def _make_work(self, project: str, trust: Trust, key: str) -> tuple[Path, str, int]:
+    def drop_scope(self, project: str, scope: CacheScope) -> None:
+        """Remove an ephemeral scope's caches (at the end of its build).
+
+        Raises:
+            SandboxError: they cannot be removed (``buildcell gc`` retries).
+        """
+        if scope.trust == "untrusted" and scope.ephemeral:
+            remove_tree(self.root / _check_name("project name", project) / "untrusted" / scope.name)
+
+    def _make_work(self, project: str, scope: CacheScope, key: str) -> tuple[Path, str, int]:
         """Create an empty work copy; return its key directory, its id and the key's lock.
 
         The key's lock is held shared until the lease has locked its copy: gc looks for
@@ -653,12 +723,17 @@ class CacheStore:
         it does not remove the key directory meanwhile.
         """
         mode = _traverse_mode()
+        parts: tuple[str, ...] = (project, scope.trust)
+        if scope.trust == "untrusted":
+            parts += (scope.name,)
         for _ in range(_ATTEMPTS):
             path = self.root
             try:
-                for part in (project, trust, key):
+                for part in (*parts, key):
                     path = path / part
                     _ensure_dir(path, mode)
+                if scope.ref is not None and scope.trust == "untrusted":
+                    _write_ref(path.parent, scope.ref)
             except FileNotFoundError as e:
                 # gc removed an empty directory of ours just now; make it again.
                 if not self.root.is_dir():
@@ -677,6 +752,20 @@ class CacheStore:
                 raise StateError(f"cannot create build cache in {_show(path)}: {e.strerror}") from e
             return path, lease_id, lock
         raise StateError(f"cannot create build cache in {_show(self.root)}: it keeps disappearing")
+
+
+def _write_ref(scope_dir: Path, ref: str) -> None:
+    """Name the ref a scope belongs to (for people and ``gc``); written once."""
+    with suppress(FileExistsError):
+        fd = os.open(
+            scope_dir / "ref",
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            os.write(fd, ref.encode(errors="surrogateescape") + b"\n")
+        finally:
+            os.close(fd)
 
 
 def _ensure_dir(path: Path, mode: int) -> None:
@@ -742,11 +831,27 @@ def expire_caches(root: Path, *, max_age_seconds: float, now: float | None = Non
     for project in _subdirs(root):
         for trust in get_args(Trust):
             tdir = project / trust
-            for kdir in _subdirs(tdir):
-                try:
-                    removed += _expire_key(kdir, now - max_age_seconds, now - _STALE_WORK_SECONDS)
-                except StateError as e:
-                    logger.warning("cannot expire cache %s: %s", kdir, e)
+            scopes = [tdir] if trust == "trusted" else _subdirs(tdir)
+            for sdir in scopes:
+                if trust == "untrusted" and _SCOPE.fullmatch(sdir.name) is None:
+                    # An untrusted cache from before scopes existed: shared by every ref,
+                    # so possibly poisoned; nothing reads it any more.
+                    with suppress(SandboxError):
+                        remove_tree(sdir)
+                        removed.append(sdir)
+                    continue
+                for kdir in _subdirs(sdir):
+                    try:
+                        removed += _expire_key(
+                            kdir, now - max_age_seconds, now - _STALE_WORK_SECONDS
+                        )
+                    except StateError as e:
+                        logger.warning("cannot expire cache %s: %s", kdir, e)
+                if sdir is not tdir:
+                    with suppress(OSError):
+                        if set(os.listdir(sdir)) <= {"ref"}:
+                            (sdir / "ref").unlink(missing_ok=True)
+                    _rmdir_if_empty(sdir)
             _rmdir_if_empty(tdir)
         _rmdir_if_empty(project)
     return removed

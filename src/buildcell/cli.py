@@ -144,7 +144,13 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--out",
         type=Path,
         metavar="DIR",
-        help="where outputs are copied (default: ./buildcell-out)",
+        help="where outputs are copied (default: ./buildcell-out); its contents are replaced "
+        "as a whole, and another build using it is waited for",
+    )
+    g.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="fail at once if another build is using the output directory",
     )
     g = run.add_argument_group("sandbox")
     g.add_argument(
@@ -265,7 +271,13 @@ def _add_build(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--out",
         type=Path,
         metavar="DIR",
-        help="where outputs are copied (default: ./buildcell-out)",
+        help="where outputs are copied (default: ./buildcell-out); its contents are replaced "
+        "as a whole when the build succeeds, and another build using it is waited for",
+    )
+    build.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="fail at once if another build is using the output directory",
     )
     build.add_argument(
         "--json",
@@ -287,6 +299,23 @@ def _add_build(sub: argparse._SubParsersAction[_Parser]) -> None:
         metavar="NAME:ADDRESS",
         help="resolve NAME to ADDRESS on the host side for steps with a network allowlist, "
         "instead of asking DNS (repeatable); the address guard still applies",
+    )
+    build.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="DEST",
+        help="grant a non-public destination (loopback, private, link-local, ...) that the "
+        "spec's steps name in network.allow; a spec alone may name public ones only "
+        "(repeatable; same syntax as run --allow)",
+    )
+    build.add_argument(
+        "--allow-fetch",
+        action="append",
+        default=[],
+        metavar="DEST",
+        help="let the host fetch url: inputs from this non-public destination "
+        "(repeatable; same syntax as --allow)",
     )
     build.add_argument(
         "--sign-key",
@@ -344,6 +373,15 @@ def _add_verify(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     verify.add_argument("--spec-digest", metavar="DIGEST", help="expect this spec digest")
     verify.add_argument("--no-network", action="store_true", help="expect that no step had egress")
+    verify.add_argument(
+        "--expect-project", metavar="NAME", help="expect this project (what the invoker chose)"
+    )
+    verify.add_argument("--expect-ref", metavar="REF", help="expect this ref, e.g. refs/heads/main")
+    verify.add_argument(
+        "--expect-trust",
+        choices=("trusted", "untrusted"),
+        help="expect this trust level",
+    )
     verify.add_argument("--json", action="store_true", help="print the checks as JSON")
 
 
@@ -527,12 +565,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.pids.isdigit() or int(args.pids) < 1:
             raise UsageError(f"invalid --pids {args.pids!r}: expected a positive integer")
         pids = int(args.pids)
-    limits = Limits(
-        memory=parse_size(args.memory, what="--memory") if args.memory else None,
-        pids=pids,
-        cpus=parse_cpus(args.cpus) if args.cpus else None,
-        disk=parse_size(args.disk, what="--disk") if args.disk else None,
-        timeout=parse_duration(args.timeout, what="--timeout") if args.timeout else None,
+    from buildcell.cell.limits import with_defaults
+    from buildcell.cell.supervisor import limits_backend
+    from buildcell.settings import load_settings
+
+    settings = load_settings()
+    limits = with_defaults(
+        Limits(
+            memory=parse_size(args.memory, what="--memory") if args.memory else None,
+            pids=pids,
+            cpus=parse_cpus(args.cpus) if args.cpus else None,
+            disk=parse_size(args.disk, what="--disk") if args.disk else None,
+            timeout=parse_duration(args.timeout, what="--timeout") if args.timeout else None,
+        ),
+        settings.limits.to_limits(),
+        limits_backend(),
     )
     source = (args.source or Path.cwd()).absolute()
     if not source.is_dir():
@@ -566,6 +613,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seccomp=not args.unsafe_no_seccomp,
         interactive=args.interactive,
         source_date_epoch=int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0),
+        # A sparse file claims what it likes: what is copied out is bounded too.
+        output_max_size=limits.disk if limits.disk is not None else settings.output_max_size,
+        wait_for_out_dir=not args.no_wait,
+        image_budget=_image_budget(args.rootfs, settings.image_max_size),
         **_network_options(args.allow, args.add_host),
     )
     state = StateDir(args.state_dir)
@@ -732,6 +783,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     from rich.console import Console
@@ -746,11 +798,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
     settings = load_settings()
     key = None
     if args.sign_key is not None:
-        from buildcell.provenance import load_private_key
+        from buildcell.provenance import KeyFile
 
-        key = load_private_key(args.sign_key)
+        # Checked now, read only once the build's last cell is gone.
+        key = KeyFile(args.sign_key.absolute())
+        key.check()
     secrets = tuple(_secrets(args.secret))
-    invocation = _invocation(args, loaded.path, tuple(s.name for s in secrets))
+    allow = _canonical_entries([*args.allow, *settings.network_allow])
+    allow_fetch = _canonical_entries([*args.allow_fetch, *settings.fetch_allow])
+    invocation = dataclasses.replace(
+        _invocation(
+            args, loaded.path, tuple(s.name for s in secrets), allow=allow, allow_fetch=allow_fetch
+        ),
+        image_budget=settings.image_max_size,
+    )
     from buildcell.policy import load_policy
 
     policies = tuple(load_policy(p) for p in _policy_paths(args.policy, settings.policy))
@@ -762,6 +823,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
         invocation=invocation,
         policies=policies,
         cache_max_size=settings.cache_max_size,
+        rootfs_dirs=settings.rootfs_dirs,
+        default_limits=settings.limits,
+        log_max_size=settings.log_max_size,
+        output_max_size=settings.output_max_size,
+        image_max_size=settings.image_max_size,
+        wait_for_out_dir=not args.no_wait,
+        allow=allow,
+        allow_fetch=allow_fetch,
     )
     out_dir = (args.out or Path("buildcell-out")).absolute()
     state = StateDir(args.state_dir)
@@ -797,7 +866,36 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _invocation(args: argparse.Namespace, spec_path: Path, secrets: Sequence[str]) -> Invocation:
+def _image_budget(rootfs: str, limit: int) -> Any:
+    """What ``run``'s image may unpack to (``images.max_size``); None without an image."""
+    if not rootfs.startswith("oci:"):
+        return None
+    from buildcell.cell.oci import UnpackBudget
+
+    return UnpackBudget(limit)
+
+
+def _canonical_entries(items: Sequence[str]) -> tuple[str, ...]:
+    """Allowlist entries in canonical form, repeats dropped.
+
+    Raises:
+        ConfigError: an entry does not parse.
+    """
+    if not items:
+        return ()
+    from buildcell.egress.policy import parse_allow
+
+    return tuple(dict.fromkeys(parse_allow(item).describe() for item in items))
+
+
+def _invocation(
+    args: argparse.Namespace,
+    spec_path: Path,
+    secrets: Sequence[str],
+    *,
+    allow: Sequence[str] = (),
+    allow_fetch: Sequence[str] = (),
+) -> Invocation:
     from buildcell.policy import Invocation
     from buildcell.records import project_name
 
@@ -812,6 +910,8 @@ def _invocation(args: argparse.Namespace, spec_path: Path, secrets: Sequence[str
         trust=args.trust,
         secrets=tuple(secrets),
         pinned_hosts=tuple(getattr(args, "add_host", ()) or ()),
+        allow=tuple(allow),
+        allow_fetch=tuple(allow_fetch),
     )
 
 
@@ -900,6 +1000,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         source_digest=args.source_digest,
         spec_digest=args.spec_digest,
         no_network=args.no_network,
+        expect={
+            name: value
+            for name, value in (
+                ("project", args.expect_project),
+                ("ref", args.expect_ref),
+                ("trust", args.expect_trust),
+            )
+            if value is not None
+        },
     )
     if args.json:
         checks = [c.__dict__ for c in report.checks]

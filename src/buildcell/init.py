@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __all__ = ["starter_spec"]
@@ -30,9 +31,31 @@ def _name(directory: Path) -> str:
     return raw if raw[0].isalnum() else f"p{raw}"
 
 
-def _make_targets(makefile: Path) -> set[str]:
+_MAX_READ = 1 << 20  # of a file looked at to recognize the project
+
+
+def _read(directory: Path, name: str) -> str | None:
+    """The start of a regular file of ``directory`` (never through a symlink out of it)."""
+    from buildcell import confined
+
+    try:
+        with confined.opened_root(directory, what="the project directory") as root:
+            fd, _ = confined.open_file(root, name, what=name)
+    except confined.UnsafePathError:
+        return None
+    try:
+        return os.read(fd, _MAX_READ).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _has(directory: Path, name: str) -> bool:
+    return _read(directory, name) is not None
+
+
+def _make_targets(text: str) -> set[str]:
     targets = set()
-    for line in makefile.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         head, sep, _ = line.partition(":")
         if sep and head and not line.startswith(("\t", " ", "#", ".")) and "=" not in head:
             targets.update(head.split())
@@ -42,15 +65,16 @@ def _make_targets(makefile: Path) -> set[str]:
 def starter_spec(directory: Path) -> tuple[str, str]:
     """Return (the spec text, the kind of project recognized)."""
     text = _HEADER.format(name=_name(directory))
-    if (directory / "Makefile").exists():
-        targets = _make_targets(directory / "Makefile")
+    makefile = _read(directory, "Makefile")
+    if makefile is not None:
+        targets = _make_targets(makefile)
         steps = "steps:\n  - name: build\n    run: make -j2\n"
         for check in ("check", "test"):
             if check in targets:
                 steps += f"  - name: {check}\n    run: make {check}\n"
                 break
         return text + steps + '# outputs: ["build/*"]\n', "Makefile"
-    if (directory / "pyproject.toml").exists():
+    if _has(directory, "pyproject.toml"):
         steps = (
             "steps:\n"
             "  - name: wheel\n"
@@ -59,7 +83,7 @@ def starter_spec(directory: Path) -> tuple[str, str]:
             'outputs: ["dist/*.whl"]\n'
         )
         return text + steps, "Python (pyproject.toml)"
-    if (directory / "package.json").exists():
+    if _has(directory, "package.json"):
         steps = (
             "steps:\n"
             "  - name: build\n"

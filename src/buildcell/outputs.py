@@ -28,19 +28,27 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from buildcell._fs import file_kind
-from buildcell.errors import ConfigError, OutputError
+from buildcell.errors import ConfigError, Error, OutputError
+
+if TYPE_CHECKING:
+    from buildcell.redact import Secret
 
 __all__ = [
+    "RESERVED_NAMES",
     "CollectedOutput",
+    "OutputDir",
     "OutputReport",
     "SkippedOutput",
+    "check_outputs_for_secrets",
+    "check_reserved_names",
     "collect_outputs",
     "match_pattern",
     "validate_patterns",
@@ -376,6 +384,8 @@ class _Collector:
     skipped: list[SkippedOutput] = field(default_factory=list)
     matched: set[int] = field(default_factory=set)
     entries: int = 0
+    max_bytes: int | None = None
+    total: int = 0
 
     def walk(self, root_fd: int) -> None:
         start = tuple(p.start for p in self.patterns)
@@ -513,6 +523,16 @@ class _Collector:
             if not stat.S_ISREG(st.st_mode):
                 self._skip(parts, file_kind(st.st_mode), matches)
                 return
+            if self.max_bytes is not None and self.total + st.st_size > self.max_bytes:
+                from buildcell.units import format_size
+
+                raise OutputError(
+                    f"outputs exceed {format_size(self.max_bytes)} at {_join(parts)!r} "
+                    f"({format_size(st.st_size)}); nothing was published",
+                    hint="collect less, or raise the limit (--disk, or outputs.max_size in "
+                    "the configuration file)",
+                )
+            self.total += st.st_size
             self.collected.append(self._write(fd, st, parts))
             self.matched.update(matches)
         finally:
@@ -567,40 +587,53 @@ def _open_out_dir(out_dir: Path, workspace: Path) -> int:
             f"output directory {str(out_dir)!r} is inside the workspace",
             hint="choose an output directory outside the workspace",
         )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise OutputError(f"cannot create output directory {str(out_dir)!r}: {e.strerror}") from e
+    from buildcell import confined
+
+    return confined.open_host_dir(out_dir, what="output directory", create=True)
 
 
-def collect_outputs(workspace: Path, patterns: Sequence[str], out_dir: Path) -> OutputReport:
+def collect_outputs(
+    workspace: Path,
+    patterns: Sequence[str],
+    out_dir: Path | OutputDir,
+    *,
+    max_bytes: int | None = None,
+) -> OutputReport:
     """Copy the regular files of ``workspace`` that match ``patterns`` into ``out_dir``.
 
     Patterns follow the module docstring. Each output keeps its path relative to the
     workspace; it is written under a temporary name and renamed into place, so no
     half-written file ever has its final name; its mode is 0755 if the source had any
     execute bit, else 0644. Symlinks, fifos, sockets and devices that match are listed in
-    ``skipped`` and never read. ``out_dir`` (and its parents) is created if missing; an
-    existing file of the same name is replaced, an existing symlink in the way of a
-    directory is an error. Only directories that a pattern could still match below are
-    entered, never through a symlink.
+    ``skipped`` and never read. A path ``out_dir`` (and its parents) is created if missing,
+    with no symlink on any component; an :class:`OutputDir` is written in its private
+    staging directory. An existing file of the same name is replaced, an existing symlink
+    in the way of a directory is an error. Only directories that a pattern could still
+    match below are entered, never through a symlink.
+
+    Args:
+        max_bytes: the most bytes all outputs together may have (by their size, so a
+            sparse file counts what it claims); more is an error before it is copied.
 
     Raises:
         ConfigError: a pattern is invalid.
         OutputError: the workspace is deeper than 256 directories or has more than a
             million entries where patterns search, a directory in ``out_dir`` is a symlink
-            or a file, or reading or writing failed (names the output and the reason).
+            or a file, the outputs exceed ``max_bytes``, or reading or writing failed
+            (names the output and the reason).
     """
     validate_patterns(patterns)
     originals = tuple(dict.fromkeys(patterns))
     compiled = tuple(_compile(p) for p in validate_patterns(originals))
     ws_fd = _open_workspace(workspace)
     try:
-        out_fd = _open_out_dir(out_dir, workspace)
-        tree = _OutputTree(out_fd, out_dir)
+        if isinstance(out_dir, OutputDir):
+            out_fd, shown = os.dup(out_dir.staging_fd), out_dir.path
+        else:
+            out_fd, shown = _open_out_dir(out_dir, workspace), out_dir
+        tree = _OutputTree(out_fd, shown)
         try:
-            collector = _Collector(compiled, tree, out_dir)
+            collector = _Collector(compiled, tree, shown, max_bytes=max_bytes)
             collector.walk(ws_fd)
         finally:
             tree.close()
@@ -612,3 +645,308 @@ def collect_outputs(workspace: Path, patterns: Sequence[str], out_dir: Path) -> 
         skipped=tuple(sorted(collector.skipped, key=lambda s: s.path)),
         unmatched=tuple(p for i, p in enumerate(originals) if i not in collector.matched),
     )
+
+
+#: Files buildcell writes at the top of an output directory: no output may take their name.
+RESERVED_NAMES = frozenset({"outputs.json", "provenance.intoto.jsonl", "provenance.sigstore.json"})
+
+
+def check_reserved_names(report: OutputReport) -> None:
+    """Refuse an output at the top of the directory with the name of buildcell's own files.
+
+    Raises:
+        OutputError: one is (the manifest or the provenance would replace it).
+    """
+    for item in report.collected:
+        if item.path in RESERVED_NAMES:
+            raise OutputError(
+                f"output {item.path!r} has the name of a file buildcell writes there itself",
+                hint="collect it under another name or in a subdirectory",
+            )
+
+
+def check_outputs_for_secrets(
+    report: OutputReport,
+    out: OutputDir,
+    secrets: Sequence[Secret],
+    emit: Callable[..., object],
+) -> None:
+    """Refuse to publish outputs whose name or content holds a secret's value (or an
+    encoding of it). Names are checked first, before anything reaches a record, an event or
+    a manifest.
+
+    Raises:
+        OutputError: an output holds a secret; nothing is published.
+    """
+    if not secrets:
+        return
+    from buildcell.redact import Scanner
+
+    for name in [*(c.path for c in report.collected), *(s.path for s in report.skipped)]:
+        scanner = Scanner(secrets)
+        scanner.feed(name.encode(errors="surrogateescape"))
+        if scanner.found:
+            names = ", ".join(sorted(scanner.found))
+            emit("secret.leak", path=None, secrets=sorted(scanner.found), where="name")
+            raise OutputError(
+                f"the name of an output contains the value of secret {names}; "
+                "nothing was published",
+                hint="a build must not copy secrets into its outputs",
+            )
+    for item in report.collected:
+        scanner = Scanner(secrets)
+        fd = os.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=out.staging_fd)
+        with os.fdopen(fd, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                scanner.feed(chunk)
+        if scanner.found:
+            names = ", ".join(sorted(scanner.found))
+            emit("secret.leak", path=item.path, secrets=sorted(scanner.found))
+            raise OutputError(
+                f"output {item.path} contains the value of secret {names}; nothing was published",
+                hint="a build must not copy secrets into its outputs",
+            )
+
+
+# --- the output directory ----------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+_MAX_PREVIOUS_ENTRIES = 1_000_000
+_STAGING_INFIX = ".buildcell-"
+
+
+def _renameat2(old_dir: int, old: str, new_dir: int, new: str, flags: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(old_dir, os.fsencode(old), new_dir, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class OutputDir:
+    """One build's exclusive use of an output directory, and its replacement as a whole.
+
+    The directory is created if missing, with no symlink on any component of its path.
+    An exclusive ``flock`` on it is held from :meth:`claim` to :meth:`close`: a second build
+    on the same directory waits (or, with ``wait=False``, fails at once). Outputs, their
+    manifest and the provenance are written into a private staging directory next to it
+    (``.NAME.buildcell-RANDOM``, mode 0700) and :meth:`publish` swaps the two with one
+    ``renameat2(RENAME_EXCHANGE)``: at every moment the directory holds one build's files,
+    complete, and a build killed midway leaves the previous ones untouched.
+
+    The directory belongs to buildcell: an existing one must be empty or hold a previous
+    build's outputs (an ``outputs.json``), and must contain no symlink, which no build ever
+    writes there.
+
+    Raises:
+        UnsafePathError: a component of the path is a symlink.
+        OutputError: the directory is busy (``wait=False``), holds something else, or
+            cannot be created or written.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        wait: bool = True,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
+        from buildcell import confined
+
+        self.path = Path(os.path.abspath(path))
+        if self.path == Path("/"):
+            raise OutputError("the output directory cannot be /")
+        self._name = self.path.name
+        self._parent_fd = confined.open_host_dir(
+            self.path.parent, what="output directory", create=True
+        )
+        self._fd = -1
+        self.staging_fd = -1
+        self._staging: str | None = None
+        self._created = False
+        self.published = False
+        try:
+            self._lock(wait, on_wait)
+            self._check_previous()
+            self._remove_leftovers()
+            self._staging = f".{self._name}{_STAGING_INFIX}{os.urandom(6).hex()}"
+            os.mkdir(self._staging, 0o700, dir_fd=self._parent_fd)
+            self.staging_fd = os.open(self._staging, _DIR_FLAGS, dir_fd=self._parent_fd)
+        except OSError as e:
+            self.close()
+            raise OutputError(
+                f"cannot prepare output directory {str(self.path)!r}: {e.strerror}"
+            ) from e
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def staging(self) -> Path:
+        """The private staging directory, as a path (it is ours, made exclusively)."""
+        assert self._staging is not None
+        return self.path.parent / self._staging
+
+    def _lock(self, wait: bool, on_wait: Callable[[str], None] | None) -> None:
+        import fcntl
+
+        from buildcell import confined
+
+        for _attempt in range(100):
+            fd, self._created = confined.make_dirs(
+                self._parent_fd, [self._name], what="output directory"
+            )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    os.close(fd)
+                    raise OutputError(
+                        f"output directory {str(self.path)!r} is in use by another build",
+                        hint="wait for it (without --no-wait), or choose another --out",
+                    ) from None
+                if on_wait is not None:
+                    on_wait(f"waiting for another build to finish with {self.path}")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            # The build that held it may have replaced the directory meanwhile: the lock
+            # counts only if it is on what the name names now.
+            mine = os.fstat(fd)
+            try:
+                now = os.stat(self._name, dir_fd=self._parent_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                self._fd = fd
+                return
+            os.close(fd)
+        raise OutputError(f"output directory {str(self.path)!r} keeps being replaced")
+
+    def _check_previous(self) -> None:
+        """Refuse a directory that holds a symlink, or files that are not a build's."""
+        names = os.listdir(self._fd)
+        if names and not self._is_manifest("outputs.json"):
+            raise OutputError(
+                f"output directory {str(self.path)!r} holds files that are not a previous "
+                "build's outputs (no outputs.json); it is replaced as a whole",
+                hint="choose a new or empty --out directory",
+            )
+        link = _find_symlink(self._fd)
+        if link is not None:
+            raise OutputError(
+                f"output directory {str(self.path)!r} holds a symlink, {link!r}; "
+                "buildcell writes only regular files there and never through a link",
+                hint=f"remove {str(self.path / link)!r}",
+            )
+
+    def _is_manifest(self, name: str) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(name, dir_fd=self._fd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def _remove_leftovers(self) -> None:
+        # Only the holder of the lock makes staging directories for this name: any other
+        # is what a killed build left.
+        from buildcell.cell.workspace import remove_tree
+
+        prefix = f".{self._name}{_STAGING_INFIX}"
+        for entry in os.listdir(self._parent_fd):
+            if entry.startswith(prefix):
+                remove_tree(self.path.parent / entry)
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Write ``name`` (top level) into the staging directory."""
+        tmp = f".{name}.tmp"
+        fd = os.open(tmp, _CREATE_FLAGS, 0o644, dir_fd=self.staging_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd)
+
+    def publish(self) -> None:
+        """Put the staged files in place of the directory's contents, at once.
+
+        Raises:
+            OutputError: the exchange failed (the previous contents then stay).
+        """
+        from buildcell.cell.workspace import remove_tree
+
+        assert self._staging is not None, "already published"
+        try:
+            os.fchmod(self.staging_fd, 0o755)
+            os.fsync(self.staging_fd)
+            _renameat2(
+                self._parent_fd, self._staging, self._parent_fd, self._name, _RENAME_EXCHANGE
+            )
+        except OSError as e:
+            raise OutputError(
+                f"cannot publish outputs into {str(self.path)!r}: {e.strerror}"
+            ) from e
+        self.published = True
+        with suppress(OSError):
+            os.fsync(self._parent_fd)
+        # What was there before is now under the staging name.
+        remove_tree(self.staging)
+        self._staging = None
+
+    def close(self) -> None:
+        """Discard what was staged (unless published) and release the lock. Idempotent."""
+        from buildcell.cell.workspace import remove_tree
+
+        if self.staging_fd >= 0:
+            os.close(self.staging_fd)
+            self.staging_fd = -1
+        if self._staging is not None:
+            with suppress(Error):
+                remove_tree(self.staging)
+            self._staging = None
+        if self._created and not self.published and self._fd >= 0:
+            # Nothing was published into a directory this build made: it goes again (a
+            # failed build leaves no output directory behind).
+            with suppress(OSError):
+                os.rmdir(self._name, dir_fd=self._parent_fd)
+        for attr in ("_fd", "_parent_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+
+    def __enter__(self) -> OutputDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _find_symlink(root_fd: int) -> str | None:
+    """The first symlink below ``root_fd`` (a relative path), walking without following."""
+    stack: list[tuple[int, str]] = [(os.dup(root_fd), "")]
+    seen = 0
+    try:
+        while stack:
+            fd, prefix = stack.pop()
+            try:
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        seen += 1
+                        if seen > _MAX_PREVIOUS_ENTRIES:
+                            return None
+                        rel = prefix + entry.name
+                        if entry.is_symlink():
+                            return rel
+                        if entry.is_dir(follow_symlinks=False):
+                            with suppress(OSError):
+                                stack.append(
+                                    (os.open(entry.name, _DIR_FLAGS, dir_fd=fd), rel + "/")
+                                )
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+    return None

@@ -29,34 +29,43 @@ from buildcell.cell.config import (
     CellSecret,
     DirRootfs,
     HostRootfs,
+    Limits,
     OciRootfs,
     Rootfs,
     Variation,
 )
 from buildcell.cell.storage import CellStorage, new_cell_id
-from buildcell.cell.supervisor import Cell, find_bwrap
+from buildcell.cell.supervisor import Cell, bwrap_version, find_bwrap
 from buildcell.cell.workspace import remove_tree
-from buildcell.errors import ConfigError, Error, OutputError, PolicyError
+from buildcell.errors import ConfigError, Error, PolicyError
 from buildcell.records import BuildRecord, RecordStore, StepRecord
 from buildcell.secrets import SecretDelivery
+from buildcell.settings import (
+    DEFAULT_IMAGE_MAX_SIZE,
+    DEFAULT_LOG_MAX_SIZE,
+    DEFAULT_OUTPUT_MAX_SIZE,
+    DefaultLimits,
+)
 from buildcell.source import SourceInfo, describe_source, tree_digest
 from buildcell.spec import (
     BuildSpec,
     CacheSpec,
     DirRootfsSpec,
+    HostRootfsSpec,
     LoadedSpec,
-    OciRootfsSpec,
     StepSpec,
 )
 from buildcell.state import StateDir
+from buildcell.units import format_size
 
 if TYPE_CHECKING:
-    from buildcell.caches import CacheLease
+    from buildcell.caches import CacheLease, CacheScope
+    from buildcell.cell.oci import UnpackBudget
     from buildcell.egress.audit import EgressSummaryRow
-    from buildcell.egress.policy import EgressPolicy
-    from buildcell.outputs import OutputReport
+    from buildcell.egress.policy import AllowEntry, EgressPolicy
+    from buildcell.outputs import OutputDir
     from buildcell.policy import Invocation, Policy
-    from buildcell.provenance import SigningKey
+    from buildcell.provenance import KeyFile, SigningKey
     from buildcell.redact import Secret
     from buildcell.repro import ReproReport
 
@@ -143,13 +152,101 @@ class BuildResult:
         return data
 
 
-def _rootfs(spec: BuildSpec, spec_dir: Path) -> Rootfs:
+def _rootfs(spec: BuildSpec, spec_dir: Path, granted: Sequence[Path]) -> Rootfs:
+    """The spec's rootfs: inside the spec's directory (opened confined below it), or a host
+    directory the operator granted (``rootfs.allow`` in the configuration file).
+
+    Raises:
+        ConfigError: the spec names a host path the operator did not grant.
+    """
     rootfs = spec.rootfs
+    if isinstance(rootfs, HostRootfsSpec):
+        return HostRootfs()
+    named = rootfs.dir if isinstance(rootfs, DirRootfsSpec) else rootfs.oci
+    path = Path(os.path.abspath(spec_dir / named))
+    beneath: Path | None = spec_dir
+    if os.path.isabs(named):
+        if not any(path == d or path.is_relative_to(d) for d in granted):
+            raise ConfigError(
+                f"rootfs {named!r}: a spec names only a rootfs inside its own directory; "
+                "host directories come from the operator",
+                hint="grant it in the configuration file (rootfs: {allow: [DIR]}), "
+                "or use a path relative to the spec",
+            )
+        beneath = None
     if isinstance(rootfs, DirRootfsSpec):
-        return DirRootfs((spec_dir / rootfs.dir).resolve())
-    if isinstance(rootfs, OciRootfsSpec):
-        return OciRootfs((spec_dir / rootfs.oci).resolve(), rootfs.digest)
-    return HostRootfs()
+        return DirRootfs(path, beneath=beneath)
+    return OciRootfs(path, rootfs.digest, beneath=beneath)
+
+
+def _check_grants(spec: BuildSpec, grants: Sequence[str]) -> None:
+    """A spec names public destinations only; the rest must be granted by the operator.
+
+    Raises:
+        ConfigError: a step names a non-public or too broad destination nobody granted.
+    """
+    from buildcell.egress.policy import EgressPolicy, parse_allow, spec_entry_problem
+
+    granted = EgressPolicy.from_strings(grants)
+    for step in spec.steps:
+        for text in step.network.allow if step.network else ():
+            entry = parse_allow(text)
+            problem = spec_entry_problem(entry)
+            if problem is None or _covered(entry, granted):
+                continue
+            raise ConfigError(
+                f"step {step.name!r}: network.allow: {problem}",
+                hint=f"if this build may reach it, grant it: --allow {entry.text} (or network: "
+                "{allow: [...]} in the configuration file)",
+            )
+
+
+def _covered(entry: AllowEntry, granted: EgressPolicy) -> bool:
+    """Whether an operator entry covers every address and port of ``entry``."""
+    for grant in granted.entries:
+        if grant.text == entry.text:
+            return True
+        if (
+            grant.kind == "network"
+            and entry.network is not None
+            and grant.network is not None
+            and entry.ports <= grant.ports
+            and entry.network.version == grant.network.version
+            and entry.network.subnet_of(grant.network)  # type: ignore[arg-type]
+        ):
+            return True
+    return False
+
+
+def _guard_key(key: object, places: Sequence[Path], rootfs: Rootfs) -> None:
+    """Refuse a signing key that lies where a build reaches: its source (the workspace is a
+    copy of it, inputs come from it), its rootfs, the state or output directory.
+
+    Raises:
+        ProvenanceError: it does, or it cannot be used at all.
+    """
+    from buildcell.provenance import KeyFile, ProvenanceError
+
+    if not isinstance(key, KeyFile):
+        return
+    key.check()
+    where = Path(os.path.realpath(key.path))
+    reach = [*places]
+    if isinstance(rootfs, DirRootfs | OciRootfs):
+        reach.append(rootfs.path)
+    else:
+        from buildcell.cell.rootfs import HOST_ETC_ENTRIES, HOST_TOP_LEVEL
+
+        # What the host rootfs shows every cell.
+        reach += [Path("/", name) for name in HOST_TOP_LEVEL]
+        reach += [Path("/etc", name) for name in HOST_ETC_ENTRIES]
+    for place in reach:
+        real = Path(os.path.realpath(place))
+        if where == real or where.is_relative_to(real):
+            raise ProvenanceError(
+                f"the signing key {key.path} lies inside {place}, within a build's reach",
+                hint="keep the key outside every checkout, rootfs and buildcell directory",
+            )
 
 
 def _source_date_epoch(spec: BuildSpec, source: SourceInfo) -> int:
@@ -169,7 +266,9 @@ class BuildOptions:
     """How to run a build, beyond its spec.
 
     Attributes:
-        sign_key: sign the provenance with this key; without one it is written unsigned.
+        sign_key: sign the provenance with this key; without one it is written unsigned. A
+            :class:`~buildcell.provenance.KeyFile` is read only after the build's last cell
+            is gone, and refused if it lies where a build can reach it.
         builder_id: ``runDetails.builder.id`` of the provenance.
         variation: perturbations (``--check-repro`` uses them for its second build).
         provenance: write ``provenance.intoto.jsonl`` next to the outputs.
@@ -181,9 +280,21 @@ class BuildOptions:
         policies: the operator policies checked before anything runs (the configuration
             file's and ``--policy``'s): every one must allow the build.
         cache_max_size: a step's cache larger than this is not saved.
+        rootfs_dirs: host directories a spec may name as its rootfs (the operator's grant;
+            anything else a spec names must lie inside its own directory).
+        default_limits: limits a step gets where neither the spec nor the invoker sets one.
+        log_max_size: bytes of a step's output kept in its log (the rest is drained).
+        output_max_size: bytes all outputs of the build may have together.
+        image_max_size: bytes all images of the build may unpack to.
+        wait_for_out_dir: wait for another build using the output directory to finish;
+            if False, fail at once.
+        allow: the operator's grants of non-public destinations that steps may name
+            (``--allow``, ``network.allow`` of the configuration file).
+        allow_fetch: the operator's grants of non-public destinations for the host's input
+            fetches (``--allow-fetch``, ``fetch.allow``).
     """
 
-    sign_key: SigningKey | None = None
+    sign_key: SigningKey | KeyFile | None = None
     builder_id: str = DEFAULT_BUILDER_ID
     variation: Variation | None = None
     provenance: bool = True
@@ -192,22 +303,51 @@ class BuildOptions:
     invocation: Invocation | None = None
     policies: tuple[Policy, ...] = ()
     cache_max_size: int = 2 << 30
+    rootfs_dirs: tuple[Path, ...] = ()
+    default_limits: DefaultLimits = field(default_factory=DefaultLimits)
+    log_max_size: int = DEFAULT_LOG_MAX_SIZE
+    output_max_size: int = DEFAULT_OUTPUT_MAX_SIZE
+    image_max_size: int = DEFAULT_IMAGE_MAX_SIZE
+    wait_for_out_dir: bool = True
+    allow: tuple[str, ...] = ()
+    allow_fetch: tuple[str, ...] = ()
 
 
 class _StepLog:
-    """A step's output: appended to its log file and handed to the reporter."""
+    """A step's output: appended to its log file and handed to the reporter, up to
+    ``max_bytes``; past that a marker says so and the rest is drained unseen (the cell
+    never blocks on a full pipe, and a build cannot fill the disk with output)."""
 
-    def __init__(self, path: Path, reporter: BuildReporter, step: StepSpec) -> None:
+    def __init__(
+        self, path: Path, reporter: BuildReporter, step: StepSpec, *, max_bytes: int
+    ) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._lock = threading.Lock()
         self._reporter = reporter
         self._step = step
+        self._left = max_bytes
+        self._max = max_bytes
+        self.truncated = 0
 
     def sink(self, stream: str) -> Callable[[bytes], None]:
         def write(data: bytes) -> None:
             with self._lock:
-                os.write(self._fd, data)
-            self._reporter.step_output(self._step, stream, data)
+                if self._left <= 0:
+                    self.truncated += len(data)
+                    return
+                kept = data[: self._left]
+                self._left -= len(kept)
+                os.write(self._fd, kept)
+                marker = b""
+                if self._left <= 0:
+                    self.truncated += len(data) - len(kept)
+                    marker = (
+                        f"\n[buildcell: the log of step {self._step.name} stops here, at its "
+                        f"limit of {format_size(self._max)}; the rest of the output is not "
+                        "kept]\n"
+                    ).encode()
+                    os.write(self._fd, marker)
+            self._reporter.step_output(self._step, stream, kept + marker)
 
         return write
 
@@ -254,17 +394,24 @@ def run_build(
         project=invocation.project,
         trust=invocation.trust,
         ref=invocation.ref,
+        cache_scope=invocation.cache_scope(),
     )
-    rootfs = _rootfs(spec, spec_dir)
-    record.rootfs = rootfs.describe()
     record_dir = store.create(record, loaded.text)
     result = BuildResult(record, record_dir, out_dir)
     events = EventLog(record_dir / "events.jsonl", build=record.id)
     events.subscribe(lambda e: _collect_warning(e, result, reporter))
+    out: OutputDir | None = None
     try:
         with events:
+            rootfs = _rootfs(spec, spec_dir, options.rootfs_dirs)
+            record.rootfs = rootfs.describe()
+            _check_grants(spec, options.allow)
+            _guard_key(options.sign_key, (spec_dir, state.root, out_dir), rootfs)
             # Before anything is announced or run: a denied build only leaves its record.
             _gate(options.policies, loaded, invocation, record, events)
+            from buildcell.outputs import OutputDir
+
+            out = OutputDir(out_dir, wait=options.wait_for_out_dir, on_wait=reporter.message)
             reporter.build_started(record.id, spec)
             events.emit(
                 "build.start",
@@ -276,7 +423,7 @@ def run_build(
                 trust=record.trust,
                 ref=record.ref,
             )
-            _BuildRun(
+            build = _BuildRun(
                 loaded,
                 spec_dir,
                 rootfs,
@@ -287,7 +434,19 @@ def run_build(
                 reporter,
                 options,
                 invocation,
-            ).run()
+                out,
+            )
+            try:
+                build.run()
+            finally:
+                build.drop_ephemeral_caches()
+                if build.image_budget is not None:
+                    budget = build.image_budget
+                    record.images = {
+                        "limit": budget.limit,
+                        "used": budget.used,
+                        "images": dict(budget.images),
+                    }
     except PolicyError as e:
         record.status = "denied"
         record.error = e.message
@@ -302,6 +461,8 @@ def run_build(
         record.status = "interrupted"
         raise
     finally:
+        if out is not None:
+            out.close()
         record.finished = time.time()
         for step in record.steps:
             if step.status in ("pending", "running"):
@@ -394,8 +555,19 @@ class _BuildRun:
     reporter: BuildReporter
     options: BuildOptions
     invocation: Invocation
+    out: OutputDir
     source: SourceInfo | None = None
     sde: int = 0
+    output_budget: int | None = None
+    scope: CacheScope | None = None
+    image_budget: UnpackBudget | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rootfs, OciRootfs):
+            from buildcell.cell.oci import UnpackBudget
+
+            # One budget for every image the build unpacks, cached or not.
+            self.image_budget = UnpackBudget(self.options.image_max_size)
 
     @property
     def record(self) -> BuildRecord:
@@ -413,9 +585,12 @@ class _BuildRun:
                 "workspace; a step's own disk limit is ignored",
             )
         bwrap = find_bwrap()
-        with CellStorage(
-            self.state, cell_id=self.record.id, bwrap=bwrap, disk=spec.limits.disk
-        ) as storage:
+        disk = (
+            spec.limits.disk if spec.limits.disk is not None else self.options.default_limits.disk
+        )
+        # A sparse file claims what it likes: what is copied out is bounded by the budget.
+        self.output_budget = disk if disk is not None else self.options.output_max_size
+        with CellStorage(self.state, cell_id=self.record.id, bwrap=bwrap, disk=disk) as storage:
             stats = storage.populate(self.spec_dir, [self.result.out_dir, self.state.root])
             self.events.emit(
                 "workspace", files=stats.files, bytes=stats.bytes, source=str(self.spec_dir)
@@ -430,21 +605,30 @@ class _BuildRun:
         # Provenance attests artifacts: a build that publishes none has nothing to attest.
         if self.options.provenance and self.record.outputs:
             self._provenance()
+        if spec.outputs:
+            # Outputs, manifest and provenance replace the directory's contents at once.
+            self.out.publish()
         self.record.status = "succeeded"
         self.record.exit_code = 0
         self.events.emit("build.finish", status="succeeded", exit_code=0)
 
     def _inputs(self) -> tuple[Bind, ...]:
-        from buildcell.inputs import ContentStore, InputRequest, resolve_inputs
+        from buildcell.inputs import ContentStore, FetchPolicy, InputRequest, resolve_inputs
 
         inputs = self.loaded.spec.inputs
         if not inputs:
             return ()
         self.reporter.message(f"verifying {len(inputs)} input(s)")
         resolved = resolve_inputs(
-            [InputRequest(uri=i.uri(self.spec_dir), sha256=i.sha256, path=i.path) for i in inputs],
+            [
+                InputRequest.local(self.spec_dir, i.file, sha256=i.sha256, path=i.path)
+                if i.file is not None
+                else InputRequest(uri=i.uri(self.spec_dir), sha256=i.sha256, path=i.path)
+                for i in inputs
+            ],
             ContentStore(self.state.root / "cas"),
             events=self.events,
+            fetch_policy=FetchPolicy.from_strings(self.options.allow_fetch),
         )
         for r in resolved:
             self.record.inputs.append(
@@ -509,10 +693,11 @@ class _BuildRun:
 
         identity = storage.identity
         invocation = self.invocation
+        scope = self._cache_scope()
         lease = CacheStore(self.state.caches, max_bytes=self.options.cache_max_size).lease(
             invocation.project,
             cache.key,
-            invocation.trust,
+            scope,
             owner=(identity.uid, identity.gid) if identity.drop else None,
         )
         self.events.emit(
@@ -521,9 +706,32 @@ class _BuildRun:
             key=cache.key,
             path=cache.path,
             trust=lease.trust,
+            scope=scope.describe(),
             source=lease.source,
         )
         return lease
+
+    def _cache_scope(self) -> CacheScope:
+        from buildcell.caches import cache_scope
+
+        if self.scope is None:
+            invocation = self.invocation
+            self.scope = cache_scope(invocation.trust, ref=invocation.ref, build_id=self.record.id)
+            if self.scope.ephemeral:
+                self.events.emit(
+                    "warning",
+                    message="caches of this untrusted build last for this build only: "
+                    "give --ref REF to keep them for later builds of the same ref",
+                )
+        return self.scope
+
+    def drop_ephemeral_caches(self) -> None:
+        """Remove the caches of a build that kept them for itself alone."""
+        if self.scope is not None and self.scope.ephemeral:
+            from buildcell.caches import CacheStore
+
+            with contextlib.suppress(Error):
+                CacheStore(self.state.caches).drop_scope(self.invocation.project, self.scope)
 
     def _run_step(
         self,
@@ -540,7 +748,7 @@ class _BuildRun:
             argv=("/bin/sh", "-e", "-c", step.run),
             rootfs=self.rootfs,
             env={**spec.env, **step.env},
-            limits=spec.step_limits(step).to_limits(),
+            limits=self._limits(step),
             source_date_epoch=self.sde,
             binds=binds,
             variation=self.options.variation,
@@ -553,12 +761,18 @@ class _BuildRun:
             network=_step_policy(step),
             pinned_hosts=self.options.pinned_hosts,
             caches=tuple(Bind(lease.work, cache.path) for cache, lease in caches),
+            image_budget=self.image_budget,
         )
         step_record.status = "running"
         step_record.started = time.time()
         self.store.save(self.record)
         self.reporter.step_started(step)
-        step_log = _StepLog(self.store.log_path(self.record.id, step.name), self.reporter, step)
+        step_log = _StepLog(
+            self.store.log_path(self.record.id, step.name),
+            self.reporter,
+            step,
+            max_bytes=self.options.log_max_size,
+        )
         try:
             with Cell(
                 config,
@@ -586,16 +800,32 @@ class _BuildRun:
         self.events.emit("build.finish", status="failed", exit_code=self.record.exit_code)
         return False
 
+    def _limits(self, step: StepSpec) -> Limits:
+        """What ``step`` runs with: its own limits, the build's, then the operator's defaults."""
+        from buildcell.cell.limits import with_defaults
+        from buildcell.cell.supervisor import limits_backend
+
+        return with_defaults(
+            self.loaded.spec.step_limits(step).to_limits(),
+            self.options.default_limits.to_limits(),
+            limits_backend(),
+        )
+
     def _collect(self, storage: CellStorage) -> None:
-        from buildcell.outputs import collect_outputs, validate_patterns
+        from buildcell.outputs import (
+            check_outputs_for_secrets,
+            check_reserved_names,
+            collect_outputs,
+            validate_patterns,
+        )
 
         record, events = self.record, self.events
-        out_dir = self.result.out_dir
         patterns = validate_patterns(self.loaded.spec.outputs)
-        if self.options.secrets:
-            report = self._collect_checked(storage, patterns)
-        else:
-            report = collect_outputs(storage.workspace, patterns, out_dir)
+        report = collect_outputs(
+            storage.workspace, patterns, self.out, max_bytes=self.output_budget
+        )
+        check_reserved_names(report)
+        check_outputs_for_secrets(report, self.out, self.options.secrets, events.emit)
         for out in report.collected:
             events.emit("output", path=out.path, size=out.size, sha256=out.sha256)
             record.outputs.append({"path": out.path, "sha256": out.sha256, "size": out.size})
@@ -613,39 +843,10 @@ class _BuildRun:
             )
         self._write_manifest()
 
-    def _collect_checked(self, storage: CellStorage, patterns: tuple[str, ...]) -> OutputReport:
-        """Collect into a private staging directory, refuse to publish anything if an output
-        holds a secret's value (or an encoding of it), else publish."""
-        from buildcell.outputs import collect_outputs
-        from buildcell.redact import Scanner
-
-        staging = self.store.dir(self.record.id) / "staging"
-        try:
-            report = collect_outputs(storage.workspace, patterns, staging)
-            for out in report.collected:
-                scanner = Scanner(self.options.secrets)
-                with open(staging / out.path, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        scanner.feed(chunk)
-                if scanner.found:
-                    names = ", ".join(sorted(scanner.found))
-                    self.events.emit("secret.leak", path=out.path, secrets=sorted(scanner.found))
-                    raise OutputError(
-                        f"output {out.path} contains the value of secret {names}; "
-                        "nothing was published",
-                        hint="a build must not copy secrets into its outputs",
-                    )
-            published = collect_outputs(
-                staging, [_glob_escape(o.path) for o in report.collected], self.result.out_dir
-            )
-            return dataclasses.replace(report, collected=published.collected)
-        finally:
-            remove_tree(staging)
-
     def _archive(self, name: str) -> None:
         from buildcell.repro import write_reproducible_tar_gz
 
-        out_dir = self.result.out_dir
+        out_dir = self.out.staging
         members = [o["path"] for o in self.record.outputs]
         target = out_dir / name
         digest = write_reproducible_tar_gz(out_dir, members, target, mtime=self.sde)
@@ -663,10 +864,7 @@ class _BuildRun:
             "outputs": record.outputs,
         }
         text = json.dumps(manifest, indent=2) + "\n"
-        tmp = self.result.out_dir / ".outputs.json.tmp"
-        self.result.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, self.result.out_dir / "outputs.json")
+        self.out.write_file("outputs.json", text.encode())
         (self.store.dir(record.id) / "outputs.json").write_text(text)
 
     def _provenance(self) -> None:
@@ -674,18 +872,29 @@ class _BuildRun:
         from buildcell.cell import seccomp
         from buildcell.provenance import (
             Dependency,
+            KeyFile,
             Subject,
             assert_no_values,
             make_statement,
             sign_statement,
             unsigned_envelope,
+            write_bundle,
             write_provenance,
         )
 
         spec, record = self.loaded.spec, self.record
         assert self.source is not None
         profile = seccomp.default_profile()
-        rootfs_dep = Dependency(uri=record.rootfs, name="rootfs")
+        if isinstance(self.rootfs, HostRootfs):
+            from buildcell.cell.rootfs import host_rootfs_digest
+
+            host_digest, covers = host_rootfs_digest()
+            rootfs_dep = Dependency(
+                uri="host:/usr",
+                name="rootfs",
+                sha256=host_digest,
+                annotations={"covers": covers},
+            )
         if isinstance(self.rootfs, DirRootfs):
             # The same listing digest as a source tree: paths, kinds, modes, contents.
             rootfs_dep = Dependency(
@@ -740,17 +949,17 @@ class _BuildRun:
                 },
                 "source": self.source.to_parameter(),
                 "outDir": str(self.result.out_dir),
+                # Everything the invoker chose that changes what is built.
+                "invocation": self.invocation.to_parameters(),
             },
             internal_parameters={
                 "buildcellVersion": __version__,
+                "bubblewrapVersion": bwrap_version(),
+                "kernel": f"{os.uname().sysname} {os.uname().release} {os.uname().machine}",
                 "seccompProfile": {"name": profile.name, "digest": profile.digest()},
                 "rootfs": record.rootfs,
                 "sourceDateEpoch": self.sde,
-                "invocation": {
-                    "project": record.project,
-                    "trust": record.trust,
-                    "ref": record.ref,
-                },
+                "cacheScope": record.cache_scope,
                 "policies": [
                     {"digest": p["policy_digest"], "allowed": p["allowed"]}
                     for p in (record.policy or {}).get("policies", [])
@@ -758,7 +967,7 @@ class _BuildRun:
                 "steps": [
                     {
                         "name": step.name,
-                        "limits": spec.step_limits(step).to_limits().to_dict(),
+                        "limits": self._limits(step).to_dict(),
                         "network": {"allow": step.network.allow if step.network else []},
                         "secrets": [use.name for use in step.secrets],
                     }
@@ -773,11 +982,16 @@ class _BuildRun:
             byproducts=byproducts,
         )
         assert_no_values(statement, {s.name: s.reveal() for s in self.options.secrets})
+        # Only now, with every cell of the build gone, is the key read.
         key = self.options.sign_key
+        if isinstance(key, KeyFile):
+            key = key.load()
         envelope = sign_statement(statement, key) if key else unsigned_envelope(statement)
+        write_provenance(self.out.staging / "provenance.intoto.jsonl", envelope)
+        if key:
+            # The same envelope as a Sigstore bundle, for @sigstore/verify and cosign.
+            write_bundle(self.out.staging / "provenance.sigstore.json", envelope, key.public)
         path = self.result.out_dir / "provenance.intoto.jsonl"
-        self.result.out_dir.mkdir(parents=True, exist_ok=True)
-        write_provenance(path, envelope)
         self.result.provenance = path
         self.result.signed_by = key.keyid if key else None
         self.events.emit(
@@ -786,30 +1000,55 @@ class _BuildRun:
 
 
 def _secrets_in_tree(root: Path, secrets: Sequence[Secret]) -> list[str]:
-    """Names of the secrets whose value (in any encoding) is in a file or link of ``root``."""
+    """Names of the secrets whose value (in any encoding) is in a name, link or file of
+    ``root``, a tree a cell wrote: walked by directory descriptor, never following a link.
+    """
     if not secrets:
         return []
     from buildcell.redact import Scanner
 
     found: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*filenames, *dirnames]:
-            path = os.path.join(dirpath, name)
-            scanner = Scanner(secrets)
-            scanner.feed(name.encode(errors="surrogateescape"))
+    try:
+        top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []
+    stack = [top]
+    try:
+        while stack:
+            dir_fd = stack.pop()
             try:
-                if os.path.islink(path):
-                    scanner.feed(os.readlink(path).encode(errors="surrogateescape"))
-                elif name in filenames and os.path.isfile(path):
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    with os.fdopen(fd, "rb") as f:
-                        for chunk in iter(lambda: f.read(1 << 20), b""):
-                            scanner.feed(chunk)
+                entries = list(os.scandir(dir_fd))
             except OSError:
-                # Unreadable here means unreadable for the copy too: not a leak path.
+                os.close(dir_fd)
                 continue
-            found |= scanner.found
+            for entry in entries:
+                scanner = Scanner(secrets)
+                scanner.feed(entry.name.encode(errors="surrogateescape"))
+                try:
+                    if entry.is_symlink():
+                        scanner.feed(
+                            os.readlink(entry.name, dir_fd=dir_fd).encode(errors="surrogateescape")
+                        )
+                    elif entry.is_dir(follow_symlinks=False):
+                        stack.append(os.open(entry.name, _DIR_NOFOLLOW, dir_fd=dir_fd))
+                    elif entry.is_file(follow_symlinks=False):
+                        fd = os.open(entry.name, _FILE_NOFOLLOW, dir_fd=dir_fd)
+                        with os.fdopen(fd, "rb") as f:
+                            for chunk in iter(lambda: f.read(1 << 20), b""):
+                                scanner.feed(chunk)
+                except OSError:
+                    # Unreadable here means unreadable for the copy too: not a leak path.
+                    pass
+                found |= scanner.found
+            os.close(dir_fd)
+    finally:
+        for fd in stack:
+            os.close(fd)
     return sorted(found)
+
+
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def _step_policy(step: StepSpec) -> EgressPolicy | None:
@@ -818,11 +1057,6 @@ def _step_policy(step: StepSpec) -> EgressPolicy | None:
     from buildcell.egress.policy import EgressPolicy
 
     return EgressPolicy.from_strings(step.network.allow)
-
-
-def _glob_escape(path: str) -> str:
-    """A pattern matching exactly ``path``."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
 
 
 def _sha256_file(path: Path) -> str:
@@ -873,7 +1107,7 @@ def check_reproducible(
         report = None
         if second.exit_code == 0:
             paths = [o["path"] for o in first.record.outputs]
-            report = compare_trees(out_dir, scratch, paths=paths)
+            report = compare_trees(out_dir, scratch, paths=paths, state=state)
     finally:
         remove_tree(scratch)
     return first, second, report

@@ -64,6 +64,16 @@ doubles, booleans, lists, maps and ``null``.
 - ``invocation.secrets`` (list of strings): the names of the secrets bound with ``--secret``.
 - ``invocation.unsafe`` (list of strings): the ``--unsafe-*`` escape hatches in use, without
   the prefix, such as ``"no-seccomp"``.
+- ``invocation.pinned_hosts`` (list of strings): ``--add-host`` pins, as ``NAME=ADDRESS``.
+- ``invocation.allow`` (list of strings): destinations the invoker granted with ``--allow``
+  (non-public ones a spec may then name), canonical form.
+- ``invocation.allow_fetch`` (list of strings): non-public destinations granted for the
+  host's input fetches with ``--allow-fetch``.
+- ``invocation.image_budget`` (int or ``null``): bytes all images of the build may unpack
+  to, from the configuration file's ``images.max_size``.
+- ``invocation.cache_scope`` (string): whose caches the build reads and writes:
+  ``"trusted"``, ``"ref:REF"`` for an untrusted build of a ref, or ``"build"`` for an
+  untrusted build without a ref (its caches last for that build only).
 
 Writing rules
 -------------
@@ -282,6 +292,10 @@ class Invocation:
         unsafe: the ``--unsafe-*`` flags in use, without the prefix (``no-seccomp``),
             and ``seccomp-profile`` when a custom seccomp profile replaces the built-in one.
         pinned_hosts: names pinned to addresses with ``--add-host``, as ``NAME=ADDRESS``.
+        allow: destinations granted with ``--allow`` (canonical entries).
+        allow_fetch: destinations granted for host-side fetches with ``--allow-fetch``.
+        image_budget: bytes all images of the build may unpack to (the operator's
+            ``images.max_size``), if set.
     """
 
     project: str
@@ -290,10 +304,32 @@ class Invocation:
     secrets: tuple[str, ...] = ()
     unsafe: tuple[str, ...] = ()
     pinned_hosts: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+    allow_fetch: tuple[str, ...] = ()
+    image_budget: int | None = None
+
+    def to_parameters(self) -> dict[str, Any]:
+        """What the invoker chose, as provenance's ``externalParameters.invocation``."""
+        return {
+            "project": self.project,
+            "trust": self.trust,
+            "ref": self.ref,
+            "secrets": list(self.secrets),
+            "pinnedHosts": list(self.pinned_hosts),
+            "allow": list(self.allow),
+            "allowFetch": list(self.allow_fetch),
+            "unsafe": list(self.unsafe),
+        }
 
     def __post_init__(self) -> None:
         if self.trust not in ("trusted", "untrusted"):
             raise ValueError(f"trust must be 'trusted' or 'untrusted', not {self.trust!r}")
+
+    def cache_scope(self) -> str:
+        """``trusted``, ``ref:REF`` or ``build``: whose caches this build uses."""
+        if self.trust == "trusted":
+            return "trusted"
+        return f"ref:{self.ref}" if self.ref is not None else "build"
 
 
 def build_context(spec: BuildSpec, invocation: Invocation) -> dict[str, Any]:
@@ -323,6 +359,11 @@ def build_context(spec: BuildSpec, invocation: Invocation) -> dict[str, Any]:
             "secrets": list(invocation.secrets),
             "unsafe": list(invocation.unsafe),
             "pinned_hosts": list(invocation.pinned_hosts),
+            "allow": list(invocation.allow),
+            "allow_fetch": list(invocation.allow_fetch),
+            "image_budget": invocation.image_budget,
+            # Whose caches the build reads and writes: trusted, ref:REF, or build (one build).
+            "cache_scope": invocation.cache_scope(),
         },
     }
 

@@ -11,9 +11,15 @@ Verification failures are not exceptions. :func:`verify` runs every check and re
 for what makes verification impossible (a missing file, a malformed key, a bad
 expectation).
 
+A signed envelope can also be written as a Sigstore bundle v0.3 (:func:`sigstore_bundle`):
+the same envelope, byte for byte, with a public-key hint and no transparency log entries
+or timestamps, for verifiers that read bundles (``@sigstore/verify``, ``cosign``).
+
 References: DSSE v1 (github.com/secure-systems-lab/dsse, ``protocol.md``, ``envelope.md``),
 in-toto Statement v1 (github.com/in-toto/attestation, ``spec/v1``), SLSA provenance v1
-(slsa.dev/spec/v1.0/provenance). What ``BUILD_TYPE`` means is in ``docs/build-type.md``.
+(slsa.dev/spec/v1.0/provenance), the Sigstore bundle (github.com/sigstore/protobuf-specs,
+``protos/sigstore_bundle.proto``). What ``BUILD_TYPE`` means is in ``docs/build-type.md``;
+how other tools verify it, in ``docs/slsa.md``.
 """
 
 from __future__ import annotations
@@ -46,11 +52,13 @@ from buildcell.errors import Error
 
 __all__ = [
     "BUILD_TYPE",
+    "BUNDLE_MEDIA_TYPE",
     "PAYLOAD_TYPE",
     "PREDICATE_TYPE",
     "STATEMENT_TYPE",
     "Check",
     "Dependency",
+    "KeyFile",
     "ProvenanceError",
     "SigningKey",
     "Subject",
@@ -64,9 +72,11 @@ __all__ = [
     "make_statement",
     "pae",
     "sign_statement",
+    "sigstore_bundle",
     "unsigned_envelope",
     "validate_statement",
     "verify",
+    "write_bundle",
     "write_provenance",
 ]
 
@@ -76,6 +86,7 @@ BUILD_TYPE = "https://buildcell.dev/build-types/buildcell/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 
 _CHUNK = 1 << 20
 _SHOW_MAX = 80
@@ -311,6 +322,46 @@ def load_private_key(path: Path) -> SigningKey:
         if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             logger.warning("private key %s can be read by other users; chmod 600 it", path)
     return SigningKey(key)
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    """A private key that stays on disk until a build has run: the build opens it only after
+    its last cell is gone, so no cell ever coexists with the key in the supervisor's memory
+    or descriptors.
+
+    Args:
+        path: an unencrypted PKCS#8 PEM Ed25519 private key (``buildcell keygen``).
+    """
+
+    path: Path
+
+    def check(self) -> os.stat_result:
+        """Check, without reading it, that the key can be loaded later.
+
+        Raises:
+            ProvenanceError: it does not exist, is not a regular file, cannot be read, or
+                has other names (hard links) through which it could be exposed.
+        """
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise ProvenanceError(f"cannot use private key {self.path}: {e.strerror}") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise ProvenanceError(f"private key {self.path} is not a regular file")
+        if st.st_nlink > 1:
+            raise ProvenanceError(
+                f"private key {self.path} has {st.st_nlink} hard links; another name for it "
+                "could put it within a build's reach",
+                hint="keep one copy of the key, outside every checkout",
+            )
+        if not os.access(self.path, os.R_OK):
+            raise ProvenanceError(f"cannot read private key {self.path}: permission denied")
+        return st
+
+    def load(self) -> SigningKey:
+        """Read the key (see :func:`load_private_key`)."""
+        return load_private_key(self.path)
 
 
 def load_public_key(path: Path) -> VerifyingKey:
@@ -557,6 +608,76 @@ def write_provenance(path: Path, envelope: bytes) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+# --- the Sigstore bundle ----------------------------------------------------------------------
+
+
+def sigstore_bundle(envelope: bytes, public: VerifyingKey) -> bytes:
+    """The signed ``envelope`` as a Sigstore bundle v0.3: one line of JSON and a newline.
+
+    The bundle (``dev.sigstore.bundle.v1.Bundle`` in its proto3 JSON form) carries the
+    envelope's payload, payloadType and signature unchanged, and names the key only by a
+    hint, ``public``'s keyid, which the protobuf specification requires to equal the
+    signature's ``keyid``. It has no transparency log entries (``tlogEntries`` is ``[]``)
+    and no timestamps (no ``timestampVerificationData``): a verifier supplies the public key
+    itself and asks for neither.
+
+    Args:
+        envelope: a DSSE envelope as :func:`sign_statement` makes it.
+        public: the key that signed it.
+
+    Raises:
+        ProvenanceError: the envelope is not a DSSE envelope, does not have exactly one
+            signature (a bundle carries one), or that signature is not ``public``'s valid
+            signature over ``PAE(payloadType, payload)``.
+    """
+    parsed, detail = _parse_envelope(envelope)
+    if parsed is None:
+        raise ProvenanceError(f"cannot make a Sigstore bundle: {detail}")
+    if len(parsed.signatures) != 1:
+        raise ProvenanceError(
+            f"cannot make a Sigstore bundle: it carries exactly one signature, and the "
+            f"envelope has {len(parsed.signatures)}",
+            hint="unsigned provenance has no bundle; sign it with --sign-key",
+        )
+    signature = parsed.signatures[0]
+    if signature.keyid not in (None, public.keyid):
+        raise ProvenanceError(
+            f"cannot make a Sigstore bundle: the envelope is signed by {_show(signature.keyid)}, "
+            f"not by {public.keyid}"
+        )
+    payload = _b64decode(parsed.payload)
+    raw = _b64decode(signature.sig)
+    if payload is None or raw is None:
+        raise ProvenanceError("cannot make a Sigstore bundle: the envelope is not base64")
+    # Checked, not assumed: a bundle vouches for its signature to tools that trust the hint.
+    if not public.verify(raw, pae(parsed.payload_type, payload)):
+        raise ProvenanceError(
+            f"cannot make a Sigstore bundle: the envelope's signature does not verify with "
+            f"key {public.keyid}"
+        )
+    bundle = {
+        "mediaType": BUNDLE_MEDIA_TYPE,
+        "verificationMaterial": {"publicKey": {"hint": public.keyid}, "tlogEntries": []},
+        "dsseEnvelope": {
+            # proto3 JSON writes bytes as standard padded base64, as the envelope does.
+            "payload": base64.b64encode(payload).decode("ascii"),
+            "payloadType": parsed.payload_type,
+            "signatures": [{"sig": base64.b64encode(raw).decode("ascii"), "keyid": public.keyid}],
+        },
+    }
+    return json.dumps(bundle, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def write_bundle(path: Path, envelope: bytes, public: VerifyingKey) -> None:
+    """Write the Sigstore bundle of ``envelope`` to ``path`` atomically, mode 0644.
+
+    Raises:
+        ProvenanceError: no bundle can be made of ``envelope`` (see :func:`sigstore_bundle`)
+            or the file cannot be written.
+    """
+    write_provenance(path, sigstore_bundle(envelope, public))
 
 
 # --- the secret-value guard -------------------------------------------------------------------
@@ -1008,6 +1129,19 @@ def _digest_check(
     return Check(name, False, f"expected {expected}, {where} has {found}")
 
 
+def _invocation_check(statement: Any, name: str, expected: str) -> Check:
+    check = f"invocation {name}"
+    if statement is None:
+        return Check(check, False, "not checked: no statement")
+    where = ("predicate", "buildDefinition", "externalParameters", "invocation", name)
+    found = _dig(statement, *where)
+    ok = found == expected
+    detail = f"externalParameters.invocation.{name} is {_show(found)}" + (
+        "" if ok else f", expected {_show(expected)}"
+    )
+    return Check(check, ok, detail)
+
+
 def _no_network_check(statement: Any) -> Check:
     name = "no network"
     if statement is None:
@@ -1084,6 +1218,7 @@ def verify(
     source_digest: str | None = None,
     spec_digest: str | None = None,
     no_network: bool = False,
+    expect: Mapping[str, str] | None = None,
 ) -> VerifyReport:
     """Check a provenance file: its envelope, signature and statement, and the expectations.
 
@@ -1102,6 +1237,9 @@ def verify(
             also match the git commit.
         spec_digest: expected sha256 of the spec, ``sha256:<hex>`` or bare hex.
         no_network: require that no step was allowed network and no egress was recorded.
+        expect: values the invoker must have chosen, by name in
+            ``externalParameters.invocation`` (``project``, ``ref``, ``trust``): one check
+            ``invocation NAME`` each; a missing value fails it.
 
     Returns:
         The report; ``report.ok`` says whether everything passed.
@@ -1210,5 +1348,7 @@ def verify(
         )
     if no_network:
         checks.append(_no_network_check(statement))
+    for name, value in (expect or {}).items():
+        checks.append(_invocation_check(statement, name, value))
 
     return VerifyReport(checks=checks, statement=statement if signature.ok else None)

@@ -86,6 +86,8 @@ class BuildRecord:
     trust: str = "untrusted"
     ref: str | None = None
     policy: dict[str, Any] | None = None
+    cache_scope: str | None = None
+    images: dict[str, Any] | None = None  # the unpack budget: limit, used, per image
 
     @property
     def duration(self) -> float | None:

@@ -6,6 +6,9 @@ every path component is opened relative to its parent with ``O_NOFOLLOW``, and a
 read only after ``lstat`` said it is a regular file and ``fstat`` of the open descriptor
 agrees. Files are streamed in 1 MiB chunks: memory use does not grow with their size.
 
+The outputs are the build's, so an attacker's: diffoscope, which unpacks and parses them
+with dozens of tools, runs in a cell on copies of the two files, never on the host.
+
 A reproducible archive (:func:`write_reproducible_tar_gz`) is a function of the members'
 paths, kinds, executable bits, symlink targets and bytes, and of ``SOURCE_DATE_EPOCH``:
 creation order, mtimes, owners, umask and hard links in the source tree do not show.
@@ -20,19 +23,20 @@ import io
 import logging
 import os
 import shutil
-import signal
 import stat
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from buildcell._fs import file_kind
 from buildcell.errors import ConfigError, OutputError
+
+if TYPE_CHECKING:
+    from buildcell.state import StateDir
 
 __all__ = [
     "FileDiff",
@@ -51,9 +55,17 @@ _CHUNK = 1 << 20
 _SCAN = 64
 # Files in an output directory that describe the build rather than being its product, and
 # legitimately differ between two builds (build id, start time, signature).
-_BUILD_METADATA = frozenset({"outputs.json", "provenance.intoto.jsonl"})
+_BUILD_METADATA = frozenset({"outputs.json", "provenance.intoto.jsonl", "provenance.sigstore.json"})
 _SUMMARY_LIMIT = 4096
+# diffoscope's cell: wall clock (seconds, start-up included), memory and tasks.
 _DIFFOSCOPE_TIMEOUT = 60.0
+_DIFFOSCOPE_MEMORY = 2 << 30
+_DIFFOSCOPE_PIDS = 256
+# Room for its unpacking, beyond the two files themselves (the workspace, /tmp, home).
+_DIFFOSCOPE_SCRATCH = 1 << 30
+# Larger files get no summary: copying them for a report that would not finish in time
+# is not worth their disk space.
+_DIFFOSCOPE_MAX_INPUT = 512 << 20
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a fifo swapped in after the lstat opens at once instead of waiting for a
@@ -376,64 +388,153 @@ def _regular_files(root_fd: int) -> set[str]:
     }
 
 
-# --- diffoscope -------------------------------------------------------------------------
+# --- diffoscope, in a cell ---------------------------------------------------------------
 
 
-def _diffoscope_env() -> dict[str, str]:
-    # Its own tools are found on PATH; a fixed locale and zone keep the report stable.
-    return {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "TZ": "UTC",
-        "TMPDIR": tempfile.gettempdir(),
-    }
+def _copy_member(root: Path, parts: Sequence[str], dest_fd: int, name: str) -> bool:
+    """Copy the regular file ``root/parts`` to ``name`` in ``dest_fd``; ``False`` if it is
+    not a regular file (any more). Nothing on the way is followed; at most the size
+    ``fstat`` gave is copied, into a new file (``O_EXCL``), never through a link.
 
-
-def _diffoscope_summary(tool: str, a: Path, b: Path) -> str | None:
-    """diffoscope's text report on ``a`` and ``b``, truncated; ``None`` if it fails.
-
-    The report goes to an unnamed temporary file rather than a pipe: a helper that
-    diffoscope started and that outlives it cannot then keep us waiting for end of file,
-    and only the first few KiB are ever read back.
+    Raises:
+        OSError: it cannot be read or written.
+        OutputError: ``root`` cannot be opened.
     """
-    # Absolute paths: a relative one starting with '-' would read as an option. Paths, not
-    # /proc/self/fd links: diffoscope picks comparators by file name.
-    argv = [tool, "--text", "-", "--no-progress", os.path.abspath(a), os.path.abspath(b)]
-    with tempfile.TemporaryFile() as report:
+    root_fd = _open_root(root, "output directory")
+    try:
+        src = _open_member(root_fd, parts)
+    finally:
+        os.close(root_fd)
+    if src is None:
+        return False
+    try:
+        size = os.fstat(src).st_size
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        dst = os.open(name, flags, 0o600, dir_fd=dest_fd)
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=report,
-                stderr=subprocess.DEVNULL,
-                env=_diffoscope_env(),
-                close_fds=True,
-                process_group=0,
-            )
-        except OSError as e:
-            logger.warning("cannot run diffoscope (%s): %s", tool, _reason(e))
-            return None
+            left = size
+            while left:
+                chunk = os.read(src, min(_CHUNK, left))
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(dst, view) :]
+                left -= len(chunk)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    return True
+
+
+def _stage(tool: str, a: Path, b: Path, parts: Sequence[str], staging: Path) -> str | None:
+    """Lay out ``staging`` as the cell's workspace: ``a/NAME``, ``b/NAME`` and, when the
+    cell cannot see ``tool`` where it is, a copy of it. Returns the command to run.
+
+    The cell's root is a read-only view of the host's ``/usr``, ``/bin`` and ``/lib*``: a
+    diffoscope installed there runs as it is; one elsewhere (a single-file script in a
+    home directory) is copied into the workspace.
+
+    Raises:
+        OSError: a file cannot be read or written.
+        OutputError: an output directory cannot be opened.
+    """
+    from buildcell.cell.config import CELL_WORKSPACE
+    from buildcell.cell.rootfs import HOST_TOP_LEVEL
+
+    name = parts[-1]
+    fd = os.open(staging, _DIR_FLAGS)
+    try:
+        for side, root in (("a", a), ("b", b)):
+            os.mkdir(side, 0o700, dir_fd=fd)
+            side_fd = os.open(side, _DIR_FLAGS, dir_fd=fd)
+            try:
+                if not _copy_member(root, parts, side_fd, name):
+                    return None
+            finally:
+                os.close(side_fd)
+    finally:
+        os.close(fd)
+    real = Path(os.path.realpath(tool))
+    if len(real.parts) > 2 and real.parts[1] in HOST_TOP_LEVEL:
+        return str(real)
+    # Private modes are enough: the workspace copy belongs to the cell's uid.
+    (staging / "bin").mkdir(mode=0o700)
+    shutil.copyfile(real, staging / "bin" / "diffoscope")
+    os.chmod(staging / "bin" / "diffoscope", 0o700)
+    return f"{CELL_WORKSPACE}/bin/diffoscope"
+
+
+def _tree_size(root: Path) -> int:
+    """Bytes of the regular files below ``root`` (a staging directory of our own)."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _diffoscope_summary(
+    tool: str, a: Path, b: Path, parts: Sequence[str], state: StateDir | None = None
+) -> str | None:
+    """diffoscope's text report on ``parts`` under the roots ``a`` and ``b``, truncated;
+    ``None`` if it fails.
+
+    The files are attacker-made (a build's outputs) and diffoscope unpacks and parses
+    them with dozens of tools, so it runs in a cell: no network, bounded memory, tasks
+    and time, the cell's unprivileged uid when buildcell is root. Its workspace is a
+    copy of a private staging directory holding copies of the two files (copied without
+    following links), never the output directories themselves.
+    """
+    from buildcell.cell import CellConfig, Limits, run_cell
+    from buildcell.errors import Error
+
+    report = bytearray()
+
+    def keep(data: bytes) -> None:
+        # Only the first few KiB are kept; the rest is still drained by the cell.
+        room = _SUMMARY_LIMIT + 1 - len(report)
+        if room > 0:
+            report.extend(data[:room])
+
+    staging = Path(tempfile.mkdtemp(prefix="buildcell-diffoscope-"))  # mode 0700
+    try:
         try:
-            code = proc.wait(timeout=_DIFFOSCOPE_TIMEOUT)
-        except BaseException as e:
-            # Still unreaped, so its process group cannot have been recycled: kill the
-            # whole group, helpers included.
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            if isinstance(e, subprocess.TimeoutExpired):
-                logger.warning(
-                    "diffoscope took longer than %gs on %s; no summary", _DIFFOSCOPE_TIMEOUT, a
-                )
-                return None
-            raise
-        # 0: no differences found, 1: differences found; anything else is a failure.
-        if code not in (0, 1):
-            logger.warning("diffoscope exited with %d on %s; no summary", code, a)
+            argv0 = _stage(tool, a, b, parts, staging)
+        except (OSError, OutputError) as e:
+            logger.warning("cannot stage %s for diffoscope: %s", "/".join(parts), e)
             return None
-        report.seek(0)
-        data = report.read(_SUMMARY_LIMIT + 1)
+        if argv0 is None:
+            return None
+        name = parts[-1]
+        config = CellConfig(
+            # Relative paths below the workspace: never read as options, and the report
+            # names the files a/NAME and b/NAME. Names, not /proc/self/fd links:
+            # diffoscope picks comparators by file name.
+            argv=(argv0, "--text", "-", "--no-progress", f"a/{name}", f"b/{name}"),
+            source=staging,
+            out_dir=staging / "out",  # nothing is collected
+            limits=Limits(
+                memory=_DIFFOSCOPE_MEMORY,
+                pids=_DIFFOSCOPE_PIDS,
+                timeout=_DIFFOSCOPE_TIMEOUT,
+                disk=_DIFFOSCOPE_SCRATCH + 2 * _tree_size(staging),
+            ),
+        )
+        try:
+            result = run_cell(config, state=state, stdout=keep, stderr=lambda _data: None)
+        except Error as e:
+            logger.warning("cannot run diffoscope in a cell on %s: %s", "/".join(parts), e)
+            return None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    # 0: no differences found, 1: differences found; anything else is a failure.
+    if result.reason != "exited" or result.exit_code not in (0, 1):
+        logger.warning(
+            "diffoscope ended with %s (%d) on %s; no summary",
+            result.reason,
+            result.exit_code,
+            "/".join(parts),
+        )
+        return None
+    data = bytes(report)
     if not data.strip():
         return None
     text = data[:_SUMMARY_LIMIT].decode("utf-8", errors="replace")
@@ -474,7 +575,12 @@ def first_difference(a: Path, b: Path) -> int | None:
 
 
 def compare_trees(
-    a: Path, b: Path, *, paths: Sequence[str] | None = None, diffoscope: bool = True
+    a: Path,
+    b: Path,
+    *,
+    paths: Sequence[str] | None = None,
+    diffoscope: bool = True,
+    state: StateDir | None = None,
 ) -> ReproReport:
     """Compare the regular files of two output directories byte for byte.
 
@@ -486,8 +592,9 @@ def compare_trees(
     does not pass.
 
     When ``diffoscope`` is true and a ``diffoscope`` program is on ``PATH``, each file
-    that exists on both sides and differs gets its text report as the summary (it may
-    take up to a minute per file).
+    that exists on both sides and differs gets its text report as the summary. diffoscope
+    runs in a cell (``state`` is where it keeps its files; the default state directory
+    otherwise), never on the host: it may take up to a minute per file.
 
     Raises:
         ConfigError: an entry of ``paths`` is not a clean relative path.
@@ -517,7 +624,7 @@ def compare_trees(
     finally:
         os.close(fd_a)
     if tool is not None:
-        differences = [_with_summary(tool, d, a, b) for d in differences]
+        differences = [_with_summary(tool, d, a, b, state) for d in differences]
     return ReproReport(
         reproducible=not differences, compared=len(wanted), differences=tuple(differences)
     )
@@ -560,10 +667,15 @@ def _compare_one(
                 os.close(side[0])
 
 
-def _with_summary(tool: str, diff: FileDiff, a: Path, b: Path) -> FileDiff:
+def _with_summary(
+    tool: str, diff: FileDiff, a: Path, b: Path, state: StateDir | None = None
+) -> FileDiff:
     if diff.size_a is None or diff.size_b is None:
         return diff  # diffoscope needs both files; "missing" says all there is to say
-    summary = _diffoscope_summary(tool, a / diff.path, b / diff.path)
+    if max(diff.size_a, diff.size_b) > _DIFFOSCOPE_MAX_INPUT:
+        logger.info("%s is too large for a diffoscope summary", diff.path)
+        return diff
+    summary = _diffoscope_summary(tool, a, b, tuple(diff.path.split("/")), state)
     return FileDiff(diff.path, diff.size_a, diff.size_b, diff.first_difference, summary)
 
 

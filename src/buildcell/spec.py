@@ -141,6 +141,16 @@ def _check_not_empty(value: str) -> str:
     return _no_nul(value)
 
 
+def _check_spec_relative(value: str) -> str:
+    _check_not_empty(value)
+    if value.startswith("/"):
+        _fail(
+            f"invalid file {_show(value)}: an input file is named relative to the spec's "
+            "directory and must lie inside it"
+        )
+    return value
+
+
 def _check_sha256(value: str) -> str:
     if _HEX64_RE.fullmatch(value):
         return value.lower()
@@ -334,6 +344,11 @@ _Url = Annotated[
 ]
 _HostPath = Annotated[
     StrictStr, AfterValidator(_check_not_empty), WithJsonSchema({"type": "string", "minLength": 1})
+]
+_SpecRelativePath = Annotated[
+    StrictStr,
+    AfterValidator(_check_spec_relative),
+    WithJsonSchema({"type": "string", "minLength": 1, "pattern": "^[^/]"}),
 ]
 _WorkspacePath = Annotated[
     StrictStr, AfterValidator(_check_input_path), WithJsonSchema({"type": "string", "minLength": 1})
@@ -608,8 +623,9 @@ class InputSpec(BaseModel):
     )
 
     url: _Url | None = Field(default=None, description="An http:// or https:// URL.")
-    file: _HostPath | None = Field(
-        default=None, description="A local file, relative to the directory of buildcell.yaml."
+    file: _SpecRelativePath | None = Field(
+        default=None,
+        description="A local file inside the directory of buildcell.yaml, relative to it.",
     )
     sha256: _Sha256 = Field(description="SHA-256 of the content: 64 hexadecimal digits.")
     path: _WorkspacePath = Field(description="Where the input appears, relative to /workspace.")
@@ -660,7 +676,10 @@ class DirRootfsSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dir: _HostPath = Field(description="The directory, relative to buildcell.yaml's directory.")
+    dir: _HostPath = Field(
+        description="The directory, relative to buildcell.yaml's directory (an absolute "
+        "path only where the operator's configuration grants it)."
+    )
 
 
 class OciRootfsSpec(BaseModel):

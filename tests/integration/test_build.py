@@ -37,6 +37,9 @@ class _Server:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        # A loopback server is a non-public destination: fetching from it is the
+        # operator's grant.
+        self.grant = ("--allow-fetch", f"127.0.0.1:{self.httpd.server_address[1]}")
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -89,6 +92,10 @@ outputs: ["dist/*"]
     )
     out = tmp_path / "out"
     res = bc("build", "-f", str(spec), "--out", str(out), "--json", cwd=tmp_path)
+    assert res.returncode == 125  # without the grant, not even one request is made
+    assert "--allow-fetch" in res.stderr
+    assert server.hits.get("/dep.txt", 0) == 0
+    res = bc("build", "-f", str(spec), "--out", str(out), "--json", *server.grant, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
     assert result["status"] == "succeeded"
@@ -99,7 +106,7 @@ outputs: ["dist/*"]
     assert result["inputs"][0]["source"] == "fetched"
     assert server.hits["/dep.txt"] == 1
     # The second build takes the input from the content-addressed store.
-    res = bc("build", "-f", str(spec), "--out", str(out), "--json", cwd=tmp_path)
+    res = bc("build", "-f", str(spec), "--out", str(out), "--json", *server.grant, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["inputs"][0]["source"] == "store"
     assert server.hits["/dep.txt"] == 1
@@ -118,7 +125,7 @@ inputs: [{{url: "{server.url}/x", sha256: "{wrong}", path: x}}]
 steps: [{{name: s, run: "touch /workspace/ran"}}]
 """,
     )
-    res = bc("build", "-f", str(spec), cwd=tmp_path)
+    res = bc("build", "-f", str(spec), *server.grant, cwd=tmp_path)
     assert res.returncode == 125
     assert wrong in res.stderr
     assert hashlib.sha256(b"tampered").hexdigest() in res.stderr
@@ -294,11 +301,11 @@ def test_example_python_wheel_build(bc, tmp_path: Path) -> None:
     assert "greet/__init__.py" in zipfile.ZipFile(wheel).namelist()
 
 
-def test_oci_rootfs_build(bc, tmp_path: Path, state_root: Path) -> None:
+def test_oci_rootfs_build(bc, tmp_path: Path) -> None:
     from tests.oci_images import make_busybox_layout
 
-    image = state_root / "image"  # reachable by the cells' unprivileged uids when root
-    digest = make_busybox_layout(image)
+    # Inside the spec's directory: the host reads the image, the cells its unpacked copy.
+    digest = make_busybox_layout(tmp_path / "p" / "image")
     if digest is None:
         pytest.skip("/bin/busybox (busybox-static) is not installed")
     spec = _spec(
@@ -306,7 +313,7 @@ def test_oci_rootfs_build(bc, tmp_path: Path, state_root: Path) -> None:
         f"""
 version: 1
 name: oci
-rootfs: {{oci: {image}, digest: "{digest}"}}
+rootfs: {{oci: image, digest: "{digest}"}}
 steps:
   - name: s
     run: "busybox echo from-busybox; test ! -e /usr/bin/python3 && echo no-host-usr"

@@ -76,6 +76,9 @@ def test_bad_network_flags_exit_125_with_one_line(
 
 
 def test_spec_step_network_and_provenance(bc: Any, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"  # outside the checkout: a key inside one is refused
+    tmp_path = tmp_path / "checkout"
+    tmp_path.mkdir()
     with http_origin("a") as origin:
         port = origin.port
         (tmp_path / "buildcell.yaml").write_text(
@@ -88,13 +91,16 @@ def test_spec_step_network_and_provenance(bc: Any, tmp_path: Path) -> None:
             f"    run: cp page.txt out.txt; ! curl -sS --max-time 5 http://api.test:{port}/again\n"
             "outputs: [out.txt]\n"
         )
-        assert bc("keygen", "--out", str(tmp_path / "keys")).returncode == 0
+        assert bc("keygen", "--out", str(keys)).returncode == 0
         res = bc(
             "build",
             "--add-host",
             "api.test:127.0.0.1",
+            # A loopback entry in a spec is the operator's to grant.
+            "--allow",
+            f"127.0.0.1:{port}",
             "--sign-key",
-            str(tmp_path / "keys" / "buildcell.key"),
+            str(keys / "buildcell.key"),
             "--json",
             cwd=tmp_path,
         )
@@ -127,7 +133,7 @@ def test_spec_step_network_and_provenance(bc: Any, tmp_path: Path) -> None:
     verify = bc(
         "verify",
         "--key",
-        str(tmp_path / "keys" / "buildcell.pub"),
+        str(keys / "buildcell.pub"),
         "--provenance",
         str(provenance),
         "--no-network",
@@ -155,7 +161,10 @@ def test_human_build_summary_shows_egress(bc: Any, tmp_path: Path) -> None:
             f"    run: curl -sS http://api.test:{origin.port}/x; curl -s http://deny.test/ || true\n"
             f"    network: {{allow: ['api.test:{origin.port}', '127.0.0.1:{origin.port}']}}\n"
         )
-        res = bc("build", "--add-host", "api.test:127.0.0.1", cwd=tmp_path)
+        res = bc(
+            "build", "--add-host", "api.test:127.0.0.1", "--allow", f"127.0.0.1:{origin.port}",
+            cwd=tmp_path,
+        )  # fmt: skip
     assert res.returncode == 0, res.stderr
     lines = [line.split() for line in res.stdout.splitlines()]
     assert [f"api.test:{origin.port}", "allowed", "1"] in [x[:3] for x in lines]

@@ -87,6 +87,7 @@ def test_trusted_main_with_limits_is_allowed_and_recorded(bc: Any, tmp_path: Pat
     provenance = d / "buildcell-out" / "provenance.intoto.jsonl"
     statement = json.loads(base64.b64decode(json.loads(provenance.read_text())["payload"]))
     internal = statement["predicate"]["buildDefinition"]["internalParameters"]
+    external = statement["predicate"]["buildDefinition"]["externalParameters"]
     import hashlib
 
     assert internal["policies"] == [
@@ -94,10 +95,17 @@ def test_trusted_main_with_limits_is_allowed_and_recorded(bc: Any, tmp_path: Pat
     ]
     project = derived_project(d)
     assert project.startswith("proj-")
-    assert internal["invocation"] == {
+    # What the invoker chose is an external parameter (SLSA: verifiers pin those).
+    assert "invocation" not in internal
+    assert external["invocation"] == {
         "project": project,
         "trust": "trusted",
         "ref": "refs/heads/main",
+        "secrets": [],
+        "pinnedHosts": [],
+        "allow": [],
+        "allowFetch": [],
+        "unsafe": [],
     }
     (record,) = json.loads(bc("ls", "--json", cwd=d).stdout)
     assert (record["project"], record["trust"], record["ref"]) == (

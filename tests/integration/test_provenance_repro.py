@@ -264,7 +264,18 @@ def test_dir_rootfs_is_recorded_with_its_digest(bc, tmp_path: Path, state_root: 
         'outputs: ["o/x"]\n'
     )
     out = tmp_path / "out"
-    _build(bc, proj / "buildcell.yaml", out)
+    # A host directory as a spec's rootfs is the operator's grant.
+    config = tmp_path / "config.yaml"
+    config.write_text(f"rootfs: {{allow: [{root}]}}\n")
+    res = bc("build", "-f", str(proj / "buildcell.yaml"), "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 125
+    assert "host directories come from the operator" in res.stderr
+    assert not out.exists()
+    res = bc(
+        "build", "-f", str(proj / "buildcell.yaml"), "--out", str(out), cwd=tmp_path,
+        env={"BUILDCELL_CONFIG": str(config)},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
     deps = _statement(out / "provenance.intoto.jsonl")["predicate"]["buildDefinition"][
         "resolvedDependencies"
     ]

@@ -20,7 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buildcell.caches import DEFAULT_MAX_BYTES, CacheLease, CacheStore, expire_caches
+from buildcell.caches import (
+    DEFAULT_MAX_BYTES,
+    CacheLease,
+    CacheStore,
+    cache_scope,
+    expire_caches,
+)
 from buildcell.cell.workspace import remove_tree
 from buildcell.errors import ConfigError, StateError
 
@@ -43,6 +49,9 @@ def store(root: Path) -> CacheStore:
 
 
 def _kdir(root: Path, project: str, trust: str, key: str) -> Path:
+    # "untrusted" alone, as these tests lease it, is one shared untrusted scope.
+    if trust == "untrusted":
+        return root / project / trust / "build-shared" / key
     return root / project / trust / key
 
 
@@ -187,7 +196,7 @@ def test_a_name_is_a_path_component_only_when_valid(
             store.lease("proj", name, "trusted")
     else:
         with store.lease(name, name, "untrusted") as lease:
-            assert lease.work.parent == root / name / "untrusted" / name
+            assert lease.work.parent == root / name / "untrusted" / "build-shared" / name
     assert all(re.fullmatch(NAME, p.name) for p in root.iterdir())
 
 
@@ -597,3 +606,67 @@ def test_expire_ignores_what_is_not_a_cache(root: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == ["Not-A-Project", "link", "stray-file"]
     with pytest.raises(ConfigError):
         expire_caches(root, max_age_seconds=-1)
+
+
+# -- scopes: one pull request's caches are its own --------------------------------------
+
+
+def test_refs_never_see_each_others_caches(store: CacheStore, root: Path) -> None:
+    pr1 = cache_scope("untrusted", ref="refs/pull/1/merge", build_id="b1")
+    pr2 = cache_scope("untrusted", ref="refs/pull/2/merge", build_id="b2")
+    with store.lease("acme", "pip", pr1) as lease:
+        (lease.work / "poison").write_text("from pr 1")
+        assert lease.commit().published
+    with store.lease("acme", "pip", pr2) as lease:
+        assert lease.source == "empty"
+        assert _tree(lease.work) == {}
+    with store.lease("acme", "pip", pr1) as again:
+        assert again.source == "untrusted"
+        assert _tree(again.work) == {"poison": "from pr 1"}
+    # The trusted cache still comes first for every ref, and is never written by one.
+    _save(store, "acme", "trusted", {"good": "trusted"})
+    with store.lease("acme", "pip", pr2) as lease:
+        assert lease.source == "trusted"
+    with store.lease("acme", "pip", "trusted") as lease:
+        assert _tree(lease.work) == {"good": "trusted"}
+    scope_dir = root / "acme" / "untrusted" / pr1.name
+    assert (scope_dir / "ref").read_text() == "refs/pull/1/merge\n"
+
+
+def test_a_build_without_ref_has_a_cache_of_its_own(store: CacheStore, root: Path) -> None:
+    one = cache_scope("untrusted", ref=None, build_id="20261207T120000-aaaaaaaa")
+    other = cache_scope("untrusted", ref=None, build_id="20261207T120000-bbbbbbbb")
+    assert one.ephemeral
+    assert one.describe() == "build"
+    with store.lease("acme", "pip", one) as lease:
+        (lease.work / "f").write_text("x")
+        lease.commit()
+    with store.lease("acme", "pip", one) as step2:  # a later step of the same build
+        assert _tree(step2.work) == {"f": "x"}
+    with store.lease("acme", "pip", other) as lease:
+        assert lease.source == "empty"
+    store.drop_scope("acme", one)
+    assert not (root / "acme" / "untrusted" / one.name).exists()
+
+
+def test_scope_names_do_not_depend_on_ref_syntax() -> None:
+    a = cache_scope("untrusted", ref="../../trusted", build_id="x")
+    b = cache_scope("untrusted", ref="refs/pull/1/merge\n", build_id="x")
+    assert a.name.startswith("ref-")
+    assert "/" not in a.name
+    assert a.name != b.name
+    assert cache_scope("trusted", ref="refs/heads/main", build_id="x").name == "trusted"
+
+
+def test_gc_ages_out_scopes_and_removes_unscoped_untrusted_caches(
+    store: CacheStore, root: Path
+) -> None:
+    pr = cache_scope("untrusted", ref="refs/pull/9/merge", build_id="b")
+    with store.lease("acme", "pip", pr) as lease:
+        (lease.work / "f").write_text("x")
+        lease.commit()
+    legacy = root / "acme" / "untrusted" / "pip"
+    (legacy / "gen-0000000001-0000000000000000").mkdir(parents=True)
+    removed = expire_caches(root, max_age_seconds=0, now=time.time() + 10)
+    assert legacy in removed
+    assert not (root / "acme" / "untrusted" / pr.name).exists()

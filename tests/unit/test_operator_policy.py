@@ -298,6 +298,10 @@ def test_context_shape() -> None:
             "secrets": ["token", "netrc"],
             "unsafe": ["no-seccomp"],
             "pinned_hosts": [],
+            "allow": [],
+            "allow_fetch": [],
+            "image_budget": None,
+            "cache_scope": "trusted",
         },
     }
     assert json.loads(json.dumps(context)) == context  # plain JSON data, nothing else
@@ -321,6 +325,10 @@ def test_context_defaults() -> None:
         "secrets": [],
         "unsafe": [],
         "pinned_hosts": [],
+        "allow": [],
+        "allow_fetch": [],
+        "image_budget": None,
+        "cache_scope": "build",
     }
 
 

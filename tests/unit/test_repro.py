@@ -332,31 +332,51 @@ def test_without_diffoscope_there_is_no_summary(
 
 
 def test_diffoscope_report_becomes_the_summary(trees: tuple[Path, Path], fake_bin: Path) -> None:
-    log = fake_diffoscope(fake_bin, 'echo "--- a/app.whl"; echo "+++ b/app.whl"; exit 1')
+    fake_diffoscope(fake_bin, 'echo "args: $*"; echo "--- a/app.whl"; echo "+++ b/app.whl"; exit 1')
     a, b = differing(trees)
     report = compare_trees(a, b)
     whl, only_b = report.differences
-    assert whl.summary == "--- a/app.whl\n+++ b/app.whl\n"
+    # Exactly one call, for the file on both sides, run in a cell on copies of the two
+    # (a/NAME and b/NAME in its workspace), never on the host's paths.
+    assert whl.summary == (
+        "args: --text - --no-progress a/app.whl b/app.whl\n--- a/app.whl\n+++ b/app.whl\n"
+    )
     assert only_b.summary is None  # diffoscope needs both files
-    # Exactly one call, for the file on both sides, with absolute paths.
-    assert log.read_text().splitlines() == [
-        f"--text - --no-progress {a.absolute()}/app.whl {b.absolute()}/app.whl"
-    ]
 
 
-def test_diffoscope_is_not_run_when_not_asked(trees: tuple[Path, Path], fake_bin: Path) -> None:
-    log = fake_diffoscope(fake_bin, "echo report; exit 1")
+@pytest.fixture
+def cells_started(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every cell repro starts (diffoscope runs in one), still run for real."""
+    import buildcell.cell
+
+    started: list[object] = []
+    real = buildcell.cell.run_cell
+
+    def spy(config: object, **kw: object) -> object:
+        started.append(config)
+        return real(config, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(buildcell.cell, "run_cell", spy)
+    return started
+
+
+def test_diffoscope_is_not_run_when_not_asked(
+    trees: tuple[Path, Path], fake_bin: Path, cells_started: list[object]
+) -> None:
+    fake_diffoscope(fake_bin, "echo report; exit 1")
     report = compare_trees(*differing(trees), diffoscope=False)
     assert [d.summary for d in report.differences] == [None, None]
-    assert not log.exists()
+    assert cells_started == []
 
 
 def test_diffoscope_is_not_run_for_identical_trees(
-    trees: tuple[Path, Path], fake_bin: Path
+    trees: tuple[Path, Path], fake_bin: Path, cells_started: list[object]
 ) -> None:
-    log = fake_diffoscope(fake_bin, "echo report; exit 1")
+    fake_diffoscope(fake_bin, "echo report; exit 1")
     assert compare_trees(*trees).reproducible
-    assert not log.exists()
+    assert cells_started == []
+    compare_trees(*differing(trees))
+    assert len(cells_started) == 1  # the spy does see diffoscope's cell
 
 
 def test_a_long_diffoscope_report_is_truncated(trees: tuple[Path, Path], fake_bin: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from buildcell.cell.config import Limits
 from buildcell.errors import SpecError
@@ -205,8 +206,15 @@ def test_uri(tmp_path: Path) -> None:
     project = tmp_path / "project"
     assert spec.inputs[0].uri(project) == "https://example.org/zlib-1.3.1.tar.gz"
     assert spec.inputs[1].uri(project) == f"file://{tmp_path}/assets/logo.png"
-    absolute = InputSpec(file="/srv/a b.tar", sha256=HEX, path="a")
-    assert absolute.uri(project) == "file:///srv/a%20b.tar"
+    spaced = InputSpec(file="a b/c.tar", sha256=HEX, path="a")
+    assert spaced.uri(project) == f"file://{project}/a%20b/c.tar"
+
+
+@pytest.mark.parametrize("name", ["/etc/shadow", "/srv/a b.tar", "//x"])
+def test_a_file_input_is_never_an_absolute_host_path(name: str) -> None:
+    # A spec is the repository's: it names files inside its own directory only.
+    with pytest.raises(ValidationError, match="relative to the spec's directory"):
+        InputSpec(file=name, sha256=HEX, path="a")
 
 
 # --- loading, digest -----------------------------------------------------------------------

@@ -23,6 +23,16 @@ and ``--json-status-fd``), is started without a Python ``preexec`` at all:
 - the death signal: bubblewrap sets it before its sandbox process may run anything. Had the
   supervisor died before that, bubblewrap's next step, the status write to the
   supervisor's pipe, kills it with SIGPIPE while its sandbox process still waits for it.
+
+bubblewrap starts with an empty environment. It needs none: the cell's environment is set
+with ``--clearenv``/``--setenv``, and it finds the cell's command through that ``PATH``.
+Whatever it starts with would stay readable for the cell as ``/proc/1/environ`` (the
+sandbox's init is a fork of it), so the supervisor's variables, its ``PATH`` included, never
+reach it; the program itself is given by absolute path.
+
+Before the first sandbox starts, the supervisor becomes a child subreaper, and the sandbox's
+init, which bubblewrap leaves behind when it exits first, is reaped here (see
+:mod:`buildcell.cell.reaper`).
 """
 
 from __future__ import annotations
@@ -33,12 +43,15 @@ import json
 import os
 import resource
 import selectors
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from buildcell.cell import reaper
 
 __all__ = ["PumpResult", "SpawnPlan", "pump", "spawn"]
 
@@ -127,19 +140,41 @@ def _preexec_for(plan: SpawnPlan, parent: int) -> Callable[[], None]:
 def spawn(plan: SpawnPlan) -> subprocess.Popen[bytes]:
     """Start ``plan.argv``; stdout and stderr are pipes unless ``capture`` is False.
 
+    The program starts with an empty environment, from an absolute path (a bare name is
+    looked up in the supervisor's ``PATH`` first). The first call makes the supervisor a
+    child subreaper.
+
     Raises:
         OSError: the program could not be started (callers translate it).
     """
+    reaper.become_subreaper()
     pipe = subprocess.PIPE if plan.capture else subprocess.DEVNULL
     common: dict[str, Any] = {
+        "executable": _absolute_program(plan.argv[0]),
         "stdin": plan.stdin if plan.stdin is not None else subprocess.DEVNULL,
         "stdout": pipe,
         "stderr": pipe,
         "pass_fds": plan.pass_fds,
         "close_fds": True,
-        "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+        "env": {},
         "process_group": 0,
     }
+    with reaper.tracking() as track:
+        proc = _start(plan, common)
+        track(proc)
+    return proc
+
+
+def _absolute_program(program: str) -> str:
+    if "/" in program:
+        return os.path.abspath(program)
+    found = shutil.which(program)
+    if found is None:
+        raise FileNotFoundError(2, "No such file or directory", program)
+    return os.path.abspath(found)
+
+
+def _start(plan: SpawnPlan, common: dict[str, Any]) -> subprocess.Popen[bytes]:
     if plan.needs_preexec():
         return subprocess.Popen(
             list(plan.argv),
@@ -224,6 +259,10 @@ def _disable_own_core_dumps() -> None:
         _core_dumps_disabled = True
 
 
+# How long the end of a cell waits for the sandbox's init to follow bubblewrap.
+_INIT_GRACE = 0.5
+
+
 @dataclass
 class PumpResult:
     """What the supervision loop observed."""
@@ -283,11 +322,14 @@ def pump(
 
     ``kill`` must kill every process of the cell; it is called on timeout, and if output
     pipes stay open long after bubblewrap exited (which would mean something outlived it).
+    The sandbox's init, which bubblewrap reports as ``child-pid``, is expected as an orphan
+    and reaped here once bubblewrap has exited (see :mod:`buildcell.cell.reaper`).
     """
     sel = selectors.DefaultSelector()
     tail = bytearray()
     handlers: dict[int, Callable[[bytes], None]] = {}
     parser = _StatusParser()
+    init_pids: list[int] = []
 
     def on_err(data: bytes) -> None:
         tail.extend(data)
@@ -296,6 +338,10 @@ def pump(
 
     def on_status_data(data: bytes) -> None:
         for obj in parser.feed(data):
+            pid = obj.get("child-pid")
+            if isinstance(pid, int) and not isinstance(pid, bool) and not init_pids:
+                init_pids.append(pid)
+                reaper.expect_orphan(pid)
             on_status(obj)
 
     assert proc.stdout is not None
@@ -342,6 +388,9 @@ def pump(
         returncode = proc.wait()
     finally:
         sel.close()
+    # bubblewrap exits without waiting for its init, which dies right after (its parent-death
+    # signal): reap it now rather than leave a zombie until the next sweep.
+    reaper.settle(_INIT_GRACE, pids=init_pids)
     return PumpResult(
         returncode=returncode,
         timed_out=timed_out,

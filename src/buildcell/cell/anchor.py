@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from buildcell._fs import Closing
-from buildcell.cell import _spawn
+from buildcell.cell import _spawn, reaper
+from buildcell.cell.bwrap import split_options
 from buildcell.errors import SandboxError
 
 __all__ = ["StorageAnchor"]
@@ -63,17 +64,30 @@ class StorageAnchor(Closing):
             "sleep",
             "infinity",
         ]
+        # The options (the cell's directory among them) go through --args, out of sight.
+        options, tail = split_options(argv)
+        args_fd = os.memfd_create("buildcell-anchor-args", os.MFD_CLOEXEC)
         try:
+            os.write(args_fd, options)
+            os.lseek(args_fd, 0, os.SEEK_SET)
             self._proc = _spawn.spawn(
-                _spawn.SpawnPlan(argv=argv, pass_fds=(w,), capture=True, self_guarded=True)
+                _spawn.SpawnPlan(
+                    argv=[bwrap, "--args", str(args_fd), *tail],
+                    pass_fds=(w, args_fd),
+                    capture=True,
+                    self_guarded=True,
+                )
             )
         except OSError as e:
             os.close(r)
             os.close(w)
             raise SandboxError(f"cannot start the storage anchor: {e.strerror}") from e
+        finally:
+            os.close(args_fd)
         os.close(w)
         try:
             self.pid = self._read_child_pid(r)
+            reaper.expect_orphan(self.pid)
             ns = ["mnt"] if not rootless else ["user", "mnt"]
             for name in ns:
                 fd = os.open(f"/proc/{self.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
@@ -151,3 +165,4 @@ class StorageAnchor(Closing):
                 if stream is not None:
                     stream.close()
             self._proc = None
+            reaper.settle(1.0, pids=[self.pid] if self.pid else [])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["Mount", "SandboxPlan", "bwrap_argv"]
+__all__ = ["Mount", "SandboxPlan", "bwrap_argv", "split_options"]
 
 MountKind = Literal[
     "ro-bind",
@@ -18,6 +19,7 @@ MountKind = Literal[
     "dir",
     "remount-ro",
     "ro-bind-data",
+    "ro-bind-fd",
 ]
 
 
@@ -27,8 +29,9 @@ class Mount:
 
     ``src`` is a host path for binds, the link target for symlinks, a file descriptor
     number for ``ro-bind-data`` (whose content becomes a read-only file in the sandbox's
-    own memory), unused otherwise. ``size`` applies to tmpfs, ``mode`` to tmpfs, dir and
-    ro-bind-data.
+    own memory) and ``ro-bind-fd`` (an ``O_PATH`` descriptor opened confined: bubblewrap
+    binds that very object, resolving no path), unused otherwise. ``size`` applies to
+    tmpfs, ``mode`` to tmpfs, dir and ro-bind-data.
     """
 
     kind: MountKind
@@ -62,7 +65,7 @@ def _mount_args(m: Mount) -> list[str]:
     if m.size is not None and m.kind == "tmpfs":
         args += ["--size", str(m.size)]
     match m.kind:
-        case "ro-bind" | "bind" | "dev-bind" | "symlink" | "ro-bind-data":
+        case "ro-bind" | "bind" | "dev-bind" | "symlink" | "ro-bind-data" | "ro-bind-fd":
             assert m.src is not None, m
             args += [f"--{m.kind}", m.src, m.dest]
         case "tmpfs" | "proc" | "dev" | "dir" | "remount-ro":
@@ -108,3 +111,16 @@ def bwrap_argv(plan: SandboxPlan, bwrap: str = "bwrap") -> list[str]:
     argv.append("--")
     argv += plan.argv
     return argv
+
+
+def split_options(argv: list[str]) -> tuple[bytes, list[str]]:
+    """Split a bubblewrap command line into its options, as the NUL-separated contents of
+    an ``--args`` file, and the rest (``--`` and the command).
+
+    Passed that way, the options (host paths, descriptors, the environment) never appear in
+    bubblewrap's argv, which every local user and the cell itself (``/proc/1/cmdline``) can
+    read.
+    """
+    split = argv.index("--")
+    options = b"".join(os.fsencode(a) + b"\0" for a in argv[1:split])
+    return options, argv[split:]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from buildcell.errors import ConfigError
 
 if TYPE_CHECKING:
+    from buildcell.cell.oci import UnpackBudget
     from buildcell.egress.policy import EgressPolicy
     from buildcell.redact import Secret
     from buildcell.secrets import SecretDelivery
@@ -83,12 +84,34 @@ class HostRootfs:
 
 @dataclass(frozen=True)
 class DirRootfs:
-    """A directory on the host used, read-only, as the cell's root."""
+    """A directory on the host used, read-only, as the cell's root.
+
+    Attributes:
+        path: the directory (absolute).
+        beneath: where it must lie, when it comes from a spec (the spec's directory): it is
+            then opened confined below ``beneath``, following no symlink out of it. ``None``
+            for a directory the operator named.
+    """
 
     path: Path
+    beneath: Path | None = None
 
     def describe(self) -> str:
         return f"dir:{self.path}"
+
+    def open(self) -> int:
+        """Open the directory (``O_RDONLY|O_DIRECTORY``), confined when ``beneath`` is set.
+
+        Raises:
+            ConfigError: it is missing, not a directory, or leaves ``beneath``.
+        """
+        from buildcell import confined
+
+        if self.beneath is None:
+            return confined.open_root(self.path, what="rootfs directory")
+        rel = os.path.relpath(self.path, self.beneath)
+        with confined.opened_root(self.beneath, what="the spec's directory") as root:
+            return confined.open_dir(root, rel, what=f"rootfs directory {rel!r}")
 
 
 @dataclass(frozen=True)
@@ -96,11 +119,13 @@ class OciRootfs:
     """An OCI image layout, OCI archive or docker-archive, pinned by its manifest digest.
 
     It is verified and unpacked once per digest into the state directory's cache, then used
-    read-only like a directory rootfs.
+    read-only like a directory rootfs. ``beneath``, as for :class:`DirRootfs`, is where a
+    spec's image must lie.
     """
 
     path: Path
     digest: str
+    beneath: Path | None = None
 
     def describe(self) -> str:
         return f"oci:{self.path}@{self.digest}"
@@ -197,6 +222,10 @@ class CellConfig:
         pinned_hosts: ``(name, address)`` pairs the host side resolves without DNS
             (``--add-host``); such addresses still pass the address guard.
         caches: host directories bound read-write (build caches), after everything else.
+        output_max_size: bytes all outputs together may have.
+        image_budget: what images may unpack to, shared by every cell of a build (an
+            image's unpacked size counts once per budget); ``None``: 16 GiB per image.
+        wait_for_out_dir: wait while another build uses ``out_dir`` (else fail at once).
     """
 
     argv: tuple[str, ...]
@@ -218,6 +247,9 @@ class CellConfig:
     network: EgressPolicy | None = None
     pinned_hosts: tuple[tuple[str, str], ...] = ()
     caches: tuple[Bind, ...] = ()
+    output_max_size: int | None = 16 << 30
+    wait_for_out_dir: bool = True
+    image_budget: UnpackBudget | None = None
 
     def __post_init__(self) -> None:
         if not self.argv:

@@ -34,6 +34,7 @@ __all__ = [
     "needs_cgroup",
     "parse_cgroup_layout",
     "remove_stale_cgroup",
+    "with_defaults",
 ]
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,25 @@ def fallback_plan(
                 f"cpus: no usable cgroup cpu controller; pinning to {count} CPU(s) instead"
             )
     return FallbackPlan(tuple(rlimits), nproc, affinity, tuple(warnings))
+
+
+def with_defaults(limits: Limits, defaults: Limits, backend: LimitsBackend) -> Limits:
+    """``limits`` with what it leaves unset taken from ``defaults`` (the operator's).
+
+    A default memory cap is taken only where a cgroup memory controller enforces it: the
+    address-space rlimit that stands in for an explicit limit breaks programs that reserve
+    address space they never touch, which no one asked for here.
+    """
+    memory = limits.memory
+    if memory is None and "memory" in backend.controllers:
+        memory = defaults.memory
+    return Limits(
+        memory=memory,
+        pids=limits.pids if limits.pids is not None else defaults.pids,
+        cpus=limits.cpus if limits.cpus is not None else defaults.cpus,
+        disk=limits.disk if limits.disk is not None else defaults.disk,
+        timeout=limits.timeout if limits.timeout is not None else defaults.timeout,
+    )
 
 
 def needs_cgroup(limits: Limits, backend: LimitsBackend) -> bool:

@@ -21,6 +21,15 @@ bytes checked are the bytes unpacked; a mismatch fails the whole unpack, and not
 from it survives. ``index.json`` and ``manifest.json`` are not content-addressed and are only
 used to find blobs.
 
+**The source is confined.** An image named by a repository is the attacker's: its layout
+directory may hold symlinks (``blobs -> /``, ``index.json -> /proc/self/environ``,
+``blobs/sha256/X -> /etc/shadow``). Every file of a layout is opened with
+:mod:`buildcell.confined`, beneath the layout's root: a symlink may lead elsewhere inside it,
+never out; only regular files are read, and a fifo or device is refused before it is opened.
+The caller passes either a path the operator gave (``--rootfs oci:PATH@...``; symlinks in
+the path itself are followed) or a descriptor it opened confined itself (a spec's image),
+and a label that messages use for the image.
+
 **Layer application** parses layers with :mod:`tarfile` and does every filesystem write
 itself, relative to directory file descriptors:
 
@@ -28,23 +37,52 @@ itself, relative to directory file descriptors:
   unpack;
 * every parent directory is opened component by component with ``O_NOFOLLOW``, so a symlink
   (from this layer or a lower one) is never followed: an entry below one fails the unpack;
-* symlinks are created verbatim (absolute targets resolve inside the cell's root);
+* symlinks are created verbatim (absolute targets resolve inside the cell's root; a link such
+  as ``etc -> /`` at the image's root is a plain symlink here, and only the code that mounts
+  the root decides what it means);
 * a hard link is made only to a regular file inside the root, reached the same way; any
   other link is skipped and logged;
 * devices, fifos and unknown entry types are skipped and counted; a skipped entry changes
   nothing, so what a lower layer had at its path stays;
 * ownership and extended attributes (file capabilities among them) are dropped: everything
-  belongs to the unpacking user; setuid and setgid bits are cleared; mtimes are kept;
+  belongs to the unpacking user; files and directories keep at most ``0o755`` of their mode
+  (no setuid, setgid or sticky bit, nothing writable by group or others: the tree is
+  shared by every later build on the image, and the cell mounts it read-only anyway);
+  mtimes are kept;
+* sparse files (old GNU ``S`` members and PAX 0.0, 0.1 and 1.0 ones) are written sparse:
+  their map is checked (ordered, not overlapping, inside the declared size, no more data
+  than the member stores), the data pieces are written at their offsets and the file is
+  truncated to its declared size;
 * ``.wh.NAME`` and ``.wh..wh..opq`` whiteouts hide what lower layers put there.
 
 Directories stay ``0o700`` while layers are applied and get their image modes and mtimes
 only after the last layer, deepest first: a later layer may write into a directory an
 earlier one made read-only, and writing would move its mtime.
 
-**Cache.** The result lives in ``CACHE/oci/HEX/rootfs`` next to a ``complete`` marker. It is
-built in a temporary directory beside it and renamed into place under an exclusive lock
-(``CACHE/oci/HEX.lock``), so it is unpacked once and never seen half-done; later calls only
-re-verify that the source still holds the digest (index, manifest and config, not layers).
+**The budget.** What images may take on disk is bounded by an :class:`UnpackBudget`, one
+per build and shared by every image the build unpacks (without one, each image gets
+:data:`MAX_UNPACKED_SIZE`). Every entry is charged *before* it is written: one 4 KiB block
+for what it creates (inode, directory entry, symlink target, a directory's block) plus, for a
+file, its real size rounded up to whole blocks. The real size is the size a member declares,
+which for a sparse member is the size of the file it expands to, however few bytes of the
+layer it occupies: a small blob can never write more than its budget. Charges are never
+given back (a whiteout or a later layer replacing a file does not refund it), so the
+budget bounds everything ever written. The uncompressed layer streams are bounded by the
+budget too (a gzip bomb of zeros is read only that far) and an image costs at least as
+much as its streams, so the work of decompressing and hashing is bounded per build as well.
+A cached image costs what its unpack cost, as its marker records; an image that a budget
+has already paid for costs nothing more when the build asks for it again.
+
+**Cache.** The result lives in ``CACHE/oci/HEX/rootfs`` next to a ``complete`` marker (format
+version, cost, bytes). It is built in a temporary directory beside it and renamed into place
+under an exclusive lock (``CACHE/oci/HEX.lock``), so it is unpacked once and never seen
+half-done: when the budget, the disk or the image gives out partway, the temporary tree is
+removed and nothing is published. Later calls only re-verify that the source still holds the
+digest (index, manifest and config, not layers). A marker without the current version (an
+unpack by an older buildcell, with other modes and no recorded cost) counts as no marker:
+the image is unpacked again. No directory or file that buildcell makes in the cache is
+writable by anyone but its user; directories are ``0o711`` when buildcell runs as root
+(cells run as other uids and must reach the tree) and ``0o700`` otherwise.
 """
 
 from __future__ import annotations
@@ -65,6 +103,7 @@ import re
 import stat
 import tarfile
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -73,6 +112,7 @@ from typing import IO, Any, Literal, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from buildcell import confined
 from buildcell._fs import Closing, file_kind
 from buildcell._json import reject_duplicate_keys
 from buildcell.errors import ConfigError, ImageError, StateError
@@ -82,6 +122,7 @@ __all__ = [
     "MAX_ENTRIES",
     "MAX_JSON_SIZE",
     "MAX_UNPACKED_SIZE",
+    "UnpackBudget",
     "parse_digest",
     "unpack_image",
 ]
@@ -90,7 +131,8 @@ logger = logging.getLogger(__name__)
 
 #: Largest JSON document (index, manifest, config, manifest.json) that is read.
 MAX_JSON_SIZE = 4 << 20
-#: Largest total size of an image's uncompressed layer streams (file contents included).
+#: The budget of one image when the caller gives no :class:`UnpackBudget`: what its
+#: unpacked tree may take on disk, and what its uncompressed layer streams may hold.
 MAX_UNPACKED_SIZE = 16 << 30
 #: Most tar entries, over all layers, that an image may have.
 MAX_ENTRIES = 1_000_000
@@ -105,11 +147,20 @@ _MAX_LINK_HOPS = 8  # symlinks and hard links between members of an image archiv
 _MAX_HEADER_BYTES = 1 << 20
 _TAR_BUFSIZE = 64 << 10  # below _MAX_HEADER_BYTES: tarfile reads ahead this much
 _CHUNK = 1 << 20
+# What one entry is charged for what it creates besides file data: an inode, a directory
+# entry, a symlink's target, a directory's first block. File data is charged in these
+# blocks too, so the charge bounds st_blocks as well as st_size.
+_BLOCK = 4096
+_MARKER_VERSION = 2  # of the "complete" marker; other versions are unpacked again
+_MAX_MARKER_SIZE = 1 << 20
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_COALESCE_GAP = 64 << 10  # sparse pieces closer than this are written in one go
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a fifo in an image directory opens at once (and is refused) instead of hanging.
-_BLOB_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+# O_NONBLOCK: if an archive was swapped for a fifo after the check, the open cannot block.
+_ARCHIVE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_MODE_MASK = 0o755  # what an unpacked file or directory keeps of its image mode
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _WHITEOUT = ".wh."
@@ -180,45 +231,206 @@ def parse_digest(text: str) -> str:
     return text
 
 
-def unpack_image(source: Path, digest: str, *, cache_dir: Path) -> Path:
+class UnpackBudget:
+    """The disk space that the images of one build may take, shared by all of them.
+
+    Every entry an image creates is charged before it is written: one 4 KiB block, plus the
+    real size of a file rounded up to whole blocks (the size it declares: for a sparse
+    file, the size it expands to). An image also costs at least the bytes of its
+    uncompressed layer streams. Charges are never given back. An image that is already in
+    the cache costs what its unpack cost (its marker records it), so a build that brings in
+    many cached images is bounded like one that unpacks them; an image this budget has
+    paid for once costs nothing when it is asked for again.
+
+    One budget may be used from several threads of one build at once.
+
+    Args:
+        limit: bytes, at least 0.
+
+    Raises:
+        ConfigError: ``limit`` is not a non-negative integer.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigError(f"invalid image unpack budget {limit!r}: expected bytes, >= 0")
+        self._limit = limit
+        self._used = 0
+        self._images: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"UnpackBudget(limit={self._limit}, used={self._used})"
+
+    @property
+    def limit(self) -> int:
+        """The budget, bytes."""
+        return self._limit
+
+    @property
+    def used(self) -> int:
+        """What has been charged so far, bytes."""
+        with self._lock:
+            return self._used
+
+    @property
+    def remaining(self) -> int:
+        """What is left, bytes."""
+        with self._lock:
+            return self._limit - self._used
+
+    @property
+    def images(self) -> dict[str, int]:
+        """What each image paid, by digest, for the images unpacked or reused so far."""
+        with self._lock:
+            return dict(self._images)
+
+    def _take(self, amount: int) -> bool:
+        """Charge ``amount`` if it fits; whether it did."""
+        with self._lock:
+            if amount > self._limit - self._used:
+                return False
+            self._used += amount
+            return True
+
+    def _take_cached(self, digest: str, amount: int) -> bool:
+        """Charge a cached image, unless this budget has paid for it already."""
+        with self._lock:
+            if digest in self._images:
+                return True
+            if amount > self._limit - self._used:
+                return False
+            self._used += amount
+            self._images[digest] = amount
+            return True
+
+    def _paid(self, digest: str, amount: int) -> None:
+        """Note that ``digest`` was unpacked for ``amount`` (already charged)."""
+        with self._lock:
+            self._images.setdefault(digest, amount)
+
+
+def unpack_image(
+    source: Path | int,
+    digest: str,
+    *,
+    cache_dir: Path,
+    budget: UnpackBudget | None = None,
+    label: str | None = None,
+) -> Path:
     """Verify the image ``digest`` in ``source`` and unpack it once into ``cache_dir``.
 
     ``source`` is an OCI image layout directory, an OCI archive, or a docker-archive
-    tarball. ``digest`` names the image manifest, or an image index whose manifest for this
-    machine's platform is used; for a docker-archive without an OCI layout inside, which has
-    no manifest, it is the sha256 of the image's config JSON (Docker's image ID). The
-    returned directory is meant to be used read-only as a cell's root; it is owned by the
-    unpacking user.
+    tarball: a path the operator gave (symlinks in it are followed), or a descriptor (an
+    ``O_PATH`` one will do) of a directory or regular file that the caller opened confined,
+    for an image named by a repository. Either way, every file inside a layout directory
+    is opened beneath it (:mod:`buildcell.confined`), and a descriptor stays the caller's
+    to close. ``digest`` names the image manifest, or an image index whose manifest for
+    this machine's platform is used; for a docker-archive without an OCI layout inside,
+    which has no manifest, it is the sha256 of the image's config JSON (Docker's image
+    ID). The returned directory is meant to be used read-only as a cell's root; it is owned
+    by the unpacking user.
 
     A second call with the same digest returns the cached tree after re-verifying the
     index, manifest and config in ``source``, without reading layers. Concurrent calls for
     one digest, in threads or processes, unpack it once.
+
+    Args:
+        budget: what this image may take, shared with the build's other images; without
+            one, a budget of :data:`MAX_UNPACKED_SIZE` for this image alone. A cached
+            image is charged what its unpack cost.
+        label: how messages name the image (``images/debian``); by default the path.
 
     Returns:
         ``cache_dir/oci/<hex>/rootfs``.
 
     Raises:
         ConfigError: ``digest`` is not a sha256 digest.
-        ImageError: ``source`` is not a readable image, does not contain ``digest``, a blob
-            does not match its digest, a layer is malformed, hostile (a path that leaves
-            the root, an entry below a symlink), compressed in an unsupported way, or
-            larger than the limits (:data:`MAX_UNPACKED_SIZE`, :data:`MAX_ENTRIES`).
-        StateError: the cache directory cannot be created, locked or written.
+        ImageError: ``source`` is not a readable image, a file of the layout is a symlink
+            out of it or not a regular file, it does not contain ``digest``, a blob does
+            not match its digest, a layer is malformed, hostile (a path that leaves the
+            root, an entry below a symlink, a bad sparse map), compressed in an unsupported
+            way, larger than ``budget`` or :data:`MAX_ENTRIES`.
+        StateError: the cache directory cannot be created, locked or written, or the disk
+            is full; nothing half-unpacked is left to be used.
     """
     digest = parse_digest(digest)
+    if budget is None:
+        budget = UnpackBudget(MAX_UNPACKED_SIZE)
     hexdigest = digest.removeprefix("sha256:")
-    with _open_image(source) as image:
+    with _open_image(source, label) as image:
         plan = _plan_image(image, digest)
-        oci_dir = _ensure_dir(_ensure_dir(cache_dir) / "oci")
+        mode = _dir_mode()
+        oci_dir = _ensure_dir(_ensure_dir(cache_dir, mode) / "oci", mode)
         final = oci_dir / hexdigest
-        if _is_complete(final):
-            return final / "rootfs"
-        with _exclusive_lock(oci_dir / f"{hexdigest}.lock", digest):
-            if _is_complete(final):  # another process finished it while we waited
-                return final / "rootfs"
-            _discard_leftovers(oci_dir, hexdigest)
-            _unpack(image, plan, oci_dir, final)
+        cost = _read_marker(final)
+        if cost is None:
+            with _exclusive_lock(oci_dir / f"{hexdigest}.lock", digest):
+                cost = _read_marker(final)  # another process may have finished it meanwhile
+                if cost is None:
+                    _discard_leftovers(oci_dir, hexdigest)
+                    account = _Account(budget, f"{image.label}@{digest}")
+                    _unpack(image, plan, oci_dir, final, account)
+                    budget._paid(digest, account.charged)
+                    return final / "rootfs"
+        if not budget._take_cached(digest, cost):
+            raise ImageError(
+                f"image {image.label}@{digest} does not fit in the unpack budget of "
+                f"{format_size(budget.limit)}: the cached image takes {format_size(cost)}, "
+                f"{format_size(budget.remaining)} is left"
+            )
     return final / "rootfs"
+
+
+class _Account:
+    """What one image has been charged, against its build's budget, with how to say so."""
+
+    def __init__(self, budget: UnpackBudget, name: str) -> None:
+        self.budget = budget
+        self.name = name  # LABEL@DIGEST
+        self.charged = 0
+        # The uncompressed layer streams may hold at most what was left when this image
+        # started: it pays at least that much in the end (see settle).
+        self.stream_allowance = budget.remaining
+
+    def refusal(self, where: str, what: str, amount: int) -> ImageError:
+        return ImageError(
+            f"image {self.name} does not fit in the unpack budget of "
+            f"{format_size(self.budget.limit)}: {where}: {what} needs {format_size(amount)}, "
+            f"{format_size(self.budget.remaining)} is left"
+        )
+
+    def stream_refusal(self, where: str) -> str:
+        return (
+            f"image {self.name} does not fit in the unpack budget of "
+            f"{format_size(self.budget.limit)}: {where}: the uncompressed layer streams "
+            f"hold more than the {format_size(self.stream_allowance)} that was left for it"
+        )
+
+    def take(self, amount: int) -> bool:
+        """Charge ``amount`` if it fits; whether it did."""
+        if not self.budget._take(amount):
+            return False
+        self.charged += amount
+        return True
+
+    def charge(self, amount: int, where: str, what: str) -> None:
+        """Charge ``amount`` for ``what`` before it is written.
+
+        Raises:
+            ImageError: it does not fit.
+        """
+        if not self.take(amount):
+            raise self.refusal(where, what, amount)
+
+    def settle(self, stream_bytes: int) -> None:
+        """Make the image cost at least its uncompressed layer streams."""
+        if stream_bytes > self.charged:
+            self.charge(
+                stream_bytes - self.charged,
+                "all layers",
+                f"{format_size(stream_bytes)} of uncompressed layer streams",
+            )
 
 
 # --- wire formats ------------------------------------------------------------------------
@@ -435,8 +647,8 @@ class _Blob:
 class _Image(Closing):
     """Read access to the files of an image, by their names inside the image."""
 
-    def __init__(self, source: Path) -> None:
-        self.source = source
+    def __init__(self, label: str) -> None:
+        self.label = label
 
     def has(self, name: str) -> bool:
         """Whether the image has a file called ``name``."""
@@ -451,7 +663,8 @@ class _Image(Closing):
         """Open the regular file ``name``; None when it does not exist.
 
         Raises:
-            ImageError: it exists but is not a regular file, or cannot be read.
+            ImageError: it exists but is not a regular file, lies behind a symlink out of
+                the image, or cannot be read.
         """
 
     def close(self) -> None:
@@ -462,22 +675,66 @@ def _blob_name(digest: str) -> str:
     return "blobs/sha256/" + digest.removeprefix("sha256:")
 
 
+def _missing(root_fd: int, name: str) -> bool:
+    """Whether ``name`` is plainly absent below ``root_fd``: a component does not exist, and
+    every one before it is a real directory (not a symlink)."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return False
+    fd = os.dup(root_fd)
+    try:
+        for i, part in enumerate(parts):
+            try:
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return True
+            if i == len(parts) - 1 or not stat.S_ISDIR(st.st_mode):
+                return False
+            sub = os.open(
+                part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = sub
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 class _LayoutDir(_Image):
-    """An OCI image layout directory."""
+    """An OCI image layout directory, every file of it opened beneath its root."""
+
+    def __init__(self, root_fd: int, label: str, *, single_link: bool) -> None:
+        super().__init__(label)
+        self._root = root_fd  # ours: closed by close()
+        # A repository's file is only ever its own: a hard link may be another file of the
+        # host (one the repository's owner could link to, on a shared machine).
+        self._single_link = single_link
 
     def open(self, name: str) -> _Blob | None:
-        path = self.source / name  # names are ours: fixed, or built from a checked digest
+        # Names are ours (fixed, or built from a checked digest) or, for a docker-archive
+        # laid out as a directory, from manifest.json; what they resolve to is confined.
         try:
-            fd = os.open(path, _BLOB_FLAGS)
-        except FileNotFoundError:
-            return None
+            fd, st = confined.open_file(
+                self._root,
+                name,
+                what=f"{name} in image {self.label}",
+                resolve="beneath",
+                single_link=self._single_link,
+            )
+        except confined.UnsafePathError as e:
+            if _missing(self._root, name):
+                return None
+            raise ImageError(e.message) from e
         except OSError as e:
-            raise ImageError(f"cannot read {path}: {e.strerror}") from e
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise ImageError(f"{path} is a {file_kind(st.st_mode)}, not a regular file")
+            raise ImageError(f"cannot read {name} in image {self.label}: {e.strerror}") from e
         return _Blob(os.fdopen(fd, "rb"), st.st_size)
+
+    def close(self) -> None:
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
 
 
 def _archive_key(name: str) -> str | None:
@@ -485,37 +742,46 @@ def _archive_key(name: str) -> str | None:
     return key if key and key != "." else None
 
 
+_HEADER_ERRORS = (ValueError, OverflowError, IndexError)
+
+
 def _open_tar(*args: Any, **kwargs: Any) -> tarfile.TarFile:
     """``tarfile.open``, which reads the first header (see :func:`_next_entry`)."""
     try:
         return tarfile.open(*args, **kwargs)
-    except (ValueError, OverflowError) as e:
+    except _HEADER_ERRORS as e:
         raise tarfile.ReadError(f"malformed entry header ({e})") from e
 
 
 def _next_entry(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
     """``tar.next()``; a header tarfile cannot parse is a :class:`tarfile.ReadError`.
 
-    Besides ``TarError``, tarfile's header parsing raises ``ValueError`` and
-    ``OverflowError`` on some hostile input (a GNU sparse 1.0 map without its newline,
-    say): that is a malformed image, not a bug of ours.
+    Besides ``TarError``, tarfile's header parsing raises ``ValueError``,
+    ``OverflowError`` and ``IndexError`` on some hostile input (a GNU sparse 1.0 map
+    without its newline; an old GNU sparse header that announces an extension block and
+    ends): that is a malformed image, not a bug of ours.
     """
     try:
         return tar.next()
-    except (ValueError, OverflowError) as e:
+    except _HEADER_ERRORS as e:
         raise tarfile.ReadError(f"malformed entry header ({e})") from e
 
 
 class _Archive(_Image):
     """A tar (optionally compressed) holding an OCI layout or a docker-archive."""
 
-    def __init__(self, source: Path) -> None:
-        super().__init__(source)
+    def __init__(self, fd: int, label: str) -> None:
+        super().__init__(label)
+        self._file = os.fdopen(fd, "rb")  # ours: closed by close()
         try:
             # Held open until close(): blobs are read from it on demand.
-            self._tar = _open_tar(source, "r:*")
+            self._tar = _open_tar(fileobj=self._file, mode="r:*")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise ImageError(f"cannot read image archive {source}: {e}") from e
+            self._file.close()
+            raise ImageError(f"cannot read image archive {label}: {e}") from e
+        except BaseException:
+            self._file.close()
+            raise
         self._members: dict[str, tarfile.TarInfo] = {}
         try:
             count = 0
@@ -523,16 +789,16 @@ class _Archive(_Image):
                 count += 1
                 if count > _MAX_ARCHIVE_MEMBERS:
                     raise ImageError(
-                        f"image archive {source} has more than {_MAX_ARCHIVE_MEMBERS} entries"
+                        f"image archive {label} has more than {_MAX_ARCHIVE_MEMBERS} entries"
                     )
                 key = _archive_key(member.name)
                 if key is not None:
                     self._members[key] = member  # a later member replaces an earlier one
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            self._tar.close()
-            raise ImageError(f"cannot read image archive {source}: {e}") from e
+            self.close()
+            raise ImageError(f"cannot read image archive {label}: {e}") from e
         except BaseException:
-            self._tar.close()
+            self.close()
             raise
 
     def open(self, name: str) -> _Blob | None:
@@ -552,30 +818,62 @@ class _Archive(_Image):
         if member is None:
             return None
         if not member.isreg():
-            raise ImageError(f"{name} in {self.source} is not a regular file")
+            raise ImageError(f"{name} in image {self.label} is not a regular file")
         try:
             stream = self._tar.extractfile(member)
         except (tarfile.TarError, OSError) as e:
-            raise ImageError(f"cannot read {name} from {self.source}: {e}") from e
+            raise ImageError(f"cannot read {name} from image {self.label}: {e}") from e
         assert stream is not None  # regular members always have a stream
         return _Blob(stream, member.size)
 
     def close(self) -> None:
         self._tar.close()
+        self._file.close()
 
 
-def _open_image(source: Path) -> _Image:
+def _fd_label(fd: int) -> str:
     try:
-        st = os.stat(source)
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"(descriptor {fd})"
+
+
+def _open_image(source: Path | int, label: str | None) -> _Image:
+    """Open an image from the operator's path or the caller's (confined) descriptor."""
+    if isinstance(source, int):
+        return _open_image_fd(source, label or _fd_label(source), repository=True)
+    shown = label or str(source)
+    try:
+        # O_PATH: a fifo or device is looked at, never opened.
+        fd = os.open(source, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError as e:
-        raise ImageError(f"image {source} does not exist") from e
+        raise ImageError(f"image {shown} does not exist") from e
     except OSError as e:
-        raise ImageError(f"cannot read image {source}: {e.strerror}") from e
-    if stat.S_ISDIR(st.st_mode):
-        return _LayoutDir(source)
-    if stat.S_ISREG(st.st_mode):
-        return _Archive(source)
-    raise ImageError(f"image {source} is a {file_kind(st.st_mode)}, not a directory or archive")
+        raise ImageError(f"cannot read image {shown}: {e.strerror}") from e
+    try:
+        return _open_image_fd(fd, shown, repository=False)
+    finally:
+        os.close(fd)
+
+
+def _open_image_fd(fd: int, label: str, *, repository: bool) -> _Image:
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return _LayoutDir(
+                confined.reopen(fd, os.O_RDONLY | os.O_DIRECTORY), label, single_link=repository
+            )
+        if stat.S_ISREG(st.st_mode):
+            if repository and st.st_nlink > 1:
+                raise ImageError(
+                    f"image {label} is a hard link ({st.st_nlink} names for one file); "
+                    "buildcell reads repository files only when they are the only name of "
+                    "their file"
+                )
+            return _Archive(confined.reopen(fd, _ARCHIVE_FLAGS), label)
+    except OSError as e:
+        raise ImageError(f"cannot read image {label}: {e.strerror}") from e
+    raise ImageError(f"image {label} is a {file_kind(st.st_mode)}, not a directory or archive")
 
 
 # --- reading and verifying blobs --------------------------------------------------------
@@ -665,7 +963,7 @@ def _read_small(blob: _Blob, what: str) -> bytes:
 def _read_file_json(image: _Image, name: str) -> Any:
     blob = image.open(name)
     if blob is None:
-        raise ImageError(f"{image.source} has no {name}")
+        raise ImageError(f"image {image.label} has no {name}")
     return _parse_json(_read_small(blob, name), name)
 
 
@@ -674,7 +972,7 @@ def _read_verified(image: _Image, digest: str, what: str, size: int | None = Non
     label = f"{what} blob {digest}"
     blob = image.open(_blob_name(digest))
     if blob is None:
-        raise ImageError(f"{label} is missing from {image.source}")
+        raise ImageError(f"{label} is missing from image {image.label}")
     data = _read_small(blob, label)
     actual = "sha256:" + hashlib.sha256(data).hexdigest()
     if actual != digest:
@@ -693,7 +991,7 @@ def _plan_image(image: _Image, digest: str) -> _Plan:
     has_docker = image.has("manifest.json")
     if not has_oci and not has_docker:
         raise ImageError(
-            f"{image.source} is not an OCI image layout or docker-archive "
+            f"image {image.label} is not an OCI image layout or docker-archive "
             "(it has neither index.json nor manifest.json)"
         )
     if not has_oci:
@@ -717,7 +1015,7 @@ def _plan_image(image: _Image, digest: str) -> _Plan:
 def _plan_oci(image: _Image, digest: str) -> _Plan:
     layout = _read_file_json(image, "oci-layout")
     if not isinstance(layout, dict) or not isinstance(layout.get("imageLayoutVersion"), str):
-        raise ImageError(f"oci-layout in {image.source} has no imageLayoutVersion")
+        raise ImageError(f"oci-layout in image {image.label} has no imageLayoutVersion")
     index = _validate(_Index, _read_file_json(image, "index.json"), "index.json")
     if not image.has(_blob_name(digest)):
         available = _available(image, index)
@@ -885,6 +1183,104 @@ class _Blocked(Exception):
         self.kind = kind
 
 
+def _blocks(size: int) -> int:
+    """``size`` rounded up to whole blocks."""
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _sparse_pieces(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[str, ...], where: str
+) -> list[tuple[int, int]]:
+    """The (offset, size) pieces of a sparse member that hold data, checked.
+
+    tarfile takes the map as the member says (old GNU headers and their extension blocks,
+    PAX 0.0 records, the 0.1 map record, the 1.0 map in the data): pieces may overlap, go
+    backwards, be negative or lie past the declared size, and claim more data than the
+    member stores. Each of those is refused here; pieces without data are dropped (old
+    GNU headers pad their four slots with them, GNU tar ends maps with one).
+
+    Raises:
+        ImageError: the map is not one an honest tar writes.
+    """
+    # typeshed says bytes; tarfile stores a list of (offset, size) pairs.
+    sparse = cast("list[tuple[int, int]]", member.sparse)
+    shown = f"sparse file {_show(parts)}"
+    hint = "the image is malformed or hostile; nothing was unpacked"
+    pieces: list[tuple[int, int]] = []
+    end = 0
+    for offset, size in sparse:
+        if offset < 0 or size < 0:
+            raise ImageError(
+                f"{where}: {shown} has a negative offset or size in its map", hint=hint
+            )
+        if size == 0:
+            continue
+        if offset < end:
+            raise ImageError(
+                f"{where}: {shown} has overlapping or unordered pieces in its map", hint=hint
+            )
+        end = offset + size
+        if end > member.size:
+            raise ImageError(
+                f"{where}: {shown} maps data up to byte {end}, past its size of {member.size}",
+                hint=hint,
+            )
+        pieces.append((offset, size))
+    # The stored data ends where tarfile will look for the next header.
+    stored = tar.offset - member.offset_data
+    total = sum(size for _, size in pieces)
+    if total > stored:
+        raise ImageError(
+            f"{where}: {shown} maps {total} bytes of data but stores only {max(stored, 0)}",
+            hint=hint,
+        )
+    return pieces
+
+
+def _read_exactly(src: IO[bytes], size: int) -> bytes:
+    data = src.read(size)
+    while len(data) < size:
+        more = src.read(size - len(data))
+        if not more:
+            raise tarfile.ReadError("unexpected end of data")
+        data += more
+    return data
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _write_pieces(src: IO[bytes], fd: int, pieces: list[tuple[int, int]]) -> None:
+    """Write the stored data of ``pieces`` (read from ``src`` in order) at their offsets.
+
+    Pieces a small hole apart go into one write, the hole written as zeros (inside the
+    declared size, so inside what was charged): a map of a hundred thousand one-byte
+    pieces costs a few system calls, not two hundred thousand.
+    """
+    run = bytearray()
+    start = 0
+    for offset, size in pieces:
+        gap = offset - (start + len(run))
+        if run and (gap > _COALESCE_GAP or len(run) + gap + size > _CHUNK):
+            _pwrite_all(fd, run, start)
+            run = bytearray()
+        if size > _CHUNK:  # (the run was just written: it could not take this piece)
+            for at in range(offset, offset + size, _CHUNK):
+                _pwrite_all(fd, _read_exactly(src, min(_CHUNK, offset + size - at)), at)
+            continue
+        if run:
+            run += bytes(gap)
+        else:
+            start = offset
+        run += _read_exactly(src, size)
+    if run:
+        _pwrite_all(fd, run, start)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -936,7 +1332,9 @@ class _Stats:
     symlinks: int = 0
     hardlinks: int = 0
     whiteouts: int = 0
-    bytes: int = 0
+    sparse: int = 0  # of the files, how many were sparse members
+    bytes: int = 0  # real sizes of the files written (a sparse file's declared size)
+    stream_bytes: int = 0  # of the uncompressed layer streams
     skipped: dict[str, int] = field(default_factory=dict)
 
     def skip(self, what: str, path: str, reason: str, *, warn: bool = False) -> None:
@@ -953,11 +1351,13 @@ class _Stats:
 class _Unpacker(Closing):
     """Applies layers, in order, to a staging directory it holds open."""
 
-    def __init__(self, rootfs: Path) -> None:
+    def __init__(self, rootfs: Path, account: _Account) -> None:
         self._root = os.open(rootfs, _DIR_FLAGS)
         # Final (mode, mtime) of every directory made, applied after the last layer.
         self._dirs: dict[tuple[str, ...], tuple[int, int]] = {}
-        self._budget = MAX_UNPACKED_SIZE
+        self._account = account
+        self._stream_left = account.stream_allowance
+        self._where = ""  # the layer being applied, for messages
         self._max_entries = MAX_ENTRIES
         self.stats = _Stats()
         # The parent directory of the last entry, open: tars list a directory's entries
@@ -999,7 +1399,7 @@ class _Unpacker(Closing):
             compression = self._detect(image, layer, where)
         blob = image.open(layer.location)
         if blob is None:
-            raise ImageError(f"{where}: blob {layer.location} is missing from {image.source}")
+            raise ImageError(f"{where}: blob {layer.location} is missing from image {image.label}")
         with blob.stream:
             if layer.size is not None and blob.size != layer.size:
                 raise ImageError(
@@ -1011,8 +1411,8 @@ class _Unpacker(Closing):
                 src = gzip.GzipFile(fileobj=raw, mode="rb")
             stream = _Reader(
                 src,
-                limit=self._budget,
-                too_big=f"the image unpacks to more than {format_size(MAX_UNPACKED_SIZE)}",
+                limit=self._stream_left,
+                too_big=self._account.stream_refusal(where),
                 window=_MAX_HEADER_BYTES,
             )
             try:
@@ -1036,7 +1436,8 @@ class _Unpacker(Closing):
             raise _mismatch(f"layer blob {layer.label}", layer.digest, raw.digest())
         if layer.diff_id is not None and stream.digest() != layer.diff_id:
             raise _mismatch(f"uncompressed layer {layer.label}", layer.diff_id, stream.digest())
-        self._budget -= stream.count
+        self._stream_left -= stream.count
+        self.stats.stream_bytes += stream.count
         self.stats.layers += 1
 
     @staticmethod
@@ -1058,7 +1459,7 @@ class _Unpacker(Closing):
         # docker-archive layers carry no media type: look at their first bytes.
         blob = image.open(layer.location)
         if blob is None:
-            raise ImageError(f"{where}: layer {layer.location} is missing from {image.source}")
+            raise ImageError(f"{where}: layer {layer.location} is missing from image {image.label}")
         with blob.stream:
             try:
                 head = blob.stream.read(4)
@@ -1077,6 +1478,7 @@ class _Unpacker(Closing):
         # What this layer put in place (with the parents of each), so that its whiteouts
         # remove only what lower layers made, whatever order the entries come in.
         touched: set[tuple[str, ...]] = set()
+        self._where = where
         while (member := _next_entry(tar)) is not None:
             # Stream mode needs no index of members; tarfile keeps one anyway (and typeshed
             # does not declare it). Dropping it keeps memory flat over a million entries.
@@ -1085,6 +1487,10 @@ class _Unpacker(Closing):
             self.stats.entries += 1
             if self.stats.entries > self._max_entries:
                 raise ImageError(f"the image has more than {self._max_entries} entries")
+            if member.sparse is not None and "GNU.sparse.name" in member.pax_headers:
+                # GNU tar names a PAX sparse file there, and writes a placeholder path
+                # (DIR/GNUSparseFile.PID/NAME) that tarfile would otherwise let win.
+                member.name = member.pax_headers["GNU.sparse.name"]
             try:
                 parts = _entry_parts(member.name)
             except _UnsafeName as e:
@@ -1092,6 +1498,14 @@ class _Unpacker(Closing):
                     f"{where}: entry {member.name!r} {e}",
                     hint="the image is malformed or hostile; nothing was unpacked",
                 ) from None
+            if member.size < 0:
+                # A pax size record or a base-256 field can say so; charging it would
+                # give budget back.
+                raise ImageError(
+                    f"{where}: entry {member.name[:200]!r} declares a negative size "
+                    f"({member.size})",
+                    hint="the image is malformed or hostile; nothing was unpacked",
+                )
             if member.size and (not parts or parts[-1].startswith(_WHITEOUT) or not member.isreg()):
                 # Only files carry data. Anything else claiming some would make tarfile skip
                 # that much of the stream, 64 KiB at a time, for as long as the claim says.
@@ -1109,7 +1523,7 @@ class _Unpacker(Closing):
                     self._whiteout(parts, touched, where)
                 else:
                     _touch(touched, parts)
-                    self._entry(tar, member, parts, stream, where)
+                    self._entry(tar, member, parts, where)
             except _Blocked as e:
                 raise ImageError(
                     f"{where}: entry {_show(parts)} is below {_show(e.parts)}, which is a "
@@ -1117,6 +1531,11 @@ class _Unpacker(Closing):
                     hint="the image is malformed or hostile; nothing was unpacked",
                 ) from None
             except OSError as e:
+                if e.errno in _NO_SPACE:
+                    raise StateError(
+                        f"the image cache is full: cannot unpack image {self._account.name}: "
+                        f"{where}: {_show(parts)}: {e.strerror}"
+                    ) from e
                 raise ImageError(f"{where}: cannot unpack {_show(parts)}: {e.strerror or e}") from e
 
     def _whiteout(self, parts: tuple[str, ...], touched: set[tuple[str, ...]], where: str) -> None:
@@ -1169,12 +1588,7 @@ class _Unpacker(Closing):
                     os.close(sub)
 
     def _entry(
-        self,
-        tar: tarfile.TarFile,
-        member: tarfile.TarInfo,
-        parts: tuple[str, ...],
-        stream: _Reader,
-        where: str,
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[str, ...], where: str
     ) -> None:
         mtime = _mtime_ns(member.mtime)
         parent = self._open_parent(parts[:-1], mtime)
@@ -1183,9 +1597,9 @@ class _Unpacker(Closing):
             if member.isdir():
                 self._make_dir(parent, name, parts, member.mode, mtime)
             elif member.isreg():
-                self._make_file(tar, member, parent, name, stream=stream, where=where, mtime=mtime)
+                self._make_file(tar, member, parent, name, parts, where=where, mtime=mtime)
             elif member.issym():
-                self._make_symlink(parent, name, member.linkname, shown, mtime)
+                self._make_symlink(parent, name, parts, member.linkname, mtime)
             elif member.islnk():
                 self._make_hardlink(parent, name, parts, member.linkname, shown)
             elif member.isfifo():  # before isdev(), which is true for fifos too
@@ -1215,6 +1629,7 @@ class _Unpacker(Closing):
                     if not create:
                         os.close(fd)
                         return None
+                    self._charge(_BLOCK, "directory", parts[: i + 1])
                     os.mkdir(component, 0o700, dir_fd=fd)
                     self._dirs[parts[: i + 1]] = (0o755, mtime)
                     sub = os.open(component, _DIR_FLAGS, dir_fd=fd)
@@ -1249,9 +1664,15 @@ class _Unpacker(Closing):
         self, parent: int, name: str, parts: tuple[str, ...], mode: int, mtime: int
     ) -> None:
         if not self._make_room(parent, name, keep_dir=True):
+            self._charge(_BLOCK, "directory", parts)
             os.mkdir(name, 0o700, dir_fd=parent)  # owner-only until the last layer is in
-        self._dirs[parts] = (mode & 0o1777, mtime)  # no setuid/setgid
+        self._dirs[parts] = (mode & _MODE_MASK, mtime)
         self.stats.directories += 1
+
+    def _charge(self, amount: int, what: str, parts: tuple[str, ...]) -> None:
+        # Once per entry: the message is made only for a refusal.
+        if not self._account.take(amount):
+            raise self._account.refusal(self._where, f"{what} {_show(parts)}", amount)
 
     def _make_file(
         self,
@@ -1259,34 +1680,51 @@ class _Unpacker(Closing):
         member: tarfile.TarInfo,
         parent: int,
         name: str,
+        parts: tuple[str, ...],
         *,
-        stream: _Reader,
         where: str,
         mtime: int,
     ) -> None:
-        if member.size > stream.remaining:
-            raise ImageError(
-                f"the image unpacks to more than {format_size(MAX_UNPACKED_SIZE)} "
-                f"({where}: {member.name!r} alone is {format_size(member.size)})"
-            )
+        # The real size (tarfile's size is the expanded one for sparse members) is charged
+        # before anything is written, however little of the stream the member occupies.
+        pieces = None if member.sparse is None else _sparse_pieces(tar, member, parts, where)
+        kind = "file" if pieces is None else "sparse file"
+        self._charge(_BLOCK + _blocks(member.size), kind, parts)
         self._make_room(parent, name, keep_dir=False)
-        src = tar.extractfile(member)
+        if pieces is None:
+            src = tar.extractfile(member)
+        else:
+            # The stored pieces, back to back, as one plain member of that length.
+            stored = tarfile.TarInfo(member.name)
+            stored.offset_data = member.offset_data
+            stored.size = sum(size for _, size in pieces)
+            src = tar.extractfile(stored)
         assert src is not None  # regular members always have a stream
         fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=parent)
         try:
-            while chunk := src.read(_CHUNK):
-                _write_all(fd, chunk)
-            os.fchmod(fd, member.mode & 0o777)  # no setuid, setgid or sticky bit
+            if pieces is None:
+                while chunk := src.read(_CHUNK):
+                    _write_all(fd, chunk)
+            else:
+                # Written sparse: each piece at its offset, the holes never written.
+                _write_pieces(src, fd, pieces)
+                os.ftruncate(fd, member.size)
+                self.stats.sparse += 1
+            os.fchmod(fd, member.mode & _MODE_MASK)
             os.utime(fd, ns=(mtime, mtime))
         finally:
             os.close(fd)
         self.stats.files += 1
         self.stats.bytes += member.size
 
-    def _make_symlink(self, parent: int, name: str, target: str, shown: str, mtime: int) -> None:
+    def _make_symlink(
+        self, parent: int, name: str, parts: tuple[str, ...], target: str, mtime: int
+    ) -> None:
+        shown = _show(parts)
         if not target or "\0" in target:
             self.stats.skip("invalid symlinks", shown, f"invalid target {target!r}", warn=True)
             return
+        self._charge(_BLOCK, "symlink", parts)
         self._make_room(parent, name, keep_dir=False)
         # Verbatim, absolute or not: inside the cell it resolves within the root, and
         # nothing here ever follows it.
@@ -1328,6 +1766,7 @@ class _Unpacker(Closing):
             if not stat.S_ISREG(st.st_mode):
                 skip(f"the target is a {file_kind(st.st_mode)}")
                 return
+            self._charge(_BLOCK, "hard link", parts)
             self._make_room(parent, name, keep_dir=False)
             # linkat without AT_SYMLINK_FOLLOW, from a descriptor inside the root.
             os.link(target[-1], name, src_dir_fd=tdir, dst_dir_fd=parent, follow_symlinks=False)
@@ -1357,34 +1796,96 @@ class _Unpacker(Closing):
 # --- the cache --------------------------------------------------------------------------
 
 
-def _ensure_dir(path: Path) -> Path:
-    """Make ``path`` (0o711: cells run as other users and must traverse it) if missing."""
+def _dir_mode() -> int:
+    """Of the cache's own directories: search-only for others when cells run as other uids."""
+    return 0o711 if os.geteuid() == 0 else 0o700
+
+
+def _ensure_dir(path: Path, mode: int) -> Path:
+    """Make directory ``path`` with ``mode`` if missing; check it if it exists.
+
+    An existing one must be a directory (not a symlink) of ours; write access for group or
+    others, which an older version or a careless hand may have left, is taken away.
+
+    Raises:
+        StateError: it cannot be made, or is not a directory of ours.
+    """
     try:
-        os.mkdir(path, 0o711)
+        os.mkdir(path, mode)
     except FileExistsError:
-        if not path.is_dir():
-            raise StateError(f"{path} exists and is not a directory") from None
+        _check_dir(path)
         return path
     except OSError as e:
         raise StateError(f"cannot create the image cache {path}: {e.strerror}") from e
-    os.chmod(path, 0o711)  # noqa: S103 -- search only; mkdir's mode went through the umask
+    os.chmod(path, mode)  # mkdir's mode went through the umask
     return path
 
 
-def _is_complete(final: Path) -> bool:
+def _check_dir(path: Path) -> None:
     try:
-        return stat.S_ISREG(os.lstat(final / "complete").st_mode)
+        st = os.lstat(path)
+    except OSError as e:
+        raise StateError(f"cannot use the image cache {path}: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"{path} exists and is a {file_kind(st.st_mode)}, not a directory")
+    if st.st_uid != os.geteuid():
+        raise StateError(
+            f"{path} belongs to uid {st.st_uid}, not to buildcell's user ({os.geteuid()}); "
+            "refusing to use it for the image cache"
+        )
+    if st.st_mode & 0o022:
+        logger.warning(
+            "%s was writable by others (mode %04o); taking that away",
+            path,
+            stat.S_IMODE(st.st_mode),
+        )
+        try:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022, follow_symlinks=False)
+        except OSError as e:
+            raise StateError(f"cannot change the mode of {path}: {e.strerror}") from e
+
+
+def _read_marker(final: Path) -> int | None:
+    """What the complete unpack in ``final`` cost, from its marker; None if there is none,
+    or it is from another version (one that recorded no cost and kept other modes)."""
+    try:
+        fd = os.open(final / "complete", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return False
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_MARKER_SIZE:
+            return None
+        data = os.read(fd, _MAX_MARKER_SIZE + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("version") != _MARKER_VERSION:
+        return None
+    cost = doc.get("charged")
+    if not isinstance(cost, int) or isinstance(cost, bool) or cost < 0:
+        return None
+    return cost
 
 
 @contextlib.contextmanager
 def _exclusive_lock(path: Path, digest: str) -> Iterator[None]:
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
     except OSError as e:
         raise StateError(f"cannot create lock file {path}: {e.strerror}") from e
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise StateError(f"lock file {path} is not a regular file of buildcell's user")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1409,7 +1910,7 @@ def _discard_leftovers(oci_dir: Path, hexdigest: str) -> None:
                 raise StateError(f"cannot remove {path}: {e.strerror}") from e
 
 
-def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path) -> None:
+def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path, account: _Account) -> None:
     hexdigest = plan.digest.removeprefix("sha256:")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{hexdigest}.tmp-", dir=oci_dir))
@@ -1417,24 +1918,29 @@ def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path) -> None:
         raise StateError(f"cannot create a directory in {oci_dir}: {e.strerror}") from e
     try:
         try:
-            os.chmod(tmp, 0o711)  # noqa: S103 -- search only, for cells run as other users
+            os.chmod(tmp, _dir_mode())
             os.mkdir(tmp / "rootfs", 0o700)
-            unpacker = _Unpacker(tmp / "rootfs")
+            unpacker = _Unpacker(tmp / "rootfs", account)
         except OSError as e:
             raise StateError(f"cannot prepare {tmp}: {e.strerror}") from e
         with unpacker:
+            # The root directory itself is an entry too.
+            account.charge(_BLOCK, "before layer 1", "the root directory")
             for n, layer in enumerate(plan.layers, 1):
                 logger.debug("applying layer %d/%d: %s", n, len(plan.layers), layer.label)
                 unpacker.apply(image, layer, f"layer {n}/{len(plan.layers)} ({layer.label})")
+            account.settle(unpacker.stats.stream_bytes)
             try:
                 unpacker.finish()
             except OSError as e:
                 raise ImageError(f"cannot set directory modes: {e.strerror}") from e
         stats = unpacker.stats
         marker = {
+            "version": _MARKER_VERSION,
             "digest": plan.digest,
             "manifest": plan.manifest,
             "layers": [layer.label for layer in plan.layers],
+            "charged": account.charged,
             **{k: v for k, v in asdict(stats).items() if k != "layers"},
         }
         try:
@@ -1447,11 +1953,19 @@ def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path) -> None:
                 os.close(fd)
             os.rename(tmp, final)
         except OSError as e:
-            raise StateError(f"cannot store the unpacked image in {final}: {e.strerror}") from e
+            full = " (the disk is full)" if e.errno in _NO_SPACE else ""
+            raise StateError(
+                f"cannot store the unpacked image in {final}{full}: {e.strerror}"
+            ) from e
     except BaseException:
         try:
             _remove_tree(tmp)
         except OSError as e:
             logger.warning("cannot remove %s: %s", tmp, e)
         raise
-    logger.info("unpacked image %s: %s", plan.digest, stats.summary())
+    logger.info(
+        "unpacked image %s: %s, charged %s",
+        account.name,
+        stats.summary(),
+        format_size(account.charged),
+    )

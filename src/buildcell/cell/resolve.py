@@ -36,9 +36,11 @@ def _host_path(mounts: Sequence[Mount], cell_path: str) -> tuple[str | None, Mou
             best = m
     if best is None:
         return None, None
-    if best.kind in ("ro-bind", "bind", "dev-bind") and best.src is not None:
+    if best.kind in ("ro-bind", "bind", "dev-bind", "ro-bind-fd") and best.src is not None:
+        # A descriptor bind is reached through the descriptor, never by a path of its tree.
+        src = f"/proc/self/fd/{best.src}" if best.kind == "ro-bind-fd" else best.src
         rest = cell_path[len(best.dest) :].lstrip("/")
-        return (posixpath.join(best.src, rest) if rest else best.src), best
+        return (posixpath.join(src, rest) if rest else src), best
     return None, best
 
 

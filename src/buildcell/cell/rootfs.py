@@ -9,8 +9,12 @@ so none of those exist in the cell.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from buildcell.cell.bwrap import Mount
 from buildcell.cell.config import (
@@ -20,18 +24,23 @@ from buildcell.cell.config import (
     CELL_UID,
     CELL_USER,
     CELL_WORKSPACE,
-    DirRootfs,
     HostRootfs,
-    Rootfs,
 )
+from buildcell.errors import ConfigError
 
 __all__ = [
     "HOST_ETC_ENTRIES",
     "HOST_TOP_LEVEL",
+    "MAX_TREE_ENTRIES",
+    "OpenedTree",
+    "TreeEntry",
     "WritableAreas",
     "cell_mounts",
+    "host_rootfs_digest",
+    "open_tree",
     "rootfs_mounts",
     "synthesized_etc",
+    "tree_mounts",
 ]
 
 #: Top-level host entries bound (read-only) or re-created as the same symlink.
@@ -106,46 +115,157 @@ def _entry_mount(host_path: Path, dest: str) -> Mount | None:
     return None
 
 
-def rootfs_mounts(rootfs: Rootfs, *, etc_dir: Path, host_root: Path = Path("/")) -> list[Mount]:
-    """The read-only root of the cell, before proc, dev and the writable areas.
+#: Most entries a directory rootfs may have at its top and in its /etc: each one is a
+#: descriptor held while the cell starts.
+MAX_TREE_ENTRIES = 4096
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """One entry of a directory rootfs, as opened confined: bound by descriptor, never by
+    path, or recreated as the same symlink (which then resolves inside the cell)."""
+
+    name: str
+    kind: Literal["dir", "file", "symlink"]
+    fd: int | None = None
+    target: str | None = None
+
+    def mount(self, dest: str) -> Mount:
+        if self.kind == "symlink":
+            assert self.target is not None
+            return Mount("symlink", dest, src=self.target)
+        assert self.fd is not None
+        return Mount("ro-bind-fd", dest, src=str(self.fd))
+
+
+@dataclass(frozen=True)
+class OpenedTree:
+    """A directory rootfs opened beneath its root: what :func:`tree_mounts` plans from.
+
+    Attributes:
+        top: the entries at its top level that the cell gets (not proc, dev, tmp, ...).
+        etc: the entries of its ``/etc``, resolved inside the root (``etc -> /`` names
+            the root itself; no host path is ever reached through it).
+        var_tmp: ``var`` and ``var/tmp`` are real directories (a fresh tmpfs goes there).
+    """
+
+    top: tuple[TreeEntry, ...]
+    etc: tuple[TreeEntry, ...]
+    var_tmp: bool
+    fds: tuple[int, ...]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _tree_entries(
+    dir_fd: int, *, what: str, skip: frozenset[str], fds: list[int]
+) -> list[TreeEntry]:
+    names = sorted(os.listdir(dir_fd))
+    if len(names) > MAX_TREE_ENTRIES:
+        raise ConfigError(
+            f"{what} has {len(names)} entries; a rootfs may have at most {MAX_TREE_ENTRIES} there"
+        )
+    result: list[TreeEntry] = []
+    for name in names:
+        if name in skip:
+            continue
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                result.append(TreeEntry(name, "symlink", target=os.readlink(name, dir_fd=dir_fd)))
+                continue
+            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                continue  # fifos, sockets, devices: never bound
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            continue
+        fds.append(fd)
+        after = os.fstat(fd)
+        kind: Literal["dir", "file"] = "dir" if stat.S_ISDIR(after.st_mode) else "file"
+        if not (stat.S_ISDIR(after.st_mode) or stat.S_ISREG(after.st_mode)):
+            continue  # swapped since the look
+        result.append(TreeEntry(name, kind, fd=fd))
+    return result
+
+
+def open_tree(root_fd: int, *, what: str) -> OpenedTree:
+    """Open the entries of a directory rootfs below ``root_fd``, never following a symlink
+    out of it.
+
+    Raises:
+        ConfigError: the rootfs (or its ``/etc``) has too many entries, or its ``/etc`` is
+            not a directory.
+        OSError: the tree cannot be read.
+    """
+    from buildcell import confined
+
+    fds: list[int] = []
+    try:
+        top = _tree_entries(root_fd, what=what, skip=_DIR_ROOTFS_SKIP, fds=fds)
+        etc: list[TreeEntry] = []
+        try:
+            etc_fd = confined.open_dir(root_fd, "etc", what=f"{what}: etc", resolve="in_root")
+        except confined.UnsafePathError:
+            etc_fd = None  # no /etc at all: the synthesized files alone
+        if etc_fd is not None:
+            try:
+                skip = _SYNTHESIZED | {"ld.so.preload"}
+                etc = _tree_entries(etc_fd, what=f"{what}: /etc", skip=skip, fds=fds)
+            finally:
+                os.close(etc_fd)
+        var = next((e for e in top if e.name == "var"), None)
+        var_tmp = False
+        if var is not None and var.kind == "dir" and var.fd is not None:
+            with contextlib.suppress(OSError):
+                var_tmp = stat.S_ISDIR(os.stat("tmp", dir_fd=var.fd, follow_symlinks=False).st_mode)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return OpenedTree(tuple(top), tuple(etc), var_tmp, tuple(fds))
+
+
+def tree_mounts(tree: OpenedTree, *, etc_dir: Path) -> list[Mount]:
+    """The read-only root of a cell on a directory rootfs (pure: the tree is opened)."""
+    mounts = [entry.mount(f"/{entry.name}") for entry in tree.top]
+    if tree.var_tmp:
+        mounts.append(Mount("tmpfs", "/var/tmp", mode=0o1777))
+    mounts += [entry.mount(f"/etc/{entry.name}") for entry in tree.etc]
+    mounts += [
+        Mount("ro-bind", f"/etc/{name}", src=str(etc_dir / name))
+        for name in sorted(synthesized_etc())
+    ]
+    return mounts
+
+
+def rootfs_mounts(rootfs: HostRootfs, *, etc_dir: Path, host_root: Path = Path("/")) -> list[Mount]:
+    """The read-only root of a cell on the host's ``/usr``, before proc, dev and the
+    writable areas (a directory rootfs is planned by :func:`tree_mounts`).
 
     Args:
-        rootfs: which root.
+        rootfs: the host rootfs.
         etc_dir: host directory holding the files of ``synthesized_etc`` (bound read-only).
         host_root: the host's ``/``, replaceable in tests.
     """
+    assert isinstance(rootfs, HostRootfs)
     mounts: list[Mount] = []
-    if isinstance(rootfs, HostRootfs):
-        for name in HOST_TOP_LEVEL:
-            m = _entry_mount(host_root / name, f"/{name}")
-            if m is not None:
-                mounts.append(m)
-        etc_names: list[str] = list(HOST_ETC_ENTRIES)
-        etc_base = host_root / "etc"
-        mounts.append(Mount("dir", "/var", mode=0o755))
-        mounts.append(Mount("symlink", "/var/tmp", src="../tmp"))
-    else:
-        assert isinstance(rootfs, DirRootfs)
-        base = rootfs.path
-        for entry in sorted(os.listdir(base)):
-            if entry in _DIR_ROOTFS_SKIP:
-                continue
-            m = _entry_mount(base / entry, f"/{entry}")
-            if m is not None:
-                mounts.append(m)
-        etc_base = base / "etc"
-        etc_names = sorted(os.listdir(etc_base)) if etc_base.is_dir() else []
-        if (base / "var" / "tmp").is_dir() and not (base / "var").is_symlink():
-            mounts.append(Mount("tmpfs", "/var/tmp", mode=0o1777))
-    for name in etc_names:
-        if name in _SYNTHESIZED or name == "ld.so.preload":
-            continue
+    for name in HOST_TOP_LEVEL:
+        m = _entry_mount(host_root / name, f"/{name}")
+        if m is not None:
+            mounts.append(m)
+    mounts.append(Mount("dir", "/var", mode=0o755))
+    mounts.append(Mount("symlink", "/var/tmp", src="../tmp"))
+    etc_base = host_root / "etc"
+    for name in HOST_ETC_ENTRIES:
         m = _entry_mount(etc_base / name, f"/etc/{name}")
         if m is not None:
             mounts.append(m)
     for name in sorted(synthesized_etc()):
         mounts.append(Mount("ro-bind", f"/etc/{name}", src=str(etc_dir / name)))
-    if isinstance(rootfs, HostRootfs) and (host_root / "usr/share/zoneinfo/UTC").exists():
+    if (host_root / "usr/share/zoneinfo/UTC").exists():
         mounts.append(Mount("symlink", "/etc/localtime", src="/usr/share/zoneinfo/UTC"))
     return mounts
 
@@ -197,3 +317,47 @@ def cell_mounts(root: list[Mount], areas: WritableAreas) -> tuple[Mount, ...]:
     mounts += [Mount("bind", dest, src=src) for src, dest in areas.caches]
     mounts.append(Mount("remount-ro", "/"))
     return tuple(mounts)
+
+
+#: Package databases that list what is installed under /usr, by distribution family.
+_PACKAGE_DATABASES = (
+    "var/lib/dpkg/status",  # Debian, Ubuntu
+    "var/lib/rpm/rpmdb.sqlite",  # Fedora, RHEL 9+
+    "var/lib/rpm/Packages",  # older RPM
+    "lib/apk/db/installed",  # Alpine
+    "var/lib/pacman/local/ALPM_DB_VERSION",  # Arch (a marker; the directory is listed)
+)
+
+
+def host_rootfs_digest(host_root: Path = Path("/")) -> tuple[str, str]:
+    """A digest of what the ``host`` rootfs gives a cell, and what the digest covers.
+
+    The host's package database (dpkg's ``status`` file, RPM's database, apk's list) names
+    every installed package with its version: when a package is installed, removed or
+    upgraded, the digest changes. Files changed under /usr without the package manager are
+    not covered. Without a known database, a listing of ``/usr`` (path, size, mtime) is
+    hashed instead.
+
+    Returns:
+        (``sha256`` hex digest, what it covers).
+    """
+    import hashlib
+
+    for rel in _PACKAGE_DATABASES:
+        path = host_root / rel
+        try:
+            with open(path, "rb") as f:  # the host's own database, not repository content
+                digest = hashlib.sha256()
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError:
+            continue
+        return digest.hexdigest(), f"/{rel}: the packages installed on the host"
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(host_root / "usr"):
+        dirnames.sort()
+        for name in sorted(filenames):
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                digest.update(f"{dirpath}/{name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return digest.hexdigest(), "/usr: a listing of every file's path, size and mtime"

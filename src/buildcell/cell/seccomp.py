@@ -23,20 +23,23 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from types import MappingProxyType
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NamedTuple, NoReturn
 
 from buildcell.errors import SeccompError
 
 __all__ = [
     "CLONE_NAMESPACE_FLAGS",
     "DEFAULT_DENIED_SYSCALLS",
+    "NETLINK_PROTOCOLS",
     "PERSONALITY_ALLOWED",
+    "SOCKET_FAMILIES",
     "ArgCondition",
     "SeccompProfile",
+    "SocketVerdict",
     "SyscallRule",
     "compile_bpf",
     "default_profile",
@@ -181,6 +184,184 @@ PERSONALITY_ALLOWED: Final = (0, 0xFFFFFFFF)
 # checked. ENOSYS (rather than EPERM) makes glibc and others fall back to clone(2), whose
 # flags the profile does check.
 _CLONE3_ERRNO: Final = errno.ENOSYS
+
+
+class SocketVerdict(NamedTuple):
+    """What the built-in profile does with one socket address family (or netlink protocol)."""
+
+    name: str
+    allowed: bool
+    why: str
+
+
+_OUTSIDE = "reaches past the cell's network namespace"
+_ABSENT = "no socket implementation in current kernels"
+
+#: Every socket address family Linux defines, with the built-in profile's verdict and why.
+#: ``socket`` and ``socketpair`` with any other family, including the ones future kernels add,
+#: fail with EAFNOSUPPORT: what a kernel built without the family answers, so programs take
+#: the fallback they already have for it. Refusing in the filter also keeps the kernel from
+#: autoloading the family's module, which happens before the family's own namespace check.
+SOCKET_FAMILIES: Final[Mapping[int, SocketVerdict]] = MappingProxyType(
+    {
+        0: SocketVerdict("AF_UNSPEC", False, _ABSENT),
+        1: SocketVerdict(
+            "AF_UNIX", True,
+            "local IPC; abstract names are per network namespace, paths are confined by the "
+            "cell's mounts",
+        ),
+        2: SocketVerdict("AF_INET", True, "the cell's network namespace holds only loopback"),
+        3: SocketVerdict("AF_AX25", False, "amateur radio links; initial network namespace only"),
+        4: SocketVerdict("AF_IPX", False, "removed from Linux (4.18)"),
+        5: SocketVerdict("AF_APPLETALK", False, "legacy protocol, a build has no use for it"),
+        6: SocketVerdict("AF_NETROM", False, "amateur radio links; initial network namespace only"),
+        7: SocketVerdict("AF_BRIDGE", False, _ABSENT),
+        8: SocketVerdict("AF_ATMPVC", False, "ATM hardware, not in the cell"),
+        9: SocketVerdict("AF_X25", False, "X.25 links; initial network namespace only"),
+        10: SocketVerdict("AF_INET6", True, "the cell's network namespace holds only loopback"),
+        11: SocketVerdict("AF_ROSE", False, "amateur radio links; initial network namespace only"),
+        12: SocketVerdict("AF_DECnet", False, "removed from Linux (6.1)"),
+        13: SocketVerdict("AF_NETBEUI", False, _ABSENT),
+        14: SocketVerdict("AF_SECURITY", False, _ABSENT),
+        15: SocketVerdict("AF_KEY", False, "IPsec key management (PF_KEY); needs CAP_NET_ADMIN"),
+        16: SocketVerdict(
+            "AF_NETLINK", True,
+            "getaddrinfo, ip and ss read the cell's own namespace; protocols are restricted "
+            "(NETLINK_PROTOCOLS)",
+        ),
+        17: SocketVerdict(
+            "AF_PACKET", False,
+            "raw link-layer access; needs CAP_NET_RAW, which a cell lacks, and a record of "
+            "privilege escalations (CVE-2016-8655, CVE-2017-7308, CVE-2020-14386)",
+        ),
+        18: SocketVerdict("AF_ASH", False, _ABSENT),
+        19: SocketVerdict("AF_ECONET", False, "removed from Linux (3.5)"),
+        20: SocketVerdict("AF_ATMSVC", False, "ATM hardware, not in the cell"),
+        21: SocketVerdict(
+            "AF_RDS", False,
+            "reliable datagrams over RDMA/TCP; an autoloaded module with a record of "
+            "privilege escalations (CVE-2010-3904)",
+        ),
+        22: SocketVerdict("AF_SNA", False, _ABSENT),
+        23: SocketVerdict("AF_IRDA", False, "removed from Linux (4.17)"),
+        24: SocketVerdict("AF_PPPOX", False, "PPP over Ethernet/L2TP/PPTP; needs interfaces"),
+        25: SocketVerdict("AF_WANPIPE", False, _ABSENT),
+        26: SocketVerdict("AF_LLC", False, "raw IEEE 802.2 frames, a build has no use for them"),
+        27: SocketVerdict("AF_IB", False, _ABSENT),
+        28: SocketVerdict("AF_MPLS", False, _ABSENT),
+        29: SocketVerdict("AF_CAN", False, "CAN buses are host hardware"),
+        30: SocketVerdict(
+            "AF_TIPC", False,
+            "cluster IPC meant to span machines; remotely exploitable bugs (CVE-2021-43267)",
+        ),
+        31: SocketVerdict(
+            "AF_BLUETOOTH", False, "host radio hardware; initial network namespace only"
+        ),
+        32: SocketVerdict("AF_IUCV", False, f"z/VM guest-to-guest channels; {_OUTSIDE}"),
+        33: SocketVerdict("AF_RXRPC", False, "the AFS transport, a build has no use for it"),
+        34: SocketVerdict("AF_ISDN", False, "ISDN hardware, not in the cell"),
+        35: SocketVerdict("AF_PHONET", False, "cellular modem protocol, host hardware"),
+        36: SocketVerdict(
+            "AF_IEEE802154", False, "low-power radio hardware; initial network namespace only"
+        ),
+        37: SocketVerdict("AF_CAIF", False, "cellular modem protocol; needs CAP_NET_ADMIN"),
+        38: SocketVerdict(
+            "AF_ALG", False,
+            "the kernel's crypto API from user space: no network at all, but a long record of "
+            "memory-safety bugs, and builds bring their own crypto libraries",
+        ),
+        39: SocketVerdict("AF_NFC", False, "host radio hardware; initial network namespace only"),
+        40: SocketVerdict(
+            "AF_VSOCK", False,
+            f"hypervisor sockets to the host (CID 2) and other VMs; {_OUTSIDE}: vsock has no "
+            "network namespace support",
+        ),
+        41: SocketVerdict("AF_KCM", False, "kernel connection multiplexor, a build has no use"),
+        42: SocketVerdict(
+            "AF_QIPCRTR", False, f"Qualcomm IPC router to modem and DSP, global state; {_OUTSIDE}"
+        ),
+        43: SocketVerdict(
+            "AF_SMC", False,
+            "shared-memory communication over RDMA and ISM devices, which are host hardware",
+        ),
+        44: SocketVerdict(
+            "AF_XDP", False, "zero-copy rings on a NIC queue; needs CAP_NET_RAW, no use in a build"
+        ),
+        45: SocketVerdict("AF_MCTP", False, "management buses to the host's controllers (BMC)"),
+    }
+)  # fmt: skip
+
+#: Netlink protocols (the third argument of ``socket(AF_NETLINK, ...)``) and their verdicts.
+#: The others, including unassigned numbers, fail with EPROTONOSUPPORT, what a kernel without
+#: the protocol answers (libaudit, shadow and PAM read it as "no audit support" and go on).
+NETLINK_PROTOCOLS: Final[Mapping[int, SocketVerdict]] = MappingProxyType(
+    {
+        0: SocketVerdict(
+            "NETLINK_ROUTE", True,
+            "interfaces, addresses and routes of the cell's own namespace (getaddrinfo, ip)",
+        ),
+        1: SocketVerdict("NETLINK_UNUSED", False, "unassigned"),
+        2: SocketVerdict("NETLINK_USERSOCK", False, "user-defined protocols, no use in a build"),
+        3: SocketVerdict("NETLINK_FIREWALL", False, "removed from Linux"),
+        4: SocketVerdict(
+            "NETLINK_SOCK_DIAG", True, "socket listings of the cell's own namespace (ss)"
+        ),
+        5: SocketVerdict("NETLINK_NFLOG", False, "removed from Linux"),
+        6: SocketVerdict("NETLINK_XFRM", False, "IPsec policy; needs CAP_NET_ADMIN"),
+        7: SocketVerdict("NETLINK_SELINUX", False, "host security events"),
+        8: SocketVerdict("NETLINK_ISCSI", False, "host storage transport"),
+        9: SocketVerdict(
+            "NETLINK_AUDIT", False, "the host's audit subsystem, which is not namespaced"
+        ),
+        10: SocketVerdict("NETLINK_FIB_LOOKUP", False, "no use in a build"),
+        11: SocketVerdict(
+            "NETLINK_CONNECTOR", False, "host-wide kernel events (process connector and others)"
+        ),
+        12: SocketVerdict(
+            "NETLINK_NETFILTER", False,
+            "nftables and conntrack; needs CAP_NET_ADMIN, and the most exploited subsystem of "
+            "recent years (CVE-2022-1015, CVE-2023-32233, CVE-2024-1086)",
+        ),
+        13: SocketVerdict("NETLINK_IP6_FW", False, "removed from Linux"),
+        14: SocketVerdict("NETLINK_DNRTMSG", False, "removed from Linux with DECnet"),
+        15: SocketVerdict(
+            "NETLINK_KOBJECT_UEVENT", False,
+            "host device events; a namespace owned by the initial user namespace, as a cell's "
+            "is under root, receives every one",
+        ),
+        16: SocketVerdict(
+            "NETLINK_GENERIC", False,
+            "a multiplexer of about a hundred kernel families, each its own parser; the few a "
+            "build could name configure devices a cell has no capability to change",
+        ),
+        17: SocketVerdict("NETLINK_DM", False, "unassigned"),
+        18: SocketVerdict("NETLINK_SCSITRANSPORT", False, "host storage transport"),
+        19: SocketVerdict("NETLINK_ECRYPTFS", False, "removed from Linux"),
+        20: SocketVerdict("NETLINK_RDMA", False, "RDMA devices are host hardware"),
+        21: SocketVerdict("NETLINK_CRYPTO", False, "kernel crypto configuration"),
+        22: SocketVerdict("NETLINK_SMC", False, "SMC configuration; AF_SMC is refused"),
+    }
+)  # fmt: skip
+
+AF_INET: Final = 2
+AF_INET6: Final = 10
+AF_NETLINK: Final = 16
+# socket(AF_INET, SOCK_PACKET, ...) is turned into an AF_PACKET socket by the kernel, and
+# socket(AF_INET*, SOCK_STREAM, IPPROTO_SMC) into an AF_SMC one (Linux 6.11): the family
+# rules alone would miss both.
+_SOCK_TYPE_MASK: Final = 0xF
+_SOCK_PACKET: Final = 10
+_IPPROTO_SMC: Final = 256
+# The socketcall(2) multiplexer's calls that create sockets (SYS_SOCKET, SYS_SOCKETPAIR).
+# Their arguments sit behind a pointer, which seccomp cannot read.
+_SOCKETCALL_CREATES: Final = (1, 8)
+# Family values below this bound are refused one aligned block at a time; anything from it
+# up (new families, negative ints, stray upper register bits) is refused by one comparison.
+_FAMILY_BOUND: Final = 64
+# The kernel's MAX_LINKS: no netlink protocol is numbered this high.
+_NETLINK_BOUND: Final = 32
+# The kernel reads these arguments as C ints: only the low 32 bits of the register count.
+_INT_MASK: Final = 0xFFFFFFFF
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,8 +592,12 @@ def default_profile(*, arch: str | None = None) -> SeccompProfile:
     """The built-in profile: allow by default, refuse what could breach the cell.
 
     See :data:`DEFAULT_DENIED_SYSCALLS`, :data:`CLONE_NAMESPACE_FLAGS` and
-    :data:`PERSONALITY_ALLOWED`; clone3 answers ENOSYS. Only the native ABI is allowed at all:
-    32-bit and x32 syscalls on x86_64 kill the process (libseccomp's bad-arch action).
+    :data:`PERSONALITY_ALLOWED`; clone3 answers ENOSYS. Sockets: only the families of
+    :data:`SOCKET_FAMILIES` marked allowed (and of netlink, the allowed
+    :data:`NETLINK_PROTOCOLS`) can be created; the rest answer EAFNOSUPPORT
+    (EPROTONOSUPPORT). Only the native ABI is allowed at all: 32-bit and x32 syscalls on
+    x86_64 kill the process (libseccomp's bad-arch action), so neither the i386 socketcall(2)
+    nor its socket(2) can route around the family rules.
 
     Args:
         arch: the architecture to build it for; the native one by default. It matters only
@@ -441,6 +626,7 @@ def _default_profile_for(arch: str) -> SeccompProfile:
     )
     rules.append(SyscallRule(names=("clone3",), action="errno", errno=_CLONE3_ERRNO))
     rules.extend(_personality_rules(eperm))
+    rules.extend(_socket_rules())
     return SeccompProfile(
         name="buildcell-default",
         default_action="allow",
@@ -448,6 +634,82 @@ def _default_profile_for(arch: str) -> SeccompProfile:
         extra_arches=(),
         rules=tuple(rules),
     )
+
+
+def _refused_values(allowed: Collection[int], bound: int, index: int) -> list[ArgCondition]:
+    """Conditions that together hold for exactly the argument values not in ``allowed``.
+
+    One unsigned comparison refuses everything from ``bound`` (a power of two) up, which
+    also catches any value with upper register bits set; below it, each maximal aligned
+    block of refused values is one masked comparison on the low 32 bits, the int the kernel
+    reads. (libseccomp cannot put two comparisons of one argument in one rule, so "not this
+    and not that" is written as such a union.)
+    """
+    assert bound & (bound - 1) == 0
+    assert all(0 <= v < bound for v in allowed)
+    conditions = [ArgCondition(index, "GE", bound)]
+
+    def cover(start: int, size: int) -> None:
+        if not any(start <= v < start + size for v in allowed):
+            mask = _INT_MASK & ~(size - 1)
+            conditions.append(ArgCondition(index, "MASKED_EQ", mask, start))
+        elif size > 1:
+            cover(start, size // 2)
+            cover(start + size // 2, size // 2)
+
+    cover(0, bound)
+    return conditions
+
+
+def _socket_rules() -> list[SyscallRule]:
+    """Refuse socket families (and netlink protocols) outside the allowed sets.
+
+    See :data:`SOCKET_FAMILIES` and :data:`NETLINK_PROTOCOLS`. Where the native ABI has
+    socketcall(2), its socket-creating calls answer ENOSYS: their arguments are out of the
+    filter's sight, so the family rules could not hold there.
+    """
+    no_family, no_protocol = errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT
+    families = [f for f, verdict in SOCKET_FAMILIES.items() if verdict.allowed]
+    protocols = [p for p, verdict in NETLINK_PROTOCOLS.items() if verdict.allowed]
+    rules = [
+        SyscallRule((name,), "errno", no_family, (cond,))
+        for name in ("socket", "socketpair")
+        for cond in _refused_values(families, _FAMILY_BOUND, 0)
+    ]
+    rules.extend(
+        SyscallRule(("socket",), "errno", no_protocol, (ArgCondition(0, "EQ", AF_NETLINK), cond))
+        for cond in _refused_values(protocols, _NETLINK_BOUND, 2)
+    )
+    rules.append(
+        SyscallRule(
+            ("socket",),
+            "errno",
+            no_family,
+            (
+                ArgCondition(0, "EQ", AF_INET),
+                ArgCondition(1, "MASKED_EQ", _SOCK_TYPE_MASK, _SOCK_PACKET),
+            ),
+        )
+    )
+    rules.extend(
+        SyscallRule(
+            ("socket",),
+            "errno",
+            no_protocol,
+            (ArgCondition(0, "EQ", family), ArgCondition(2, "MASKED_EQ", _INT_MASK, _IPPROTO_SMC)),
+        )
+        for family in (AF_INET, AF_INET6)
+    )
+    rules.extend(
+        SyscallRule(
+            ("socketcall",),
+            "errno",
+            errno.ENOSYS,
+            (ArgCondition(0, "MASKED_EQ", _INT_MASK, call),),
+        )
+        for call in _SOCKETCALL_CREATES
+    )
+    return rules
 
 
 def _personality_rules(eperm: int) -> list[SyscallRule]:

@@ -92,11 +92,12 @@ class CellStorage(Closing):
                 rw.mkdir(mode=0o711)
                 self.anchor = StorageAnchor(bwrap=bwrap, mountpoint=rw, size=disk)
                 self.note_process("anchor", self.anchor.pid)
-                self._mkdir(rw / "workspace", 0o755, owner)
+                self._mkdir(rw / "workspace", 0o700, owner)
                 self._mkdir(rw / "scratch", 0o711, None)
                 self.workspace_bind = str(rw / "workspace")
             else:
-                self._mkdir(self.dir / "workspace", 0o755, owner)
+                # Private: only the cell's uid (and buildcell) may enter its workspace.
+                self._mkdir(self.dir / "workspace", 0o700, owner)
                 self.workspace_bind = str(self.dir / "workspace")
         except BaseException:
             self.close()
@@ -176,7 +177,11 @@ class CellStorage(Closing):
     def write_record(self) -> None:
         """Record what ``buildcell gc`` must undo if this supervisor dies."""
         tmp = self.dir / ".cell.json.tmp"
-        tmp.write_text(json.dumps(self._record))
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self._record))
         os.replace(tmp, self.dir / "cell.json")
 
     def close(self) -> dict[str, bool | int]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -12,6 +14,7 @@ import resource
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -22,8 +25,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from buildcell.audit import EventLog
-from buildcell.cell import _spawn
-from buildcell.cell.bwrap import Mount, SandboxPlan, bwrap_argv
+from buildcell.cell import _spawn, reaper
+from buildcell.cell.bwrap import Mount, SandboxPlan, bwrap_argv, split_options
 from buildcell.cell.config import (
     CELL_GID,
     CELL_HOSTNAME,
@@ -44,7 +47,15 @@ from buildcell.cell.limits import (
     needs_cgroup,
 )
 from buildcell.cell.resolve import resolve_command
-from buildcell.cell.rootfs import WritableAreas, cell_mounts, rootfs_mounts, synthesized_etc
+from buildcell.cell.rootfs import (
+    OpenedTree,
+    WritableAreas,
+    cell_mounts,
+    open_tree,
+    rootfs_mounts,
+    synthesized_etc,
+    tree_mounts,
+)
 from buildcell.cell.storage import CellStorage, Scratch, new_cell_id
 from buildcell.errors import (
     CommandNotExecutableError,
@@ -59,11 +70,20 @@ if TYPE_CHECKING:
     import socket
 
     from buildcell.cell.netns import NetnsPlan
+    from buildcell.cell.oci import UnpackBudget
     from buildcell.egress.audit import EgressSummaryRow
     from buildcell.egress.service import EgressService
-    from buildcell.outputs import OutputReport
+    from buildcell.outputs import OutputDir, OutputReport
 
-__all__ = ["Cell", "CellResult", "TeardownReport", "find_bwrap", "limits_backend", "run_cell"]
+__all__ = [
+    "Cell",
+    "CellResult",
+    "TeardownReport",
+    "bwrap_version",
+    "find_bwrap",
+    "limits_backend",
+    "run_cell",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +108,19 @@ def find_bwrap() -> str:
             hint="install it: apt-get install bubblewrap (or dnf install bubblewrap)",
         )
     return path
+
+
+@functools.cache
+def bwrap_version() -> str:
+    """``bubblewrap X.Y.Z`` as the installed bubblewrap says, or ``unknown``."""
+    try:
+        out = subprocess.run(
+            [find_bwrap(), "--version"], capture_output=True, text=True, timeout=10, env={},
+            check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError, SandboxError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 @dataclass(frozen=True)
@@ -175,10 +208,115 @@ def _etc_dir(state: StateDir) -> Path:
     return target
 
 
-def _root_mounts(rootfs: Rootfs, etc: Path) -> list[Mount]:
-    if isinstance(rootfs, HostRootfs):
-        return list(_host_root_mounts(etc))
-    return rootfs_mounts(rootfs, etc_dir=etc)
+def _check_reachable(where: Path) -> None:
+    """bubblewrap (0.8 with ``--ro-bind-fd`` backported) binds a descriptor by resolving its
+    path again, as the cell's unprivileged uid: every directory above must be traversable.
+
+    Raises:
+        ConfigError: one is not.
+    """
+    blocked = unreachable_ancestor(where / "x")
+    if blocked is not None:
+        raise ConfigError(
+            f"rootfs {where} is not readable by the cell's unprivileged uid: "
+            f"{blocked} has mode {blocked.stat().st_mode & 0o7777:04o}",
+            hint=f"chmod o+rx {blocked}",
+        )
+
+
+def _open_rootfs(
+    rootfs: DirRootfs | OciRootfs, state: StateDir, budget: UnpackBudget | None
+) -> tuple[OpenedTree, Path]:
+    """Open a directory or image rootfs as a tree: every entry by descriptor, no host path
+    resolved through anything the rootfs holds.
+
+    Raises:
+        ConfigError: the directory is missing, leaves the directory it must be inside, or
+            has too many entries.
+        ImageError: the image cannot be verified or unpacked.
+    """
+    from buildcell import confined
+
+    if isinstance(rootfs, OciRootfs):
+        from buildcell.cell.oci import unpack_image
+
+        what = f"image {rootfs.digest}"
+        if rootfs.beneath is None:
+            path = unpack_image(rootfs.path, rootfs.digest, cache_dir=state.cache, budget=budget)
+        else:
+            # A spec's image: opened below the spec's directory, never through a link out.
+            rel = os.path.relpath(rootfs.path, rootfs.beneath)
+            with confined.opened_root(rootfs.beneath, what="the spec's directory") as spec_fd:
+                image_fd = confined.open_path(spec_fd, rel, what=f"rootfs image {rel!r}")
+            try:
+                path = unpack_image(
+                    image_fd, rootfs.digest, cache_dir=state.cache, budget=budget, label=rel
+                )
+            finally:
+                os.close(image_fd)
+        root_fd = confined.open_root(path, what=what)
+    else:
+        what = f"rootfs {rootfs.describe()}"
+        root_fd = rootfs.open()
+    try:
+        # The path the kernel has for what was opened: no symlink of the rootfs in it.
+        where = Path(os.readlink(f"/proc/self/fd/{root_fd}"))
+        return open_tree(root_fd, what=what), where
+    except OSError as e:
+        raise ConfigError(f"cannot read {what}: {e.strerror}") from e
+    finally:
+        os.close(root_fd)
+
+
+def _mount_point(ws_fd: int, parts: list[str], owner: tuple[int, int] | None, *, what: str) -> None:
+    """Directories ``parts[:-1]`` (made and given to ``owner`` where missing) and an empty
+    file ``parts[-1]`` below the workspace, none of them through a symlink."""
+    from buildcell import confined
+
+    fd = os.dup(ws_fd)
+    try:
+        for name in parts[:-1]:
+            sub, made = confined.make_dirs(fd, [name], what=what)
+            os.close(fd)
+            fd = sub
+            if made and owner is not None:
+                os.fchown(fd, *owner)
+        name = parts[-1]
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise ConfigError(
+                f"{what}: the workspace has a directory where the input goes",
+                hint="choose another path for the input, or remove that directory",
+            )
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            os.unlink(name, dir_fd=fd)  # a link or a fifo: the input is bound in its place
+            st = None
+        if st is None:
+            file_fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+                dir_fd=fd,
+            )
+            try:
+                if owner is not None:
+                    os.fchown(file_fd, *owner)
+            finally:
+                os.close(file_fd)
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot prepare its place in the workspace: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
+def _reachable(mount: Mount, storage: CellStorage) -> Mount:
+    """``mount`` with a source the supervisor can reach (for looking the command up)."""
+    if mount.kind == "bind" and mount.src is not None:
+        return dataclasses.replace(mount, src=str(storage.host_path(mount.src)))
+    return mount
 
 
 @functools.lru_cache(maxsize=8)
@@ -186,6 +324,27 @@ def _host_root_mounts(etc: Path) -> tuple[Mount, ...]:
     # The host's top-level layout does not change while a supervisor runs; each bind is
     # still resolved afresh by bubblewrap when a cell starts.
     return tuple(rootfs_mounts(HostRootfs(), etc_dir=etc))
+
+
+def _args_memfd(argv: list[str], more: bytes = b"") -> tuple[int, list[str]]:
+    """Move bubblewrap's options into a memory file for ``--args``.
+
+    Returns:
+        (the descriptor, the argv that remains: bubblewrap, ``--args FD``, ``--`` and the
+        command).
+    """
+    options, tail = split_options(argv)
+    options += more
+    fd = os.memfd_create("buildcell-bwrap-args", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(options)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, [argv[0], "--args", str(fd), *tail]
 
 
 def _seccomp_memfd(bpf: bytes) -> int:
@@ -252,6 +411,8 @@ class Cell:
         self._bpf: bytes | None = None
         self._seccomp_info: dict[str, Any] = {}
         self._egress: EgressService | None = None
+        self._tree: OpenedTree | None = None
+        self._out: OutputDir | None = None
         self.result: CellResult | None = None
 
     # -- preparation ---------------------------------------------------------------
@@ -269,6 +430,11 @@ class Cell:
         bwrap = find_bwrap()
         state = self._state or StateDir()
         self._state = state
+        if cfg.outputs and self._shared_storage is None:
+            from buildcell.outputs import OutputDir
+
+            # Claimed before anything runs: a busy or unusable directory stops the cell.
+            self._out = OutputDir(cfg.resolved_out_dir(), wait=cfg.wait_for_out_dir)
         if self.storage is None:
             self.storage = CellStorage(
                 state, cell_id=self.cell_id, bwrap=bwrap, disk=cfg.limits.disk
@@ -281,19 +447,17 @@ class Cell:
                     self._warn(f"source entry {rel} not copied into the workspace: {why}")
         storage = self.storage
         self._scratch = storage.new_scratch()
+        root: list[Mount]
         rootfs: Rootfs = cfg.rootfs
-        if isinstance(rootfs, OciRootfs):
-            from buildcell.cell.oci import unpack_image
-
-            rootfs = DirRootfs(unpack_image(rootfs.path, rootfs.digest, cache_dir=state.cache))
-        if isinstance(rootfs, DirRootfs) and storage.identity.drop:
-            blocked = unreachable_ancestor(rootfs.path / "x")
-            if blocked is not None:
-                raise ConfigError(
-                    f"rootfs {rootfs.path} is not readable by the cell's unprivileged uid: "
-                    f"{blocked} has mode {blocked.stat().st_mode & 0o7777:04o}",
-                    hint=f"chmod o+rx {blocked}",
-                )
+        etc = _etc_dir(state)
+        if isinstance(rootfs, HostRootfs):
+            root = list(_host_root_mounts(etc))
+        else:
+            self._tree, where = _open_rootfs(rootfs, state, cfg.image_budget)
+            root = tree_mounts(self._tree, etc_dir=etc)
+            if storage.identity.drop:
+                _check_reachable(where)
+        self._prepare_mount_points(storage)
 
         backend = limits_backend()
         if backend.mode != "rlimit" and needs_cgroup(cfg.limits, backend):
@@ -310,9 +474,8 @@ class Cell:
 
         self._prepare_seccomp()
 
-        etc = _etc_dir(state)
         mounts = cell_mounts(
-            _root_mounts(rootfs, etc),
+            root,
             WritableAreas(
                 storage.workspace_bind,
                 self._scratch.tmp,
@@ -324,7 +487,9 @@ class Cell:
         env = cfg.cell_env()
         argv0 = resolve_command(
             cfg.argv[0],
-            mounts=mounts,
+            # The command is looked up where the supervisor reaches what the cell will see:
+            # with a disk budget the workspace lives in the anchor's namespace.
+            mounts=[_reachable(m, storage) for m in mounts],
             path_env=env.get("PATH", CELL_PATH),
             cwd=CELL_WORKSPACE,
             host_uid=storage.identity.uid,
@@ -346,6 +511,30 @@ class Cell:
             share_net=cfg.has_network,
         )
         self._bwrap = bwrap
+
+    def _prepare_mount_points(self, storage: CellStorage) -> None:
+        """Make the mount points of binds into the workspace, confined.
+
+        bubblewrap before 0.12 follows a symlink on the way to a mount point while it makes
+        it, outside the sandbox (CVE-2026-87766): a workspace where ``vendor`` is a link to
+        ``/oldroot/etc`` would have it create files on the host. So every directory on the
+        way is made here as a real directory (a symlink there is refused) and the mount
+        point itself as an empty file, and bubblewrap finds them in place.
+
+        Raises:
+            ConfigError: a directory on the way is a symlink or a file, or the mount point
+                is a directory.
+        """
+        from buildcell import confined
+
+        inside = [b for b in self.config.binds if b.dest.startswith(CELL_WORKSPACE + "/")]
+        if not inside:
+            return
+        owner = (storage.identity.uid, storage.identity.gid) if storage.identity.drop else None
+        with confined.opened_root(storage.workspace, what="the workspace") as ws:
+            for bind in inside:
+                parts = bind.dest[len(CELL_WORKSPACE) + 1 :].split("/")
+                _mount_point(ws, parts, owner, what=f"input {'/'.join(parts)!r}")
 
     def _prepare_seccomp(self) -> None:
         from buildcell.cell import seccomp
@@ -401,11 +590,13 @@ class Cell:
             fds.append(seccomp_fd)
             pass_fds.append(seccomp_fd)
         mounts = self._plan.mounts
+        if self._tree is not None:
+            pass_fds += list(self._tree.fds)
+        secret_env = b""
         if cfg.secrets:
-            secret_mounts, secret_args = self._secret_fds(fds, pass_fds)
+            secret_mounts, secret_env = self._secret_fds(fds, pass_fds)
             # Before the final remount-ro of /: /run/secrets is a tmpfs of this cell alone.
             mounts = (*mounts[:-1], *secret_mounts, mounts[-1])
-            extra += secret_args
         if self._nproc is not None:
             # RLIMIT_NPROC is counted per user namespace level: it must be set on the
             # sandbox's first process after bubblewrap made its namespaces, or every
@@ -427,7 +618,11 @@ class Cell:
             share_net=self._plan.share_net,
             extra=tuple(extra),
         )
-        self._argv = bwrap_argv(plan, self._bwrap)
+        # Everything but the command goes through --args: bubblewrap's argv, which every
+        # local user and the cell itself (/proc/1/cmdline) can read, names no host path.
+        args_fd, self._argv = _args_memfd(bwrap_argv(plan, self._bwrap), secret_env)
+        fds.append(args_fd)
+        pass_fds.append(args_fd)
         cgroup_fds = [
             os.open(p, os.O_WRONLY | os.O_CLOEXEC)
             for p in (self._cgroup.procs_files() if self._cgroup else [])
@@ -574,12 +769,13 @@ class Cell:
                 sock.close()
             raise
 
-    def _secret_fds(self, fds: list[int], pass_fds: list[int]) -> tuple[list[Mount], list[str]]:
+    def _secret_fds(self, fds: list[int], pass_fds: list[int]) -> tuple[list[Mount], bytes]:
         """Memory file descriptors carrying this cell's secrets into bubblewrap.
 
         Files: bubblewrap copies each descriptor's content into a read-only file in the
-        sandbox's own memory. Environment variables: passed with ``--args FD`` so that no
-        value appears in bubblewrap's argv (which any local user can read in /proc).
+        sandbox's own memory. Environment variables: returned as ``--setenv`` arguments
+        for the ``--args`` descriptor, so that no value appears in bubblewrap's argv (which
+        any local user can read in /proc).
         """
         cfg = self.config
         mounts = [Mount("tmpfs", "/run/secrets", mode=0o755, size=1 << 20)]
@@ -603,14 +799,7 @@ class Cell:
                 path=f"/run/secrets/{name}",
                 env=item.delivery.env,
             )
-        if not env_args:
-            return mounts, []
-        fd = os.memfd_create("secret-env", os.MFD_CLOEXEC)
-        os.write(fd, bytes(env_args))
-        os.lseek(fd, 0, os.SEEK_SET)
-        fds.append(fd)
-        pass_fds.append(fd)
-        return mounts, ["--args", str(fd)]
+        return mounts, bytes(env_args)
 
     def _output_sinks(self) -> tuple[_spawn.Sink, _spawn.Sink, Callable[[], None]]:
         """The sinks the cell's output goes through: redacting when there are secrets."""
@@ -723,26 +912,42 @@ class Cell:
             self._killed += self._cgroup.kill_all(timeout=1.0)
 
     def collect(self) -> OutputReport | None:
-        """Copy the configured outputs out of the workspace into ``out_dir``.
+        """Copy the configured outputs out of the workspace into ``out_dir``, replacing its
+        contents as a whole (with an ``outputs.json`` manifest).
 
         Raises:
-            OutputError: an output could not be written.
+            OutputError: an output could not be written, or holds a secret's value.
         """
         cfg = self.config
-        if not cfg.outputs or self.storage is None:
+        if not cfg.outputs or self.storage is None or self._out is None:
             return None
-        from buildcell.outputs import collect_outputs
+        from buildcell.outputs import (
+            check_outputs_for_secrets,
+            check_reserved_names,
+            collect_outputs,
+        )
 
-        report = collect_outputs(self.storage.workspace, cfg.outputs, cfg.resolved_out_dir())
-        for out in report.collected:
-            self.events.emit(
-                "output",
-                step=self.step,
-                cell=self.cell_id,
-                path=out.path,
-                size=out.size,
-                sha256=out.sha256,
-            )
+        out = self._out
+        report = collect_outputs(
+            self.storage.workspace, cfg.outputs, out, max_bytes=cfg.output_max_size
+        )
+        check_reserved_names(report)
+
+        def emit(event: str, **fields: Any) -> None:
+            self.events.emit(event, step=self.step, cell=self.cell_id, **fields)
+
+        check_outputs_for_secrets(report, out, cfg.redact, emit)
+        manifest = {
+            "build": self.cell_id,
+            "name": "run",
+            "outputs": [
+                {"path": o.path, "sha256": o.sha256, "size": o.size} for o in report.collected
+            ],
+        }
+        out.write_file("outputs.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        out.publish()
+        for item in report.collected:
+            emit("output", path=item.path, size=item.size, sha256=item.sha256)
         for skipped in report.skipped:
             self._warn(
                 f"output {skipped.path} not collected: {skipped.reason}", event="output.skipped"
@@ -785,8 +990,16 @@ class Cell:
             processes_left = max(processes_left, len(left))
             cgroups_removed = self._cgroup.remove()
         if self._init_pidfd is not None:
+            # Reparented to us when bubblewrap exited first (we are a child subreaper).
+            reaper.reap_pidfd(self._init_pidfd)
             os.close(self._init_pidfd)
             self._init_pidfd = None
+        if self._tree is not None:
+            self._tree.close()
+            self._tree = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
         network_released = True
         if self._egress is not None:
             self._egress.close()
@@ -804,6 +1017,7 @@ class Cell:
                     self.storage.drop_scratch(self._scratch)
             if self._shared_storage is None:
                 checks = self.storage.close()
+        reaper.reap_orphans()
         report = TeardownReport(
             processes_left=processes_left,
             killed=self._killed,

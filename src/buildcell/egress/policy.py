@@ -14,6 +14,10 @@ build may control the DNS of a name (a wildcard over a domain that hands out sub
 rebinding server), so without this guard an allowlisted name would be a door into the host's
 own network.
 
+Who wrote an entry matters. An operator (``--allow``, the configuration file) may name any
+address. A spec is written by whoever controls the repository, so before its entries join a
+policy they pass :func:`spec_entry_problem`: a spec may name public destinations only.
+
 Everything here is pure: no sockets, no lookups. The proxy and the DNS responder resolve
 names and ask :func:`decide` and :meth:`EgressPolicy.allows_name`.
 """
@@ -32,15 +36,18 @@ from buildcell.errors import ConfigError
 
 __all__ = [
     "DEFAULT_PORTS",
+    "SPEC_MIN_PREFIX",
     "AllowEntry",
     "EgressPolicy",
     "EntryKind",
     "Verdict",
     "decide",
     "guarded_reason",
+    "guarded_reasons",
     "normalize_host",
     "parse_allow",
     "parse_pinned_host",
+    "spec_entry_problem",
     "suggest_allow",
 ]
 
@@ -599,6 +606,142 @@ def parse_pinned_host(text: str) -> tuple[str, str]:
 
 def _unique(entries: Iterable[AllowEntry]) -> tuple[AllowEntry, ...]:
     return tuple(dict.fromkeys(entries))
+
+
+# -- entries a spec wrote --------------------------------------------------------------
+
+#: The broadest network a spec may name: a /24 of IPv4 or a /48 of IPv6 (one site).
+SPEC_MIN_PREFIX: dict[int, int] = {4: 24, 6: 48}
+
+# How a refusal lists what a network reaches: the most telling reason first.
+_REASON_ORDER = (
+    "cloud metadata",
+    "loopback",
+    "private",
+    "link-local",
+    "carrier-grade NAT",
+    "unique local",
+    "site-local",
+    "multicast",
+    "reserved",
+    "unspecified",
+)
+_EVERY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
+
+
+def _guarded_v4_in(network: ipaddress.IPv4Network) -> list[str]:
+    if network.num_addresses == 1:
+        reason = _guard(network.network_address)
+        return [] if reason is None else [reason]
+    reasons = ["cloud metadata"] if any(a.version == 4 and a in network for a in _METADATA) else []
+    inside = next((r for net, r in _GUARDED_V4 if network.subnet_of(net)), None)
+    if inside is not None:
+        return [*reasons, inside]
+    return reasons + [r for net, r in _GUARDED_V4 if network.overlaps(net)]
+
+
+def _embedded_v4(network: ipaddress.IPv6Network, shift: int) -> ipaddress.IPv4Network:
+    """The IPv4 network a translation prefix embeds in the 32 bits ``shift`` from the right."""
+    fixed = max(0, min(32, network.prefixlen - (96 - shift)))
+    value = (int(network.network_address) >> shift) & 0xFFFFFFFF
+    return ipaddress.IPv4Network((value, fixed), strict=False)
+
+
+def _guarded_v6_in(network: ipaddress.IPv6Network) -> list[str]:
+    # The translation prefixes reach the IPv4 addresses they embed, as in :func:`_guard`.
+    if network.subnet_of(_NAT64):
+        return [f"{r} via NAT64" for r in _guarded_v4_in(_embedded_v4(network, 0))]
+    if network.subnet_of(_6TO4):
+        return [f"{r} via 6to4" for r in _guarded_v4_in(_embedded_v4(network, 80))]
+    if network.num_addresses == 1:
+        reason = _guard(network.network_address)
+        return [] if reason is None else [reason]
+    reasons = ["cloud metadata"] if any(a.version == 6 and a in network for a in _METADATA) else []
+    inside = next((r for net, r in _GUARDED_V6 if network.subnet_of(net)), None)
+    if inside is not None:
+        return [*reasons, inside]
+    reasons += [r for net, r in _GUARDED_V6 if network.overlaps(net)]
+    for prefix, via in ((_NAT64, "NAT64"), (_6TO4, "6to4")):
+        if network.overlaps(prefix):
+            reasons += [f"{r} via {via}" for r in _guarded_v4_in(_EVERY_V4)]
+    if not network.subnet_of(_GLOBAL_UNICAST_V6):
+        # Outside 2000::/3 every address the tables do not name is reserved (see _guard).
+        reasons.append("reserved")
+    return reasons
+
+
+def guarded_reasons(network: _IPNetwork) -> list[str]:
+    """Why addresses of ``network`` are guarded: each reason once, most telling first.
+
+    The reasons are those :func:`guarded_reason` gives its addresses (a network inside one
+    guarded range gets that range's reason alone). An empty list means every address in
+    ``network`` is public unicast.
+    """
+    found = (
+        _guarded_v4_in(network)
+        if isinstance(network, ipaddress.IPv4Network)
+        else _guarded_v6_in(network)
+    )
+
+    def rank(reason: str) -> tuple[bool, int, str]:
+        base, via, _ = reason.partition(" via ")
+        return bool(via), _REASON_ORDER.index(base), reason
+
+    return sorted(dict.fromkeys(found), key=rank)
+
+
+def _and(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeio" or word.startswith("un") else f"a {word}"
+
+
+def spec_entry_problem(entry: AllowEntry) -> str | None:
+    """Why a spec may not use ``entry``, or None if it may.
+
+    A spec names public destinations only; everything else is the operator's to grant
+    (``--allow`` or the configuration file), whose entries never pass through here:
+
+    * name entries (``HOST``, ``*.DOMAIN``, with or without a port) are fine: the addresses
+      a name resolves to are guarded when the cell connects, whoever wrote the entry;
+    * a network entry is refused if it covers any guarded address (:func:`guarded_reason`:
+      loopback, private, carrier-grade NAT, link-local, cloud metadata, multicast,
+      reserved, ...; NAT64 and 6to4 addresses embedding one count too): a CIDR only has
+      to overlap a guarded range;
+    * a network entry of public addresses is refused if it is broader than a /24 of IPv4
+      or a /48 of IPv6 (:data:`SPEC_MIN_PREFIX`): a spec lists the hosts it needs, it
+      does not open the internet (``0.0.0.0/0``, ``::/0``) or a provider's whole range.
+
+    Returns:
+        One line naming the entry and what is wrong, or None.
+    """
+    if entry.kind != "network":
+        return None
+    network = entry.network
+    assert network is not None
+    reasons = guarded_reasons(network)
+    if reasons:
+        if network.num_addresses == 1:
+            base, via, gateway = reasons[0].partition(" via ")
+            what = f"is {_a(base)} address" + (f" via {gateway}" if via else "")
+        elif len(reasons) > 3:
+            what = f"reaches {', '.join(reasons[:3])} and other non-public addresses"
+        else:
+            what = f"reaches {_and(reasons)} addresses"
+        return (
+            f"{entry.text} {what}, which only an operator may allow (--allow or the "
+            "configuration file); a spec may name public destinations only"
+        )
+    least = SPEC_MIN_PREFIX[network.version]
+    if network.prefixlen < least:
+        return (
+            f"{entry.text} is too broad for a spec: it may name at most a /{least} of "
+            f"IPv{network.version} addresses (list the hosts the build needs; an operator "
+            "may allow a wider range with --allow)"
+        )
+    return None
 
 
 # -- the policy ------------------------------------------------------------------------

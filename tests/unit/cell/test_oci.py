@@ -17,15 +17,19 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.conftest import root_only
 from tests.oci_images import (
     BUSYBOX_APPLETS,
     DEFAULT_MTIME,
+    SparseEntry,
+    SparseFormat,
     TarEntry,
     blob_path,
     build_docker_archive,
@@ -42,8 +46,8 @@ from tests.oci_images import (
 )
 
 from buildcell.cell import oci
-from buildcell.cell.oci import parse_digest, unpack_image
-from buildcell.errors import ConfigError, ImageError
+from buildcell.cell.oci import UnpackBudget, parse_digest, unpack_image
+from buildcell.errors import ConfigError, ImageError, StateError
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -109,10 +113,12 @@ def cache(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-def unpack_layers(tmp_path: Path, layers: list[Any], **options: Any) -> Path:
+def unpack_layers(
+    tmp_path: Path, layers: list[Any], budget: UnpackBudget | None = None, **options: Any
+) -> Path:
     image = tmp_path / "image"
     digest = make_oci_layout(image, layers, **options)
-    return unpack_image(image, digest, cache_dir=tmp_path / "cache")
+    return unpack_image(image, digest, cache_dir=tmp_path / "cache", budget=budget)
 
 
 def expect_contained(
@@ -181,6 +187,9 @@ CONTENT = [
     D("ro/", mode=0o555),
     F("ro/inside", b"written before the directory became read-only"),
     D("sticky/", mode=0o1777),
+    D("ww/", mode=0o777),
+    F("ww/file", b"w", mode=0o666),
+    F("etc/group-writable", b"g", mode=0o2775),
     F("./dotted", b"leading ./ is dropped"),
 ]
 
@@ -198,7 +207,12 @@ def check_content(rootfs: Path) -> None:
     assert (rootfs / "bin/tool-again").stat().st_ino == (rootfs / "bin/tool").stat().st_ino
     assert stat.S_IMODE((rootfs / "ro").stat().st_mode) == 0o555
     assert (rootfs / "ro/inside").is_file()
-    assert stat.S_IMODE((rootfs / "sticky").stat().st_mode) == 0o1777
+    # Nothing is writable by group or others, nothing sticky: the cache is shared by every
+    # later build on the image, and the cell mounts it read-only anyway.
+    assert stat.S_IMODE((rootfs / "sticky").stat().st_mode) == 0o755
+    assert stat.S_IMODE((rootfs / "ww").stat().st_mode) == 0o755
+    assert stat.S_IMODE((rootfs / "ww/file").stat().st_mode) == 0o644
+    assert stat.S_IMODE((rootfs / "etc/group-writable").stat().st_mode) == 0o755
     assert (rootfs / "dotted").read_bytes() == b"leading ./ is dropped"
     # mtimes come from the tar, for files, directories and symlinks alike
     assert (rootfs / "bin/tool").stat().st_mtime == 1_400_000_000
@@ -220,8 +234,12 @@ def test_oci_layout(tmp_path: Path, cache: Path, compress: bool) -> None:
     marker = json.loads((rootfs.parent / "complete").read_text())
     assert marker["digest"] == digest
     assert marker["hardlinks"] == 1
+    assert marker["version"] == 2 and marker["charged"] > marker["bytes"] > 0
+    # Search-only for the cells' uids when root; private otherwise.
+    expected = 0o711 if os.geteuid() == 0 else 0o700
     for directory in (cache, cache / "oci", rootfs.parent):
-        assert stat.S_IMODE(directory.stat().st_mode) == 0o711
+        assert stat.S_IMODE(directory.stat().st_mode) == expected
+    assert stat.S_IMODE((cache / "oci" / (rootfs.parent.name + ".lock")).stat().st_mode) == 0o600
     assert leftovers(cache) == [digest.removeprefix("sha256:")]
 
 
@@ -1002,6 +1020,19 @@ def test_a_header_tarfile_cannot_parse_is_a_malformed_layer(
     expect_contained(tmp_path, outside, [layer], match="malformed entry header")
 
 
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("cut", [512, 600, 1024])
+def test_an_old_gnu_sparse_header_cut_before_its_extension_block(
+    tmp_path: Path, outside: Path, first: bool, cut: int
+) -> None:
+    """Regression: a type S header announcing an extension block, at the end of the
+    stream, made tarfile raise IndexError, which escaped as a crash."""
+    entry = sparse("f", MiB, [(0, b"x")], fmt="gnu", sparse_map=[(n * 10, 1) for n in range(30)])
+    cut_off = entry.tobuf()[:cut]
+    layer = cut_off if first else layer_tar([F("a/keep", b"k")])[:-1024] + cut_off
+    expect_contained(tmp_path, outside, [layer], match="malformed entry header")
+
+
 def test_an_image_archive_member_tarfile_cannot_parse_is_refused(tmp_path: Path) -> None:
     archive = tmp_path / "image.tar"
     with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -1018,7 +1049,12 @@ def test_declared_size_over_the_limit(
 ) -> None:
     monkeypatch.setattr(oci, "MAX_UNPACKED_SIZE", 1 << 20)
     huge = F("big", b"x" * 100, size=10 << 30)
-    expect_contained(tmp_path, outside, [[huge]], match="unpacks to more than 1.0 MiB")
+    expect_contained(
+        tmp_path,
+        outside,
+        [[huge]],
+        match="does not fit in the unpack budget of 1.0 MiB: layer 1/1 (sha256:",
+    )
 
 
 def test_total_size_limit_spans_layers(
@@ -1026,7 +1062,12 @@ def test_total_size_limit_spans_layers(
 ) -> None:
     monkeypatch.setattr(oci, "MAX_UNPACKED_SIZE", 1 << 20)
     layer = [F("f", b"\0" * (600 << 10))]
-    expect_contained(tmp_path, outside, [layer, layer], match="unpacks to more than 1.0 MiB")
+    expect_contained(
+        tmp_path,
+        outside,
+        [layer, layer],
+        match="does not fit in the unpack budget of 1.0 MiB: layer 2/2",
+    )
 
 
 def test_gzip_bomb_is_bounded(
@@ -1035,7 +1076,9 @@ def test_gzip_bomb_is_bounded(
     monkeypatch.setattr(oci, "MAX_UNPACKED_SIZE", 4 << 20)
     # A valid tar followed by 64 MiB of zeros: tiny compressed, big uncompressed.
     bomb = layer_tar([F("a", b"a")]) + b"\0" * (64 << 20)
-    expect_contained(tmp_path, outside, [bomb], match="unpacks to more than 4.0 MiB")
+    expect_contained(
+        tmp_path, outside, [bomb], match="the uncompressed layer streams hold more than"
+    )
 
 
 def test_huge_pax_header_is_refused(tmp_path: Path, outside: Path) -> None:
@@ -1076,8 +1119,649 @@ def test_symlinked_image_blob_is_not_followed(tmp_path: Path, cache: Path) -> No
     moved = tmp_path / "moved"
     blob.rename(moved)
     blob.symlink_to(moved)
-    with pytest.raises(ImageError, match="cannot read"):
+    with pytest.raises(ImageError, match=r"is a symlink to .*, outside the root"):
         unpack_image(image, built.digest, cache_dir=cache)
+
+
+# --- sparse members and the unpack budget ------------------------------------------------
+
+SPARSE_FORMATS: list[SparseFormat] = ["gnu", "pax0.0", "pax0.1", "pax1.0"]
+LONG = "deep/" + "long-name-" * 14 + "end"  # over the 100 bytes of a ustar name
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def sparse(name: str, realsize: int, chunks: Any = ((0, b"head"),), **kw: Any) -> SparseEntry:
+    return SparseEntry(name, realsize, tuple(chunks), **kw)
+
+
+def disk_use(path: Path) -> tuple[int, int]:
+    """(st_blocks in bytes, st_size) summed over the files below ``path``, each inode once
+    (hard links share theirs), lock files left out (they are empty and outlive every
+    unpack)."""
+    blocks = sizes = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            st_ = os.lstat(os.path.join(dirpath, name))
+            if name.endswith(".lock") or (st_.st_dev, st_.st_ino) in seen:
+                continue
+            seen.add((st_.st_dev, st_.st_ino))
+            blocks += st_.st_blocks * 512
+            sizes += st_.st_size
+    return blocks, sizes
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+def test_tarfile_gives_sparse_members_their_expanded_size(fmt: SparseFormat) -> None:
+    """What the budget is charged rests on this: TarInfo.size is the real size."""
+    entry = sparse("f", 600 * MiB, [(0, b"a"), (MiB, b"b")], fmt=fmt)
+    with tarfile.open(fileobj=io.BytesIO(layer_tar([entry]))) as tar:
+        member = tar.next()
+        assert member is not None and member.isreg()
+        assert member.size == 600 * MiB
+        pieces: Any = member.sparse  # typeshed says bytes; it is a list of pairs
+        assert [p for p in pieces if p[1]] == [(0, 1), (MiB, 1)]
+
+
+LONG_NAME_WAYS = [
+    ("gnu", "gnu"),
+    ("pax0.0", "gnu"),
+    ("pax0.0", "path"),
+    ("pax0.1", "gnu"),
+    ("pax0.1", "path"),
+    ("pax0.1", "sparse-name"),
+    ("pax1.0", "gnu"),
+    ("pax1.0", "path"),
+    ("pax1.0", "sparse-name"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "long_name"), LONG_NAME_WAYS)
+def test_sparse_member_is_written_sparse_under_its_long_name(
+    tmp_path: Path, fmt: SparseFormat, long_name: Any
+) -> None:
+    realsize = 64 * MiB
+    chunks = [(0, b"head"), (8 * MiB, b"middle" * 1000), (realsize - 5, b"tail!")]
+    entry = sparse(LONG, realsize, chunks, fmt=fmt, long_name=long_name, mode=0o4777)
+    rootfs = unpack_layers(tmp_path, [[entry]])
+    path = rootfs / LONG
+    info = path.stat()
+    assert info.st_size == realsize
+    assert stat.S_IMODE(info.st_mode) == 0o755
+    with path.open("rb") as f:
+        for offset, data in chunks:
+            f.seek(offset)
+            assert f.read(len(data)) == data
+        f.seek(4 * MiB)
+        assert f.read(4096) == b"\0" * 4096
+    assert info.st_blocks * 512 < MiB  # the holes were not written
+    assert os.listdir(rootfs) == ["deep"]
+    marker = json.loads((rootfs.parent / "complete").read_text())
+    assert (marker["sparse"], marker["files"], marker["bytes"]) == (1, 1, realsize)
+    assert marker["charged"] >= realsize
+
+
+GNU_TAR = shutil.which("tar")
+_GNU_TAR_OK = (
+    GNU_TAR is not None
+    and "GNU tar"
+    in subprocess.run([GNU_TAR, "--version"], capture_output=True, text=True, check=False).stdout
+)
+
+
+@pytest.mark.skipif(not _GNU_TAR_OK, reason="needs GNU tar")
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+def test_gnu_tar_s_sparse_archives_unpack_like_the_hand_made_ones(
+    tmp_path: Path, fmt: SparseFormat
+) -> None:
+    """The hand-made headers are the formats GNU tar writes, long names included."""
+    realsize = 3 * MiB
+    chunks = [(0, b"A" * 4096), (MiB, b"B" * 4096)]
+    src = tmp_path / "src"
+    (src / LONG).parent.mkdir(parents=True)
+    fd = os.open(src / LONG, os.O_WRONLY | os.O_CREAT, 0o644)
+    for offset, data in chunks:
+        os.pwrite(fd, data, offset)
+    os.ftruncate(fd, realsize)
+    os.close(fd)
+    args = (
+        ["--format=oldgnu"] if fmt == "gnu" else ["--format=posix", f"--sparse-version={fmt[3:]}"]
+    )
+    assert GNU_TAR is not None
+    made_by_tar = subprocess.run(
+        [GNU_TAR, "-c", "--sparse", *args, "--mtime=@1600000000", "-f", "-", "-C", str(src), LONG],
+        capture_output=True,
+        check=True,
+    ).stdout
+    hand_made = layer_tar([sparse(LONG, realsize, chunks, fmt=fmt)])
+    trees = []
+    for n, layer in enumerate([made_by_tar, hand_made]):
+        rootfs = unpack_layers(tmp_path / str(n), [layer])
+        path = rootfs / LONG
+        assert path.stat().st_size == realsize
+        assert path.stat().st_blocks * 512 <= 64 << 10
+        trees.append((sorted(os.listdir(rootfs / "deep")), path.read_bytes()))
+    assert trees[0] == trees[1]
+    assert trees[0][1] == (src / LONG).read_bytes()
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+def test_sparse_members_are_charged_their_real_size(tmp_path: Path, fmt: SparseFormat) -> None:
+    """The issue's attack: three 600 MiB sparse members in a blob of a few hundred bytes
+    wrote 1.8 GiB of zeros under a 1 GiB cap. Now the second one is refused before it is
+    written, in one line naming the image, the member and the budget."""
+    image = tmp_path / "image"
+    built = build_oci_layout([[sparse(f"f{i}", 600 * MiB, fmt=fmt) for i in range(3)]])
+    write_dir(image, built.files)
+    assert len(built.files["blobs/sha256/" + built.layer_digests[0][7:]]) < 2048
+    cache = tmp_path / "cache"
+    with pytest.raises(ImageError) as info:
+        unpack_image(image, built.digest, cache_dir=cache, budget=UnpackBudget(GiB))
+    message = str(info.value)
+    assert "\n" not in message and info.value.hint is None
+    assert f"image {image}@{built.digest} does not fit in the unpack budget of 1.0 GiB" in message
+    assert "sparse file 'f1' needs 600.0 MiB" in message
+    assert info.value.exit_code == 125
+    assert leftovers(cache) == []
+    assert disk_use(cache / "oci") == (0, 0)  # no byte written beyond the budget
+
+
+def test_a_budget_just_large_enough(tmp_path: Path) -> None:
+    layers: list[Any] = [
+        [
+            D("d/"),
+            sparse("d/a", 300 * MiB, [(0, b"a" * 5000), (100 * MiB, b"b")], fmt="gnu"),
+            F("d/plain", os.urandom(10_000)),
+            L("d/link", "a"),
+            H("d/hard", "d/a"),
+            F("implicit/parents/file", b"x"),
+        ],
+        [sparse("e", 100 * MiB, fmt="pax1.0"), sparse(LONG, 5 * MiB, fmt="pax0.1")],
+    ]
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, layers)
+    roomy = UnpackBudget(1 << 40)
+    unpack_image(image, digest, cache_dir=tmp_path / "c0", budget=roomy)
+    cost = roomy.used
+    marker = json.loads((tmp_path / "c0/oci" / digest[7:] / "complete").read_text())
+    assert marker["charged"] == cost == roomy.images[digest]
+    assert marker["bytes"] == 300 * MiB + 10_000 + 1 + 100 * MiB + 5 * MiB
+
+    exact = UnpackBudget(cost)
+    rootfs = unpack_image(image, digest, cache_dir=tmp_path / "c1", budget=exact)
+    assert exact.remaining == 0
+    blocks, sizes = disk_use(rootfs)
+    assert blocks <= cost and sizes <= cost
+    assert (rootfs / "d/hard").stat().st_ino == (rootfs / "d/a").stat().st_ino
+
+    with pytest.raises(ImageError, match="does not fit in the unpack budget"):
+        unpack_image(image, digest, cache_dir=tmp_path / "c2", budget=UnpackBudget(cost - 1))
+    assert leftovers(tmp_path / "c2") == []
+    assert disk_use(tmp_path / "c2" / "oci") == (0, 0)
+
+
+def test_what_an_entry_costs(tmp_path: Path) -> None:
+    """One 4 KiB block per entry made (the root, directories made on the way, links) and a
+    file's real size in whole blocks; a hard link to a sparse file costs one block."""
+    layer = [sparse("big", 512 * MiB + 1, fmt="pax0.0"), H("again", "big"), H("third", "big")]
+    layer += [F("a/b/small", b"x"), L("link", "/etc"), D("a/")]  # "a" exists: free
+    budget = UnpackBudget(1 << 40)
+    unpack_layers(tmp_path, [layer], budget=budget)
+    block = 4096
+    expected = block  # the root
+    expected += block + 512 * MiB + block  # big, rounded up to whole blocks
+    expected += 2 * block  # two hard links
+    expected += 2 * block + 2 * block  # a/, a/b/ made on the way; small and its block
+    expected += block  # the symlink
+    assert budget.used == expected
+
+
+@pytest.mark.parametrize(
+    ("fmts", "sparse_map", "match"),
+    [
+        (SPARSE_FORMATS, [(0, 4), (2, 4)], "overlapping or unordered pieces"),
+        (SPARSE_FORMATS, [(100, 4), (0, 4)], "overlapping or unordered pieces"),
+        (SPARSE_FORMATS, [(0, 4), (MiB, 4)], "past its size of 1048576"),
+        (SPARSE_FORMATS, [(1 << 62, 4)], "past its size"),
+        (SPARSE_FORMATS, [(0, 4096)], "maps 4096 bytes of data but stores only 512"),
+        (["gnu", "pax0.1", "pax1.0"], [(-4096, 4)], "negative offset or size"),
+        (["gnu", "pax0.1", "pax1.0"], [(0, -4)], "negative offset or size"),
+    ],
+)
+def test_hostile_sparse_maps_are_refused(
+    tmp_path: Path, outside: Path, fmts: list[SparseFormat], sparse_map: Any, match: str
+) -> None:
+    for fmt in fmts:
+        entry = sparse("f", MiB, [(0, b"data")], fmt=fmt, sparse_map=sparse_map)
+        expect_contained(tmp_path, outside, [[F("keep", b"k"), entry]], match=match)
+        shutil.rmtree(tmp_path / "image")
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        (F("f", b"", pax={"size": "-1"}), "declares a negative size (-1)"),
+        (sparse("f", -5, (), fmt="pax1.0"), "declares a negative size (-5)"),
+        (sparse("f", 10**30, (), fmt="pax0.1"), "does not fit in the unpack budget"),
+        (sparse("f", 10**30, (), fmt="pax0.0"), "does not fit in the unpack budget"),
+        (sparse("f", (1 << 88) - 1, (), fmt="gnu"), "does not fit in the unpack budget"),
+        (F("f", b"", pax={"size": "9" * 40}), "does not fit in the unpack budget"),
+        (sparse("f", 4096, (), fmt="pax1.0", long_name="sparse-name",
+                records=[("GNU.sparse.name", "../escape")]), "has a '..' component"),
+    ],
+)  # fmt: skip
+def test_absurd_sizes_and_names_in_headers(
+    tmp_path: Path, outside: Path, entry: Any, match: str
+) -> None:
+    expect_contained(tmp_path, outside, [[F("keep", b"k"), entry]], match=match)
+    assert not (tmp_path / "escape").exists()
+
+
+_gaps = st.sampled_from([0, 1, 100, 4096, (64 << 10) - 1, 64 << 10, (64 << 10) + 1, 3 * MiB])
+_sizes = st.sampled_from([1, 7, 4096, MiB - 1, MiB, MiB + 1, 3 * MiB])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=st.lists(st.tuples(_gaps, _sizes), max_size=12), tail=st.sampled_from([0, 5, MiB]))
+def test_sparse_pieces_land_where_the_map_says(layout: list[tuple[int, int]], tail: int) -> None:
+    """Pieces written together (small holes as zeros) or apart give the same file."""
+    pieces, at = [], 0
+    for gap, size in layout:
+        pieces.append((at + gap, size))
+        at += gap + size
+    data = os.urandom(sum(size for _, size in pieces))
+    with tempfile.TemporaryFile() as f:
+        oci._write_pieces(io.BufferedReader(io.BytesIO(data)), f.fileno(), pieces)
+        os.ftruncate(f.fileno(), at + tail)
+        f.seek(0)
+        got = f.read()
+    want, used = bytearray(at + tail), 0
+    for offset, size in pieces:
+        want[offset : offset + size] = data[used : used + size]
+        used += size
+    assert got == bytes(want)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax0.1", "pax1.0"])
+def test_a_map_of_many_tiny_pieces(tmp_path: Path, fmt: SparseFormat) -> None:
+    count = 30_000
+    pieces = [(n * 3, 1) for n in range(count)]
+    data = bytes(n % 251 + 1 for n in range(count))
+    entry = sparse("f", 3 * count, [(0, data)], fmt=fmt, sparse_map=pieces)
+    started = time.monotonic()
+    rootfs = unpack_layers(tmp_path, [[entry]])
+    assert time.monotonic() - started < 10
+    content = (rootfs / "f").read_bytes()
+    assert content[::3] == data and content.count(0) == 2 * count
+
+
+def test_thousands_of_tiny_sparse_members_are_bounded(tmp_path: Path, outside: Path) -> None:
+    members = [sparse(f"d/f{i}", MiB, (), fmt=SPARSE_FORMATS[i % 4]) for i in range(4000)]
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [members])
+    started = time.monotonic()
+    with pytest.raises(ImageError, match=r"does not fit in the unpack budget of 512\.0 MiB"):
+        unpack_image(image, digest, cache_dir=tmp_path / "cache", budget=UnpackBudget(512 * MiB))
+    assert time.monotonic() - started < 60
+    assert leftovers(tmp_path / "cache") == []
+
+
+def test_a_member_repeated_in_layers_is_charged_each_time(tmp_path: Path) -> None:
+    """Whiteouts and replacements never give budget back, so repeating a member cannot
+    write more than the budget over the layers."""
+    big = sparse("f", 300 * MiB)
+    layers: list[Any] = [[big], [F(".wh.f")], [big], [big, big], [F(".wh.f"), big]]
+    with pytest.raises(ImageError, match=r"layer 4/5 .*: sparse file 'f' needs 300.0 MiB"):
+        unpack_layers(tmp_path, layers, budget=UnpackBudget(GiB))
+    assert leftovers(tmp_path / "cache") == []
+    budget = UnpackBudget(2 * GiB)
+    shutil.rmtree(tmp_path / "image")
+    rootfs = unpack_layers(tmp_path, layers, budget=budget)
+    assert budget.used > 5 * 300 * MiB
+    assert (rootfs / "f").stat().st_size == 300 * MiB
+
+
+@pytest.mark.parametrize("opaque", [False, True])
+def test_whiteout_of_a_sparse_file(tmp_path: Path, opaque: bool) -> None:
+    lower = [D("d/"), sparse("d/f", 100 * MiB, fmt="pax0.1"), F("d/keep", b"k")]
+    upper = [F("d/.wh..wh..opq")] if opaque else [F("d/.wh.f")]
+    rootfs = unpack_layers(tmp_path, [lower, upper])
+    assert not os.path.lexists(rootfs / "d/f")
+    assert os.listdir(rootfs / "d") == ([] if opaque else ["keep"])
+
+
+def test_budget_running_out_in_layer_2_publishes_nothing(tmp_path: Path) -> None:
+    layers = [
+        [F("a", os.urandom(50_000))],
+        [F("b1", os.urandom(50_000)), sparse("b2", 10 * MiB), F("b3", b"never")],
+    ]
+    with pytest.raises(ImageError, match=r"layer 2/2 .*: sparse file 'b2' needs 10.0 MiB"):
+        unpack_layers(tmp_path, layers, budget=UnpackBudget(2 * MiB))
+    # The lock outlives the unpack; no directory, temporary or final, is left.
+    left = os.listdir(tmp_path / "cache" / "oci")
+    assert len(left) == 1 and left[0].endswith(".lock")
+    assert disk_use(tmp_path / "cache" / "oci") == (0, 0)
+
+
+def test_gzip_bomb_is_read_only_as_far_as_the_budget(tmp_path: Path, outside: Path) -> None:
+    bomb = layer_tar([F("a", b"a")]) + b"\0" * (256 * MiB)
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [bomb])
+    assert os.path.getsize(blob_path(image, build_oci_layout([bomb]).layer_digests[0])) < MiB
+    started = time.monotonic()
+    with pytest.raises(ImageError, match=r"uncompressed layer streams hold more than the 8\.0 MiB"):
+        unpack_image(image, digest, cache_dir=tmp_path / "cache", budget=UnpackBudget(8 * MiB))
+    assert time.monotonic() - started < 10
+
+
+def test_an_image_costs_at_least_its_layer_streams(tmp_path: Path) -> None:
+    """Padding costs the work of reading it: an image of little but zeros (inside the
+    stream allowance) pays for them, so many such images cannot make a build read without
+    bound."""
+    padded = layer_tar([F("a", b"a")]) + b"\0" * (3 * MiB)
+    budget = UnpackBudget(8 * MiB)
+    unpack_layers(tmp_path, [padded], budget=budget)
+    assert budget.used >= 3 * MiB
+
+
+# --- the budget across the images of a build ----------------------------------------------
+
+
+def sparse_image(directory: Path, size: int, tag: str) -> str:
+    return make_oci_layout(directory, [[F("tag", tag.encode()), sparse("big", size)]])
+
+
+def test_one_budget_is_shared_by_the_images_of_a_build(tmp_path: Path) -> None:
+    first = sparse_image(tmp_path / "one", 300 * MiB, "one")
+    second = sparse_image(tmp_path / "two", 300 * MiB, "two")
+    budget = UnpackBudget(500 * MiB)
+    unpack_image(tmp_path / "one", first, cache_dir=tmp_path / "cache", budget=budget, label="a")
+    with pytest.raises(ImageError) as info:
+        unpack_image(
+            tmp_path / "two", second, cache_dir=tmp_path / "cache", budget=budget, label="b"
+        )
+    assert str(info.value).startswith(f"image b@{second} does not fit in the unpack budget")
+    assert list(budget.images) == [first]
+    assert leftovers(tmp_path / "cache") == [first[7:]]
+
+
+def test_a_cached_image_is_charged_what_its_unpack_cost(tmp_path: Path) -> None:
+    digest = sparse_image(tmp_path / "img", 300 * MiB, "x")
+    cache = tmp_path / "cache"
+    first = UnpackBudget(GiB)
+    unpack_image(tmp_path / "img", digest, cache_dir=cache, budget=first)
+    cost = first.used
+    with pytest.raises(ImageError) as info:
+        unpack_image(tmp_path / "img", digest, cache_dir=cache, budget=UnpackBudget(cost - 1))
+    assert "the cached image takes 300." in str(info.value)
+    again = UnpackBudget(cost)
+    unpack_image(tmp_path / "img", digest, cache_dir=cache, budget=again)
+    assert again.used == cost
+    # Asked for twice in one build, an image is paid for once.
+    unpack_image(tmp_path / "img", digest, cache_dir=cache, budget=again)
+    assert again.used == cost and again.images == {digest: cost}
+
+
+def test_many_cached_images_are_bounded_by_one_budget(tmp_path: Path) -> None:
+    """The issue's other half: nothing bounded how many images one build brings in."""
+    cache = tmp_path / "cache"
+    digests = []
+    for n in range(20):
+        digest = sparse_image(tmp_path / f"i{n}", GiB, str(n))
+        unpack_image(tmp_path / f"i{n}", digest, cache_dir=cache)  # each alone: fits
+        digests.append(digest)
+    budget = UnpackBudget(8 * GiB)
+    refused: dict[int, str] = {}
+    for n, digest in enumerate(digests):
+        try:
+            unpack_image(tmp_path / f"i{n}", digest, cache_dir=cache, budget=budget)
+        except ImageError as e:
+            refused[n] = str(e)
+    assert list(refused) == list(range(7, 20))
+    assert all("the cached image takes 1.0 GiB" in message for message in refused.values())
+    assert len(budget.images) == 7 and budget.used <= budget.limit
+
+
+def test_budget_is_thread_safe(tmp_path: Path) -> None:
+    digests = [sparse_image(tmp_path / f"i{n}", 100 * MiB, str(n)) for n in range(8)]
+    budget = UnpackBudget(450 * MiB)
+    outcomes: list[str] = []
+
+    def worker(n: int) -> None:
+        try:
+            unpack_image(tmp_path / f"i{n}", digests[n], cache_dir=tmp_path / "c", budget=budget)
+            outcomes.append("ok")
+        except ImageError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 4 and budget.used <= budget.limit
+    assert len(budget.images) == 4
+
+
+@pytest.mark.parametrize("limit", [-1, 1.5, "1G", True])
+def test_budget_limit_must_be_bytes(limit: Any) -> None:
+    with pytest.raises(ConfigError, match="invalid image unpack budget"):
+        UnpackBudget(limit)
+
+
+def test_an_unpack_by_an_older_version_is_done_again(tmp_path: Path, cache: Path) -> None:
+    """Trees from before the marker recorded a cost (and before modes were masked) are not
+    reused: one may hold a world-writable directory another user has written into."""
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [[D("ww/", mode=0o777), F("ww/f", b"f")]])
+    rootfs = unpack_image(image, digest, cache_dir=cache)
+    marker = rootfs.parent / "complete"
+    old = json.loads(marker.read_text())
+    del old["version"], old["charged"]
+    marker.write_text(json.dumps(old))
+    (rootfs / "ww").chmod(0o777)
+    (rootfs / "ww" / "planted").write_text("by another user")
+    rootfs = unpack_image(image, digest, cache_dir=cache)
+    assert not (rootfs / "ww" / "planted").exists()
+    assert stat.S_IMODE((rootfs / "ww").stat().st_mode) == 0o755
+    assert json.loads(marker.read_text())["version"] == 2
+
+
+# --- the source, opened confined ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["layout", "oci-archive", "docker-archive"])
+def test_image_from_a_descriptor(tmp_path: Path, cache: Path, kind: str) -> None:
+    path = tmp_path / ("image" if kind == "layout" else "image.tar")
+    if kind == "layout":
+        digest = make_oci_layout(path, [CONTENT])
+    elif kind == "oci-archive":
+        digest = make_oci_archive(path, [CONTENT])
+    else:
+        digest = make_docker_archive(path, [CONTENT])
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        check_content(unpack_image(fd, digest, cache_dir=cache, label="images/x"))
+        os.fstat(fd)  # still the caller's, still open
+        with pytest.raises(ImageError, match=r"^image digest mismatch"):
+            unpack_image(fd, "sha256:" + "1" * 64, cache_dir=cache, label="images/x")
+    finally:
+        os.close(fd)
+
+
+def test_the_label_names_the_image(tmp_path: Path, cache: Path) -> None:
+    image = tmp_path / "image"
+    built = build_oci_layout([BASE, CONTENT])
+    write_dir(image, built.files)
+    blob_path(image, built.layer_digests[1]).unlink()
+    with pytest.raises(ImageError, match=r"layer 2/2 .* is missing from image images/debian$"):
+        unpack_image(image, built.digest, cache_dir=cache, label="images/debian")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "socket-like"])
+def test_a_descriptor_of_neither_directory_nor_file_is_refused(
+    tmp_path: Path, cache: Path, kind: str
+) -> None:
+    target = tmp_path / "thing"
+    if kind == "symlink":
+        target.symlink_to(tmp_path)
+        fd = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    elif kind == "fifo":
+        os.mkfifo(target)
+        fd = os.open(target, os.O_PATH | os.O_CLOEXEC)
+    else:
+        fd = os.open("/dev/null", os.O_PATH | os.O_CLOEXEC)
+    try:
+        with pytest.raises(ImageError, match="not a directory or archive"):
+            unpack_image(fd, "sha256:" + "0" * 64, cache_dir=cache, label="images/x")
+    finally:
+        os.close(fd)
+
+
+def _layout(tmp_path: Path) -> tuple[Path, Any]:
+    image = tmp_path / "image"
+    built = build_oci_layout([CONTENT])
+    write_dir(image, built.files)
+    return image, built
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "blobs -> /",
+        "blobs -> a copy outside",
+        "index.json -> /proc/self/environ",
+        "oci-layout -> /etc/os-release",
+        "layer blob -> /etc/shadow",
+        "manifest blob -> ../../../outside",
+        "blobs/sha256 -> ../..",
+    ],
+)
+@pytest.mark.parametrize("as_fd", [False, True], ids=["path", "fd"])
+def test_layout_symlinks_out_of_the_image_are_refused(
+    tmp_path: Path, cache: Path, attack: str, as_fd: bool
+) -> None:
+    image, built = _layout(tmp_path)
+    layer = blob_path(image, built.layer_digests[0])
+    if attack == "blobs -> /":
+        shutil.rmtree(image / "blobs")
+        (image / "blobs").symlink_to("/")
+    elif attack == "blobs -> a copy outside":
+        (image / "blobs").rename(tmp_path / "copy")
+        (image / "blobs").symlink_to(tmp_path / "copy")  # the right content, but outside
+    elif attack == "index.json -> /proc/self/environ":
+        (image / "index.json").unlink()
+        (image / "index.json").symlink_to("/proc/self/environ")
+    elif attack == "oci-layout -> /etc/os-release":
+        (image / "oci-layout").unlink()
+        (image / "oci-layout").symlink_to("/etc/os-release")
+    elif attack == "layer blob -> /etc/shadow":
+        layer.unlink()
+        layer.symlink_to("/etc/shadow")
+    elif attack == "manifest blob -> ../../../outside":
+        manifest = blob_path(image, built.digest)
+        manifest.rename(tmp_path / "outside-manifest")
+        manifest.symlink_to("../../../outside-manifest")
+    else:
+        shutil.rmtree(image / "blobs" / "sha256")
+        (image / "blobs" / "sha256").symlink_to("../..")
+    fd = os.open(image, os.O_PATH | os.O_CLOEXEC) if as_fd else None
+    try:
+        with pytest.raises(ImageError) as info:
+            unpack_image(image if fd is None else fd, built.digest, cache_dir=cache)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.search("outside the root|leads above the root|not a regular file", message), message
+    assert leftovers(cache) == []
+
+
+def test_symlinks_inside_the_layout_are_followed(tmp_path: Path, cache: Path) -> None:
+    image, built = _layout(tmp_path)
+    layer = blob_path(image, built.layer_digests[0])
+    (image / "store").mkdir()
+    layer.rename(image / "store" / "layer")
+    layer.symlink_to("../../store/layer")
+    check_content(unpack_image(image, built.digest, cache_dir=cache))
+
+
+def test_a_hard_linked_blob_is_refused_from_a_repository_descriptor(
+    tmp_path: Path, cache: Path
+) -> None:
+    image, built = _layout(tmp_path)
+    layer = blob_path(image, built.layer_digests[0])
+    os.link(layer, tmp_path / "elsewhere")
+    fd = os.open(image, os.O_PATH | os.O_CLOEXEC)
+    try:
+        with pytest.raises(ImageError, match="is a hard link"):
+            unpack_image(fd, built.digest, cache_dir=cache)
+    finally:
+        os.close(fd)
+    # A path the operator gave is the operator's own: links there are theirs to make.
+    check_content(unpack_image(image, built.digest, cache_dir=cache))
+
+
+def test_a_hard_linked_archive_is_refused_from_a_repository_descriptor(
+    tmp_path: Path, cache: Path
+) -> None:
+    archive = tmp_path / "image.tar"
+    digest = make_oci_archive(archive, [CONTENT])
+    os.link(archive, tmp_path / "elsewhere.tar")
+    fd = os.open(archive, os.O_PATH | os.O_CLOEXEC)
+    try:
+        with pytest.raises(ImageError, match="is a hard link"):
+            unpack_image(fd, digest, cache_dir=cache, label="image.tar")
+    finally:
+        os.close(fd)
+    check_content(unpack_image(archive, digest, cache_dir=cache))
+
+
+def test_a_blob_that_is_a_directory(tmp_path: Path, cache: Path) -> None:
+    image, built = _layout(tmp_path)
+    layer = blob_path(image, built.layer_digests[0])
+    layer.unlink()
+    layer.mkdir()
+    with pytest.raises(ImageError, match="is a directory, not a regular file"):
+        unpack_image(image, built.digest, cache_dir=cache)
+
+
+# --- the cache's own directories ----------------------------------------------------------
+
+
+def test_cache_directories_writable_by_others_are_fixed(
+    tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (cache / "oci").mkdir(parents=True)
+    os.chmod(cache / "oci", 0o777)
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [BASE])
+    unpack_image(image, digest, cache_dir=cache)
+    assert stat.S_IMODE((cache / "oci").stat().st_mode) == 0o755
+    assert "was writable by others" in caplog.text
+
+
+def test_cache_directory_that_is_a_symlink_is_refused(tmp_path: Path, cache: Path) -> None:
+    cache.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (cache / "oci").symlink_to(tmp_path / "elsewhere")
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [BASE])
+    with pytest.raises(StateError, match="is a symlink, not a directory"):
+        unpack_image(image, digest, cache_dir=cache)
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+@root_only
+def test_cache_directory_of_another_user_is_refused(tmp_path: Path, cache: Path) -> None:
+    (cache / "oci").mkdir(parents=True)
+    os.chown(cache / "oci", 65534, 65534)
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [BASE])
+    with pytest.raises(StateError, match="belongs to uid 65534"):
+        unpack_image(image, digest, cache_dir=cache)
 
 
 # --- property: whatever the layers, nothing outside changes ------------------------------
@@ -1160,7 +1844,7 @@ def test_busybox_image(tmp_path: Path, cache: Path) -> None:
     for applet in BUSYBOX_APPLETS:
         assert os.readlink(rootfs / "bin" / applet) == "busybox"
     assert os.readlink(rootfs / "usr/bin/env") == "/bin/busybox"
-    assert stat.S_IMODE((rootfs / "tmp").stat().st_mode) == 0o1777
+    assert stat.S_IMODE((rootfs / "tmp").stat().st_mode) == 0o755  # no sticky, no o+w
     # Static or not, it runs from the unpacked tree.
     result = subprocess.run(
         [str(busybox), "echo", "hello"], capture_output=True, text=True, check=False

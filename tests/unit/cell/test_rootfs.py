@@ -3,15 +3,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from buildcell.cell.bwrap import Mount
-from buildcell.cell.config import DirRootfs, HostRootfs
+from buildcell.cell.config import HostRootfs
 from buildcell.cell.rootfs import (
     HOST_ETC_ENTRIES,
+    MAX_TREE_ENTRIES,
+    OpenedTree,
     WritableAreas,
     cell_mounts,
+    open_tree,
     rootfs_mounts,
     synthesized_etc,
+    tree_mounts,
 )
+from buildcell.errors import ConfigError
 
 
 def _fake_host(root: Path) -> Path:
@@ -57,6 +64,21 @@ def test_host_etc_allowlist_is_explicit() -> None:
     assert "passwd" not in HOST_ETC_ENTRIES
 
 
+def _same(fd_text: str | None, path: Path) -> bool:
+    assert fd_text is not None
+    a, b = os.fstat(int(fd_text)), os.stat(path, follow_symlinks=False)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _tree(root: Path) -> tuple[OpenedTree, dict[str, Mount]]:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        tree = open_tree(fd, what="rootfs")
+    finally:
+        os.close(fd)
+    return tree, {m.dest: m for m in tree_mounts(tree, etc_dir=Path("/s"))}
+
+
 def test_dir_rootfs_binds_its_entries_and_synthesizes_identity(tmp_path: Path) -> None:
     root = tmp_path / "rootfs"
     (root / "bin").mkdir(parents=True)
@@ -66,16 +88,69 @@ def test_dir_rootfs_binds_its_entries_and_synthesizes_identity(tmp_path: Path) -
     (root / "etc" / "passwd").write_text("evil")
     (root / "etc" / "os-release").write_text("ID=x")
     (root / "etc" / "localtime").symlink_to("/usr/share/zoneinfo/Europe/Paris")
-    mounts = rootfs_mounts(DirRootfs(root), etc_dir=Path("/s"))
-    dests = {m.dest: m for m in mounts}
-    assert dests["/bin"].src == str(root / "bin")
-    assert "/proc" not in dests
-    assert dests["/var/tmp"].kind == "tmpfs"
-    assert dests["/etc/passwd"].src == "/s/passwd"
-    assert dests["/etc/os-release"].src == str(root / "etc" / "os-release")
-    assert dests["/etc/localtime"] == Mount(
-        "symlink", "/etc/localtime", src="/usr/share/zoneinfo/Europe/Paris"
-    )
+    tree, dests = _tree(root)
+    try:
+        # Bound by the descriptor of what was opened, never by a path bubblewrap resolves.
+        assert dests["/bin"].kind == "ro-bind-fd"
+        assert _same(dests["/bin"].src, root / "bin")
+        assert "/proc" not in dests
+        assert dests["/var/tmp"].kind == "tmpfs"
+        assert dests["/etc/passwd"].src == "/s/passwd"
+        assert _same(dests["/etc/os-release"].src, root / "etc" / "os-release")
+        assert dests["/etc/localtime"] == Mount(
+            "symlink", "/etc/localtime", src="/usr/share/zoneinfo/Europe/Paris"
+        )
+    finally:
+        tree.close()
+
+
+@pytest.mark.parametrize("target", ["/", "/etc", "..", "../../..", "/proc/self/root/etc"])
+def test_dir_rootfs_etc_symlink_resolves_inside_the_root(tmp_path: Path, target: str) -> None:
+    root = tmp_path / "rootfs"
+    (root / "usr").mkdir(parents=True)
+    (root / "usr" / "marker").write_text("image")
+    (root / "etc").symlink_to(target)
+    tree, dests = _tree(root)
+    try:
+        for mount in tree_mounts(tree, etc_dir=Path("/s")):
+            if mount.kind == "ro-bind-fd":
+                assert mount.src is not None
+                where = os.readlink(f"/proc/self/fd/{mount.src}")
+                assert where.startswith(str(root)), (mount, where)
+            assert mount.kind != "ro-bind" or mount.src is None or mount.src.startswith("/s/")
+        # etc -> / (or above the root) names the root itself, inside the image.
+        if target in ("/", "..", "../../.."):
+            assert _same(dests["/etc/usr"].src, root / "usr")
+    finally:
+        tree.close()
+
+
+def test_dir_rootfs_never_binds_specials_or_follows_entries(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    os.mkfifo(root / "fifo")
+    os.mkfifo(root / "etc" / "fifo")
+    (root / "usr").symlink_to("/")
+    (root / "etc" / "shadow").symlink_to("/etc/shadow")
+    (root / "var").symlink_to("/var")
+    tree, dests = _tree(root)
+    try:
+        assert "/fifo" not in dests
+        assert "/etc/fifo" not in dests
+        assert dests["/usr"] == Mount("symlink", "/usr", src="/")
+        assert dests["/etc/shadow"] == Mount("symlink", "/etc/shadow", src="/etc/shadow")
+        assert "/var/tmp" not in dests  # var is a link: no tmpfs through it
+    finally:
+        tree.close()
+
+
+def test_dir_rootfs_with_too_many_entries_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    for i in range(MAX_TREE_ENTRIES + 1):
+        (root / "etc" / f"f{i}").touch()
+    with pytest.raises(ConfigError, match="at most"):
+        _tree(root)
 
 
 def test_cell_mounts_end_read_only_with_writable_areas() -> None:

@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from buildcell.cell.seccomp import (
     CLONE_NAMESPACE_FLAGS,
     DEFAULT_DENIED_SYSCALLS,
+    NETLINK_PROTOCOLS,
+    SOCKET_FAMILIES,
     ArgCondition,
     SeccompProfile,
     SyscallRule,
@@ -969,3 +971,222 @@ def test_docker_default_profile_is_enforced() -> None:
     assert report["unshare_user"] == [-1, errno.EPERM]
     assert report["clone_newnet"] == [-1, errno.EPERM]
     assert report["clone3"] == [-1, errno.ENOSYS]
+
+
+# --------------------------------------------------------------------------------------------
+# Sockets: the built-in profile's address families and netlink protocols.
+# --------------------------------------------------------------------------------------------
+
+# Written out again, so that widening the table fails a test.
+ALLOWED_FAMILIES = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK"}
+ALLOWED_NETLINK = {0: "NETLINK_ROUTE", 4: "NETLINK_SOCK_DIAG"}
+REFUSED_FAMILIES = {
+    3: "AF_AX25", 5: "AF_APPLETALK", 9: "AF_X25", 15: "AF_KEY", 17: "AF_PACKET", 21: "AF_RDS",
+    24: "AF_PPPOX", 26: "AF_LLC", 29: "AF_CAN", 30: "AF_TIPC", 31: "AF_BLUETOOTH",
+    32: "AF_IUCV", 33: "AF_RXRPC", 34: "AF_ISDN", 35: "AF_PHONET", 36: "AF_IEEE802154",
+    37: "AF_CAIF", 38: "AF_ALG", 39: "AF_NFC", 40: "AF_VSOCK", 41: "AF_KCM", 42: "AF_QIPCRTR",
+    43: "AF_SMC", 44: "AF_XDP", 45: "AF_MCTP",
+}  # fmt: skip
+REFUSED_NETLINK = {
+    6: "NETLINK_XFRM", 9: "NETLINK_AUDIT", 11: "NETLINK_CONNECTOR", 12: "NETLINK_NETFILTER",
+    15: "NETLINK_KOBJECT_UEVENT", 16: "NETLINK_GENERIC", 20: "NETLINK_RDMA", 21: "NETLINK_CRYPTO",
+}  # fmt: skip
+SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, SOCK_PACKET = 1, 2, 3, 10
+SOCK_NONBLOCK, SOCK_CLOEXEC = 0x800, 0x80000
+IPPROTO_SMC = 256
+U64 = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+def _refused_socket(args: Sequence[int], name: str = "socket") -> SyscallRule | None:
+    """The built-in rule that refuses ``name(*args)``, if any (evaluated as the kernel does)."""
+    padded = [*args, 0, 0, 0, 0, 0, 0][:6]
+    for rule in _rules_for(default_profile(), name):
+        if _refused_by([rule], padded):
+            return rule
+    return None
+
+
+def test_socket_family_table_names_every_family_and_allows_only_four() -> None:
+    assert set(SOCKET_FAMILIES) == set(range(46))  # AF_UNSPEC .. AF_MCTP; AF_MAX is 46
+    assert {f: v.name for f, v in SOCKET_FAMILIES.items() if v.allowed} == ALLOWED_FAMILIES
+    for family, name in REFUSED_FAMILIES.items():
+        assert SOCKET_FAMILIES[family].name == name
+        assert not SOCKET_FAMILIES[family].allowed
+    assert all(verdict.why for verdict in SOCKET_FAMILIES.values())
+    assert {p: v.name for p, v in NETLINK_PROTOCOLS.items() if v.allowed} == ALLOWED_NETLINK
+    for protocol, name in REFUSED_NETLINK.items():
+        assert NETLINK_PROTOCOLS[protocol].name == name
+    assert all(verdict.why for verdict in NETLINK_PROTOCOLS.values())
+
+
+@pytest.mark.parametrize("name", ["socket", "socketpair"])
+@pytest.mark.parametrize("family", sorted(REFUSED_FAMILIES))
+def test_default_profile_refuses_socket_families(name: str, family: int) -> None:
+    for kind in (SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM | SOCK_CLOEXEC):
+        rule = _refused_socket([family, kind, 0], name)
+        assert rule is not None, (REFUSED_FAMILIES[family], kind)
+        assert (rule.action, rule.errno) == ("errno", errno.EAFNOSUPPORT)
+
+
+@given(U64)
+def test_socket_family_rules_allow_exactly_the_four_families(value: int) -> None:
+    # Whatever the register holds: the kernel reads its low 32 bits as the family, so a
+    # value passes only when it is, exactly, an allowed family.
+    for name in ("socket", "socketpair"):
+        assert (_refused_socket([value, SOCK_STREAM, 0], name) is None) == (
+            value in ALLOWED_FAMILIES
+        )
+
+
+def test_socket_family_rules_see_through_upper_register_bits() -> None:
+    for family in (40, 38, 17):
+        for high in (1 << 32, 1 << 63, 0xFFFFFFFF_00000000):
+            assert _refused_socket([high | family, SOCK_STREAM, 0]) is not None
+    # A negative int arrives sign-extended.
+    assert _refused_socket([2**64 - 1, SOCK_STREAM, 0]) is not None
+
+
+@given(U64)
+def test_netlink_rules_allow_exactly_route_and_sock_diag(protocol: int) -> None:
+    rule = _refused_socket([16, SOCK_RAW, protocol])
+    assert (rule is None) == (protocol in ALLOWED_NETLINK)
+    if rule is not None:
+        assert rule.errno == errno.EPROTONOSUPPORT
+
+
+@pytest.mark.parametrize("protocol", sorted(REFUSED_NETLINK))
+def test_netlink_refusals_say_eprotonosupport(protocol: int) -> None:
+    for kind in (SOCK_RAW, SOCK_DGRAM | SOCK_CLOEXEC):
+        rule = _refused_socket([16, kind, protocol])
+        assert rule is not None
+        assert rule.errno == errno.EPROTONOSUPPORT
+
+
+def test_aliases_of_refused_families_through_inet_are_refused() -> None:
+    # (AF_INET, SOCK_PACKET) is an AF_PACKET socket; IPPROTO_SMC an AF_SMC one.
+    for kind in (SOCK_PACKET, SOCK_PACKET | SOCK_NONBLOCK | SOCK_CLOEXEC):
+        rule = _refused_socket([2, kind, 0x0300])
+        assert rule is not None
+        assert rule.errno == errno.EAFNOSUPPORT
+    for family in (2, 10):
+        for protocol in (IPPROTO_SMC, (1 << 32) | IPPROTO_SMC):
+            rule = _refused_socket([family, SOCK_STREAM, protocol])
+            assert rule is not None
+            assert rule.errno == errno.EPROTONOSUPPORT
+    # The ordinary inet sockets stay.
+    for args in ([2, SOCK_STREAM, 6], [10, SOCK_DGRAM, 17], [2, SOCK_STREAM, 262], [1, 5, 0]):
+        assert _refused_socket(args) is None, args
+
+
+def test_socketcall_cannot_create_sockets() -> None:
+    # Where socketcall(2) is native its arguments are behind a pointer: no family is
+    # visible, so creating a socket through it is refused; the other calls stay.
+    rules = _rules_for(default_profile(), "socketcall")
+    for call in (1, 8, (1 << 32) | 1):
+        assert _refused_by(rules, [call, 0, 0, 0, 0, 0])
+        assert all(r.errno == errno.ENOSYS for r in rules)
+    for call in (2, 3, 9, 11, 20):  # bind, connect, send, sendto, sendmmsg
+        assert not _refused_by(rules, [call, 0, 0, 0, 0, 0])
+
+
+def test_socket_rules_change_the_digest_and_the_cache_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import buildcell.cell.seccomp as seccomp_module
+
+    # A fresh process: nothing compiled in memory yet, so the state-dir cache is consulted.
+    monkeypatch.setattr(seccomp_module, "_compiled", {})
+    profile = default_profile()
+    socket_calls = {"socket", "socketpair", "socketcall"}
+    without = dataclasses.replace(
+        profile, rules=tuple(r for r in profile.rules if not socket_calls & set(r.names))
+    )
+    assert len(without.rules) < len(profile.rules)
+    assert without.digest() != profile.digest()
+    compile_bpf(without, cache_dir=tmp_path)
+    compile_bpf(profile, cache_dir=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    digests = {without.digest(), profile.digest()}
+    assert names == sorted(
+        f"seccomp-{d.removeprefix('sha256:')}-{native_arch()}.bpf" for d in digests
+    )
+    files = {p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(files) == 2, "a filter cached before the socket rules must not be reused"
+
+
+def test_default_profile_compiles_within_the_kernel_limit() -> None:
+    assert len(compile_bpf(default_profile())) // 8 <= 4096
+
+
+# Distinct errnos no syscall here returns, so that a probe can tell "the filter refused"
+# from "the kernel refused" (a family this kernel lacks also says EAFNOSUPPORT).
+_MARKS = {errno.EAFNOSUPPORT: 201, errno.EPROTONOSUPPORT: 202, errno.ENOSYS: 203}
+
+
+def _socket_cases() -> list[tuple[str, str, tuple[int | bytes | None, ...]]]:
+    values = [*range(70), *((1 << 32) | f for f in (1, 2, 10, 16, 40)), 2**64 - 1, 0xFFFFFFFF]
+    cases: list[tuple[str, str, tuple[int | bytes | None, ...]]] = []
+    for value in values:
+        cases.append((f"socket {value:#x}", "socket", (value, SOCK_STREAM, 0)))
+        cases.append((f"socketpair {value:#x}", "socketpair", (value, SOCK_STREAM, 0, None)))
+    for protocol in [*range(40), 1 << 32, (1 << 32) | 9, 2**64 - 1]:
+        cases.append((f"netlink {protocol:#x}", "socket", (16, SOCK_RAW, protocol)))
+    for kind in (SOCK_PACKET, SOCK_PACKET | SOCK_NONBLOCK, SOCK_STREAM, SOCK_DGRAM):
+        cases.append((f"inet type {kind:#x}", "socket", (2, kind, 0x0300)))
+    for family in (2, 10):
+        for protocol in (0, 6, IPPROTO_SMC, (1 << 32) | IPPROTO_SMC, 262):
+            cases.append((f"inet{family} proto {protocol:#x}", "socket", (family, 1, protocol)))
+    return cases
+
+
+def _expected_mark(name: str, args: Sequence[int | bytes | None]) -> int | None:
+    ints = [a if isinstance(a, int) else 0 for a in args]
+    rule = _refused_socket(ints, name)
+    return None if rule is None or rule.errno is None else _MARKS[rule.errno]
+
+
+@pytestmark_linux
+def test_compiled_socket_rules_decide_as_the_model_does() -> None:
+    profile = default_profile()
+    marked = tuple(
+        dataclasses.replace(r, errno=_MARKS[r.errno])
+        if {"socket", "socketpair"} & set(r.names) and r.errno in _MARKS
+        else r
+        for r in profile.rules
+    )
+    cases = _socket_cases()
+    _, report, status = _in_child(compile_bpf(dataclasses.replace(profile, rules=marked)), cases)
+    assert os.WIFEXITED(status)
+    mismatches = []
+    for label, name, args in cases:
+        result, err = report[label]
+        got = err if result < 0 and err in _MARKS.values() else None
+        if got != _expected_mark(name, args):
+            mismatches.append((label, result, err))
+    assert not mismatches
+
+
+@pytestmark_linux
+def test_default_profile_refuses_vsock_and_keeps_local_sockets() -> None:
+    probes: list[Probe] = [
+        ("vsock", "socket", (40, SOCK_STREAM, 0)),
+        ("vsock_dgram", "socket", (40, SOCK_DGRAM, 0)),
+        ("vsock_high_bits", "socket", ((1 << 32) | 40, SOCK_STREAM, 0)),
+        ("vsock_pair", "socketpair", (40, SOCK_STREAM, 0, None)),
+        ("alg", "socket", (38, 5, 0)),  # SOCK_SEQPACKET
+        ("audit", "socket", (16, SOCK_RAW, 9)),
+        ("unix", "socket", (1, SOCK_STREAM, 0)),
+        ("inet", "socket", (2, SOCK_DGRAM, 0)),
+        ("route", "socket", (16, SOCK_RAW, 0)),
+        # NULL for the pair: EFAULT shows the filter let it through to the kernel.
+        ("unix_pair", "socketpair", (1, SOCK_STREAM, 0, None)),
+    ]
+    _, report, status = _in_child(compile_bpf(default_profile()), probes)
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == 0
+    for label in ("vsock", "vsock_dgram", "vsock_high_bits", "vsock_pair", "alg"):
+        assert report[label] == [-1, errno.EAFNOSUPPORT], label
+    assert report["audit"] == [-1, errno.EPROTONOSUPPORT]
+    for label in ("unix", "inet", "route"):
+        assert report[label][0] >= 0, (label, report[label])
+    assert report["unix_pair"] == [-1, errno.EFAULT]

@@ -1,4 +1,5 @@
-"""The egress allowlist: entry syntax, matching, the address guard and connection verdicts."""
+"""The egress allowlist: entry syntax, matching, the address guard, connection verdicts and
+what a spec (rather than an operator) may name."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from hypothesis import strategies as st
 
 from buildcell.egress.policy import (
     DEFAULT_PORTS,
+    SPEC_MIN_PREFIX,
     AllowEntry,
     EgressPolicy,
     decide,
     guarded_reason,
+    guarded_reasons,
     normalize_host,
     parse_allow,
     parse_pinned_host,
+    spec_entry_problem,
     suggest_allow,
 )
 from buildcell.errors import ConfigError
@@ -844,3 +848,163 @@ def test_parse_pinned_host_rejects(text: str, what: str) -> None:
     assert info.value.message.startswith(f"invalid --add-host {text!r}: ")
     assert what in info.value.message
     assert info.value.hint is not None and "NAME:ADDRESS" in info.value.hint
+
+
+# -- entries a spec wrote ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("127.0.0.0/8:8000", "reaches loopback addresses"),
+        ("127.0.0.1:8000", "is a loopback address"),
+        ("169.254.169.254:80", "is a cloud metadata address"),
+        ("100.100.100.200:80", "is a cloud metadata address"),
+        ("[fd00:ec2::254]:80", "is a cloud metadata address"),
+        ("169.254.0.0/16:80", "reaches cloud metadata and link-local addresses"),
+        ("0.0.0.0/0:22", "reaches cloud metadata, loopback, private and other non-public"),
+        ("[::/0]:22", "reaches cloud metadata, loopback, private and other non-public"),
+        ("0.0.0.0:80", "is an unspecified address"),
+        ("10.0.0.0/8:443", "reaches private addresses"),
+        ("10.1.2.0/24:443", "reaches private addresses"),
+        ("172.16.0.0/12:443", "reaches private addresses"),
+        ("192.168.1.10:443", "is a private address"),
+        ("100.64.0.0/10:443", "reaches cloud metadata and carrier-grade NAT addresses"),
+        ("100.64.0.0/24:443", "reaches carrier-grade NAT addresses"),
+        ("224.0.0.251:5353", "is a multicast address"),
+        ("240.0.0.0/4:1", "reaches reserved addresses"),
+        ("192.0.2.0/24:80", "reaches reserved addresses"),
+        ("[::1]:8080", "is a loopback address"),
+        ("[fe80::/64]:22", "reaches link-local addresses"),
+        ("[fd00::/8]:443", "reaches cloud metadata and unique local addresses"),
+        ("[fec0::1]:443", "is a site-local address"),
+        ("[ff02::1]:1", "is a multicast address"),
+        ("[2001:db8::/48]:1", "reaches reserved addresses"),
+        ("[4000::1]:1", "is a reserved address"),
+        ("[64:ff9b::7f00:1]:80", "is a loopback address via NAT64"),
+        ("[64:ff9b::a9fe:a9fe]:80", "is a cloud metadata address via NAT64"),
+        ("[64:ff9b::a00:0/120]:80", "reaches private via NAT64 addresses"),
+        ("[2002:7f00:1::/48]:80", "reaches loopback via 6to4 addresses"),
+        ("[2002:a9fe:a9fe::1]:80", "is a cloud metadata address via 6to4"),
+        # Mostly public, but overlapping one guarded range is enough.
+        ("8.8.8.0/24:53", None),
+        ("192.0.0.0/23:80", "reaches reserved addresses"),
+        ("100.63.255.0/24:80", None),
+    ],
+)  # fmt: skip
+def test_spec_entries_reaching_guarded_addresses_are_refused(text: str, words: str | None) -> None:
+    problem = spec_entry_problem(parse_allow(text))
+    if words is None:
+        assert problem is None
+        return
+    assert problem is not None
+    assert problem.startswith(parse_allow(text).describe() + " ")
+    assert words in problem
+    assert "only an operator may allow (--allow or the configuration file)" in problem
+    assert "\n" not in problem
+
+
+@pytest.mark.parametrize(
+    ("text", "least"),
+    [
+        ("8.8.0.0/16:53", "/24 of IPv4"),
+        ("8.8.8.0/23:53", "/24 of IPv4"),
+        ("1.0.0.0/8:443", "/24 of IPv4"),
+        ("[2606:4700::/32]:443", "/48 of IPv6"),
+        ("[2606:4700::/47]:443", "/48 of IPv6"),
+    ],
+)
+def test_spec_entries_broader_than_one_site_are_refused(text: str, least: str) -> None:
+    problem = spec_entry_problem(parse_allow(text))
+    assert problem is not None
+    assert "is too broad for a spec" in problem and least in problem
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "pypi.org",
+        "pypi.org:443",
+        "*.example.org",
+        "*.example.org:8443",
+        # Names are guarded when they resolve, so even these are a spec's to write.
+        "localhost",
+        "metadata.google.internal:80",
+        "8.8.8.8:53",
+        "8.8.8.0/24:53",
+        "[2606:4700::1111]:443",
+        "[2606:4700::/48]:443",
+        "[64:ff9b::808:808]:53",
+        "[64:ff9b::808:800/120]:53",
+        "[2002:808:808::/48]:80",
+    ],
+)
+def test_spec_entries_naming_public_destinations_are_fine(text: str) -> None:
+    assert spec_entry_problem(parse_allow(text)) is None
+
+
+def test_spec_min_prefix() -> None:
+    assert SPEC_MIN_PREFIX == {4: 24, 6: 48}
+
+
+def test_guarded_reasons() -> None:
+    assert guarded_reasons(ipaddress.ip_network("8.8.8.0/24")) == []
+    assert guarded_reasons(ipaddress.ip_network("127.0.0.1/32")) == ["loopback"]
+    assert guarded_reasons(ipaddress.ip_network("10.0.0.0/24")) == ["private"]
+    assert guarded_reasons(ipaddress.ip_network("169.254.169.0/24")) == [
+        "cloud metadata",
+        "link-local",
+    ]
+    assert guarded_reasons(ipaddress.ip_network("2606:4700::/48")) == []
+    assert guarded_reasons(ipaddress.ip_network("64:ff9b::7f00:0/120")) == ["loopback via NAT64"]
+    assert guarded_reasons(ipaddress.ip_network("::/0"))[:3] == [
+        "cloud metadata",
+        "loopback",
+        "private",
+    ]
+
+
+def _samples(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network, offset: int
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The first and last address of ``network``, and one in between."""
+    cls = ipaddress.IPv4Address if network.version == 4 else ipaddress.IPv6Address
+    inside = cls(int(network.network_address) + offset % network.num_addresses)
+    return [network.network_address, network.broadcast_address, inside]
+
+
+@given(
+    st.one_of(
+        st.tuples(st.ip_addresses(v=4), st.integers(0, 32)),
+        st.tuples(st.ip_addresses(v=6), st.integers(0, 128)),
+        # Near the interesting places of IPv6: low space, translation prefixes, 2000::/3.
+        st.tuples(
+            st.sampled_from(["::", "::ffff:0:0", "64:ff9b::", "2002::", "2001::", "fd00::"]).map(
+                ipaddress.IPv6Address
+            ),
+            st.integers(0, 128),
+        ),
+    ),
+    st.integers(min_value=0),
+)
+def test_a_spec_entry_is_allowed_only_if_its_addresses_are_public(
+    base: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], offset: int
+) -> None:
+    address, prefix = base
+    network = ipaddress.ip_network((address, prefix), strict=False)
+    try:
+        entry = parse_allow(f"{_network_text(network)}:443")
+    except ConfigError:
+        return  # IPv4-mapped networks are not entries at all
+    problem = spec_entry_problem(entry)
+    guarded = [a for a in _samples(network, offset) if guarded_reason(a) is not None]
+    if guarded:
+        assert problem is not None, (network, guarded)
+        assert guarded_reasons(network) != []
+    if problem is None:
+        assert network.prefixlen >= SPEC_MIN_PREFIX[network.version]
+        assert guarded_reasons(network) == []
+
+
+def _network_text(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    return f"[{network}]" if network.version == 6 else str(network)
