@@ -18,9 +18,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from buildcell.allowlist import EgressPolicy
 from buildcell.cell import CellConfig
 from buildcell.cell.supervisor import run_cell
-from buildcell.egress.policy import EgressPolicy
 from buildcell.state import StateDir
 
 __all__ = ["network_figures", "sendfile_origin"]

@@ -20,8 +20,8 @@ from typing import Any
 
 from buildcell.cell import CellConfig
 from buildcell.cell.supervisor import run_cell
-from buildcell.cell.workspace import copy_tree
 from buildcell.state import StateDir
+from buildcell.trees import copy_tree
 
 __all__ = ["suite_figures"]
 

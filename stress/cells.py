@@ -222,9 +222,9 @@ def _settled_counts(
 
 
 def _check_many_cells(scale: float) -> Row:
-    from buildcell.audit import EventLog
     from buildcell.cell import CellConfig, Limits
     from buildcell.cell.supervisor import run_cell
+    from buildcell.events import EventLog
     from buildcell.state import StateDir
 
     n_seq = max(1, round(1000 * scale))

@@ -67,7 +67,7 @@ _SECCOMP_ASSETS = (
 @dataclass
 class Row:
     area: str  # "fuzz"
-    what: str  # e.g. "spec YAML (buildcell.spec.parse_spec)"
+    what: str  # e.g. "spec YAML (buildcell.build.spec.parse_spec)"
     tried: int  # how many cases were run
     held: bool  # zero crashes other than our clean errors
     detail: str  # one line: "0 crashes in N cases" or the first crash
@@ -581,10 +581,10 @@ def _spec_texts(draw: st.DrawFn, valid: str) -> str:
 
 
 def _check_spec(cases: int, budget: float) -> Row:
-    from buildcell.spec import parse_spec
+    from buildcell.build.spec import parse_spec
 
     valid = _valid_spec()
-    what = f"spec YAML (buildcell.spec.parse_spec), {cases} cases"
+    what = f"spec YAML (buildcell.build.spec.parse_spec), {cases} cases"
     try:
         parse_spec(valid, path=Path("buildcell.yaml"))
     except Error as e:
@@ -816,7 +816,7 @@ class _Sandbox:
                 tree behind, more was written than charged, or the rootfs holds what it
                 must not (devices, setuid, anything writable by group or others).
         """
-        from buildcell.cell.oci import UnpackBudget, unpack_image
+        from buildcell.supply.images import UnpackBudget, unpack_image
 
         for leftover in self.work.iterdir():
             _remove(leftover)
@@ -917,7 +917,7 @@ def _manifest_cases(draw: st.DrawFn) -> tuple[str, str, str, bytes]:
 
 
 def _check_oci_manifests(cases: int, budget: float) -> Row:
-    what = f"OCI index/manifest/config JSON (buildcell.cell.oci.unpack_image), {cases} cases"
+    what = f"OCI index/manifest/config JSON (buildcell.supply.images.unpack_image), {cases} cases"
     box = _Sandbox()
     try:
 
@@ -1155,7 +1155,7 @@ def _layer_cases(draw: st.DrawFn, outside: Path) -> _LayerCase:
 
 
 def _check_oci_layers(cases: int, budget: float) -> Row:
-    what = f"OCI layer tars (buildcell.cell.oci unpack/_Unpacker), {cases} cases"
+    what = f"OCI layer tars (buildcell.supply.images unpack/_Unpacker), {cases} cases"
     box = _Sandbox()
     try:
 
@@ -1394,8 +1394,8 @@ def _check_dns(cases: int, budget: float) -> Row:
     import dns.message
     import dns.rdatatype
 
+    from buildcell.allowlist import EgressPolicy
     from buildcell.egress.dns import DnsResponder, SyntheticAddresses
-    from buildcell.egress.policy import EgressPolicy
 
     what = f"DNS queries (buildcell.egress.dns.DnsResponder.answer), {cases} cases"
     policy = EgressPolicy.from_strings(_DNS_ALLOW)
@@ -1508,9 +1508,9 @@ def _allow_texts(draw: st.DrawFn) -> str:
 
 
 def _check_allow(cases: int, budget: float) -> Row:
-    from buildcell.egress.policy import parse_allow
+    from buildcell.allowlist import parse_allow
 
-    what = f"egress allow entries (buildcell.egress.policy.parse_allow), {cases} cases"
+    what = f"egress allow entries (buildcell.allowlist.parse_allow), {cases} cases"
 
     def target(text: str) -> None:
         entry = parse_allow(text)
@@ -1532,8 +1532,8 @@ import sys
 from pathlib import Path
 import atheris
 with atheris.instrument_imports():
-    from buildcell.egress.policy import parse_allow
-    from buildcell.spec import parse_spec
+    from buildcell.allowlist import parse_allow
+    from buildcell.build.spec import parse_spec
     from buildcell.errors import ConfigError, Error
 
 def one(data):

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from buildcell.audit import EventLog
 from buildcell.cell import CellConfig, CellResult
 from buildcell.cell.supervisor import run_cell
+from buildcell.events import EventLog
 from buildcell.state import StateDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,6 +224,6 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 def derived_project(directory: Path) -> str:
     """The project a build of the spec in ``directory`` belongs to without --project."""
-    from buildcell.records import project_name
+    from buildcell.supply.records import project_name
 
     return project_name(str(directory.absolute()), derived=True)

@@ -173,8 +173,8 @@ def loopback_egress(*allow: str, transparent: tuple[int, ...] = (), **kw: Any) -
     """The real egress service with its listeners on the host's loopback instead of a
     cell's namespace, so hostile clients can be scripted precisely. ``transparent`` maps
     each allowed port to the loopback port of its transparent listener."""
+    from buildcell.allowlist import EgressPolicy
     from buildcell.cell.netns import Listener
-    from buildcell.egress.policy import EgressPolicy
     from buildcell.egress.service import EgressService
 
     events: list[dict[str, Any]] = []

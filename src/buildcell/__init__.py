@@ -26,9 +26,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from buildcell.audit import EventLog
     from buildcell.cell import Cell, CellConfig, CellResult, DirRootfs, HostRootfs, Limits, run_cell
     from buildcell.errors import Error
+    from buildcell.events import EventLog
 
 _LAZY = {
     "Cell": "buildcell.cell",
@@ -39,7 +39,7 @@ _LAZY = {
     "Limits": "buildcell.cell",
     "run_cell": "buildcell.cell",
     "Error": "buildcell.errors",
-    "EventLog": "buildcell.audit",
+    "EventLog": "buildcell.events",
 }
 
 

@@ -1,3 +1,3 @@
-from buildcell.cli import main
+from buildcell.cli.commands import main
 
 raise SystemExit(main())

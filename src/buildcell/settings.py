@@ -34,13 +34,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from buildcell.errors import ConfigError
 from buildcell.units import parse_cpus, parse_duration, parse_size
-
-if TYPE_CHECKING:
-    from buildcell.cell.config import Limits
 
 __all__ = [
     "DEFAULT_CACHE_MAX_AGE",
@@ -78,11 +75,6 @@ class DefaultLimits:
     cpus: float | None = None
     disk: int | None = None
     timeout: float | None = None
-
-    def to_limits(self) -> Limits:
-        from buildcell.cell.config import Limits
-
-        return Limits(self.memory, self.pids, self.cpus, self.disk, self.timeout)
 
 
 @dataclass(frozen=True)
@@ -251,7 +243,7 @@ def load_settings(path: Path | None = None) -> Settings:
     fetch_allow = f.strings("fetch", "allow")
     network_allow = f.strings("network", "allow")
     if fetch_allow or network_allow:
-        from buildcell.egress.policy import parse_allow
+        from buildcell.allowlist import parse_allow
 
         for section, entries in (("fetch", fetch_allow), ("network", network_allow)):
             for entry in entries:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from buildcell.errors import StateError
 
-__all__ = ["StateDir", "default_state_dir", "unreachable_ancestor"]
+__all__ = ["StateDir", "default_state_dir", "process_start_time", "unreachable_ancestor"]
 
 
 def default_state_dir() -> Path:
@@ -110,3 +110,12 @@ class StateDir:
         if st.st_mode & 0o7777 != mode:
             os.chmod(path, mode)
         return path
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of ``pid``, to tell it from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])

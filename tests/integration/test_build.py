@@ -354,7 +354,7 @@ def test_run_with_oci_rootfs(bc, tmp_path: Path, state_root: Path) -> None:
     ],
 )
 def test_init_writes_a_valid_spec(bc, tmp_path: Path, marker, kind, expect) -> None:
-    from buildcell.spec import load_spec
+    from buildcell.build.spec import load_spec
 
     if marker:
         (tmp_path / marker).write_text("check:\n\ttrue\n" if marker == "Makefile" else "{}")

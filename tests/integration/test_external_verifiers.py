@@ -33,7 +33,7 @@ from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import SSlibKey
 from tests.conftest import REPO, cli_env
 
-from buildcell.provenance import (
+from buildcell.supply.provenance import (
     BUNDLE_MEDIA_TYPE,
     PAYLOAD_TYPE,
     ProvenanceError,

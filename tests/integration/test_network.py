@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from tests.netservers import http_origin, udp_sink
 
-from buildcell.egress.policy import EgressPolicy
+from buildcell.allowlist import EgressPolicy
 
 CURL = ("curl", "-sS", "--max-time", "10")
 

@@ -313,7 +313,7 @@ def test_pip_download_through_the_proxy_allowing_only_the_index(bc: Any, tmp_pat
     # refuses them to a name: allow them literally, as an operator there would have to.
     import socket
 
-    from buildcell.egress.policy import guarded_reason
+    from buildcell.allowlist import guarded_reason
 
     for host in sorted(h for h in hosts if h):
         for info in socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM):

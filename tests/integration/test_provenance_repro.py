@@ -164,7 +164,7 @@ def test_unsigned_provenance_by_default(bc, example, tmp_path: Path, keys) -> No
         cwd=tmp_path,
     )
     assert "unsigned" in res.stdout
-    from buildcell.provenance import validate_statement
+    from buildcell.supply.provenance import validate_statement
 
     assert validate_statement(_statement(out / "provenance.intoto.jsonl")) == []
     res = bc("verify", "--key", str(public), "--provenance", str(out / "provenance.intoto.jsonl"))
@@ -281,6 +281,6 @@ def test_dir_rootfs_is_recorded_with_its_digest(bc, tmp_path: Path, state_root: 
     ]
     (rootfs,) = [d for d in deps if d.get("name") == "rootfs"]
     assert rootfs["uri"] == f"dir:{root}"
-    from buildcell.source import tree_digest
+    from buildcell.supply.source import tree_digest
 
     assert rootfs["digest"]["sha256"] == tree_digest(root)

@@ -624,8 +624,8 @@ def test_source_larger_than_the_disk_budget_is_a_clear_error(bc, tmp_path: Path)
 def test_gc_removes_leftovers_of_interrupted_builds(bc, state_root: Path) -> None:
     import json
 
-    from buildcell.records import BuildRecord, RecordStore, StepRecord
     from buildcell.state import StateDir
+    from buildcell.supply.records import BuildRecord, RecordStore, StepRecord
 
     state = StateDir(state_root / "state").root
     store = RecordStore(state / "builds")

@@ -46,8 +46,8 @@ from tests.oci_images import (
     write_dir,
 )
 
-from buildcell.cell.oci import UnpackBudget, unpack_image
 from buildcell.errors import Error, ImageError, StateError
+from buildcell.supply.images import UnpackBudget, unpack_image
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -34,10 +34,10 @@ import pytest
 from tests.conftest import REPO, root_only
 from tests.netservers import Origin, http_origin
 
-from buildcell.egress.policy import parse_allow, spec_entry_problem
+from buildcell.allowlist import parse_allow, spec_entry_problem
 from buildcell.errors import InputError
-from buildcell.inputs import ContentStore, FetchPolicy, InputRefusedError, InputRequest
-from buildcell.inputs import resolve_inputs as resolve
+from buildcell.supply.inputs import ContentStore, FetchPolicy, InputRefusedError, InputRequest
+from buildcell.supply.inputs import resolve_inputs as resolve
 
 GOOD = b"vendored dependency\n"
 GOOD_DIGEST = hashlib.sha256(GOOD).hexdigest()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from buildcell.audit import EventLog
 from buildcell.errors import StateError
+from buildcell.events import EventLog
 from buildcell.state import StateDir, default_state_dir
 
 

@@ -20,9 +20,9 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "buildcell"
 
 #: Per module: function -> why the paths it opens by name are not the repository's.
 ALLOWED: dict[str, dict[str, str]] = {
-    "spec.py": {"load_spec": "the spec file the operator named (-f)"},
-    "init.py": {},
-    "inputs.py": {
+    "build/spec.py": {"load_spec": "the spec file the operator named (-f)"},
+    "build/starter.py": {},
+    "supply/inputs.py": {
         "ContentStore._lookup": "the content store, under the state directory",
         "_Staging.commit": "a staging file the store made in its own directory",
         "_Staging.close": "a staging file the store made in its own directory",
@@ -30,21 +30,21 @@ ALLOWED: dict[str, dict[str, str]] = {
         "_fsync_dir": "the store's fan-out directories",
         "_discard_entry": "a store entry (lstat, never followed)",
     },
-    "outputs.py": {
+    "supply/outputs.py": {
         "_open_workspace": "the workspace directory buildcell made",
         "_open_out_dir": "the operator's --out (opened with no symlink on any component)",
     },
-    "source.py": {
+    "supply/source.py": {
         "_identities": "excluded paths the operator's invocation names (out dir, state dir)",
         "describe_source": "the source directory the operator named",
     },
-    "gitread.py": {
+    "supply/gitread.py": {
         "Repository.open": "the repository found by _discover (opened O_PATH|O_DIRECTORY)",
         "_discover": "the source directory and its ancestors, which the operator named",
         "_ObjectStore._load_packs": "os.listdir of a directory descriptor (objects/pack)",
         "Repository._differs": "DirEntry.is_symlink of a scandir over a descriptor",
     },
-    "repro.py": {
+    "build/repro.py": {
         "_open_root": "the two output directories being compared (buildcell's own)",
         "_stage": "a private temporary directory, and diffoscope on the host's /usr",
         "_tree_size": "the private temporary directory of diffoscope's cell",
@@ -55,7 +55,7 @@ ALLOWED: dict[str, dict[str, str]] = {
         "_atomic_target": "the archive target in buildcell's staging directory",
         "clamp_mtimes": "a tree buildcell made",
     },
-    "pipeline.py": {
+    "build/runner.py": {
         "_guard_key": "realpath of the signing key and of the places it must not be",
         "_StepLog.__init__": "the step log in the record directory (state)",
         "run_build": "the spec's directory as the operator named it",
@@ -70,12 +70,12 @@ ALLOWED: dict[str, dict[str, str]] = {
         "rootfs_mounts": "the host's own /usr",
         "host_rootfs_digest": "the host's package database",
     },
-    "cell/workspace.py": {
+    "trees.py": {
         "_identity": "excluded paths the operator's invocation names",
         "copy_tree": "the source root the operator named, and buildcell's workspace",
         "remove_tree": "the parent of a tree buildcell made (O_PATH); below, by descriptor",
     },
-    "cell/oci.py": {
+    "supply/images.py": {
         "_fd_label": "readlink of our own /proc/self/fd (a label for messages)",
         "_open_image": "the operator's --rootfs oci:PATH (a spec's image comes as a descriptor)",
         "_remove_tree": "a tree of the image cache (state), below it by descriptor",

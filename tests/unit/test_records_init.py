@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from buildcell.build.starter import starter_spec
 from buildcell.errors import Error
-from buildcell.init import starter_spec
-from buildcell.records import BuildRecord, RecordStore, StepRecord
+from buildcell.supply.records import BuildRecord, RecordStore, StepRecord
 
 
 def _record(build_id: str, **kw: object) -> BuildRecord:
@@ -54,7 +54,7 @@ def test_running_record_of_a_dead_supervisor_reads_as_interrupted(tmp_path: Path
 
 
 def test_starter_spec_kinds(tmp_path: Path) -> None:
-    from buildcell.spec import parse_spec
+    from buildcell.build.spec import parse_spec
 
     proj = tmp_path / "My Project!"
     proj.mkdir()

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 from buildcell.errors import ConfigError
 
 if TYPE_CHECKING:
-    from buildcell.cell.oci import UnpackBudget
-    from buildcell.egress.policy import EgressPolicy
+    from buildcell.allowlist import EgressPolicy
     from buildcell.redact import Secret
     from buildcell.secrets import SecretDelivery
+    from buildcell.supply.images import UnpackBudget
 
 __all__ = [
     "CELL_GID",

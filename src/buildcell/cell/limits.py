@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from buildcell.cell.config import Limits
 from buildcell.errors import SandboxError
@@ -257,22 +258,42 @@ def fallback_plan(
     return FallbackPlan(tuple(rlimits), nproc, affinity, tuple(warnings))
 
 
-def with_defaults(limits: Limits, defaults: Limits, backend: LimitsBackend) -> Limits:
+class LimitValues(Protocol):
+    """Anything with the fields of :class:`Limits` (the configuration file's defaults)."""
+
+    @property
+    def memory(self) -> int | None: ...
+    @property
+    def pids(self) -> int | None: ...
+    @property
+    def cpus(self) -> float | None: ...
+    @property
+    def disk(self) -> int | None: ...
+    @property
+    def timeout(self) -> float | None: ...
+
+
+def with_defaults(limits: Limits, defaults: LimitValues, backend: LimitsBackend) -> Limits:
     """``limits`` with what it leaves unset taken from ``defaults`` (the operator's).
 
     A default memory cap is taken only where a cgroup memory controller enforces it: the
     address-space rlimit that stands in for an explicit limit breaks programs that reserve
     address space they never touch, which no one asked for here.
     """
+
+    def default(name: str) -> Any:
+        value = getattr(limits, name)
+        return value if value is not None else getattr(defaults, name)
+
     memory = limits.memory
     if memory is None and "memory" in backend.controllers:
         memory = defaults.memory
     return Limits(
         memory=memory,
-        pids=limits.pids if limits.pids is not None else defaults.pids,
-        cpus=limits.cpus if limits.cpus is not None else defaults.cpus,
-        disk=limits.disk if limits.disk is not None else defaults.disk,
-        timeout=limits.timeout if limits.timeout is not None else defaults.timeout,
+        pids=default("pids"),
+        cpus=default("cpus"),
+        disk=default("disk"),
+        timeout=default("timeout"),
     )
 
 

@@ -30,8 +30,8 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
+from buildcell.egress.listener import Listener
 from buildcell.errors import SandboxError
 
 __all__ = [
@@ -59,16 +59,6 @@ _IFF_UP = 0x1
 _libc = ctypes.CDLL(None, use_errno=True)
 _unshare = _libc.unshare
 _setns = _libc.setns
-
-
-@dataclass(frozen=True)
-class Listener:
-    """One socket bound inside the cell: ``role`` is ``proxy``, ``dns`` or ``transparent``."""
-
-    role: Literal["proxy", "dns", "transparent"]
-    transport: Literal["tcp", "udp"]
-    address: str
-    port: int
 
 
 @dataclass(frozen=True)

@@ -20,26 +20,17 @@ from typing import Any
 from buildcell._fs import Closing
 from buildcell.cell.anchor import StorageAnchor
 from buildcell.cell.identity import HostIdentity, acquire_identity
-from buildcell.cell.workspace import CopyStats, copy_tree, remove_tree
 from buildcell.errors import ConfigError, SandboxError
-from buildcell.state import StateDir
+from buildcell.state import StateDir, process_start_time
+from buildcell.trees import CopyStats, copy_tree, remove_tree
 from buildcell.units import format_size
 
-__all__ = ["CellStorage", "Scratch", "new_cell_id", "process_start_time"]
+__all__ = ["CellStorage", "Scratch", "new_cell_id"]
 
 
 def new_cell_id() -> str:
     """A sortable, unique id: UTC time plus randomness (``20261128T170501-3f9a2c1d``)."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(4).hex()
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of ``pid``, to tell it from a reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rpartition(")")[2].split()[19])
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from buildcell.audit import EventLog
 from buildcell.cell import _spawn, reaper
 from buildcell.cell.bwrap import Mount, SandboxPlan, bwrap_argv, split_options
 from buildcell.cell.config import (
@@ -64,16 +63,17 @@ from buildcell.errors import (
     SandboxError,
     SeccompError,
 )
+from buildcell.events import EventLog
 from buildcell.state import StateDir, unreachable_ancestor
 
 if TYPE_CHECKING:
     import socket
 
     from buildcell.cell.netns import NetnsPlan
-    from buildcell.cell.oci import UnpackBudget
     from buildcell.egress.audit import EgressSummaryRow
     from buildcell.egress.service import EgressService
-    from buildcell.outputs import OutputDir, OutputReport
+    from buildcell.supply.images import UnpackBudget
+    from buildcell.supply.outputs import OutputDir, OutputReport
 
 __all__ = [
     "Cell",
@@ -238,7 +238,7 @@ def _open_rootfs(
     from buildcell import confined
 
     if isinstance(rootfs, OciRootfs):
-        from buildcell.cell.oci import unpack_image
+        from buildcell.supply.images import unpack_image
 
         what = f"image {rootfs.digest}"
         if rootfs.beneath is None:
@@ -431,7 +431,7 @@ class Cell:
         state = self._state or StateDir()
         self._state = state
         if cfg.outputs and self._shared_storage is None:
-            from buildcell.outputs import OutputDir
+            from buildcell.supply.outputs import OutputDir
 
             # Claimed before anything runs: a busy or unusable directory stops the cell.
             self._out = OutputDir(cfg.resolved_out_dir(), wait=cfg.wait_for_out_dir)
@@ -921,7 +921,7 @@ class Cell:
         cfg = self.config
         if not cfg.outputs or self.storage is None or self._out is None:
             return None
-        from buildcell.outputs import (
+        from buildcell.supply.outputs import (
             check_outputs_for_secrets,
             check_reserved_names,
             collect_outputs,

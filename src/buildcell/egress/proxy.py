@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 import h11
 
+from buildcell.allowlist import EgressPolicy, Verdict, decide, normalize_host
 from buildcell.egress.audit import Attempt
-from buildcell.egress.policy import EgressPolicy, Verdict, decide, normalize_host
 from buildcell.egress.relay import RelayResult, linger, relay
 from buildcell.errors import ConfigError
 

@@ -21,10 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from buildcell._fs import Closing
-from buildcell.cell.netns import Listener
+from buildcell.allowlist import EgressPolicy
 from buildcell.egress.audit import Attempt, EgressStats
 from buildcell.egress.dns import DnsAnswer, DnsResponder, SyntheticAddresses
-from buildcell.egress.policy import EgressPolicy
+from buildcell.egress.listener import Listener
 from buildcell.egress.proxy import EgressProxy
 from buildcell.errors import SandboxError
 

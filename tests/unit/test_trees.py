@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-import buildcell.cell.workspace as workspace_module
-from buildcell.cell.workspace import CopyStats, copy_tree, remove_tree
+import buildcell.trees as workspace_module
 from buildcell.errors import ConfigError, SandboxError
+from buildcell.trees import CopyStats, copy_tree, remove_tree
 
 MTIME_NS = 1_234_567_890_123_456_789
 NOBODY = 65534
@@ -469,7 +469,7 @@ def test_remove_refuses_to_cross_a_mount(tmp_path: Path) -> None:
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from buildcell.cell.workspace import remove_tree\n"
+        "from buildcell.trees import remove_tree\n"
         "from buildcell.errors import SandboxError\n"
         "try:\n"
         "    remove_tree(Path(sys.argv[1]))\n"

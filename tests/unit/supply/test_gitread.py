@@ -25,8 +25,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.git_objects import Entry, delta, oid_of, write_pack
 
-from buildcell import gitread
-from buildcell.gitread import GitHead, GitReadError, MissingObjectError, Repository, read_head
+from buildcell.supply import gitread
+from buildcell.supply.gitread import (
+    GitHead,
+    GitReadError,
+    MissingObjectError,
+    Repository,
+    read_head,
+)
 
 GIT = shutil.which("git")
 pytestmark = pytest.mark.skipif(GIT is None, reason="git is not installed")

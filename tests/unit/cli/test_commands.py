@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from buildcell import cli
+from buildcell.cli import commands as cli
 
 
 @pytest.mark.parametrize(

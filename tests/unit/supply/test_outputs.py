@@ -16,9 +16,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-import buildcell.outputs as outputs_module
+import buildcell.supply.outputs as outputs_module
 from buildcell.errors import ConfigError, OutputError
-from buildcell.outputs import (
+from buildcell.supply.outputs import (
     CollectedOutput,
     SkippedOutput,
     collect_outputs,

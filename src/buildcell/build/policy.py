@@ -130,7 +130,7 @@ import yaml
 from buildcell.errors import PolicyError
 
 if TYPE_CHECKING:
-    from buildcell.spec import BuildSpec, LimitsSpec, StepSpec
+    from buildcell.build.spec import BuildSpec, LimitsSpec, StepSpec
 
 __all__ = [
     "Decision",
@@ -369,7 +369,7 @@ def build_context(spec: BuildSpec, invocation: Invocation) -> dict[str, Any]:
 
 
 def _rootfs_context(spec: BuildSpec) -> dict[str, str | None]:
-    from buildcell.spec import DirRootfsSpec, HostRootfsSpec, OciRootfsSpec
+    from buildcell.build.spec import DirRootfsSpec, HostRootfsSpec, OciRootfsSpec
 
     rootfs = spec.rootfs
     # Paths are normalized (``..`` collapsed) so that a prefix rule means what it says.
@@ -784,7 +784,7 @@ def _plain_value(value: Any) -> Any:
 
 def _compose(text: str, source: str) -> yaml.Node | None:
     """The YAML node tree of ``text``; PyYAML's failures become one-line errors."""
-    from buildcell.spec import yaml_error
+    from buildcell.build.spec import yaml_error
 
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)

@@ -30,10 +30,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import buildcell
-import buildcell.inputs as inputs_module
-from buildcell.audit import EventLog
+import buildcell.supply.inputs as inputs_module
 from buildcell.errors import ConfigError, InputError
-from buildcell.inputs import (
+from buildcell.events import EventLog
+from buildcell.supply.inputs import (
     ContentStore,
     FetchPolicy,
     InputRefusedError,
@@ -1392,7 +1392,7 @@ def test_corrupt_entry_is_removed_and_fetched_again(
     [first] = resolve_inputs([request], store, fetch_policy=server.policy)
     first.store_path.write_bytes(b"tampered" + BODY[8:])
 
-    with caplog.at_level(logging.WARNING, logger="buildcell.inputs"):
+    with caplog.at_level(logging.WARNING, logger="buildcell.supply.inputs"):
         assert store.lookup(DIGEST) is None
     assert not first.store_path.exists()
     assert "corrupt" in caplog.text

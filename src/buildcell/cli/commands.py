@@ -20,11 +20,11 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
-    from buildcell.audit import EventLog
-    from buildcell.policy import Invocation
-    from buildcell.records import RecordStore
+    from buildcell.build.policy import Invocation
+    from buildcell.build.repro import ReproReport
+    from buildcell.events import EventLog
     from buildcell.redact import Secret
-    from buildcell.repro import ReproReport
+    from buildcell.supply.records import RecordStore
 
 __all__ = ["main"]
 
@@ -548,10 +548,10 @@ def _warn(message: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from buildcell.audit import EventLog
     from buildcell.cell import CellConfig, Limits, parse_rootfs
     from buildcell.cell.supervisor import Cell
     from buildcell.errors import UsageError
+    from buildcell.events import EventLog
     from buildcell.state import StateDir
     from buildcell.units import parse_cpus, parse_duration, parse_size
 
@@ -578,7 +578,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             disk=parse_size(args.disk, what="--disk") if args.disk else None,
             timeout=parse_duration(args.timeout, what="--timeout") if args.timeout else None,
         ),
-        settings.limits.to_limits(),
+        settings.limits,
         limits_backend(),
     )
     source = (args.source or Path.cwd()).absolute()
@@ -588,7 +588,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--seccomp-profile and --unsafe-no-seccomp contradict each other")
     outputs: tuple[str, ...] = ()
     if args.output:
-        from buildcell.outputs import validate_patterns
+        from buildcell.supply.outputs import validate_patterns
 
         outputs = validate_patterns(args.output)
     secrets = _secrets(args.secret)
@@ -666,9 +666,9 @@ def _gate_run(
         return
     import shlex
 
-    from buildcell.policy import Invocation, check, load_policy, require_allowed
-    from buildcell.records import project_name
-    from buildcell.spec import BuildSpec
+    from buildcell.build.policy import Invocation, check, load_policy, require_allowed
+    from buildcell.build.spec import BuildSpec
+    from buildcell.supply.records import project_name
 
     rootfs: object = "host"
     if args.rootfs.startswith("dir:"):
@@ -730,7 +730,7 @@ def _network_options(allow: Sequence[str], add_host: Sequence[str]) -> dict[str,
     """
     if not allow and not add_host:
         return {}
-    from buildcell.egress.policy import EgressPolicy
+    from buildcell.allowlist import EgressPolicy
 
     return {"network": EgressPolicy.from_strings(allow), "pinned_hosts": _pinned_hosts(add_host)}
 
@@ -738,7 +738,7 @@ def _network_options(allow: Sequence[str], add_host: Sequence[str]) -> dict[str,
 def _pinned_hosts(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
     if not items:
         return ()
-    from buildcell.egress.policy import parse_pinned_host
+    from buildcell.allowlist import parse_pinned_host
 
     return tuple(parse_pinned_host(item) for item in items)
 
@@ -757,7 +757,7 @@ def _print_warnings(event: dict[str, Any]) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from buildcell.doctor import render, run_checks
+    from buildcell.build.doctor import render, run_checks
 
     report = run_checks(state_dir=args.state_dir)
     render(report, as_json=args.json)
@@ -767,7 +767,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_gc(args: argparse.Namespace) -> int:
     import json
 
-    from buildcell.gc import collect_garbage
+    from buildcell.build.gc import collect_garbage
     from buildcell.state import StateDir
     from buildcell.units import parse_duration
 
@@ -789,16 +789,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from buildcell._console import LiveReporter, PlainReporter, render_record
-    from buildcell.pipeline import DEFAULT_BUILDER_ID, BuildOptions, check_reproducible, run_build
+    from buildcell.build.runner import (
+        DEFAULT_BUILDER_ID,
+        BuildOptions,
+        check_reproducible,
+        run_build,
+    )
+    from buildcell.build.spec import load_spec
     from buildcell.settings import load_settings
-    from buildcell.spec import load_spec
     from buildcell.state import StateDir
 
     loaded = load_spec(args.file)
     settings = load_settings()
     key = None
     if args.sign_key is not None:
-        from buildcell.provenance import KeyFile
+        from buildcell.supply.provenance import KeyFile
 
         # Checked now, read only once the build's last cell is gone.
         key = KeyFile(args.sign_key.absolute())
@@ -812,7 +817,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         ),
         image_budget=settings.image_max_size,
     )
-    from buildcell.policy import load_policy
+    from buildcell.build.policy import load_policy
 
     policies = tuple(load_policy(p) for p in _policy_paths(args.policy, settings.policy))
     options = BuildOptions(
@@ -870,7 +875,7 @@ def _image_budget(rootfs: str, limit: int) -> Any:
     """What ``run``'s image may unpack to (``images.max_size``); None without an image."""
     if not rootfs.startswith("oci:"):
         return None
-    from buildcell.cell.oci import UnpackBudget
+    from buildcell.supply.images import UnpackBudget
 
     return UnpackBudget(limit)
 
@@ -883,7 +888,7 @@ def _canonical_entries(items: Sequence[str]) -> tuple[str, ...]:
     """
     if not items:
         return ()
-    from buildcell.egress.policy import parse_allow
+    from buildcell.allowlist import parse_allow
 
     return tuple(dict.fromkeys(parse_allow(item).describe() for item in items))
 
@@ -896,8 +901,8 @@ def _invocation(
     allow: Sequence[str] = (),
     allow_fetch: Sequence[str] = (),
 ) -> Invocation:
-    from buildcell.policy import Invocation
-    from buildcell.records import project_name
+    from buildcell.build.policy import Invocation
+    from buildcell.supply.records import project_name
 
     project = (
         project_name(args.project)
@@ -918,10 +923,10 @@ def _invocation(
 def _cmd_policy(args: argparse.Namespace) -> int:
     import json
 
+    from buildcell.build.policy import check, load_policy
+    from buildcell.build.spec import load_spec
     from buildcell.errors import PolicyError, UsageError
-    from buildcell.policy import check, load_policy
     from buildcell.settings import load_settings
-    from buildcell.spec import load_spec
 
     if args.policy_command != "check":
         raise UsageError("policy needs a subcommand", hint="buildcell policy check --policy FILE")
@@ -978,7 +983,7 @@ def _secrets(items: Sequence[str]) -> list[Secret]:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from buildcell.provenance import generate_keypair
+    from buildcell.supply.provenance import generate_keypair
 
     args.out.mkdir(parents=True, exist_ok=True)
     private, public = generate_keypair(args.out)
@@ -990,7 +995,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     import json
 
-    from buildcell.provenance import load_public_key, verify
+    from buildcell.supply.provenance import load_public_key, verify
 
     report = verify(
         args.provenance,
@@ -1029,8 +1034,8 @@ def _stdout_console() -> Console:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    from buildcell.build.starter import starter_spec
     from buildcell.errors import UsageError
-    from buildcell.init import starter_spec
 
     target = Path("buildcell.yaml")
     if target.exists() and not args.force:
@@ -1046,15 +1051,15 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_schema(args: argparse.Namespace) -> int:
     import json
 
-    from buildcell.spec import spec_json_schema
+    from buildcell.build.spec import spec_json_schema
 
     print(json.dumps(spec_json_schema(), indent=2))
     return 0
 
 
 def _records(args: argparse.Namespace) -> RecordStore:
-    from buildcell.records import RecordStore, project_name
     from buildcell.state import StateDir
+    from buildcell.supply.records import RecordStore, project_name
 
     project = (
         project_name(args.project) if args.project else project_name(str(Path.cwd()), derived=True)

@@ -23,7 +23,7 @@ host handles them as an attacker's:
   (:class:`FetchPolicy`, from ``--allow-fetch`` and the configuration file's
   ``fetch: {allow: [...]}``). The host name of every request, the first and each redirect,
   is resolved here with :func:`socket.getaddrinfo`; every address it resolves to is
-  checked with the egress proxy's guard (:func:`buildcell.egress.policy.guarded_reason`:
+  checked with the egress proxy's guard (:func:`buildcell.allowlist.guarded_reason`:
   loopback, private, carrier-grade NAT, link-local, cloud metadata, reserved, ...), and
   the connection goes to those checked addresses, never to a second lookup. TLS still
   verifies the certificate against the host name, which is also the SNI and ``Host``. A
@@ -72,16 +72,16 @@ from typing import IO, Any
 
 from buildcell import __version__, confined
 from buildcell._fs import Closing, file_kind
-from buildcell.audit import EventLog
-from buildcell.confined import UnsafePathError
-from buildcell.egress.policy import (
+from buildcell.allowlist import (
     AllowEntry,
     EgressPolicy,
     guarded_reason,
     normalize_host,
     suggest_allow,
 )
+from buildcell.confined import UnsafePathError
 from buildcell.errors import ConfigError, InputError, StateError
+from buildcell.events import EventLog
 from buildcell.units import format_size
 
 __all__ = [
@@ -142,7 +142,7 @@ class FetchPolicy:
     """The non-public destinations that host-side input fetches may reach: operator grants.
 
     Public addresses need no grant. Entries have the syntax of ``--allow``
-    (:func:`buildcell.egress.policy.parse_allow`), and mean:
+    (:func:`buildcell.allowlist.parse_allow`), and mean:
 
     * ``IP:PORT``, ``IP/PREFIX:PORT``, ``[IPv6]:PORT``, ...: those addresses on that port,
       whatever name led to them (an IPv4-mapped IPv6 address counts as its IPv4 address);

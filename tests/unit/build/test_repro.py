@@ -22,9 +22,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from buildcell import repro
-from buildcell.errors import ConfigError, OutputError
-from buildcell.repro import (
+from buildcell.build import repro
+from buildcell.build.repro import (
     FileDiff,
     ReproReport,
     clamp_mtimes,
@@ -32,6 +31,7 @@ from buildcell.repro import (
     first_difference,
     write_reproducible_tar_gz,
 )
+from buildcell.errors import ConfigError, OutputError
 
 MiB = 1 << 20
 SECRET = b"TOPSECRET host content"

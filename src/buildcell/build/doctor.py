@@ -84,9 +84,9 @@ def _probe_cell(report: DoctorReport, state_dir: Path | None) -> None:
 
 def _probe_egress(report: DoctorReport, state_dir: Path | None) -> None:
     """A cell with a network policy: its own namespace, listeners, resolver answering."""
+    from buildcell.allowlist import EgressPolicy
     from buildcell.cell import CellConfig, Limits
     from buildcell.cell.supervisor import run_cell
-    from buildcell.egress.policy import EgressPolicy
     from buildcell.state import StateDir
 
     out = bytearray()

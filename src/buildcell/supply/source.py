@@ -1,7 +1,7 @@
 """What the source of a build was: a git commit and tree, and a digest of the files.
 
 The source directory is the repository's, so nothing here runs a program or follows a path
-that it chose. Git metadata is read by :mod:`buildcell.gitread`, which executes nothing
+that it chose. Git metadata is read by :mod:`buildcell.supply.gitread`, which executes nothing
 and reads no git configuration (running ``git`` would run the ``core.fsmonitor``,
 ``gpg.program`` or hooks that a pull request put in a ``.git/config``). The digest walks
 the tree with directory descriptors: every name is opened relative to its parent with
@@ -22,7 +22,7 @@ from typing import Any
 
 from buildcell.confined import open_root
 from buildcell.errors import ConfigError
-from buildcell.gitread import GitReadError, read_head
+from buildcell.supply.gitread import GitReadError, read_head
 
 __all__ = ["SourceInfo", "describe_source", "tree_digest"]
 
@@ -47,7 +47,7 @@ class SourceInfo:
         commit_time: the commit's committer time (seconds since 1970).
         sha256: :func:`tree_digest` of the files as built.
         dirty: whether a tracked file under ``path`` differs from the commit; ``None``
-            when unknown or not a git checkout (see :mod:`buildcell.gitread`).
+            when unknown or not a git checkout (see :mod:`buildcell.supply.gitread`).
         annotations: extra facts for provenance (``subdirectory`` of the checkout, why
             git metadata could not be read).
     """

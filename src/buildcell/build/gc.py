@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from buildcell.cell.limits import remove_stale_cgroup
-from buildcell.cell.storage import process_start_time
-from buildcell.cell.workspace import remove_tree
-from buildcell.state import StateDir
+from buildcell.state import StateDir, process_start_time
+from buildcell.trees import remove_tree
 
 __all__ = ["GcReport", "collect_garbage"]
 
@@ -115,7 +114,7 @@ def collect_garbage(state: StateDir, *, cache_max_age: float | None = None) -> G
             report.removed.append(cell_dir.name)
     report.cgroups_removed += _orphan_cgroups(state.tag, live_cgroups)
     report.leftovers = _build_leftovers(state)
-    from buildcell.caches import expire_caches
+    from buildcell.supply.caches import expire_caches
 
     if cache_max_age is None:
         from buildcell.settings import load_settings
@@ -128,7 +127,7 @@ def collect_garbage(state: StateDir, *, cache_max_age: float | None = None) -> G
 def _build_leftovers(state: StateDir) -> int:
     """What an interrupted build leaves besides its cell: the output staging directory,
     the second tree of a reproducibility check, and partial downloads in the store."""
-    from buildcell.records import RecordStore
+    from buildcell.supply.records import RecordStore
 
     removed = 0
     builds = state.root / "builds"

@@ -848,7 +848,7 @@ class OutputDir:
     def _remove_leftovers(self) -> None:
         # Only the holder of the lock makes staging directories for this name: any other
         # is what a killed build left.
-        from buildcell.cell.workspace import remove_tree
+        from buildcell.trees import remove_tree
 
         prefix = f".{self._name}{_STAGING_INFIX}"
         for entry in os.listdir(self._parent_fd):
@@ -874,7 +874,7 @@ class OutputDir:
         Raises:
             OutputError: the exchange failed (the previous contents then stay).
         """
-        from buildcell.cell.workspace import remove_tree
+        from buildcell.trees import remove_tree
 
         assert self._staging is not None, "already published"
         try:
@@ -896,7 +896,7 @@ class OutputDir:
 
     def close(self) -> None:
         """Discard what was staged (unless published) and release the lock. Idempotent."""
-        from buildcell.cell.workspace import remove_tree
+        from buildcell.trees import remove_tree
 
         if self.staging_fd >= 0:
             os.close(self.staging_fd)

@@ -45,9 +45,9 @@ from tests.oci_images import (
     write_tar,
 )
 
-from buildcell.cell import oci
-from buildcell.cell.oci import UnpackBudget, parse_digest, unpack_image
+from buildcell.supply import images as oci
 from buildcell.errors import ConfigError, ImageError, StateError
+from buildcell.supply.images import UnpackBudget, parse_digest, unpack_image
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -459,7 +459,7 @@ def test_concurrent_processes_unpack_once(tmp_path: Path, cache: Path) -> None:
     script = (
         "import logging, sys\n"
         "from pathlib import Path\n"
-        "from buildcell.cell.oci import unpack_image\n"
+        "from buildcell.supply.images import unpack_image\n"
         "logging.basicConfig(level=logging.DEBUG, format='%(message)s')\n"
         "print(unpack_image(Path(sys.argv[1]), sys.argv[2], cache_dir=Path(sys.argv[3])))\n"
     )

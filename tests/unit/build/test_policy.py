@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from buildcell.errors import PolicyError
-from buildcell.policy import (
+from buildcell.build.policy import (
     Decision,
     Invocation,
     Policy,
@@ -28,7 +27,8 @@ from buildcell.policy import (
     load_policy,
     require_allowed,
 )
-from buildcell.spec import BuildSpec, parse_spec
+from buildcell.build.spec import BuildSpec, parse_spec
+from buildcell.errors import PolicyError
 
 HEX = "9a93b2b7dfdac77ceba5a558a580e74667dd6fede4585b91eefb60f03b72df23"
 GiB = 1024**3
@@ -834,13 +834,13 @@ def test_recursion_limit_is_not_lowered(tmp_path: Path) -> None:
 
 
 def test_importing_the_module_does_not_import_celpy() -> None:
-    code = "import sys, buildcell.policy; assert 'celpy' not in sys.modules, 'celpy imported'"
+    code = "import sys, buildcell.build.policy; assert 'celpy' not in sys.modules, 'celpy imported'"
     subprocess.run([sys.executable, "-W", "error", "-c", code], check=True, timeout=60)
 
 
 def test_context_shows_what_is_enforced_not_what_is_written() -> None:
-    from buildcell.policy import Invocation, build_context
-    from buildcell.spec import parse_spec
+    from buildcell.build.policy import Invocation, build_context
+    from buildcell.build.spec import parse_spec
 
     spec = parse_spec(
         "version: 1\nname: x\nrootfs: {dir: /srv/rootfs/../../..}\nlimits: {disk: 64M}\n"

@@ -15,9 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from buildcell.cell.config import Limits
-from buildcell.errors import SpecError
-from buildcell.spec import (
+from buildcell.build.spec import (
     BuildSpec,
     DirRootfsSpec,
     HostRootfsSpec,
@@ -30,6 +28,8 @@ from buildcell.spec import (
     parse_spec,
     spec_json_schema,
 )
+from buildcell.cell.config import Limits
+from buildcell.errors import SpecError
 
 HEX = "9a93b2b7dfdac77ceba5a558a580e74667dd6fede4585b91eefb60f03b72df23"
 GiB = 1024**3
@@ -1054,8 +1054,8 @@ def test_archive_name() -> None:
     ],
 )
 def test_cache_paths_cannot_hide_each_other_or_the_workspace(caches: str, words: str) -> None:
+    from buildcell.build.spec import parse_spec
     from buildcell.errors import SpecError
-    from buildcell.spec import parse_spec
 
     text = f"version: 1\nname: x\nsteps:\n  - name: s\n    run: 'true'\n    caches: {caches}\n"
     with pytest.raises(SpecError) as info:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from buildcell.errors import ConfigError
-from buildcell.source import SourceInfo, describe_source, tree_digest
+from buildcell.supply.source import SourceInfo, describe_source, tree_digest
 
 GIT = shutil.which("git")
 IS_ROOT = os.geteuid() == 0
@@ -182,7 +182,7 @@ def test_a_wide_tree_needs_few_descriptors(tmp_path: Path) -> None:
     code = (
         "import resource, sys; from pathlib import Path\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))\n"
-        "from buildcell.source import tree_digest\n"
+        "from buildcell.supply.source import tree_digest\n"
         "print(tree_digest(Path(sys.argv[1])))\n"
     )
     out = subprocess.run(

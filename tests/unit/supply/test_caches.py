@@ -20,15 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buildcell.caches import (
+from buildcell.errors import ConfigError, StateError
+from buildcell.supply.caches import (
     DEFAULT_MAX_BYTES,
     CacheLease,
     CacheStore,
     cache_scope,
     expire_caches,
 )
-from buildcell.cell.workspace import remove_tree
-from buildcell.errors import ConfigError, StateError
+from buildcell.trees import remove_tree
 
 NOBODY = 65534
 IS_ROOT = os.geteuid() == 0
@@ -402,7 +402,7 @@ WRITER = textwrap.dedent(
     import sys
     from pathlib import Path
     sys.path.insert(0, {str(Path(__file__).parent)!r})
-    from buildcell.caches import CacheStore
+    from buildcell.supply.caches import CacheStore
     from test_caches import check_complete, write_markers
 
     store = CacheStore(Path(sys.argv[1]))
@@ -562,7 +562,7 @@ def killed_build(root: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
         """
         import sys, time
         from pathlib import Path
-        from buildcell.caches import CacheStore
+        from buildcell.supply.caches import CacheStore
         lease = CacheStore(Path(sys.argv[1])).lease("proj", "pip", "untrusted")
         (lease.work / "half-written").write_text("x")
         print(lease.work, flush=True)

@@ -22,7 +22,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from buildcell.audit import EventLog
+from buildcell.build.spec import (
+    BuildSpec,
+    CacheSpec,
+    DirRootfsSpec,
+    HostRootfsSpec,
+    LoadedSpec,
+    StepSpec,
+)
 from buildcell.cell.config import (
     Bind,
     CellConfig,
@@ -36,9 +43,8 @@ from buildcell.cell.config import (
 )
 from buildcell.cell.storage import CellStorage, new_cell_id
 from buildcell.cell.supervisor import Cell, bwrap_version, find_bwrap
-from buildcell.cell.workspace import remove_tree
 from buildcell.errors import ConfigError, Error, PolicyError
-from buildcell.records import BuildRecord, RecordStore, StepRecord
+from buildcell.events import EventLog
 from buildcell.secrets import SecretDelivery
 from buildcell.settings import (
     DEFAULT_IMAGE_MAX_SIZE,
@@ -46,28 +52,22 @@ from buildcell.settings import (
     DEFAULT_OUTPUT_MAX_SIZE,
     DefaultLimits,
 )
-from buildcell.source import SourceInfo, describe_source, tree_digest
-from buildcell.spec import (
-    BuildSpec,
-    CacheSpec,
-    DirRootfsSpec,
-    HostRootfsSpec,
-    LoadedSpec,
-    StepSpec,
-)
 from buildcell.state import StateDir
+from buildcell.supply.records import BuildRecord, RecordStore, StepRecord
+from buildcell.supply.source import SourceInfo, describe_source, tree_digest
+from buildcell.trees import remove_tree
 from buildcell.units import format_size
 
 if TYPE_CHECKING:
-    from buildcell.caches import CacheLease, CacheScope
-    from buildcell.cell.oci import UnpackBudget
+    from buildcell.allowlist import AllowEntry, EgressPolicy
+    from buildcell.build.policy import Invocation, Policy
+    from buildcell.build.repro import ReproReport
     from buildcell.egress.audit import EgressSummaryRow
-    from buildcell.egress.policy import AllowEntry, EgressPolicy
-    from buildcell.outputs import OutputDir
-    from buildcell.policy import Invocation, Policy
-    from buildcell.provenance import KeyFile, SigningKey
     from buildcell.redact import Secret
-    from buildcell.repro import ReproReport
+    from buildcell.supply.caches import CacheLease, CacheScope
+    from buildcell.supply.images import UnpackBudget
+    from buildcell.supply.outputs import OutputDir
+    from buildcell.supply.provenance import KeyFile, SigningKey
 
 __all__ = [
     "DEFAULT_BUILDER_ID",
@@ -185,7 +185,7 @@ def _check_grants(spec: BuildSpec, grants: Sequence[str]) -> None:
     Raises:
         ConfigError: a step names a non-public or too broad destination nobody granted.
     """
-    from buildcell.egress.policy import EgressPolicy, parse_allow, spec_entry_problem
+    from buildcell.allowlist import EgressPolicy, parse_allow, spec_entry_problem
 
     granted = EgressPolicy.from_strings(grants)
     for step in spec.steps:
@@ -225,7 +225,7 @@ def _guard_key(key: object, places: Sequence[Path], rootfs: Rootfs) -> None:
     Raises:
         ProvenanceError: it does, or it cannot be used at all.
     """
-    from buildcell.provenance import KeyFile, ProvenanceError
+    from buildcell.supply.provenance import KeyFile, ProvenanceError
 
     if not isinstance(key, KeyFile):
         return
@@ -267,7 +267,7 @@ class BuildOptions:
 
     Attributes:
         sign_key: sign the provenance with this key; without one it is written unsigned. A
-            :class:`~buildcell.provenance.KeyFile` is read only after the build's last cell
+            :class:`~buildcell.supply.provenance.KeyFile` is read only after the build's last cell
             is gone, and refused if it lies where a build can reach it.
         builder_id: ``runDetails.builder.id`` of the provenance.
         variation: perturbations (``--check-repro`` uses them for its second build).
@@ -409,7 +409,7 @@ def run_build(
             _guard_key(options.sign_key, (spec_dir, state.root, out_dir), rootfs)
             # Before anything is announced or run: a denied build only leaves its record.
             _gate(options.policies, loaded, invocation, record, events)
-            from buildcell.outputs import OutputDir
+            from buildcell.supply.outputs import OutputDir
 
             out = OutputDir(out_dir, wait=options.wait_for_out_dir, on_wait=reporter.message)
             reporter.build_started(record.id, spec)
@@ -472,8 +472,8 @@ def run_build(
 
 
 def _invocation(options: BuildOptions, spec_dir: Path) -> Invocation:
-    from buildcell.policy import Invocation
-    from buildcell.records import project_name
+    from buildcell.build.policy import Invocation
+    from buildcell.supply.records import project_name
 
     if options.invocation is not None:
         return options.invocation
@@ -497,7 +497,7 @@ def _gate(
     """
     if not policies:
         return
-    from buildcell.policy import check, require_allowed
+    from buildcell.build.policy import check, require_allowed
 
     decisions = [(policy, check(policy, loaded.spec, invocation)) for policy in policies]
     record.policy = {
@@ -564,7 +564,7 @@ class _BuildRun:
 
     def __post_init__(self) -> None:
         if isinstance(self.rootfs, OciRootfs):
-            from buildcell.cell.oci import UnpackBudget
+            from buildcell.supply.images import UnpackBudget
 
             # One budget for every image the build unpacks, cached or not.
             self.image_budget = UnpackBudget(self.options.image_max_size)
@@ -613,7 +613,7 @@ class _BuildRun:
         self.events.emit("build.finish", status="succeeded", exit_code=0)
 
     def _inputs(self) -> tuple[Bind, ...]:
-        from buildcell.inputs import ContentStore, FetchPolicy, InputRequest, resolve_inputs
+        from buildcell.supply.inputs import ContentStore, FetchPolicy, InputRequest, resolve_inputs
 
         inputs = self.loaded.spec.inputs
         if not inputs:
@@ -689,7 +689,7 @@ class _BuildRun:
             )
 
     def _lease(self, step: StepSpec, cache: CacheSpec, storage: CellStorage) -> CacheLease:
-        from buildcell.caches import CacheStore
+        from buildcell.supply.caches import CacheStore
 
         identity = storage.identity
         invocation = self.invocation
@@ -712,7 +712,7 @@ class _BuildRun:
         return lease
 
     def _cache_scope(self) -> CacheScope:
-        from buildcell.caches import cache_scope
+        from buildcell.supply.caches import cache_scope
 
         if self.scope is None:
             invocation = self.invocation
@@ -728,7 +728,7 @@ class _BuildRun:
     def drop_ephemeral_caches(self) -> None:
         """Remove the caches of a build that kept them for itself alone."""
         if self.scope is not None and self.scope.ephemeral:
-            from buildcell.caches import CacheStore
+            from buildcell.supply.caches import CacheStore
 
             with contextlib.suppress(Error):
                 CacheStore(self.state.caches).drop_scope(self.invocation.project, self.scope)
@@ -807,12 +807,12 @@ class _BuildRun:
 
         return with_defaults(
             self.loaded.spec.step_limits(step).to_limits(),
-            self.options.default_limits.to_limits(),
+            self.options.default_limits,
             limits_backend(),
         )
 
     def _collect(self, storage: CellStorage) -> None:
-        from buildcell.outputs import (
+        from buildcell.supply.outputs import (
             check_outputs_for_secrets,
             check_reserved_names,
             collect_outputs,
@@ -844,7 +844,7 @@ class _BuildRun:
         self._write_manifest()
 
     def _archive(self, name: str) -> None:
-        from buildcell.repro import write_reproducible_tar_gz
+        from buildcell.build.repro import write_reproducible_tar_gz
 
         out_dir = self.out.staging
         members = [o["path"] for o in self.record.outputs]
@@ -870,7 +870,7 @@ class _BuildRun:
     def _provenance(self) -> None:
         from buildcell import __version__
         from buildcell.cell import seccomp
-        from buildcell.provenance import (
+        from buildcell.supply.provenance import (
             Dependency,
             KeyFile,
             Subject,
@@ -1054,7 +1054,7 @@ _FILE_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 def _step_policy(step: StepSpec) -> EgressPolicy | None:
     if step.network is None or not step.network.allow:
         return None
-    from buildcell.egress.policy import EgressPolicy
+    from buildcell.allowlist import EgressPolicy
 
     return EgressPolicy.from_strings(step.network.allow)
 
@@ -1086,7 +1086,7 @@ def check_reproducible(
     Raises:
         Error: a build could not be run as asked.
     """
-    from buildcell.repro import compare_trees
+    from buildcell.build.repro import compare_trees
 
     state = state or StateDir()
     options = options or BuildOptions()

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from buildcell.egress.policy import (
+from buildcell.allowlist import (
     DEFAULT_PORTS,
     SPEC_MIN_PREFIX,
     AllowEntry,

@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from buildcell._fs import Closing
-from buildcell.cell.workspace import copy_tree, remove_tree
 from buildcell.errors import ConfigError, SandboxError, StateError
+from buildcell.trees import copy_tree, remove_tree
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

@@ -486,7 +486,7 @@ class SecretUse(BaseModel):
 
 
 def _check_allow(value: str) -> str:
-    from buildcell.egress.policy import parse_allow
+    from buildcell.allowlist import parse_allow
 
     try:
         return parse_allow(value).describe()

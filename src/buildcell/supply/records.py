@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from buildcell.cell.storage import process_start_time
 from buildcell.errors import ConfigError, Error
+from buildcell.state import process_start_time
 
 __all__ = ["DEFAULT_PROJECT", "BuildRecord", "RecordStore", "StepRecord", "project_name"]
 

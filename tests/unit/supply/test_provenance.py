@@ -24,7 +24,7 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 import buildcell
-from buildcell.provenance import (
+from buildcell.supply.provenance import (
     BUILD_TYPE,
     PAYLOAD_TYPE,
     PREDICATE_TYPE,

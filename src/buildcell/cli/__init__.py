@@ -1,0 +1,5 @@
+"""The command line: parse, call the library, render. No decisions are made here."""
+
+from buildcell.cli.commands import main
+
+__all__ = ["main"]
