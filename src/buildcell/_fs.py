@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import abc
+import hashlib
 import stat
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-__all__ = ["Closing", "file_kind"]
+__all__ = ["Closing", "file_kind", "sha256_file"]
 
 
 def file_kind(mode: int) -> str:
@@ -44,3 +46,16 @@ class Closing(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file of buildcell's own (a log, an artifact the caller names).
+
+    Raises:
+        OSError: it cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            digest.update(data)
+    return digest.hexdigest()

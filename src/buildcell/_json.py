@@ -8,7 +8,11 @@ __all__ = ["DuplicateKeyError", "reject_duplicate_keys"]
 
 
 class DuplicateKeyError(ValueError):
-    """A JSON object repeats a key."""
+    """A JSON object repeats a key (``key`` says which)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key[:60]!r}")
+        self.key = key
 
 
 def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -20,6 +24,6 @@ def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise DuplicateKeyError(f"duplicate key {key[:60]!r}")
+            raise DuplicateKeyError(key)
         result[key] = value
     return result

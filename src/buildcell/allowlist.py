@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeAlias
 from urllib.parse import urlsplit
 
+from buildcell._text import show
 from buildcell.errors import ConfigError
 
 __all__ = [
@@ -133,8 +134,7 @@ class _Invalid(Exception):
 
 
 def _show(text: str) -> str:
-    """``repr`` of operator or build input, cut short: always one line, never a wall."""
-    return repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
+    return show(text, 80)
 
 
 # -- names -----------------------------------------------------------------------------

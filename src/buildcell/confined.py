@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from buildcell._fs import file_kind
+from buildcell._text import show
 from buildcell.errors import ConfigError
 
 __all__ = [
@@ -125,7 +126,7 @@ def _force_walk(enabled: bool) -> None:
 
 
 def _show(text: str) -> str:
-    return repr(text) if len(text) <= 120 else repr(text[:120]) + "..."
+    return show(text, 120)
 
 
 def split_relative(rel: str, *, what: str) -> list[str]:

@@ -16,6 +16,7 @@ __all__ = [
     "InputError",
     "OutputError",
     "PolicyError",
+    "ProvenanceError",
     "SandboxError",
     "SeccompError",
     "SpecError",
@@ -83,6 +84,10 @@ class OutputError(Error):
 
 class PolicyError(Error):
     """An operator policy is malformed, or it denies the build (exit 125, nothing runs)."""
+
+
+class ProvenanceError(Error):
+    """Provenance cannot be made or checked: an unreadable file, a bad key or expectation."""
 
 
 class StateError(Error):

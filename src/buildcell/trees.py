@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from buildcell._fs import file_kind
+from buildcell._text import show
 from buildcell.errors import ConfigError, SandboxError
 
-__all__ = ["CopyStats", "copy_tree", "remove_tree"]
+__all__ = ["CopyStats", "copy_tree", "remove_entry", "remove_tree"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ class CopyStats:
 
 
 def _show(path: Path | str) -> str:
-    # repr: a name may hold a newline or undecodable bytes; the message stays one line.
-    return repr(str(path))
+    return show(path, None)
 
 
 def _kind(mode: int) -> str:
@@ -598,3 +598,15 @@ def remove_tree(path: Path) -> None:
         _Remover(path, parent_fd).run(name)
     finally:
         os.close(parent_fd)
+
+
+def remove_entry(dir_fd: int, name: str, *, shown: Path) -> None:
+    """Delete ``name`` in the directory ``dir_fd``, and all below it if it is a directory:
+    as :func:`remove_tree`, relative to a descriptor the caller holds.
+
+    Raises:
+        SandboxError: an entry cannot be removed.
+    """
+    if name in ("", ".", "..") or "/" in name:
+        raise SandboxError(f"refusing to remove {_show(name)}: not a plain name")
+    _Remover(shown, dir_fd).run(name)

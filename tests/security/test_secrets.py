@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets as random_secrets
 import subprocess
 import sys
@@ -38,12 +39,25 @@ def _forms(value: str) -> list[bytes]:
     for k in range(3):
         encoded = base64.b64encode(b"x" * k + raw).decode()
         forms.append(encoded[4 * ((k + 2) // 3) + 2 : -4].encode())
+    # UTF-16 as a Windows tool or a JS/Java program would dump it (each byte order; one
+    # zero byte short at each end, whichever character comes next).
+    forms += [value.encode("utf-16-le")[:-1], value.encode("utf-16-be")[1:]]
     return forms
 
 
+_ESCAPES = re.compile(rb"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[()][0-9A-Za-z]|.)")
+
+
+def _as_shown(data: bytes) -> bytes:
+    """What a terminal shows of ``data``: escape sequences take no room on screen."""
+    return _ESCAPES.sub(b"", data)
+
+
 def _assert_absent(data: bytes, where: str) -> None:
+    shown = _as_shown(data)
     for form in _forms(SECRET):
         assert form not in data, f"a form of the secret leaked into {where}"
+        assert form not in shown, f"a form of the secret shows on a terminal from {where}"
 
 
 PRINTS_EVERYTHING = r"""
@@ -61,6 +75,9 @@ steps:
       printf '%s' "$v" | od -An -tx1 | tr -d ' \n'; echo
       printf '%s' "$v" | od -An -tx1 | tr -d ' \n' | tr a-f A-F; echo
       python3 -c 'import sys, urllib.parse, json; v=open("/run/secrets/token").read(); print(urllib.parse.quote(v, safe="")); print(json.dumps({"t": v})); print(urllib.parse.quote_plus(v))'
+      printf '%s' "$v" | iconv -t UTF-16LE; echo
+      printf '%s' "$v" | iconv -t UTF-16BE; echo
+      python3 -c 'import sys; v=open("/run/secrets/token").read(); print("".join(f"\x1b[3{i % 7}m{c}" for i, c in enumerate(v)) + "\x1b[0m")'
       stat -c '%a %U' /run/secrets/token
   - name: snoop
     run: |

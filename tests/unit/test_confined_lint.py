@@ -62,7 +62,6 @@ ALLOWED: dict[str, dict[str, str]] = {
         "_BuildRun._write_manifest": "the record directory (state)",
         "_BuildRun._provenance": "the record directory's logs (state)",
         "_secrets_in_tree": "the top of a cache copy buildcell made (then by descriptor)",
-        "_sha256_file": "files of the record directory (state)",
         "check_reproducible": "the state directory's repro scratch",
     },
     "cell/rootfs.py": {
@@ -78,7 +77,6 @@ ALLOWED: dict[str, dict[str, str]] = {
     "supply/images.py": {
         "_fd_label": "readlink of our own /proc/self/fd (a label for messages)",
         "_open_image": "the operator's --rootfs oci:PATH (a spec's image comes as a descriptor)",
-        "_remove_tree": "a tree of the image cache (state), below it by descriptor",
         "_Unpacker.__init__": "the staging root the unpacker made in the image cache",
         "_ensure_dir": "the image cache's directories (state)",
         "_check_dir": "the image cache's directories (state)",

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DoctorReport", "render", "run_checks"]
+__all__ = ["DoctorReport", "run_checks"]
 
 
 @dataclass
@@ -199,33 +197,3 @@ def run_checks(state_dir: Path | None = None) -> DoctorReport:
     if report.cell_ok:
         _probe_egress(report, state_dir)
     return report
-
-
-def render(report: DoctorReport, *, as_json: bool) -> None:
-    """Print the report: a table on a terminal, plain lines otherwise, or JSON."""
-    if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
-    table = Table(title="buildcell doctor", show_lines=False)
-    table.add_column("check")
-    table.add_column("")
-    table.add_column("detail")
-    for c in report.checks:
-        table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
-    console.print(table)
-    if report.limits:
-        limits = Table(title="how limits are enforced")
-        limits.add_column("limit")
-        limits.add_column("mechanism")
-        for name, how in report.limits.items():
-            limits.add_row(name, how)
-        console.print(limits)
-    console.print(
-        "[green]cells can be made on this host[/]"
-        if report.cell_ok
-        else "[red]no cell can be made on this host[/]"
-    )

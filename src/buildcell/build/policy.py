@@ -127,6 +127,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from buildcell._text import show
 from buildcell.errors import PolicyError
 
 if TYPE_CHECKING:
@@ -962,4 +963,4 @@ def _clip(text: str, limit: int = _DETAIL_MAX) -> str:
 
 
 def _show(value: str) -> str:
-    return _clip(repr(value), _SHOW_MAX)
+    return show(value, _SHOW_MAX)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from buildcell._fs import sha256_file
 from buildcell.build.spec import (
     BuildSpec,
     CacheSpec,
@@ -60,6 +60,7 @@ from buildcell.units import format_size
 
 if TYPE_CHECKING:
     from buildcell.allowlist import AllowEntry, EgressPolicy
+    from buildcell.build.admission import Admission
     from buildcell.build.policy import Invocation, Policy
     from buildcell.build.repro import ReproReport
     from buildcell.egress.audit import EgressSummaryRow
@@ -225,7 +226,8 @@ def _guard_key(key: object, places: Sequence[Path], rootfs: Rootfs) -> None:
     Raises:
         ProvenanceError: it does, or it cannot be used at all.
     """
-    from buildcell.supply.provenance import KeyFile, ProvenanceError
+    from buildcell.errors import ProvenanceError
+    from buildcell.supply.provenance import KeyFile
 
     if not isinstance(key, KeyFile):
         return
@@ -408,7 +410,13 @@ def run_build(
             _check_grants(spec, options.allow)
             _guard_key(options.sign_key, (spec_dir, state.root, out_dir), rootfs)
             # Before anything is announced or run: a denied build only leaves its record.
-            _gate(options.policies, loaded, invocation, record, events)
+            if options.policies:
+                from buildcell.build.admission import check_policy
+
+                def keep(admission: Admission) -> None:
+                    record.policy = admission.to_record()
+
+                check_policy(options.policies, spec, invocation, emit=events.emit, record=keep)
             from buildcell.supply.outputs import OutputDir
 
             out = OutputDir(out_dir, wait=options.wait_for_out_dir, on_wait=reporter.message)
@@ -472,42 +480,11 @@ def run_build(
 
 
 def _invocation(options: BuildOptions, spec_dir: Path) -> Invocation:
-    from buildcell.build.policy import Invocation
-    from buildcell.supply.records import project_name
-
     if options.invocation is not None:
         return options.invocation
-    return Invocation(
-        project=project_name(str(spec_dir), derived=True),
-        secrets=tuple(s.name for s in options.secrets),
-    )
+    from buildcell.build.admission import invocation_for
 
-
-def _gate(
-    policies: Sequence[Policy],
-    loaded: LoadedSpec,
-    invocation: Invocation,
-    record: BuildRecord,
-    events: EventLog,
-) -> None:
-    """The operator policy, before anything runs: recorded either way, raises on denial.
-
-    Raises:
-        PolicyError: the policy denies the build.
-    """
-    if not policies:
-        return
-    from buildcell.build.policy import check, require_allowed
-
-    decisions = [(policy, check(policy, loaded.spec, invocation)) for policy in policies]
-    record.policy = {
-        "allowed": all(d.allowed for _, d in decisions),
-        "policies": [{"path": str(p.path), **d.to_dict()} for p, d in decisions],
-    }
-    for policy, decision in decisions:
-        events.emit("policy.decision", policy=str(policy.path), **decision.event_fields())
-    for _, decision in decisions:
-        require_allowed(decision)
+    return invocation_for(source=spec_dir, secrets=[s.name for s in options.secrets])
 
 
 def _check_bindings(spec: BuildSpec, secrets: Sequence[Secret], reporter: BuildReporter) -> None:
@@ -931,13 +908,13 @@ class _BuildRun:
         record_dir = self.store.dir(record.id)
         byproducts = [
             Dependency(
-                uri=f"logs/{s.name}.log", sha256=_sha256_file(record_dir / "logs" / f"{s.name}.log")
+                uri=f"logs/{s.name}.log", sha256=sha256_file(record_dir / "logs" / f"{s.name}.log")
             )
             for s in spec.steps
             if (record_dir / "logs" / f"{s.name}.log").exists()
         ]
         byproducts.append(
-            Dependency(uri="events.jsonl", sha256=_sha256_file(record_dir / "events.jsonl"))
+            Dependency(uri="events.jsonl", sha256=sha256_file(record_dir / "events.jsonl"))
         )
         statement = make_statement(
             subjects=[Subject(o["path"], o["sha256"]) for o in record.outputs],
@@ -1008,6 +985,7 @@ def _secrets_in_tree(root: Path, secrets: Sequence[Secret]) -> list[str]:
     from buildcell.redact import Scanner
 
     found: set[str] = set()
+    index = Scanner(secrets)  # built once; a fresh scan for each name, link and file
     try:
         top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -1022,8 +1000,10 @@ def _secrets_in_tree(root: Path, secrets: Sequence[Secret]) -> list[str]:
                 os.close(dir_fd)
                 continue
             for entry in entries:
-                scanner = Scanner(secrets)
-                scanner.feed(entry.name.encode(errors="surrogateescape"))
+                named = index.fresh()
+                named.feed(entry.name.encode(errors="surrogateescape"))
+                found |= named.found
+                scanner = index.fresh()
                 try:
                     if entry.is_symlink():
                         scanner.feed(
@@ -1057,14 +1037,6 @@ def _step_policy(step: StepSpec) -> EgressPolicy | None:
     from buildcell.allowlist import EgressPolicy
 
     return EgressPolicy.from_strings(step.network.allow)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_reproducible(

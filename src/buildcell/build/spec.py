@@ -47,6 +47,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, ErrorDetails, PydanticCustomError
 
+from buildcell._text import show
 from buildcell.cell.config import Limits
 from buildcell.errors import ConfigError, SpecError
 from buildcell.units import parse_cpus, parse_duration, parse_size
@@ -99,10 +100,7 @@ def _fail(message: str, *, at: _Loc = ()) -> NoReturn:
 
 
 def _show(value: object) -> str:
-    text = repr(value)
-    if len(text) <= 60:
-        return text
-    return text[:56] + "..." + (text[0] if text[0] in "'\"" else "")
+    return show(value, 60)
 
 
 def _no_nul(value: str) -> str:
@@ -871,322 +869,117 @@ def spec_json_schema() -> dict[str, Any]:
 
 
 _TOO_LARGE = "{source}: the spec is larger than 1 MiB"
+#: A spec with more errors than this reports this many, the last line counting the rest.
+MAX_REPORTED_ERRORS = 100
 
 
 def _parse(text: str, data: bytes, path: Path) -> LoadedSpec:
     source = str(path)
     if len(data) > MAX_SPEC_BYTES:
         raise SpecError(_TOO_LARGE.format(source=source))
-    root = _compose(text, source)
-    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == _NULL_TAG):
+    document = read_yaml(
+        text,
+        functools.partial(_yaml_problem, source),
+        merge_keys=True,
+        document="a spec",
+        max_nodes=MAX_NODES,
+        max_depth=MAX_DEPTH,
+    )
+    if document.data is None:
         raise SpecError(f"{source}:1: empty spec: expected a mapping with version, name and steps")
-    builder = _Builder(source)
-    value = builder.build(root)
-    if not isinstance(value, dict):
+    if not isinstance(document.data, dict):
         raise SpecError(
             _message(
                 source,
-                root.start_mark.line + 1,
+                document.site(()).line,
                 (),
-                f"expected a mapping with version, name and steps, got {_kind(value)}",
+                f"expected a mapping with version, name and steps, got {_kind(document.data)}",
             )
         )
     try:
-        spec = BuildSpec.model_validate(value)
+        spec = BuildSpec.model_validate(document.data)
     except ValidationError as e:
-        raise builder.spec_error(e) from e
+        raise _spec_error(source, document, e) from e
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     return LoadedSpec(spec=spec, path=path, text=text, digest=digest)
 
 
-def _compose(text: str, source: str) -> yaml.Node | None:
-    """The YAML node tree of ``text``; PyYAML's failures become :class:`SpecError`."""
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except (yaml.YAMLError, RecursionError) as e:
-        line, problem = yaml_error(e, text)
-        raise SpecError(_message(source, line, (), problem)) from e
-
-
-def yaml_error(e: yaml.YAMLError | RecursionError, text: str) -> tuple[int | None, str]:
-    """Where in ``text`` (1-based line, if known) PyYAML failed, and ``invalid YAML: ...``."""
-    if isinstance(e, yaml.MarkedYAMLError):
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        problem = e.problem or e.context or "syntax error"
-        if e.problem and e.context:
-            # PyYAML splits a sentence in two: "while parsing X" + "expected Y, but found Z",
-            # or "expected a single document" + "but found another document".
-            context = e.context
-            if e.context_mark is not None and e.context_mark.line + 1 != line:
-                context += f" at line {e.context_mark.line + 1}"
-            if context.startswith("while "):
-                problem = f"{e.problem} ({context})"
-            else:
-                problem = f"{context}, {e.problem}"
-        return line, f"invalid YAML: {problem}"
-    if isinstance(e, yaml.reader.ReaderError):
-        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
-        line = text.count("\n", 0, e.position) + 1
-        return line, f"invalid YAML: unacceptable character {char}: {e.reason}"
-    if isinstance(e, RecursionError):
-        return None, "invalid YAML: nested too deeply"
-    return None, f"invalid YAML: {e}"
+def _yaml_problem(source: str, problem: YamlProblem) -> SpecError:
+    return SpecError(_message(source, problem.line, problem.loc, problem.message))
 
 
 def _message(source: str, line: int | None, loc: _Loc, problem: str) -> str:
     where = source if line is None else f"{source}:{line}"
-    field = _field_path(loc)
+    field = field_path(loc)
     text = f"{where}: {field}: {problem}" if field else f"{where}: {problem}"
     return " ".join(text.splitlines())  # one line, whatever a file name or message holds
 
 
-def _field_path(loc: _Loc) -> str:
-    """``steps[1].limits.timeout`` for ``("steps", 1, "limits", "timeout")``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif _SIMPLE_KEY_RE.fullmatch(part):
-            out += f".{part}" if out else part
-        else:
-            out += f"[{_show(part)}]"
-    return out
+# --- validation errors, mapped back to lines ------------------------------------------------
 
 
-# --- from YAML nodes to data, remembering where each value is ------------------------------
+def _spec_error(source: str, document: Document, error: ValidationError) -> SpecError:
+    """A :class:`SpecError` for every one of pydantic's errors, in file order.
 
-_NULL_TAG = "tag:yaml.org,2002:null"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_MAP_TAG = "tag:yaml.org,2002:map"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
-# Scalars kept as their text. Timestamps too: a spec has no dates, and `name: 2024-01-01`
-# should not turn into a date. `=` (the "value" tag) and a `<<` that is not a key are text.
-_TEXT_TAGS = frozenset(
-    {
-        "tag:yaml.org,2002:str",
-        "tag:yaml.org,2002:timestamp",
-        "tag:yaml.org,2002:value",
-        _MERGE_TAG,
-    }
-)
-_SCALAR_CONSTRUCTORS = {
-    _NULL_TAG: "construct_yaml_null",
-    "tag:yaml.org,2002:bool": "construct_yaml_bool",
-    "tag:yaml.org,2002:int": "construct_yaml_int",
-    "tag:yaml.org,2002:float": "construct_yaml_float",
-}
-_SCALAR_KINDS = {
-    _NULL_TAG: "null",
-    "tag:yaml.org,2002:bool": "boolean",
-    "tag:yaml.org,2002:int": "integer",
-    "tag:yaml.org,2002:float": "number",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class _Site:
-    """Where a value is in the file: its own position and that of its key (1-based lines)."""
-
-    at: tuple[int, int]
-    key_at: tuple[int, int]
-    scalar: str | None  # the text of a plain scalar, to quote it back in messages
-
-
-def _position(node: yaml.Node) -> tuple[int, int]:
-    return (node.start_mark.line + 1, node.start_mark.column)
-
-
-class _Builder:
-    """Turns a node tree into dicts, lists and scalars, and records each value's :class:`_Site`.
-
-    Aliases are expanded, so every visit of a node counts against :data:`MAX_NODES`.
+    The first is the error's message; the others, one line each in the same form, are its
+    ``details``.
     """
+    errors = error.errors(include_url=False)
+    # A misspelt key makes two errors: "unknown field 'nmae'" and "'name' is missing".
+    # The first says it all; the second is dropped.
+    misspelt = {
+        (_user_loc(tuple(e["loc"][:-1])), suggestion)
+        for e in errors
+        if e["type"] == "extra_forbidden"
+        and (suggestion := _suggest(tuple(e["loc"]))) is not None
+    }
+    located = sorted(
+        _locate(source, document, details)
+        for details in errors
+        if details["type"] != "missing"
+        or (_user_loc(tuple(details["loc"][:-1])), details["loc"][-1]) not in misspelt
+    )
+    lines = list(dict.fromkeys(message for _, message in located))
+    if len(lines) > MAX_REPORTED_ERRORS:
+        rest = len(lines) - MAX_REPORTED_ERRORS + 1
+        lines = [*lines[: MAX_REPORTED_ERRORS - 1], f"{source}: and {rest} more errors"]
+    spec_error = SpecError(lines[0])
+    # errors.Error declares no details: the attribute is set on the instance.
+    spec_error.details = tuple(lines[1:])  # type: ignore[attr-defined]
+    return spec_error
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sites: dict[_Loc, _Site] = {}
-        self._visited = 0
-        self._open: set[int] = set()  # ids of the collections being built: alias cycles
-        self._constructor = yaml.constructor.SafeConstructor()
 
-    def build(self, root: yaml.Node) -> object:
-        """The data of ``root``.
+def _locate(
+    source: str, document: Document, details: ErrorDetails
+) -> tuple[tuple[int, int, bool], str]:
+    """Where an error is (line, column; a missing field after others there) and its text."""
+    raw = tuple(details["loc"])
+    on_key = raw[-1:] == ("[key]",)
+    loc = _user_loc(raw)
+    kind = details["type"]
+    ctx: dict[str, Any] = dict(details.get("ctx") or {})
+    value = details["input"]
+    if kind == "buildcell":
+        loc = (*loc, *ctx.get("at", ()))
+        at = _at(document.site(loc), on_key=on_key)
+        problem = str(ctx["message"])
+    elif kind == "missing":
+        at = _at(document.site(loc[:-1]), on_key=False)
+        problem = "required field is missing"
+        if loc == ("version",):
+            problem += f"; add 'version: {SPEC_VERSION}'"
+    elif kind == "extra_forbidden":
+        at = _at(document.site(loc), on_key=True)
+        problem = _unknown_field(raw)
+    else:
+        site = document.site(loc)
+        at = _at(site, on_key=on_key)
+        problem = _describe(details, loc, value, site if loc in document.sites else None)
+    return (*at, kind == "missing"), _message(source, at[0], loc, problem)
 
-        Raises:
-            SpecError: duplicate or non-string keys, unsupported tags, bad scalars, alias
-                cycles, or a document that is too large or too deep once expanded.
-        """
-        return self._value(root, (), _position(root), 0)
 
-    def _error(self, node: yaml.Node, loc: _Loc, problem: str) -> SpecError:
-        return SpecError(_message(self.source, node.start_mark.line + 1, loc, problem))
-
-    def _enter(self, node: yaml.Node, loc: _Loc, depth: int) -> None:
-        self._visited += 1
-        if self._visited > MAX_NODES:
-            raise self._error(
-                node, loc, f"the document expands to more than {MAX_NODES} YAML nodes (aliases?)"
-            )
-        if depth > MAX_DEPTH:
-            raise self._error(node, loc, f"nested more than {MAX_DEPTH} levels deep")
-        if id(node) in self._open:
-            raise self._error(node, loc, "an alias refers to a collection that contains it")
-
-    def _value(self, node: yaml.Node, loc: _Loc, key_at: tuple[int, int], depth: int) -> object:
-        self._enter(node, loc, depth)
-        scalar = node.value if isinstance(node, yaml.ScalarNode) and node.style is None else None
-        self.sites[loc] = _Site(_position(node), key_at, scalar)
-        if isinstance(node, yaml.ScalarNode):
-            return self._scalar(node, loc)
-        self._open.add(id(node))
-        try:
-            if isinstance(node, yaml.SequenceNode):
-                if node.tag != _SEQ_TAG:
-                    raise self._error(node, loc, f"unsupported YAML tag {_show(node.tag)}")
-                return [
-                    self._value(item, (*loc, index), _position(item), depth + 1)
-                    for index, item in enumerate(node.value)
-                ]
-            if isinstance(node, yaml.MappingNode):
-                return {
-                    key: self._value(value_node, (*loc, key), _position(key_node), depth + 1)
-                    for key, key_node, value_node in self._entries(node, loc, depth)
-                }
-            raise self._error(node, loc, "unsupported YAML node")
-        finally:
-            self._open.discard(id(node))
-
-    def _scalar(self, node: yaml.ScalarNode, loc: _Loc) -> object:
-        if node.tag in _TEXT_TAGS:
-            # "\ud800" escapes make strings that cannot be encoded: in a path, an event or a
-            # record they would fail far from here.
-            if _SURROGATE_RE.search(node.value):
-                raise self._error(
-                    node, loc, "a string contains an unpaired surrogate (\\uD800-\\uDFFF)"
-                )
-            return str(node.value)
-        method = _SCALAR_CONSTRUCTORS.get(node.tag)
-        if method is None:
-            raise self._error(node, loc, f"unsupported YAML tag {_show(node.tag)}")
-        try:
-            return getattr(self._constructor, method)(node)
-        except (yaml.YAMLError, ArithmeticError, LookupError, TypeError, ValueError) as e:
-            kind = _SCALAR_KINDS[node.tag]
-            raise self._error(node, loc, f"invalid {kind} {_show(node.value)}") from e
-
-    def _entries(
-        self, node: yaml.MappingNode, loc: _Loc, depth: int
-    ) -> list[tuple[str, yaml.Node, yaml.Node]]:
-        """The entries of a mapping: its own keys, then keys merged in with ``<<`` that it
-        does not have itself (the first merged mapping wins, as in PyYAML)."""
-        if node.tag != _MAP_TAG:
-            raise self._error(node, loc, f"unsupported YAML tag {_show(node.tag)}")
-        own: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        merged: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        merge_seen = False
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _MERGE_TAG:
-                if merge_seen:
-                    raise self._error(key_node, loc, "duplicate merge key '<<'")
-                merge_seen = True
-                for source in self._merge_sources(value_node, loc, depth):
-                    for key, k_node, v_node in self._entries(source, loc, depth + 1):
-                        merged.setdefault(key, (k_node, v_node))
-                continue
-            key = self._key(key_node, loc)
-            if key in own:
-                first = own[key][0].start_mark.line + 1
-                raise self._error(
-                    key_node, (*loc, key), f"duplicate key {_show(key)} (first at line {first})"
-                )
-            own[key] = (key_node, value_node)
-        for key, pair in merged.items():
-            own.setdefault(key, pair)
-        return [(key, k_node, v_node) for key, (k_node, v_node) in own.items()]
-
-    def _merge_sources(self, node: yaml.Node, loc: _Loc, depth: int) -> list[yaml.MappingNode]:
-        self._enter(node, loc, depth + 1)
-        if isinstance(node, yaml.MappingNode):
-            return [node]
-        if isinstance(node, yaml.SequenceNode) and all(
-            isinstance(item, yaml.MappingNode) for item in node.value
-        ):
-            return list(node.value)
-        raise self._error(node, loc, "a merge key '<<' takes a mapping or a list of mappings")
-
-    def _key(self, node: yaml.Node, loc: _Loc) -> str:
-        if not isinstance(node, yaml.ScalarNode):
-            raise self._error(node, loc, "mapping keys must be strings, not lists or mappings")
-        key = self._scalar(node, loc)
-        if not isinstance(key, str):
-            raise self._error(
-                node,
-                loc,
-                f"mapping key {_show(node.value)} is read by YAML as {_kind(key)}; "
-                "keys must be strings: put it in quotes",
-            )
-        return key
-
-    # --- validation errors, mapped back to lines --------------------------------------------
-
-    def spec_error(self, error: ValidationError) -> SpecError:
-        """One :class:`SpecError` for pydantic's errors: the first in file order, and a count."""
-        errors = error.errors(include_url=False)
-        # A misspelt key makes two errors: "unknown field 'nmae'" and "'name' is missing".
-        # The first says it all; the second is dropped.
-        misspelt = {
-            (_user_loc(tuple(e["loc"][:-1])), suggestion)
-            for e in errors
-            if e["type"] == "extra_forbidden"
-            and (suggestion := _suggest(tuple(e["loc"]))) is not None
-        }
-        located = sorted(
-            self._locate(details)
-            for details in errors
-            if details["type"] != "missing"
-            or (_user_loc(tuple(details["loc"][:-1])), details["loc"][-1]) not in misspelt
-        )
-        (_, message), others = located[0], len(located) - 1
-        hint = None
-        if others:
-            hint = f"and {others} more error{'s' if others > 1 else ''}"
-        return SpecError(message, hint=hint)
-
-    def _site(self, loc: _Loc) -> _Site:
-        """The site of ``loc``, or of its longest prefix that has one."""
-        for end in range(len(loc), -1, -1):
-            site = self.sites.get(loc[:end])
-            if site is not None:
-                return site
-        raise AssertionError("the root always has a site")
-
-    def _locate(self, details: ErrorDetails) -> tuple[tuple[int, int, bool], str]:
-        """Where an error is (line, column; a missing field after others there) and its text."""
-        raw = tuple(details["loc"])
-        on_key = raw[-1:] == ("[key]",)
-        loc = _user_loc(raw)
-        kind = details["type"]
-        ctx: dict[str, Any] = dict(details.get("ctx") or {})
-        value = details["input"]
-        if kind == "buildcell":
-            loc = (*loc, *ctx.get("at", ()))
-            site = self._site(loc)
-            at = site.key_at if on_key else site.at
-            problem = str(ctx["message"])
-        elif kind == "missing":
-            at = self._site(loc[:-1]).at
-            problem = "required field is missing"
-            if loc == ("version",):
-                problem += f"; add 'version: {SPEC_VERSION}'"
-        elif kind == "extra_forbidden":
-            at = self._site(loc).key_at
-            problem = _unknown_field(raw)
-        else:
-            site = self._site(loc)
-            at = site.key_at if on_key else site.at
-            problem = _describe(details, loc, value, site if self.sites.get(loc) else None)
-        return (*at, kind == "missing"), _message(self.source, at[0], loc, problem)
+def _at(site: Site, *, on_key: bool) -> tuple[int, int]:
+    return (site.key_line, site.key_column) if on_key else (site.line, site.column)
 
 
 def _user_loc(raw: tuple[str | int, ...]) -> _Loc:

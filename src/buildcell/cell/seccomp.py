@@ -29,6 +29,7 @@ from pathlib import Path, PurePath
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple, NoReturn
 
+from buildcell._json import DuplicateKeyError, reject_duplicate_keys
 from buildcell.errors import SeccompError
 
 __all__ = [
@@ -791,23 +792,6 @@ _HINT: Final = (
 )
 
 
-class _DuplicateKeyError(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of two equal keys; a profile that says "action" twice is ambiguous,
-    # and an ambiguous security policy is refused rather than guessed at.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKeyError(key)
-        result[key] = value
-    return result
-
-
 def _describe(value: object) -> str:
     if value is None:
         return "null"
@@ -1100,8 +1084,8 @@ def parse_profile(
     """
     parser = _Parser(source, _Host(arch=arch, kernel=kernel))
     try:
-        document = json.loads(data, object_pairs_hook=_reject_duplicate_keys)
-    except _DuplicateKeyError as e:
+        document = json.loads(data, object_pairs_hook=reject_duplicate_keys)
+    except DuplicateKeyError as e:
         parser.fail("", f"the key {e.key!r} appears twice in one JSON object")
     except RecursionError as e:
         raise SeccompError(

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from buildcell.build.policy import Invocation
     from buildcell.build.repro import ReproReport
-    from buildcell.events import EventLog
+    from buildcell.cell.config import CellConfig
     from buildcell.redact import Secret
     from buildcell.supply.records import RecordStore
 
@@ -548,8 +548,9 @@ def _warn(message: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from buildcell.build.command import run_command
+    from buildcell.build.policy import load_policy
     from buildcell.cell import CellConfig, Limits, parse_rootfs
-    from buildcell.cell.supervisor import Cell
     from buildcell.errors import UsageError
     from buildcell.events import EventLog
     from buildcell.state import StateDir
@@ -622,14 +623,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
     events = EventLog(args.events, build="")
     with events:
-        cell = Cell(config, state=state, events=events)
-        events.build = cell.cell_id
         if not args.quiet:
             events.subscribe(_print_warnings)
-        _gate_run(args, cmd, secrets, outputs, events, env=config.env)
-        with cell:
-            result = cell.run()
-            report = cell.collect()
+        result = run_command(
+            config,
+            invocation=_run_invocation(args, config, secrets, settings.image_max_size),
+            policies=[load_policy(p) for p in _policy_paths(args.policy, settings.policy)],
+            state=state,
+            events=events,
+        )
+        report = result.outputs
         if report is not None and not args.quiet and report.collected:
             out = config.resolved_out_dir()
             n = len(report.collected)
@@ -639,81 +642,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         elif result.reason == "oom" and not args.quiet:
             sys.stderr.write(f"{PROG}: out of memory (limit {args.memory}); the cell was killed\n")
         if result.egress and not args.quiet:
-            from buildcell._console import render_egress
+            from buildcell.cli.console import render_egress
 
             render_egress(result.egress, _stderr_console())
     return result.exit_code
 
 
-def _gate_run(
-    args: argparse.Namespace,
-    cmd: Sequence[str],
-    secrets: Sequence[Secret],
-    outputs: Sequence[str],
-    events: EventLog,
-    *,
-    env: dict[str, str],
-) -> None:
-    """The operator policy for ``run``: the command seen as a one-step spec.
+def _run_invocation(
+    args: argparse.Namespace, config: CellConfig, secrets: Sequence[Secret], image_budget: int
+) -> Invocation:
+    from buildcell.build.admission import invocation_for
 
-    Raises:
-        PolicyError: the policy is malformed or denies the command.
-    """
-    from buildcell.settings import load_settings
-
-    policies = _policy_paths(args.policy, load_settings().policy)
-    if not policies:
-        return
-    import shlex
-
-    from buildcell.build.policy import Invocation, check, load_policy, require_allowed
-    from buildcell.build.spec import BuildSpec
-    from buildcell.supply.records import project_name
-
-    rootfs: object = "host"
-    if args.rootfs.startswith("dir:"):
-        rootfs = {"dir": os.path.abspath(args.rootfs[4:])}
-    elif args.rootfs.startswith("oci:"):
-        where, _, digest = args.rootfs[4:].rpartition("@")
-        rootfs = {"oci": os.path.abspath(where), "digest": digest}
-    step: dict[str, object] = {"name": "run", "run": shlex.join(cmd), "env": dict(env)}
-    if secrets:
-        step["secrets"] = [s.name for s in secrets]
-    if args.allow:
-        step["network"] = {"allow": list(args.allow)}
-    limits = {
-        name: getattr(args, name)
-        for name in ("memory", "pids", "cpus", "disk", "timeout")
-        if getattr(args, name) is not None
-    }
-    spec = BuildSpec.model_validate(
-        {
-            "version": 1,
-            "name": "run",
-            "rootfs": rootfs,
-            "limits": limits,
-            "steps": [step],
-            "outputs": list(outputs),
-        }
-    )
-    source = (args.source or Path.cwd()).absolute()
     unsafe = (["no-seccomp"] if args.unsafe_no_seccomp else []) + (
         ["seccomp-profile"] if args.seccomp_profile is not None else []
     )
-    invocation = Invocation(
-        project=project_name(args.project)
-        if args.project
-        else project_name(str(source), derived=True),
+    return invocation_for(
+        source=config.resolved_source() or Path.cwd(),
+        project=args.project,
         ref=args.ref,
         trust=args.trust,
-        secrets=tuple(s.name for s in secrets),
-        unsafe=tuple(unsafe),
-        pinned_hosts=tuple(args.add_host),
+        secrets=[s.name for s in secrets],
+        unsafe=unsafe,
+        pinned_hosts=list(args.add_host),
+        allow=config.network.describe() if config.network is not None else (),
+        image_budget=image_budget if config.rootfs.describe().startswith("oci:") else None,
     )
-    for path in policies:
-        decision = check(load_policy(path), spec, invocation)
-        events.emit("policy.decision", policy=str(path), **decision.event_fields())
-        require_allowed(decision)
 
 
 def _policy_paths(given: Path | None, configured: Path | None) -> list[Path]:
@@ -757,10 +710,11 @@ def _print_warnings(event: dict[str, Any]) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from buildcell.build.doctor import render, run_checks
+    from buildcell.build.doctor import run_checks
+    from buildcell.cli.console import render_doctor
 
     report = run_checks(state_dir=args.state_dir)
-    render(report, as_json=args.json)
+    render_doctor(report, as_json=args.json)
     return 0 if report.cell_ok else 1
 
 
@@ -783,12 +737,10 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
     from rich.console import Console
 
-    from buildcell._console import LiveReporter, PlainReporter, render_record
     from buildcell.build.runner import (
         DEFAULT_BUILDER_ID,
         BuildOptions,
@@ -796,6 +748,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         run_build,
     )
     from buildcell.build.spec import load_spec
+    from buildcell.cli.console import LiveReporter, PlainReporter, render_record
     from buildcell.settings import load_settings
     from buildcell.state import StateDir
 
@@ -811,10 +764,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     secrets = tuple(_secrets(args.secret))
     allow = _canonical_entries([*args.allow, *settings.network_allow])
     allow_fetch = _canonical_entries([*args.allow_fetch, *settings.fetch_allow])
-    invocation = dataclasses.replace(
-        _invocation(
-            args, loaded.path, tuple(s.name for s in secrets), allow=allow, allow_fetch=allow_fetch
-        ),
+    invocation = _invocation(
+        args,
+        loaded.path,
+        [s.name for s in secrets],
+        allow=allow,
+        allow_fetch=allow_fetch,
         image_budget=settings.image_max_size,
     )
     from buildcell.build.policy import load_policy
@@ -900,23 +855,20 @@ def _invocation(
     *,
     allow: Sequence[str] = (),
     allow_fetch: Sequence[str] = (),
+    image_budget: int | None = None,
 ) -> Invocation:
-    from buildcell.build.policy import Invocation
-    from buildcell.supply.records import project_name
+    from buildcell.build.admission import invocation_for
 
-    project = (
-        project_name(args.project)
-        if args.project
-        else project_name(str(spec_path.absolute().parent), derived=True)
-    )
-    return Invocation(
-        project=project,
+    return invocation_for(
+        source=spec_path.absolute().parent,
+        project=args.project,
         ref=args.ref,
         trust=args.trust,
-        secrets=tuple(secrets),
-        pinned_hosts=tuple(getattr(args, "add_host", ()) or ()),
-        allow=tuple(allow),
-        allow_fetch=tuple(allow_fetch),
+        secrets=secrets,
+        pinned_hosts=getattr(args, "add_host", ()) or (),
+        allow=allow,
+        allow_fetch=allow_fetch,
+        image_budget=image_budget,
     )
 
 
@@ -1070,7 +1022,7 @@ def _records(args: argparse.Namespace) -> RecordStore:
 def _cmd_ls(args: argparse.Namespace) -> int:
     import json
 
-    from buildcell._console import render_records
+    from buildcell.cli.console import render_records
 
     records = _records(args).recent(args.n)
     if args.json:
@@ -1088,7 +1040,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     import json
 
-    from buildcell._console import render_record
+    from buildcell.cli.console import render_record
 
     record = _records(args).load(args.build_id)
     if args.json:

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from buildcell._fs import Closing
+from buildcell._text import show
 from buildcell.errors import ConfigError, SandboxError, StateError
 from buildcell.trees import copy_tree, remove_tree
 
@@ -100,8 +101,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _show(value: object) -> str:
-    # repr: a name may hold a newline or undecodable bytes; the message stays one line.
-    return repr(str(value))
+    return show(str(value), None)
 
 
 def _check_name(what: str, value: object) -> str:

@@ -115,7 +115,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from buildcell import confined
 from buildcell._fs import Closing, file_kind
 from buildcell._json import reject_duplicate_keys
-from buildcell.errors import ConfigError, ImageError, StateError
+from buildcell.errors import ConfigError, ImageError, SandboxError, StateError
+from buildcell.trees import remove_entry, remove_tree
 from buildcell.units import format_size
 
 __all__ = [
@@ -1287,42 +1288,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _remove_entry(dir_fd: int, name: str) -> None:
-    """Remove ``name`` in ``dir_fd`` and, for a directory, all below it; never follows."""
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    if st.st_mode & 0o700 != 0o700:
-        # Needed to list and empty it when we are not root. fchmodat without following
-        # refuses a symlink rather than follow it.
-        os.chmod(name, 0o700, dir_fd=dir_fd, follow_symlinks=False)
-    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    try:
-        for child in os.listdir(fd):
-            _remove_entry(fd, child)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove ``path`` (a tree, a file or a symlink) without following symlinks in it.
-
-    Directories without owner permissions (``0o000``) are made accessible first.
-    """
-    try:
-        parent = os.open(path.parent, _DIR_FLAGS & ~os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    try:
-        _remove_entry(parent, path.name)
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(parent)
-
-
 @dataclass
 class _Stats:
     layers: int = 0
@@ -1388,7 +1353,10 @@ class _Unpacker(Closing):
 
     def _remove(self, dir_fd: int, name: str) -> None:
         self._forget_parent()
-        _remove_entry(dir_fd, name)
+        try:
+            remove_entry(dir_fd, name, shown=Path(name))
+        except SandboxError as e:
+            raise ImageError(f"cannot unpack: {e.message}") from e
 
     # -- one layer
 
@@ -1905,9 +1873,9 @@ def _discard_leftovers(oci_dir: Path, hexdigest: str) -> None:
         if os.path.lexists(path):
             logger.info("removing leftovers of an interrupted unpack: %s", path)
             try:
-                _remove_tree(path)
-            except OSError as e:
-                raise StateError(f"cannot remove {path}: {e.strerror}") from e
+                remove_tree(path)
+            except SandboxError as e:
+                raise StateError(f"cannot remove {path}: {e.message}") from e
 
 
 def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path, account: _Account) -> None:
@@ -1959,8 +1927,8 @@ def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path, account: _Ac
             ) from e
     except BaseException:
         try:
-            _remove_tree(tmp)
-        except OSError as e:
+            remove_tree(tmp)
+        except SandboxError as e:
             logger.warning("cannot remove %s: %s", tmp, e)
         raise
     logger.info(

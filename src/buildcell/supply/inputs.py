@@ -72,6 +72,7 @@ from typing import IO, Any
 
 from buildcell import __version__, confined
 from buildcell._fs import Closing, file_kind
+from buildcell._text import show
 from buildcell.allowlist import (
     AllowEntry,
     EgressPolicy,
@@ -629,7 +630,7 @@ def _open_local(root: Path, rel: str) -> tuple[int, os.stat_result]:
 
 
 def _show(text: str) -> str:
-    return repr(text) if len(text) <= 120 else repr(text[:120]) + "..."
+    return show(text, 120)
 
 
 # -- downloads -------------------------------------------------------------------------

@@ -682,8 +682,10 @@ def check_outputs_for_secrets(
         return
     from buildcell.redact import Scanner
 
+    # One index of the secrets' forms, a fresh scan per name and file.
+    index = Scanner(secrets)
     for name in [*(c.path for c in report.collected), *(s.path for s in report.skipped)]:
-        scanner = Scanner(secrets)
+        scanner = index.fresh()
         scanner.feed(name.encode(errors="surrogateescape"))
         if scanner.found:
             names = ", ".join(sorted(scanner.found))
@@ -694,7 +696,7 @@ def check_outputs_for_secrets(
                 hint="a build must not copy secrets into its outputs",
             )
     for item in report.collected:
-        scanner = Scanner(secrets)
+        scanner = index.fresh()
         fd = os.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=out.staging_fd)
         with os.fdopen(fd, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

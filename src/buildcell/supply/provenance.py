@@ -47,8 +47,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from buildcell import __version__
+from buildcell._fs import sha256_file
 from buildcell._json import DuplicateKeyError, reject_duplicate_keys
-from buildcell.errors import Error
+from buildcell._text import show
+from buildcell.errors import ProvenanceError
 
 __all__ = [
     "BUILD_TYPE",
@@ -90,10 +92,6 @@ BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 
 _CHUNK = 1 << 20
 _SHOW_MAX = 80
-
-
-class ProvenanceError(Error):
-    """Provenance cannot be made or checked: an unreadable file, a bad key or expectation."""
 
 
 # --- DSSE -------------------------------------------------------------------------------------
@@ -754,9 +752,7 @@ _DIGEST_LENGTHS: dict[str, tuple[int, ...]] = {
 
 
 def _show(value: object) -> str:
-    """An untrusted value for a message: repr (which escapes control characters), cut short."""
-    text = repr(value)
-    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 1] + "…"
+    return show(value, _SHOW_MAX)
 
 
 def _kind(value: object) -> str:
@@ -1183,14 +1179,10 @@ def _no_network_check(statement: Any) -> Check:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
+        return sha256_file(path)
     except OSError as e:
         raise ProvenanceError(f"cannot read artifact {path}: {e.strerror or e}") from e
-    return digest.hexdigest()
 
 
 def _artifact_check(path: Path, sha256: str, statement: Any) -> Check:

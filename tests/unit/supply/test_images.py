@@ -45,9 +45,10 @@ from tests.oci_images import (
     write_tar,
 )
 
-from buildcell.supply import images as oci
 from buildcell.errors import ConfigError, ImageError, StateError
+from buildcell.supply import images as oci
 from buildcell.supply.images import UnpackBudget, parse_digest, unpack_image
+from buildcell.trees import remove_tree
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -504,10 +505,10 @@ def test_remove_tree_never_follows_and_handles_closed_dirs(tmp_path: Path, outsi
     (tree / "a" / "to-file").symlink_to(outside / "file")
     (tree / "a" / "b").chmod(0)
     (tree / "a").chmod(0o500)
-    oci._remove_tree(tree)
+    remove_tree(tree)
     assert not os.path.lexists(tree)
     assert snapshot(outside) == before
-    oci._remove_tree(tree)  # idempotent
+    remove_tree(tree)  # idempotent
 
 
 # --- multi-layer semantics ---------------------------------------------------------------

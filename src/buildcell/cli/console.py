@@ -7,6 +7,7 @@ Off a TTY: plain prefixed lines, nothing redrawn.
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -20,30 +21,89 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from buildcell.build.doctor import DoctorReport
+from buildcell.build.runner import BuildResult
+from buildcell.build.spec import BuildSpec, StepSpec
 from buildcell.egress.audit import EgressStats, EgressSummaryRow
-from buildcell.pipeline import BuildResult
-from buildcell.records import BuildRecord, StepRecord
-from buildcell.spec import BuildSpec, StepSpec
+from buildcell.supply.records import BuildRecord, StepRecord
 from buildcell.units import format_size
 
 __all__ = ["LiveReporter", "PlainReporter", "render_egress", "render_record", "render_records"]
 
 
 class _LineSplitter:
-    """Turns chunks into complete lines per (step, stream); keeps partial lines for later."""
+    """Turns chunks into complete lines per (step, stream); keeps partial lines for later.
+
+    The work is linear in the output however it is chunked: the pieces of a line that has
+    not ended are kept as they came and joined once, not joined again with every chunk.
+    What is kept of one line is bounded by :attr:`MAX_LINE` bytes: a longer line is given
+    out in lines of at most that many bytes, each but its last ending in :attr:`CONTINUED`,
+    as soon as they are complete. The cuts fall in the same places however the line came,
+    and between characters where it is UTF-8.
+    """
+
+    #: The longest line given out whole, in bytes.
+    MAX_LINE = 64 * 1024
+    #: What ends a piece of a longer line (as a shell marks a line that goes on).
+    CONTINUED = " \\"
 
     def __init__(self) -> None:
-        self._partial: dict[tuple[str, str], bytes] = {}
+        # Per key: the pieces of the line under way, and how many bytes they hold.
+        self._partial: dict[tuple[str, str], tuple[list[bytes], int]] = {}
 
     def feed(self, key: tuple[str, str], data: bytes) -> list[str]:
-        buf = self._partial.get(key, b"") + data
-        *lines, rest = buf.split(b"\n")
-        self._partial[key] = rest
-        return [ln.decode(errors="replace") for ln in lines]
+        pieces, held = self._partial.pop(key, ([], 0))
+        *ended, rest = data.split(b"\n")
+        lines: list[str] = []
+        if ended:
+            pieces.append(ended[0])
+            ended[0] = b"".join(pieces)
+            for line in ended:
+                start = self._give_out(line, lines)
+                lines.append(line[start:].decode(errors="replace"))
+            pieces, held = [], 0
+        if rest:
+            pieces.append(rest)
+            held += len(rest)
+            if held > self.MAX_LINE:
+                # The line will be cut: join what is held once, and keep what is left.
+                joined = b"".join(pieces)
+                start = self._give_out(joined, lines)
+                pieces, held = [joined[start:]], len(joined) - start
+        if pieces:
+            self._partial[key] = (pieces, held)
+        return lines
 
     def flush(self, key: tuple[str, str]) -> list[str]:
-        rest = self._partial.pop(key, b"")
-        return [rest.decode(errors="replace")] if rest else []
+        pieces, _ = self._partial.pop(key, ([], 0))
+        return [b"".join(pieces).decode(errors="replace")] if pieces else []
+
+    def _give_out(self, line: bytes, lines: list[str]) -> int:
+        """Append the marked pieces that the start of ``line`` is cut into while more than
+        :attr:`MAX_LINE` bytes of it are left; return where the rest starts."""
+        start = 0
+        while len(line) - start > self.MAX_LINE:
+            end = _character_start(line, start + self.MAX_LINE)
+            lines.append(line[start:end].decode(errors="replace") + self.CONTINUED)
+            start = end
+        return start
+
+
+def _character_start(data: bytes, end: int) -> int:
+    """``end``, or where a UTF-8 character that ``data[:end]`` leaves incomplete starts
+    (at most three bytes back, so never at or before ``end - 4``).
+
+    Only the bytes before ``end`` are looked at, so the answer does not depend on what
+    has arrived after them.
+    """
+    for at in range(end - 1, max(0, end - 4) - 1, -1):
+        byte = data[at]
+        if byte < 0x80:
+            return end
+        if byte >= 0xC0:
+            length = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return at if at + length > end else end
+    return end
 
 
 class PlainReporter:
@@ -243,3 +303,33 @@ def render_records(records: list[BuildRecord], console: Console) -> None:
             f"{sum(s.status == 'succeeded' for s in r.steps)}/{len(r.steps)}",
         )
     console.print(table)
+
+
+def render_doctor(report: DoctorReport, *, as_json: bool) -> None:
+    """Print the report: a table on a terminal, plain lines otherwise, or JSON."""
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+    table = Table(title="buildcell doctor", show_lines=False)
+    table.add_column("check")
+    table.add_column("")
+    table.add_column("detail")
+    for c in report.checks:
+        table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
+    console.print(table)
+    if report.limits:
+        limits = Table(title="how limits are enforced")
+        limits.add_column("limit")
+        limits.add_column("mechanism")
+        for name, how in report.limits.items():
+            limits.add_row(name, how)
+        console.print(limits)
+    console.print(
+        "[green]cells can be made on this host[/]"
+        if report.cell_ok
+        else "[red]no cell can be made on this host[/]"
+    )

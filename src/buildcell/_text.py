@@ -1,0 +1,24 @@
+"""How untrusted values appear in messages: one line, escaped, never a wall."""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+
+__all__ = ["show"]
+
+
+def show(value: object, limit: int | None = 80) -> str:
+    """``repr`` of ``value`` (a path as its text), a string cut after ``limit`` characters.
+
+    ``repr`` escapes newlines, control characters and undecodable bytes, so a name chosen
+    by an attacker can neither break a message into lines nor hide in it; ``...`` after
+    the closing quote says that the string was cut.
+    """
+    if isinstance(value, PurePath):
+        value = str(value)
+    if isinstance(value, str) and limit is not None and len(value) > limit:
+        return repr(value[:limit]) + "..."
+    text = repr(value)
+    if limit is not None and len(text) > limit + 2:
+        return text[:limit] + "..."
+    return text
