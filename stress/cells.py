@@ -221,7 +221,7 @@ def _settled_counts(
         time.sleep(0.1)
 
 
-def _check_many_cells(scale: float) -> Row:
+def _check_many_cells(scale: float) -> Row:  # noqa: C901, PLR0915 -- one scenario, read top to bottom
     from buildcell.cell import CellConfig, Limits
     from buildcell.cell.supervisor import run_cell
     from buildcell.events import EventLog
@@ -421,7 +421,9 @@ def _manifest_problem(out_dir: Path) -> str | None:
     return None
 
 
-def _kill_trial(rng: random.Random, trial: int) -> tuple[str | None, float, str, int]:
+def _kill_trial(  # noqa: C901, PLR0915 -- one scenario, read top to bottom
+    rng: random.Random, trial: int
+) -> tuple[str | None, float, str, int]:
     """One SIGKILL trial; returns (what broke or None, delay, the record's status, how many
     sandbox processes (bwrap, sh, sleep) were seen before the kill)."""
     delay = rng.uniform(0.0, 2.0)

@@ -290,7 +290,8 @@ class _Loader(yaml.SafeLoader):
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self._depth > self._max_depth:
-            raise _TooDeepError(self.peek_event().start_mark.line + 1)
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in the stubs
+            raise _TooDeepError(event.start_mark.line + 1)
         self._depth += 1
         try:
             return super().compose_node(parent, index)
@@ -323,6 +324,7 @@ def _position(node: yaml.Node) -> tuple[int, int]:
 def _style(node: yaml.Node) -> str | None:
     if isinstance(node, yaml.ScalarNode):
         return node.style or None
+    assert isinstance(node, yaml.CollectionNode)
     return "flow" if node.flow_style else "block"
 
 
@@ -373,12 +375,13 @@ class _Builder:
 
     def value(self, node: yaml.Node, loc: Loc, key_at: tuple[int, int], depth: int) -> object:
         self._enter(node, loc, depth)
+        kind: Kind
         if isinstance(node, yaml.ScalarNode):
             value, kind = self._scalar(node, loc, as_text=self._text_scalars)
             self.sites[loc] = Site(*_position(node), *key_at, kind, node.value, _style(node))
             return value
         if isinstance(node, yaml.SequenceNode):
-            kind: Kind = "seq"
+            kind = "seq"
             if node.tag != _SEQ_TAG:
                 raise self._fail(node, loc, f"unsupported YAML tag {show(node.tag, _SHOW_MAX)}")
         elif isinstance(node, yaml.MappingNode):
@@ -409,9 +412,7 @@ class _Builder:
         # "\ud800" escapes make strings that cannot be encoded: in a path, an event or a
         # record they would fail far from here.
         if _SURROGATE_RE.search(node.value):
-            raise self._fail(
-                node, loc, "a string contains an unpaired surrogate (\\uD800-\\uDFFF)"
-            )
+            raise self._fail(node, loc, "a string contains an unpaired surrogate (\\uD800-\\uDFFF)")
         if kind in ("str", "timestamp") or (as_text and kind != "null"):
             return str(node.value), kind
         try:

@@ -189,6 +189,44 @@ class _Walk:
             os.close(self.stack.pop())
         self.names.clear()
 
+    def _follow(self, parent: int, name: str) -> list[str]:
+        """The components a symlink ``name`` stands for (restarting at the root for an
+        absolute target in ``in_root`` mode).
+
+        Raises:
+            _Refusal: too many links, or (``beneath``) an absolute target.
+        """
+        target = os.readlink(name, dir_fd=parent)
+        self.hops += 1
+        shown = "/".join([*self.names, name])
+        self.via = f"{_show(shown)} (a symlink to {_show(target)})"
+        if self.hops > _MAX_HOPS:
+            raise _Refusal(_show(shown), "has too many levels of symbolic links")
+        if target.startswith("/"):
+            if self.mode == "beneath":
+                raise _Refusal(_show(shown), f"is a symlink to {_show(target)}, outside the root")
+            self._to_root()
+        return [p for p in target.split("/") if p]
+
+    def _enter(self, parent: int, name: str) -> bool:
+        """Descend into directory ``name``; False if it was swapped meanwhile (look again).
+
+        Raises:
+            _Refusal: it keeps changing.
+        """
+        try:
+            fd = os.open(name, _O_PATH_FLAGS | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                raise
+            self.hops += 1
+            if self.hops > _MAX_HOPS:
+                raise _Refusal(_show(self.here), "keeps changing while it is resolved") from e
+            return False
+        self.stack.append(fd)
+        self.names.append(name)
+        return True
+
     def resolve(self, parts: list[str], *, follow_last: bool) -> tuple[int, str]:
         """Walk ``parts``; return (parent descriptor, final name) with the parent held.
 
@@ -211,22 +249,8 @@ class _Walk:
                 if last:
                     return parent, name
                 raise _Refusal(_show("/".join([*self.names, name])), "does not exist") from None
-            if stat.S_ISLNK(st.st_mode):
-                if last and not follow_last:
-                    return parent, name
-                target = os.readlink(name, dir_fd=parent)
-                self.hops += 1
-                shown = "/".join([*self.names, name])
-                self.via = f"{_show(shown)} (a symlink to {_show(target)})"
-                if self.hops > _MAX_HOPS:
-                    raise _Refusal(_show(shown), "has too many levels of symbolic links")
-                if target.startswith("/"):
-                    if self.mode == "beneath":
-                        raise _Refusal(
-                            _show(shown), f"is a symlink to {_show(target)}, outside the root"
-                        )
-                    self._to_root()
-                todo = [p for p in target.split("/") if p] + todo
+            if stat.S_ISLNK(st.st_mode) and not (last and not follow_last):
+                todo = self._follow(parent, name) + todo
                 continue
             if last:
                 return parent, name
@@ -235,21 +259,8 @@ class _Walk:
                     _show("/".join([*self.names, name])),
                     f"is a {file_kind(st.st_mode)}, not a directory",
                 )
-            try:
-                fd = os.open(name, _O_PATH_FLAGS | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
-            except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
-                    # Swapped while we looked: start that component again.
-                    todo.insert(0, name)
-                    self.hops += 1
-                    if self.hops > _MAX_HOPS:
-                        raise _Refusal(
-                            _show(self.here), "keeps changing while it is resolved"
-                        ) from e
-                    continue
-                raise
-            self.stack.append(fd)
-            self.names.append(name)
+            if not self._enter(parent, name):
+                todo.insert(0, name)  # swapped while we looked: that component again
         return self.stack[-1], ""
 
 

@@ -25,19 +25,24 @@ images:
   max_size: 16GiB                    # bytes all images of one build may unpack to
 ```
 
-Relative paths are relative to the file. Unknown keys are errors (fail closed).
+Relative paths are relative to the file. Unknown keys are errors (fail closed), and so are
+a key given twice, merge keys (``<<``) and YAML tags; every error names the file's line.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from buildcell.errors import ConfigError
 from buildcell.units import parse_cpus, parse_duration, parse_size
+
+if TYPE_CHECKING:
+    from buildcell._yaml import Document, Loc, YamlProblem
 
 __all__ = [
     "DEFAULT_CACHE_MAX_AGE",
@@ -102,28 +107,17 @@ def _default_path() -> Path:
     return base / "buildcell" / "config.yaml"
 
 
-def _read_yaml(target: Path, text: str) -> object:
-    import yaml  # only when there is a file: `buildcell run` starts without PyYAML
+def _read_yaml(target: Path, text: str) -> Document:
+    """The file as plain data with the line of every value; merge keys are refused."""
+    # Only when there is a file: `buildcell run` starts without PyYAML.
+    from buildcell._yaml import field_path, read_yaml
 
-    class _Strict(yaml.SafeLoader):
-        """Refuses a key given twice: the second must not silently win (policy: ...)."""
+    def error(problem: YamlProblem) -> ConfigError:
+        where = str(target) if problem.line is None else f"{target}:{problem.line}"
+        field = field_path(problem.loc)
+        return ConfigError(f"{where}: {f'{field}: ' if field else ''}{problem.message}")
 
-    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[object, object]:
-        keys = [loader.construct_object(k, deep=True) for k, _ in node.value]
-        for i, key in enumerate(keys):
-            if key in keys[:i]:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"setting {key!r} is given twice", node.value[i][0].start_mark
-                )
-        return loader.construct_mapping(node, deep=True)
-
-    _Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    try:
-        return yaml.load(text, Loader=_Strict)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{target}:{mark.line + 1}" if mark is not None else str(target)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+    return read_yaml(text, error, document="the configuration file")
 
 
 _SECTIONS: dict[str, tuple[str, ...]] = {
@@ -139,24 +133,79 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 class _File:
-    """The parsed file, read one typed value at a time; every error names the key."""
+    """The parsed file, read one typed value at a time; every error names the line and the
+    key."""
 
-    def __init__(self, target: Path, data: Mapping[str, Any]) -> None:
+    def __init__(self, target: Path, document: Document) -> None:
+        """Take the file's data, checking its top level.
+
+        Raises:
+            ConfigError: the file is not a mapping, or names an unknown setting.
+        """
         self.target = target
-        self.data = data
+        self.document = document
+        if not isinstance(document.data, dict):
+            raise ConfigError(f"{self.where(())}: expected a mapping of settings")
+        self.data: Mapping[str, Any] = document.data
+        for key in self.data:
+            self.unknown((key,), ("policy", *_SECTIONS))
+
+    def where(self, loc: Loc, *, key: bool = False) -> str:
+        """``FILE:LINE`` of the value at ``loc``, or of its key."""
+        site = self.document.site(loc)
+        return f"{self.target}:{site.key_line if key else site.line}"
+
+    def unknown(self, loc: Loc, known: tuple[str, ...]) -> None:
+        """Refuse the setting at ``loc`` unless it is one of ``known``."""
+        name = loc[-1]
+        if name in known:
+            return
+        close = difflib.get_close_matches(str(name), known, n=1)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        within = f"{loc[0]}: " if len(loc) > 1 else ""
+        hint = (
+            f"{loc[0]} has {', '.join(known)}" if within else f"known settings: {', '.join(known)}"
+        )
+        raise ConfigError(
+            f"{self.where(loc, key=True)}: {within}unknown setting {name!r}{guess}", hint=hint
+        )
+
+    def policy(self) -> str | None:
+        if "policy" not in self.data:
+            return None
+        policy = self.data["policy"]
+        # Present means meant: an empty value is an error, never "no policy" (fail closed).
+        if not isinstance(policy, str) or not policy.strip():
+            raise ConfigError(
+                f"{self.where(('policy',))}: policy: expected the path of a policy file"
+            )
+        return policy
+
+    def allow(self, section: str) -> list[str]:
+        """The allowlist entries of ``section``, each checked."""
+        entries = self.strings(section, "allow")
+        if entries:
+            from buildcell.allowlist import parse_allow
+
+            for index, entry in enumerate(entries):
+                try:
+                    parse_allow(entry)
+                except ConfigError as e:
+                    at = self.where((section, "allow", index))
+                    raise ConfigError(f"{at}: {section}.allow: {e.message}", hint=e.hint) from e
+        return entries
 
     def section(self, name: str) -> Mapping[str, Any]:
         value = self.data.get(name)
         if value is None:
             return {}
         known = _SECTIONS[name]
-        if not isinstance(value, dict) or set(value) - set(known):
+        if not isinstance(value, dict):
             raise ConfigError(
-                f"{self.target}: {name}: expected a mapping with {', '.join(known)}",
-                hint=f"unknown: {', '.join(sorted(map(str, set(value) - set(known))))}"
-                if isinstance(value, dict)
-                else None,
+                f"{self.where((name,))}: {name}: expected a mapping with {', '.join(known)}"
             )
+        for key in value:
+            self.unknown((name, key), known)
         return value
 
     def unit(self, section: str, key: str, parse: Callable[[str], Any], example: str) -> Any:
@@ -164,21 +213,30 @@ class _File:
         if key not in values:
             return None
         value = values[key]
+        where = self.where((section, key))
         # Present means meant: an empty value is an error, never "the default".
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConfigError(f"{self.target}: {section}.{key}: expected a value such as {example}")
+            raise ConfigError(f"{where}: {section}.{key}: expected a value such as {example}")
         try:
             return parse(str(value))
         except ConfigError as e:
-            raise ConfigError(f"{self.target}: {section}.{key}: {e.message}") from e
+            raise ConfigError(f"{where}: {section}.{key}: {e.message}") from e
 
     def strings(self, section: str, key: str) -> list[str]:
         values = self.section(section)
         if key not in values:
             return []
         value = values[key]
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"{self.target}: {section}.{key}: expected a list of strings")
+        bad: Loc | None = None
+        if not isinstance(value, list):
+            bad = (section, key)
+        else:
+            bad = next(
+                ((section, key, i) for i, v in enumerate(value) if not (isinstance(v, str) and v)),
+                None,
+            )
+        if bad is not None:
+            raise ConfigError(f"{self.where(bad)}: {section}.{key}: expected a list of strings")
         return list(value)
 
 
@@ -208,22 +266,11 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(f"cannot read configuration file {target}: {e.strerror}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"configuration file {target} is not UTF-8 text") from e
-    data = _read_yaml(target, text)
-    if data is None:
+    document = _read_yaml(target, text)
+    if document.data is None:
         return Settings(path=target)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{target}: expected a mapping of settings")
-    known = ("policy", *_SECTIONS)
-    unknown = sorted(str(k) for k in set(data) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{target}: unknown setting {unknown[0]!r}", hint=f"known settings: {', '.join(known)}"
-        )
-    policy = data.get("policy")
-    # Present means meant: an empty value is an error, never "no policy" (fail closed).
-    if "policy" in data and (not isinstance(policy, str) or not policy.strip()):
-        raise ConfigError(f"{target}: policy: expected the path of a policy file")
-    f = _File(target, data)
+    f = _File(target, document)
+    policy = f.policy()
 
     def size(section: str, default: int) -> int:
         value = f.unit(section, "max_size", lambda t: parse_size(t, what=section), "2GiB")
@@ -240,17 +287,8 @@ def load_settings(path: Path | None = None) -> Settings:
         disk=f.unit("limits", "disk", lambda t: parse_size(t, what="disk"), "10GiB"),
         timeout=f.unit("limits", "timeout", lambda t: parse_duration(t, what="timeout"), "2h"),
     )
-    fetch_allow = f.strings("fetch", "allow")
-    network_allow = f.strings("network", "allow")
-    if fetch_allow or network_allow:
-        from buildcell.allowlist import parse_allow
-
-        for section, entries in (("fetch", fetch_allow), ("network", network_allow)):
-            for entry in entries:
-                try:
-                    parse_allow(entry)
-                except ConfigError as e:
-                    raise ConfigError(f"{target}: {section}.allow: {e.message}", hint=e.hint) from e
+    fetch_allow = f.allow("fetch")
+    network_allow = f.allow("network")
     rootfs_dirs = []
     for text_path in f.strings("rootfs", "allow"):
         where = Path(text_path)

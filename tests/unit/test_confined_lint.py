@@ -42,7 +42,7 @@ ALLOWED: dict[str, dict[str, str]] = {
         "Repository.open": "the repository found by _discover (opened O_PATH|O_DIRECTORY)",
         "_discover": "the source directory and its ancestors, which the operator named",
         "_ObjectStore._load_packs": "os.listdir of a directory descriptor (objects/pack)",
-        "Repository._differs": "DirEntry.is_symlink of a scandir over a descriptor",
+        "Repository._entry_differs": "DirEntry.is_symlink of a scandir over a descriptor",
     },
     "build/repro.py": {
         "_open_root": "the two output directories being compared (buildcell's own)",

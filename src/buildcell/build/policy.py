@@ -13,8 +13,10 @@ that must evaluate to ``true`` for the build to run::
 Every rule is evaluated, so a denial lists every rule that failed. A rule passes only when
 it evaluates to the boolean ``true``. Anything else fails it, closed: ``false``, a result
 that is not a boolean, or an evaluation error such as a missing field, a division by zero
-or comparing a number with a string. A policy without rules, an unknown key, or an
-expression that does not parse is refused when the policy is loaded.
+or comparing a number with a string. A policy without rules, an unknown key, an
+expression that does not parse, or one that names a field the context does not have
+(``spec.egres``, ``s.limits.memroy`` inside ``spec.steps.all(s, ...)``) is refused when
+the policy is loaded: inside ``||`` or ``has()`` such a typo would pass unnoticed.
 
 Rule names are lowercase letters, digits, ``.``, ``_`` and ``-``, starting with a letter or
 digit, and unique within the policy. ``message`` defaults to ``rule NAME failed``.
@@ -24,7 +26,9 @@ The evaluation context
 
 Rules see two variables, ``spec`` (the build, as validated from ``buildcell.yaml``) and
 ``invocation`` (how this build was started). Every value is plain data: strings, integers,
-doubles, booleans, lists, maps and ``null``.
+doubles, booleans, lists, maps and ``null``. These are all the fields there are, and every
+one is always present (``null`` or empty when unset); only the keys of a step's ``env``
+are the spec's own, so any key may be asked for there (``has(s.env.CI)``).
 
 ``spec``:
 
@@ -125,9 +129,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-
 from buildcell._text import show
+from buildcell._yaml import Document, Loc, Site, YamlProblem, describe, read_yaml, typed_scalar
 from buildcell.errors import PolicyError
 
 if TYPE_CHECKING:
@@ -162,31 +165,6 @@ _CEL_HINT = (
 )
 _SHOW_MAX = 60
 _DETAIL_MAX = 300
-
-_STR_TAG = "tag:yaml.org,2002:str"
-_INT_TAG = "tag:yaml.org,2002:int"
-_MAP_TAG = "tag:yaml.org,2002:map"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-# Plain scalars whose text is taken as written where a string is expected.
-_TEXT_TAGS = frozenset(
-    {
-        _STR_TAG,
-        _INT_TAG,
-        "tag:yaml.org,2002:bool",
-        "tag:yaml.org,2002:float",
-        "tag:yaml.org,2002:timestamp",
-    }
-)
-_SCALAR_KINDS = {
-    "tag:yaml.org,2002:null": "null",
-    "tag:yaml.org,2002:bool": "a boolean",
-    _INT_TAG: "an integer",
-    "tag:yaml.org,2002:float": "a number",
-    "tag:yaml.org,2002:timestamp": "a date",
-    _STR_TAG: "a string",
-}
-
 
 # --- the policy -----------------------------------------------------------------------------
 
@@ -236,7 +214,8 @@ def load_policy(path: Path) -> Policy:
         PolicyError: the file cannot be read, is not UTF-8 YAML, or is not a valid policy
             (not a mapping, an unknown key, a version other than 1, no rules, a missing,
             invalid or duplicate rule name, an empty expression, an expression that does
-            not parse). The message is one line naming the file and the line.
+            not parse or that names a field the context does not have). The message is
+            one line naming the file and the line.
     """
     try:
         with path.open("rb") as f:
@@ -252,25 +231,23 @@ def load_policy(path: Path) -> Policy:
         raise PolicyError(
             _one_line(f"{path}:{line}: not UTF-8 text: byte {data[e.start]:#04x}")
         ) from e
-    reader = _Reader(str(path))
-    parsed = reader.read(_compose(text, str(path)))
+    source = str(path)
+    parsed = _Reader(source, _read(text, source)).read()
     environment = _environment()
+    context = _context_shape()
     programs = []
-    for rule, expr_node in parsed:
-        program = _compile(environment, rule.expr)
+    for rule, expr_site in parsed:
+        program = _compile(environment, rule.expr, context=context)
         if isinstance(program, _ParseFailure):
-            line = expr_node.start_mark.line + 1
-            literal = isinstance(expr_node, yaml.ScalarNode) and expr_node.style == "|"
-            if literal and program.line is not None:
+            line = expr_site.line
+            if expr_site.style == "|" and program.line is not None:
                 # A literal block keeps the expression's lines: point at the bad one.
                 line += program.line
-            raise PolicyError(
-                _one_line(
-                    f"{path}:{line}: rule {rule.name!r}: expression does not parse: "
-                    f"{program.problem}"
-                ),
-                hint=_CEL_HINT,
-            )
+            if program.unknown_name:
+                message, hint = program.problem, _NAMES_HINT
+            else:
+                message, hint = f"expression does not parse: {program.problem}", _CEL_HINT
+            raise PolicyError(_one_line(f"{path}:{line}: rule {rule.name!r}: {message}"), hint=hint)
         programs.append(program)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     rules = tuple(rule for rule, _ in parsed)
@@ -410,6 +387,314 @@ def _step_context(spec: BuildSpec, step: StepSpec) -> dict[str, Any]:
 
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+# --- the names a rule may use ---------------------------------------------------------------
+#
+# A rule that names a field the context does not have cannot do what its author meant:
+# inside `||` or `has()` a typo is absorbed and the rule passes. So every name a rule uses
+# is checked when the policy loads, against the shape of what build_context makes for a
+# sample build in which every part is present: the context itself is the schema.
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """A map with known keys."""
+
+    fields: Mapping[str, _Shape]
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """A map whose keys are the build's own (a step's ``env``): any key may be asked for."""
+
+    value: _Shape
+
+
+@dataclass(frozen=True)
+class _List:
+    item: _Shape
+
+
+@dataclass(frozen=True)
+class _Scalar:
+    """A string, number, boolean or null: no fields."""
+
+
+_Shape = _Fields | _Keys | _List | _Scalar
+
+#: Maps of the context whose keys come from the spec, not from buildcell.
+_FREE_FORM = frozenset({("spec", "steps", "[]", "env")})
+#: Names CEL itself defines: types, and the conversion that turns off type checks.
+_CEL_NAMES = frozenset(
+    {
+        "bool",
+        "bytes",
+        "double",
+        "duration",
+        "dyn",
+        "int",
+        "list",
+        "map",
+        "null_type",
+        "string",
+        "timestamp",
+        "type",
+        "uint",
+    }
+)
+#: Macros that bind their first argument to each element of a list (or key of a map).
+_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+_PASS_THROUGH = frozenset(
+    {
+        "expr",
+        "conditionalor",
+        "conditionaland",
+        "relation",
+        "addition",
+        "multiplication",
+        "unary",
+        "member",
+        "primary",
+        "paren_expr",
+    }
+)
+_STRING_KEY_RE = re.compile(r"""[rR]?(["'])([A-Za-z0-9_.-]*)\1""")
+_NAMES_HINT = (
+    "rules see spec and invocation, with the fields listed in the documentation of "
+    "buildcell.build.policy (and in the README, under 'Operator policy')"
+)
+
+
+def _sample() -> tuple[BuildSpec, Invocation]:
+    """A build in which every part of the context is present and no list is empty."""
+    from buildcell.build.spec import BuildSpec
+
+    hex64 = "0" * 64
+    spec = BuildSpec.model_validate(
+        {
+            "version": 1,
+            "name": "sample",
+            "rootfs": {"oci": "image", "digest": f"sha256:{hex64}"},
+            "inputs": [{"url": "https://files.example/a", "sha256": hex64, "path": "a"}],
+            "steps": [
+                {
+                    "name": "step",
+                    "run": "true",
+                    "env": {"NAME": "value"},
+                    "secrets": ["token"],
+                    "network": {"allow": ["files.example"]},
+                    "caches": [{"path": "/tmp/cache", "key": "cache"}],
+                }
+            ],
+            "outputs": ["out/*"],
+        }
+    )
+    invocation = Invocation(
+        project="sample",
+        ref="refs/heads/main",
+        trust="trusted",
+        secrets=("token",),
+        unsafe=("no-seccomp",),
+        pinned_hosts=("files.example=192.0.2.1",),
+        allow=("files.example",),
+        allow_fetch=("files.example",),
+        image_budget=1,
+    )
+    return spec, invocation
+
+
+def _shape_of(value: object, path: tuple[str, ...]) -> _Shape:
+    if isinstance(value, dict):
+        if path in _FREE_FORM:
+            assert value, f"the sample has no entry in {'.'.join(path)}"
+            return _Keys(_shape_of(next(iter(value.values())), (*path, "{}")))
+        return _Fields({key: _shape_of(item, (*path, key)) for key, item in value.items()})
+    if isinstance(value, list):
+        assert value, f"the sample has an empty list at {'.'.join(path)}"
+        return _List(_shape_of(value[0], (*path, "[]")))
+    return _Scalar()
+
+
+@functools.cache
+def _context_shape() -> _Fields:
+    """The shape of every context :func:`build_context` makes."""
+    shape = _shape_of(build_context(*_sample()), ())
+    assert isinstance(shape, _Fields)
+    return shape
+
+
+class _UnknownNameError(Exception):
+    def __init__(self, problem: str, line: int | None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.line = line
+
+
+class _NameCheck:
+    """Walks a parsed expression (celpy's lark tree) and raises :class:`_UnknownNameError`
+    at the first name the context does not have.
+
+    Each sub-expression gets the :data:`_Shape` of its value where that follows from the
+    context (``spec.steps[0].limits``), ``None`` where it does not (a literal, a function's
+    result): nothing below an unknown shape is checked.
+    """
+
+    def __init__(self, expr: str, context: _Fields) -> None:
+        self.expr = expr
+        self.roots = context.fields
+
+    def shape(self, tree: Any, scope: Mapping[str, _Shape | None]) -> _Shape | None:
+        children = tree.children
+        kind = tree.data
+        if kind == "ident":
+            return self.variable(tree, str(children[0]), scope)
+        if kind == "dot_ident":  # `.spec`: the root scope, past any macro variable
+            return self.variable(tree, str(children[0]), {})
+        if kind == "member_dot":
+            target, name = children
+            return self.field(tree, target, self.shape(target, scope), str(name))
+        if kind == "member_dot_arg":
+            return self.method(children[0], str(children[1]), _arguments(children[2:]), scope)
+        if kind == "member_index":
+            target, index = children
+            shape = self.shape(target, scope)
+            self.shape(index, scope)
+            if isinstance(shape, _List):
+                return shape.item
+            key = _string_key(index)
+            return None if key is None else self.field(tree, target, shape, key)
+        if kind == "ident_arg":
+            arguments = _arguments(children[1:])
+            if str(children[0]) == "has" and len(arguments) == 1:
+                self.has(arguments[0], scope)
+                return None
+            for argument in arguments:
+                self.shape(argument, scope)
+            return None
+        if kind in _PASS_THROUGH and len(children) == 1 and _is_tree(children[0]):
+            return self.shape(children[0], scope)
+        for child in children:
+            if _is_tree(child):
+                self.shape(child, scope)
+        return None
+
+    def method(
+        self, target: Any, name: str, arguments: list[Any], scope: Mapping[str, _Shape | None]
+    ) -> _Shape | None:
+        shape = self.shape(target, scope)
+        variable = _bare_name(arguments[0]) if len(arguments) >= 2 else None
+        if name in _MACROS and variable is not None:
+            element = _element(shape)
+            inner = {**scope, variable: element}
+            for argument in arguments[1:]:
+                self.shape(argument, inner)
+            if name == "filter" and isinstance(shape, _List):
+                return shape
+            return None
+        if name == "reduce" and len(arguments) == 4:  # celpy's reduce(r, i, init, expr)
+            accumulator, variable = _bare_name(arguments[0]), _bare_name(arguments[1])
+            if accumulator is not None and variable is not None:
+                self.shape(arguments[2], scope)
+                self.shape(arguments[3], {**scope, accumulator: None, variable: _element(shape)})
+                return None
+        for argument in arguments:
+            self.shape(argument, scope)
+        return None
+
+    def has(self, argument: Any, scope: Mapping[str, _Shape | None]) -> None:
+        """``has(x.f)`` is false for a field that does not exist: that field is checked."""
+        tree = argument
+        while tree.data in _PASS_THROUGH and len(tree.children) == 1:
+            tree = tree.children[0]
+            if not _is_tree(tree):
+                return
+        if tree.data == "member_dot":
+            target, name = tree.children
+            self.field(tree, target, self.shape(target, scope), str(name))
+        else:
+            self.shape(argument, scope)
+
+    def variable(self, tree: Any, name: str, scope: Mapping[str, _Shape | None]) -> _Shape | None:
+        if name in scope:
+            return scope[name]
+        if name in self.roots:
+            return self.roots[name]
+        if name in _CEL_NAMES:
+            return None
+        known = [*self.roots, *scope]
+        close = difflib.get_close_matches(name, known, n=1)
+        guess = f"did you mean {close[0]!r}?" if close else f"rules see {', '.join(known)}"
+        raise self.unknown(tree, f"unknown variable {name!r}; {guess}")
+
+    def field(self, tree: Any, target: Any, shape: _Shape | None, name: str) -> _Shape | None:
+        if shape is None:
+            return None
+        if isinstance(shape, _Keys):
+            return shape.value
+        owner = self.text(target)
+        if isinstance(shape, _List):
+            raise self.unknown(tree, f"`{owner}` is a list, it has no field {name!r}")
+        if isinstance(shape, _Scalar):
+            raise self.unknown(tree, f"`{owner}` is not a map, it has no field {name!r}")
+        if name in shape.fields:
+            return shape.fields[name]
+        close = difflib.get_close_matches(name, list(shape.fields), n=1)
+        guess = (
+            f"did you mean {close[0]!r}?" if close else f"`{owner}` has {', '.join(shape.fields)}"
+        )
+        raise self.unknown(tree, f"unknown field {name!r} in `{self.text(tree)}`; {guess}")
+
+    def text(self, tree: Any) -> str:
+        meta = tree.meta
+        start = getattr(meta, "start_pos", None)
+        end = getattr(meta, "end_pos", None)
+        if isinstance(start, int) and isinstance(end, int):
+            return _snippet(self.expr[start:end])
+        return "?"
+
+    def unknown(self, tree: Any, problem: str) -> _UnknownNameError:
+        line = getattr(tree.meta, "line", None)
+        return _UnknownNameError(problem, line if isinstance(line, int) else None)
+
+
+def _is_tree(node: object) -> bool:
+    from lark import Tree
+
+    return isinstance(node, Tree)
+
+
+def _arguments(rest: list[Any]) -> list[Any]:
+    """The argument expressions of a call, from the children after its name."""
+    return [expr for exprlist in rest if _is_tree(exprlist) for expr in exprlist.children]
+
+
+def _bare_name(expr: Any) -> str | None:
+    """``x`` for an expression that is just the identifier ``x`` (a macro's variable)."""
+    tree = expr
+    while tree.data in _PASS_THROUGH and len(tree.children) == 1 and _is_tree(tree.children[0]):
+        tree = tree.children[0]
+    return str(tree.children[0]) if tree.data == "ident" else None
+
+
+def _string_key(expr: Any) -> str | None:
+    """The key of ``m["key"]`` when it is a plain string literal."""
+    tree = expr
+    while tree.data in _PASS_THROUGH and len(tree.children) == 1 and _is_tree(tree.children[0]):
+        tree = tree.children[0]
+    if tree.data != "literal":
+        return None
+    match = _STRING_KEY_RE.fullmatch(str(tree.children[0]))
+    return match[2] if match else None
+
+
+def _element(shape: _Shape | None) -> _Shape | None:
+    """What a macro's variable is bound to: a list's items, or a map's keys (strings)."""
+    if isinstance(shape, _List):
+        return shape.item
+    if isinstance(shape, _Fields | _Keys):
+        return _Scalar()
+    return None
 
 
 # --- the decision ---------------------------------------------------------------------------
@@ -604,10 +889,12 @@ def _celpy() -> Any:
 
 @dataclass(frozen=True)
 class _ParseFailure:
-    """Why an expression did not compile; ``line`` is within the expression, if known."""
+    """Why an expression did not compile; ``line`` is within the expression, if known;
+    ``unknown_name`` when it parsed but names something the context does not have."""
 
     problem: str
     line: int | None
+    unknown_name: bool = False
 
 
 def _environment() -> Any:
@@ -622,13 +909,19 @@ def _environment() -> Any:
     return environment
 
 
-def _compile(environment: Any, expr: str) -> Any:
-    """A celpy program for ``expr``, or the :class:`_ParseFailure` saying why not."""
+def _compile(environment: Any, expr: str, *, context: _Fields | None = None) -> Any:
+    """A celpy program for ``expr``, or the :class:`_ParseFailure` saying why not; with
+    ``context``, every name the expression uses is checked against it."""
     celpy = _celpy()
     try:
-        return environment.program(environment.compile(expr), functions=_functions())
+        tree = environment.compile(expr)
+        if context is not None:
+            _NameCheck(expr, context).shape(tree, {})
+        return environment.program(tree, functions=_functions())
     except celpy.CELParseError as e:
         return _ParseFailure(_parse_problem(e, expr), e.line)
+    except _UnknownNameError as e:
+        return _ParseFailure(e.problem, e.line, unknown_name=True)
     except RecursionError:
         return _ParseFailure("the expression is nested too deeply", None)
 
@@ -782,163 +1075,172 @@ def _plain_value(value: Any) -> Any:
 
 # --- reading the YAML -----------------------------------------------------------------------
 
-
-def _compose(text: str, source: str) -> yaml.Node | None:
-    """The YAML node tree of ``text``; PyYAML's failures become one-line errors."""
-    from buildcell.build.spec import yaml_error
-
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except (yaml.YAMLError, RecursionError) as e:
-        line, problem = yaml_error(e, text)
-        where = source if line is None else f"{source}:{line}"
-        hint = None
-        if isinstance(e, yaml.MarkedYAMLError):
-            hint = (
-                "quote expressions that contain ': ', ' #' or start with a YAML indicator "
-                "such as '!', '{', '[', '*' or '&'; or write them as a block (expr: |)"
-            )
-        raise PolicyError(_one_line(f"{where}: {problem}"), hint=hint) from e
+_YAML_HINT = (
+    "quote expressions that contain ': ', ' #' or start with a YAML indicator such as '!', "
+    "'{', '[', '*' or '&'; or write them as a block (expr: |)"
+)
+# Scalars whose text is taken as written where a string is expected.
+_TEXT_KINDS = frozenset({"str", "int", "bool", "float", "timestamp"})
 
 
-def _kind(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    return _SCALAR_KINDS.get(node.tag, f"a value tagged {node.tag}")
+def _read(text: str, source: str) -> Document:
+    """The policy's YAML as plain data, every scalar as its text; unknown keys are refused
+    as they are read, before anything below them."""
+
+    def error(problem: YamlProblem) -> PolicyError:
+        where = source if problem.line is None else f"{source}:{problem.line}"
+        return PolicyError(
+            _one_line(f"{where}: {_label(problem.loc)}{problem.message}"),
+            hint=_YAML_HINT if problem.syntax else None,
+        )
+
+    def check_key(loc: Loc, site: Site) -> None:
+        parent, key = loc[:-1], loc[-1]
+        known: tuple[str, ...]
+        if parent == ():
+            known, what = _TOP_KEYS, "the policy"
+        elif len(parent) == 2 and _label(parent):
+            known, what = _RULE_KEYS, "a rule"
+        else:
+            return
+        if key in known:
+            return
+        close = difflib.get_close_matches(str(key), known, n=1)
+        guess = f"did you mean {close[0]!r}?" if close else f"expected {', '.join(known)}"
+        raise PolicyError(
+            _one_line(
+                f"{source}:{site.line}: {_label(parent)}unknown key {_show(str(key))} in "
+                f"{what}; {guess}"
+            ),
+            hint="a policy is refused when it holds anything buildcell would not enforce",
+        )
+
+    return read_yaml(text, error, scalars="text", document="a policy", check_key=check_key)
+
+
+def _label(loc: Loc) -> str:
+    """``rules[2]: `` for a location in the third rule, else nothing."""
+    if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
+        return f"rules[{loc[1]}]: "
+    return ""
 
 
 class _Reader:
-    """Checks a policy's node tree and turns it into rules, keeping each rule's expression
-    node (for the lines of parse errors)."""
+    """Checks a policy's data and turns it into rules, keeping each rule's expression site
+    (for the lines of errors in expressions)."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, document: Document) -> None:
         self.source = source
+        self.document = document
 
-    def error(self, node: yaml.Node, problem: str, *, hint: str | None = None) -> PolicyError:
-        line = node.start_mark.line + 1
+    def error(self, loc: Loc, problem: str, *, hint: str | None = None) -> PolicyError:
+        line = self.document.site(loc).line
         return PolicyError(_one_line(f"{self.source}:{line}: {problem}"), hint=hint)
 
-    def read(self, root: yaml.Node | None) -> list[tuple[Rule, yaml.Node]]:
-        if root is None or (isinstance(root, yaml.ScalarNode) and root.value == ""):
+    def kind(self, loc: Loc) -> str:
+        return describe(self.document.sites[loc].kind)
+
+    def read(self) -> list[tuple[Rule, Site]]:
+        top = self.document.data
+        if self.document.sites[()].text == "":
             raise PolicyError(
                 f"{self.source}:1: empty policy: expected a mapping with version and rules",
                 hint=f"start with 'version: {POLICY_VERSION}' and a list of rules",
             )
-        top = self.mapping(root, "the policy", _TOP_KEYS, "")
+        if not isinstance(top, dict):
+            raise self.error((), f"the policy must be a mapping, got {self.kind(())}")
         if "version" not in top:
             raise self.error(
-                root,
-                "the policy has no 'version'",
-                hint=f"add 'version: {POLICY_VERSION}'",
+                (), "the policy has no 'version'", hint=f"add 'version: {POLICY_VERSION}'"
             )
-        self.version(top["version"][1])
+        self.version()
         if "rules" not in top:
-            raise self.error(root, "the policy has no 'rules'", hint=_NO_RULES_HINT)
-        rules_node = top["rules"][1]
-        if not isinstance(rules_node, yaml.SequenceNode) or rules_node.tag != _SEQ_TAG:
+            raise self.error((), "the policy has no 'rules'", hint=_NO_RULES_HINT)
+        rules_data = top["rules"]
+        if not isinstance(rules_data, list):
             raise self.error(
-                rules_node, f"'rules' must be a list of rules, got {_kind(rules_node)}"
+                ("rules",), f"'rules' must be a list of rules, got {self.kind(('rules',))}"
             )
-        if not rules_node.value:
+        if not rules_data:
             raise self.error(
-                rules_node,
+                ("rules",),
                 "'rules' is empty: a policy needs at least one rule",
                 hint=_NO_RULES_HINT,
             )
-        rules: list[tuple[Rule, yaml.Node]] = []
+        rules: list[tuple[Rule, Site]] = []
         first_at: dict[str, int] = {}
-        for index, node in enumerate(rules_node.value):
-            rule, expr_node = self.rule(node, index)
+        for index, entries in enumerate(rules_data):
+            rule, expr_site = self.rule(index, entries)
             if rule.name in first_at:
                 raise self.error(
-                    node,
+                    ("rules", index),
                     f"duplicate rule name {rule.name!r} (first at line {first_at[rule.name]})",
                     hint="rule names must be unique: a denial names the rules that failed",
                 )
             first_at[rule.name] = rule.line
-            rules.append((rule, expr_node))
+            rules.append((rule, expr_site))
         return rules
 
-    def mapping(
-        self, node: yaml.Node, what: str, known: tuple[str, ...], prefix: str
-    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        if not isinstance(node, yaml.MappingNode) or node.tag != _MAP_TAG:
-            raise self.error(node, f"{prefix}{what} must be a mapping, got {_kind(node)}")
-        entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _MERGE_TAG:
-                raise self.error(
-                    key_node, f"{prefix}merge keys ('<<') are not supported in a policy"
-                )
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
-                raise self.error(key_node, f"{prefix}keys must be strings, got {_kind(key_node)}")
-            key = key_node.value
-            if key in entries:
-                first = entries[key][0].start_mark.line + 1
-                raise self.error(key_node, f"{prefix}duplicate key {key!r} (first at line {first})")
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                guess = f"did you mean {close[0]!r}?" if close else f"expected {', '.join(known)}"
-                raise self.error(
-                    key_node,
-                    f"{prefix}unknown key {_show(key)} in {what}; {guess}",
-                    hint="a policy is refused when it holds anything buildcell would not enforce",
-                )
-            entries[key] = (key_node, value_node)
-        return entries
-
-    def version(self, node: yaml.Node) -> None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == _INT_TAG:
-            version = yaml.constructor.SafeConstructor().construct_yaml_int(node)
+    def version(self) -> None:
+        site = self.document.sites[("version",)]
+        if site.kind == "int":
+            try:
+                version = typed_scalar(site)
+            except ValueError as e:
+                raise self.error(("version",), f"'version' must be {POLICY_VERSION}: {e}") from e
             if version == POLICY_VERSION:
                 return
             raise self.error(
-                node,
+                ("version",),
                 f"unsupported policy version {version}; this buildcell reads version "
                 f"{POLICY_VERSION}",
             )
-        raise self.error(node, f"'version' must be {POLICY_VERSION}, got {_kind(node)}")
+        raise self.error(
+            ("version",), f"'version' must be {POLICY_VERSION}, got {self.kind(('version',))}"
+        )
 
-    def string(self, node: yaml.Node, what: str, prefix: str) -> str:
+    def string(self, loc: Loc, value: object, label: str) -> str:
         """The text of a scalar, as written: ``name: no`` is the name "no", ``expr: true``
         the expression "true", whatever type YAML would give the plain scalar."""
-        if isinstance(node, yaml.ScalarNode) and node.tag in _TEXT_TAGS:
-            return str(node.value)
+        if self.document.sites[loc].kind in _TEXT_KINDS:
+            assert isinstance(value, str)
+            return value
+        what = loc[-1]
         hint = _CEL_HINT if what == "expr" else None
-        raise self.error(node, f"{prefix}'{what}' must be a string, got {_kind(node)}", hint=hint)
+        raise self.error(loc, f"{label}'{what}' must be a string, got {self.kind(loc)}", hint=hint)
 
-    def rule(self, node: yaml.Node, index: int) -> tuple[Rule, yaml.Node]:
+    def rule(self, index: int, entries: object) -> tuple[Rule, Site]:
+        loc: Loc = ("rules", index)
         label = f"rules[{index}]: "
-        entries = self.mapping(node, "a rule", _RULE_KEYS, label)
+        if not isinstance(entries, dict):
+            raise self.error(loc, f"{label}a rule must be a mapping, got {self.kind(loc)}")
         if "name" not in entries:
-            raise self.error(node, f"{label}the rule has no 'name'", hint="add 'name: NAME'")
-        name = self.string(entries["name"][1], "name", label)
+            raise self.error(loc, f"{label}the rule has no 'name'", hint="add 'name: NAME'")
+        name = self.string((*loc, "name"), entries["name"], label)
         if _RULE_NAME_RE.fullmatch(name) is None:
             raise self.error(
-                entries["name"][1],
+                (*loc, "name"),
                 f"{label}invalid rule name {_show(name)}: expected lowercase letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit",
             )
         label = f"rule {name!r}: "
         if "expr" not in entries:
-            raise self.error(node, f"{label}the rule has no 'expr'", hint=_EXPR_HINT)
-        expr_node = entries["expr"][1]
-        expr = self.string(expr_node, "expr", label)
+            raise self.error(loc, f"{label}the rule has no 'expr'", hint=_EXPR_HINT)
+        expr = self.string((*loc, "expr"), entries["expr"], label)
         if not expr.strip():
-            raise self.error(expr_node, f"{label}'expr' is empty", hint=_EXPR_HINT)
+            raise self.error((*loc, "expr"), f"{label}'expr' is empty", hint=_EXPR_HINT)
         message = f"rule {name} failed"
         if "message" in entries:
-            message_node = entries["message"][1]
-            message = " ".join(self.string(message_node, "message", label).split())
+            message = " ".join(self.string((*loc, "message"), entries["message"], label).split())
             if not message:
                 raise self.error(
-                    message_node,
+                    (*loc, "message"),
                     f"{label}'message' is empty",
                     hint=f"remove it for the default, {f'rule {name} failed'!r}",
                 )
-        return Rule(name=name, expr=expr, message=message, line=node.start_mark.line + 1), expr_node
+        line = self.document.sites[loc].line
+        rule = Rule(name=name, expr=expr, message=message, line=line)
+        return rule, self.document.sites[(*loc, "expr")]
 
 
 _NO_RULES_HINT = (

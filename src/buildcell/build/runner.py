@@ -386,18 +386,7 @@ def run_build(
     # Derived once: later uses (cache leases) read it back from the options.
     options = dataclasses.replace(options, invocation=invocation)
     store = RecordStore(state.root / "builds")
-    record = BuildRecord(
-        id=new_cell_id(),
-        name=spec.name,
-        spec_path=str(loaded.path),
-        spec_digest=loaded.digest,
-        steps=[StepRecord(s.name) for s in spec.steps],
-        out_dir=str(out_dir),
-        project=invocation.project,
-        trust=invocation.trust,
-        ref=invocation.ref,
-        cache_scope=invocation.cache_scope(),
-    )
+    record = _new_record(loaded, invocation, out_dir)
     record_dir = store.create(record, loaded.text)
     result = BuildResult(record, record_dir, out_dir)
     events = EventLog(record_dir / "events.jsonl", build=record.id)
@@ -410,13 +399,7 @@ def run_build(
             _check_grants(spec, options.allow)
             _guard_key(options.sign_key, (spec_dir, state.root, out_dir), rootfs)
             # Before anything is announced or run: a denied build only leaves its record.
-            if options.policies:
-                from buildcell.build.admission import check_policy
-
-                def keep(admission: Admission) -> None:
-                    record.policy = admission.to_record()
-
-                check_policy(options.policies, spec, invocation, emit=events.emit, record=keep)
+            _admit(options, spec, invocation, record, events)
             from buildcell.supply.outputs import OutputDir
 
             out = OutputDir(out_dir, wait=options.wait_for_out_dir, on_wait=reporter.message)
@@ -432,36 +415,15 @@ def run_build(
                 ref=record.ref,
             )
             build = _BuildRun(
-                loaded,
-                spec_dir,
-                rootfs,
-                state,
-                store,
-                result,
-                events,
-                reporter,
-                options,
-                invocation,
-                out,
-            )
+                loaded, spec_dir, rootfs, state, store, result, events, reporter, options,
+                invocation, out,
+            )  # fmt: skip
             try:
                 build.run()
             finally:
-                build.drop_ephemeral_caches()
-                if build.image_budget is not None:
-                    budget = build.image_budget
-                    record.images = {
-                        "limit": budget.limit,
-                        "used": budget.used,
-                        "images": dict(budget.images),
-                    }
-    except PolicyError as e:
-        record.status = "denied"
-        record.error = e.message
-        record.exit_code = e.exit_code
-        raise
+                build.finish()
     except Error as e:
-        record.status = "error"
+        record.status = "denied" if isinstance(e, PolicyError) else "error"
         record.error = e.message
         record.exit_code = e.exit_code
         raise
@@ -477,6 +439,40 @@ def run_build(
                 step.status = "skipped" if step.status == "pending" else "interrupted"
         store.save(record)
     return result
+
+
+def _new_record(loaded: LoadedSpec, invocation: Invocation, out_dir: Path) -> BuildRecord:
+    spec = loaded.spec
+    return BuildRecord(
+        id=new_cell_id(),
+        name=spec.name,
+        spec_path=str(loaded.path),
+        spec_digest=loaded.digest,
+        steps=[StepRecord(s.name) for s in spec.steps],
+        out_dir=str(out_dir),
+        project=invocation.project,
+        trust=invocation.trust,
+        ref=invocation.ref,
+        cache_scope=invocation.cache_scope(),
+    )
+
+
+def _admit(
+    options: BuildOptions,
+    spec: BuildSpec,
+    invocation: Invocation,
+    record: BuildRecord,
+    events: EventLog,
+) -> None:
+    """The operator's policies, recorded either way; raises on denial."""
+    if not options.policies:
+        return
+    from buildcell.build.admission import check_policy
+
+    def keep(admission: Admission) -> None:
+        record.policy = admission.to_record()
+
+    check_policy(options.policies, spec, invocation, emit=events.emit, record=keep)
 
 
 def _invocation(options: BuildOptions, spec_dir: Path) -> Invocation:
@@ -554,6 +550,10 @@ class _BuildRun:
         spec = self.loaded.spec
         self.source = describe_source(self.spec_dir, exclude=(self.result.out_dir, self.state.root))
         self.sde = _source_date_epoch(spec, self.source)
+        self.record.source = self.source.to_parameter()
+        self.record.source_date_epoch = self.sde
+        self.record.invocation = self.invocation.to_parameters()
+        self._measure_platform()
         binds = self._inputs()
         if any(s.limits is not None and s.limits.disk is not None for s in spec.steps):
             self.events.emit(
@@ -702,6 +702,18 @@ class _BuildRun:
                 )
         return self.scope
 
+    def finish(self) -> None:
+        """After the build, whatever happened: what lasts for this build alone goes, and the
+        record keeps what the images cost."""
+        self.drop_ephemeral_caches()
+        if self.image_budget is not None:
+            budget = self.image_budget
+            self.record.images = {
+                "limit": budget.limit,
+                "used": budget.used,
+                "images": dict(budget.images),
+            }
+
     def drop_ephemeral_caches(self) -> None:
         """Remove the caches of a build that kept them for itself alone."""
         if self.scope is not None and self.scope.ephemeral:
@@ -742,6 +754,9 @@ class _BuildRun:
         )
         step_record.status = "running"
         step_record.started = time.time()
+        step_record.limits = config.limits.to_dict()
+        step_record.network = list(step.network.allow) if step.network else []
+        step_record.secrets = [use.name for use in step.secrets]
         self.store.save(self.record)
         self.reporter.step_started(step)
         step_log = _StepLog(
@@ -844,119 +859,68 @@ class _BuildRun:
         self.out.write_file("outputs.json", text.encode())
         (self.store.dir(record.id) / "outputs.json").write_text(text)
 
-    def _provenance(self) -> None:
+    def _measure_platform(self) -> None:
+        """Record what the platform is and what the rootfs holds, for provenance."""
         from buildcell import __version__
         from buildcell.cell import seccomp
+
+        profile = seccomp.default_profile()
+        uname = os.uname()
+        self.record.platform = {
+            "buildcell": __version__,
+            "bubblewrap": bwrap_version(),
+            "kernel": f"{uname.sysname} {uname.release} {uname.machine}",
+            "seccomp": {"name": profile.name, "digest": profile.digest()},
+        }
+        if isinstance(self.rootfs, HostRootfs):
+            from buildcell.cell.rootfs import host_rootfs_digest
+
+            digest, covers = host_rootfs_digest()
+            dependency: dict[str, Any] = {
+                "uri": "host:/usr",
+                "sha256": digest,
+                "annotations": {"covers": covers},
+            }
+        elif isinstance(self.rootfs, DirRootfs):
+            # The same listing digest as a source tree: paths, kinds, modes, contents.
+            dependency = {"uri": self.record.rootfs, "sha256": tree_digest(self.rootfs.path)}
+        else:
+            assert isinstance(self.rootfs, OciRootfs)
+            dependency = {
+                "uri": f"oci:{self.rootfs.path}",
+                "sha256": self.rootfs.digest.removeprefix("sha256:"),
+            }
+        self.record.rootfs_dependency = dependency
+
+    def _provenance(self) -> None:
+        from buildcell.build.statement import provenance_statement
         from buildcell.supply.provenance import (
-            Dependency,
             KeyFile,
-            Subject,
             assert_no_values,
-            make_statement,
             sign_statement,
             unsigned_envelope,
             write_bundle,
             write_provenance,
         )
 
-        spec, record = self.loaded.spec, self.record
-        assert self.source is not None
-        profile = seccomp.default_profile()
-        if isinstance(self.rootfs, HostRootfs):
-            from buildcell.cell.rootfs import host_rootfs_digest
-
-            host_digest, covers = host_rootfs_digest()
-            rootfs_dep = Dependency(
-                uri="host:/usr",
-                name="rootfs",
-                sha256=host_digest,
-                annotations={"covers": covers},
-            )
-        if isinstance(self.rootfs, DirRootfs):
-            # The same listing digest as a source tree: paths, kinds, modes, contents.
-            rootfs_dep = Dependency(
-                uri=record.rootfs, name="rootfs", sha256=tree_digest(self.rootfs.path)
-            )
-        elif isinstance(self.rootfs, OciRootfs):
-            rootfs_dep = Dependency(
-                uri=f"oci:{self.rootfs.path}",
-                name="rootfs",
-                sha256=self.rootfs.digest.removeprefix("sha256:"),
-            )
-        dependencies = [rootfs_dep] + [
-            Dependency(uri=i["uri"], sha256=i["sha256"], name=i["path"]) for i in record.inputs
-        ]
-        # What the build actually reached: no digest exists for it, which is the point of
-        # recording it (a verifier can refuse builds that had egress: --no-network).
-        dependencies += [
-            Dependency(
-                uri=f"egress://{row['destination']}",
-                name=f"egress:{step.name}",
-                annotations={
-                    "kind": "egress",
-                    "host": str(row["destination"]).rpartition(":")[0],
-                    "port": int(str(row["destination"]).rpartition(":")[2]),
-                    "requests": row["requests"],
-                    "bytesUp": row["bytes_up"],
-                    "bytesDown": row["bytes_down"],
-                },
-            )
-            for step in record.steps
-            for row in step.egress
-            if row["verdict"] == "allowed" and str(row["destination"]).rpartition(":")[2].isdigit()
-        ]
+        record = self.record
         record_dir = self.store.dir(record.id)
-        byproducts = [
-            Dependency(
-                uri=f"logs/{s.name}.log", sha256=sha256_file(record_dir / "logs" / f"{s.name}.log")
-            )
-            for s in spec.steps
+        record.byproducts = [
+            {
+                "uri": f"logs/{s.name}.log",
+                "sha256": sha256_file(record_dir / "logs" / f"{s.name}.log"),
+            }
+            for s in record.steps
             if (record_dir / "logs" / f"{s.name}.log").exists()
         ]
-        byproducts.append(
-            Dependency(uri="events.jsonl", sha256=sha256_file(record_dir / "events.jsonl"))
+        record.byproducts.append(
+            {"uri": "events.jsonl", "sha256": sha256_file(record_dir / "events.jsonl")}
         )
-        statement = make_statement(
-            subjects=[Subject(o["path"], o["sha256"]) for o in record.outputs],
-            external_parameters={
-                "spec": {
-                    "path": self.loaded.path.name,
-                    "digest": {"sha256": self.loaded.digest.removeprefix("sha256:")},
-                    "content": self.loaded.text,
-                },
-                "source": self.source.to_parameter(),
-                "outDir": str(self.result.out_dir),
-                # Everything the invoker chose that changes what is built.
-                "invocation": self.invocation.to_parameters(),
-            },
-            internal_parameters={
-                "buildcellVersion": __version__,
-                "bubblewrapVersion": bwrap_version(),
-                "kernel": f"{os.uname().sysname} {os.uname().release} {os.uname().machine}",
-                "seccompProfile": {"name": profile.name, "digest": profile.digest()},
-                "rootfs": record.rootfs,
-                "sourceDateEpoch": self.sde,
-                "cacheScope": record.cache_scope,
-                "policies": [
-                    {"digest": p["policy_digest"], "allowed": p["allowed"]}
-                    for p in (record.policy or {}).get("policies", [])
-                ],
-                "steps": [
-                    {
-                        "name": step.name,
-                        "limits": self._limits(step).to_dict(),
-                        "network": {"allow": step.network.allow if step.network else []},
-                        "secrets": [use.name for use in step.secrets],
-                    }
-                    for step in spec.steps
-                ],
-            },
-            resolved_dependencies=dependencies,
+        statement = provenance_statement(
+            record,
+            self.loaded.text,
             builder_id=self.options.builder_id,
-            invocation_id=record.id,
-            started_on=datetime.fromtimestamp(record.started, UTC),
-            finished_on=datetime.now(UTC),
-            byproducts=byproducts,
+            finished=datetime.now(UTC),
         )
         assert_no_values(statement, {s.name: s.reveal() for s in self.options.secrets})
         # Only now, with every cell of the build gone, is the key read.

@@ -1,12 +1,14 @@
 """The versioned build spec, ``buildcell.yaml``: strict models, and errors that name a line.
 
-A spec is read in three steps. PyYAML composes the text into a node tree, which keeps the
-position of every node. :class:`_Builder` turns the nodes into plain Python data: it
-rejects duplicate keys, keys that are not strings, tags other than the plain YAML ones and
-documents that aliases blow up, and it remembers where each value came from. Pydantic then
-validates the data against :class:`BuildSpec`. Whichever step finds a problem, it becomes
-one :class:`~buildcell.errors.SpecError` whose message is a single line,
-``<file>:<line>: <field>: <what is wrong and what was expected>``.
+A spec is read in two steps. :func:`buildcell._yaml.read_yaml` turns the text into plain
+Python data and remembers where each value came from; it refuses duplicate keys, keys that
+are not strings, tags other than the plain YAML ones and documents that aliases blow up,
+and it allows merge keys (``<<``). Pydantic then validates the data against
+:class:`BuildSpec`. Every problem is one line,
+``<file>:<line>: <field>: <what is wrong and what was expected>``, and raised as a
+:class:`~buildcell.errors.SpecError`: a problem with the YAML stops the reading at once;
+the validation reports every error, in file order, the first as the message and the others
+in the error's ``details``.
 
 Scalars are read as YAML 1.1 (what PyYAML's safe loader does), with one exception:
 timestamps stay strings, so ``name: 2024-01-01`` is the name ``"2024-01-01"``.
@@ -15,6 +17,7 @@ timestamps stay strings, so ``name: 2024-01-01`` is the name ``"2024-01-01"``.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 import posixpath
@@ -27,7 +30,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -48,6 +50,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, ErrorDetails, PydanticCustomError
 
 from buildcell._text import show
+from buildcell._yaml import Document, Loc, Site, YamlProblem, field_path, read_yaml
 from buildcell.cell.config import Limits
 from buildcell.errors import ConfigError, SpecError
 from buildcell.units import parse_cpus, parse_duration, parse_size
@@ -84,10 +87,8 @@ _ENV_NAME_RE = re.compile(_ENV_NAME)
 _HEX64_RE = re.compile(_HEX64)
 _PIDS_RE = re.compile(r"\s*[0-9]{1,18}\s*")
 _CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
-_SIMPLE_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
-_Loc = tuple[str | int, ...]
+_Loc = Loc
 
 
 # --- checks shared by the models ------------------------------------------------------------
@@ -930,8 +931,7 @@ def _spec_error(source: str, document: Document, error: ValidationError) -> Spec
     misspelt = {
         (_user_loc(tuple(e["loc"][:-1])), suggestion)
         for e in errors
-        if e["type"] == "extra_forbidden"
-        and (suggestion := _suggest(tuple(e["loc"]))) is not None
+        if e["type"] == "extra_forbidden" and (suggestion := _suggest(tuple(e["loc"]))) is not None
     }
     located = sorted(
         _locate(source, document, details)
@@ -998,14 +998,14 @@ _SHAPES = {
 }
 
 
-def _describe(details: ErrorDetails, loc: _Loc, value: object, site: _Site | None) -> str:
+def _describe(details: ErrorDetails, loc: _Loc, value: object, site: Site | None) -> str:
     """A user's description of one of pydantic's own errors."""
     kind = details["type"]
     ctx: dict[str, Any] = dict(details.get("ctx") or {})
     got = _kind(value)
     if kind == "string_type":
-        if site is not None and site.scalar and isinstance(value, bool | int | float):
-            return f'expected a string, got {got}; write "{site.scalar}" in quotes'
+        if site is not None and site.plain and site.text and isinstance(value, bool | int | float):
+            return f'expected a string, got {got}; write "{site.text}" in quotes'
         return f"expected a string, got {got}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"expected a whole number, got {got}"

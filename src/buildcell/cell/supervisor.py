@@ -18,11 +18,11 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from buildcell.cell import _spawn, reaper
 from buildcell.cell.bwrap import Mount, SandboxPlan, bwrap_argv, split_options
@@ -354,6 +354,94 @@ def _seccomp_memfd(bpf: bytes) -> int:
     return fd
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How one cell is started (plain data, from :func:`plan_launch`).
+
+    Attributes:
+        sandbox: bubblewrap's plan, with the descriptors it is handed.
+        netns: the network namespace to prepare, or ``None`` for no network at all.
+        netns_mode: who makes it: the spawning ``thread`` (as root: the fork stays a
+            vfork), or the ``child`` between fork and exec (rootless, or inside the
+            storage anchor's namespaces).
+    """
+
+    sandbox: SandboxPlan
+    netns: NetnsPlan | None = None
+    netns_mode: Literal["none", "thread", "child"] = "none"
+
+
+def plan_launch(
+    base: SandboxPlan,
+    *,
+    secret_mounts: Sequence[Mount] = (),
+    seccomp_fd: int | None = None,
+    status_fd: int | None = None,
+    block_fd: int | None = None,
+    network_ports: frozenset[int] | None = None,
+    rootless: bool = False,
+    anchored: bool = False,
+) -> LaunchPlan:
+    """The launch of a prepared cell, from its sandbox plan and the descriptors it gets.
+
+    Pure: the secret mounts go before the final remount of ``/`` (``/run/secrets`` is a
+    tmpfs of this cell alone); a network namespace needs a user namespace to belong to,
+    rootless: the anchor's when there is one (the cell enters it first), else one made
+    with it.
+    """
+    mounts = base.mounts
+    if secret_mounts:
+        mounts = (*mounts[:-1], *secret_mounts, mounts[-1])
+    sandbox = dataclasses.replace(
+        base,
+        mounts=mounts,
+        seccomp_fd=seccomp_fd,
+        status_fd=status_fd,
+        extra=(*base.extra, *(("--block-fd", str(block_fd)) if block_fd is not None else ())),
+    )
+    if network_ports is None:
+        return LaunchPlan(sandbox)
+    from buildcell.cell.netns import plan_netns
+
+    netns = plan_netns(network_ports, own_userns=rootless and not anchored)
+    mode: Literal["thread", "child"] = (
+        "thread" if not netns.own_userns and not anchored else "child"
+    )
+    return LaunchPlan(sandbox, netns, mode)
+
+
+class _Descriptors:
+    """What one launch hands bubblewrap: closed once it has them, or at the end."""
+
+    def __init__(self) -> None:
+        self.passed: list[int] = []  # handed to bubblewrap
+        self.cgroup: list[int] = []  # cgroup.procs files the child joins
+        self._owned: list[int] = []  # ours to close once bubblewrap has them
+        self.status_r: int | None = None  # kept: read while the cell runs
+        self.block_w: int | None = None  # kept: releases the cell once its rlimit is set
+
+    def own(self, fd: int) -> int:
+        self._owned.append(fd)
+        return fd
+
+    def pass_owned(self, fd: int) -> int:
+        self.passed.append(fd)
+        return self.own(fd)
+
+    def close_passed(self) -> None:
+        for fd in self._owned:
+            os.close(fd)
+        self._owned = []
+
+    def close_all(self) -> None:
+        self.close_passed()
+        for attr in ("status_r", "block_w"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, attr, None)
+
+
 _EXEC_FAILURE = re.compile(rb"bwrap: execvp ([^:\n]*): ([^\n]*)")
 
 
@@ -577,101 +665,69 @@ class Cell:
             CommandNotFoundError, CommandNotExecutableError: exec failed (127/126).
         """
         assert self.storage is not None, "use Cell as a context manager"
-        cfg = self.config
-        fds: list[int] = []
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        fds.append(status_w)
-        block_w: int | None = None
-        extra: list[str] = []
-        pass_fds = [status_w]
-        seccomp_fd: int | None = None
-        if self._bpf is not None:
-            seccomp_fd = _seccomp_memfd(self._bpf)
-            fds.append(seccomp_fd)
-            pass_fds.append(seccomp_fd)
-        mounts = self._plan.mounts
-        if self._tree is not None:
-            pass_fds += list(self._tree.fds)
-        secret_env = b""
-        if cfg.secrets:
-            secret_mounts, secret_env = self._secret_fds(fds, pass_fds)
-            # Before the final remount-ro of /: /run/secrets is a tmpfs of this cell alone.
-            mounts = (*mounts[:-1], *secret_mounts, mounts[-1])
-        if self._nproc is not None:
-            # RLIMIT_NPROC is counted per user namespace level: it must be set on the
-            # sandbox's first process after bubblewrap made its namespaces, or every
-            # process of the caller on the host would count against it.
-            block_r, block_w = os.pipe2(os.O_CLOEXEC)
-            fds.append(block_r)
-            pass_fds.append(block_r)
-            extra += ["--block-fd", str(block_r)]
-        plan = SandboxPlan(
-            mounts=mounts,
-            argv=self._plan.argv,
-            env=self._plan.env,
-            cwd=self._plan.cwd,
-            hostname=self._plan.hostname,
-            uid=self._plan.uid,
-            gid=self._plan.gid,
-            seccomp_fd=seccomp_fd,
-            status_fd=status_w,
-            share_net=self._plan.share_net,
-            extra=tuple(extra),
-        )
-        # Everything but the command goes through --args: bubblewrap's argv, which every
-        # local user and the cell itself (/proc/1/cmdline) can read, names no host path.
-        args_fd, self._argv = _args_memfd(bwrap_argv(plan, self._bwrap), secret_env)
-        fds.append(args_fd)
-        pass_fds.append(args_fd)
-        cgroup_fds = [
-            os.open(p, os.O_WRONLY | os.O_CLOEXEC)
-            for p in (self._cgroup.procs_files() if self._cgroup else [])
-        ]
-        fds += cgroup_fds
-        identity = self.storage.identity
-        anchor = self.storage.anchor
-        netns_plan: NetnsPlan | None = None
-        in_child: Callable[[], None] | None = None
-        channel: tuple[socket.socket, socket.socket] | None = None
-        in_namespace: contextlib.AbstractContextManager[list[socket.socket] | None]
-        in_namespace = contextlib.nullcontext()
-        if cfg.has_network:
-            from buildcell.cell import netns
-
-            # Rootless, the namespace needs a user namespace to belong to: the anchor's
-            # when there is one (the cell enters it first), else one made with it.
-            assert cfg.network is not None
-            netns_plan = netns.plan_netns(
-                cfg.network.name_ports(), own_userns=os.geteuid() != 0 and anchor is None
-            )
-            for port in netns_plan.skipped_ports:
+        fds = _Descriptors()
+        try:
+            launch = self._open_and_plan(fds)
+            for port in launch.netns.skipped_ports if launch.netns is not None else ():
                 self._warn(
                     f"port {port} is used by the cell's proxy or resolver: connections to it "
                     "go through the proxy only, not transparently"
                 )
-            if not netns_plan.own_userns and anchor is None:
-                # As root, the spawning thread alone enters the namespace and binds the
-                # listeners; bubblewrap inherits it, and the fork stays a vfork.
-                in_namespace = netns.thread_netns(netns_plan)
-            else:
-                import socket
+            self._emit_start()
+            started = time.monotonic()
+            self._launch(launch, fds)
+        except BaseException:
+            fds.close_all()
+            raise
+        fds.close_passed()
+        try:
+            outcome = self._supervise(fds, started)
+        finally:
+            fds.close_all()
+        self.result = self._classify(outcome)
+        return self.result
 
-                channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                in_child = netns.child_setup(netns_plan, channel[1])
-        spawn_plan = _spawn.SpawnPlan(
-            argv=self._argv,
-            pass_fds=tuple(pass_fds),
-            cgroup_procs_fds=tuple(cgroup_fds),
-            rlimits=self._rlimits,
-            affinity=self._affinity,
-            setns_fds=anchor.setns_fds if anchor is not None else (),
-            drop_to=(identity.uid, identity.gid) if identity.drop else None,
-            stdin=0 if cfg.interactive else None,
-            umask=cfg.variation.umask if cfg.variation is not None else None,
-            in_child=in_child,
-            # bwrap_argv always passes --die-with-parent, and the status pipe is ours.
-            self_guarded=True,
+    def _open_and_plan(self, fds: _Descriptors) -> LaunchPlan:
+        """Open what bubblewrap is handed (pipes, memory files), then plan the launch."""
+        assert self.storage is not None
+        cfg = self.config
+        fds.status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        fds.pass_owned(status_w)
+        seccomp_fd = fds.pass_owned(_seccomp_memfd(self._bpf)) if self._bpf is not None else None
+        if self._tree is not None:
+            fds.passed += self._tree.fds  # the tree's own, closed at teardown
+        secret_mounts: list[Mount] = []
+        secret_env = b""
+        if cfg.secrets:
+            secret_mounts, secret_env = self._secret_fds(fds)
+        block_fd = None
+        if self._nproc is not None:
+            # RLIMIT_NPROC is counted per user namespace level: it must be set on the
+            # sandbox's first process after bubblewrap made its namespaces, or every
+            # process of the caller on the host would count against it.
+            block_r, fds.block_w = os.pipe2(os.O_CLOEXEC)
+            block_fd = fds.pass_owned(block_r)
+        launch = plan_launch(
+            self._plan,
+            secret_mounts=secret_mounts,
+            seccomp_fd=seccomp_fd,
+            status_fd=status_w,
+            block_fd=block_fd,
+            network_ports=cfg.network.name_ports() if cfg.has_network and cfg.network else None,
+            rootless=os.geteuid() != 0,
+            anchored=self.storage.anchor is not None,
         )
+        # Everything but the command goes through --args: bubblewrap's argv, which every
+        # local user and the cell itself (/proc/1/cmdline) can read, names no host path.
+        args_fd, self._argv = _args_memfd(bwrap_argv(launch.sandbox, self._bwrap), secret_env)
+        fds.pass_owned(args_fd)
+        for path in self._cgroup.procs_files() if self._cgroup else []:
+            fds.cgroup.append(fds.own(os.open(path, os.O_WRONLY | os.O_CLOEXEC)))
+        return launch
+
+    def _emit_start(self) -> None:
+        assert self.storage is not None
+        cfg = self.config
         self.events.emit(
             "cell.start",
             step=self.step,
@@ -682,9 +738,44 @@ class Cell:
             limits_backend=limits_backend().mode,
             seccomp=self._seccomp_info,
             network=cfg.network.describe() if cfg.has_network and cfg.network else "none",
-            host_uid=identity.uid,
+            host_uid=self.storage.identity.uid,
         )
-        started = time.monotonic()
+
+    def _launch(self, launch: LaunchPlan, fds: _Descriptors) -> None:
+        """Start bubblewrap as planned, and the egress service on its listeners."""
+        assert self.storage is not None
+        cfg = self.config
+        identity, anchor = self.storage.identity, self.storage.anchor
+        in_namespace: contextlib.AbstractContextManager[list[socket.socket] | None]
+        in_namespace = contextlib.nullcontext()
+        in_child: Callable[[], None] | None = None
+        channel: tuple[socket.socket, socket.socket] | None = None
+        if launch.netns is not None:
+            from buildcell.cell import netns
+
+            if launch.netns_mode == "thread":
+                # As root, the spawning thread alone enters the namespace and binds the
+                # listeners; bubblewrap inherits it, and the fork stays a vfork.
+                in_namespace = netns.thread_netns(launch.netns)
+            else:
+                import socket
+
+                channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                in_child = netns.child_setup(launch.netns, channel[1])
+        spawn_plan = _spawn.SpawnPlan(
+            argv=self._argv,
+            pass_fds=tuple(fds.passed),
+            cgroup_procs_fds=tuple(fds.cgroup),
+            rlimits=self._rlimits,
+            affinity=self._affinity,
+            setns_fds=anchor.setns_fds if anchor is not None else (),
+            drop_to=(identity.uid, identity.gid) if identity.drop else None,
+            stdin=0 if cfg.interactive else None,
+            umask=cfg.variation.umask if cfg.variation is not None else None,
+            in_child=in_child,
+            # bwrap_argv always passes --die-with-parent, and the status pipe is ours.
+            self_guarded=True,
+        )
         try:
             with in_namespace as listeners:
                 try:
@@ -694,26 +785,23 @@ class Cell:
                     # cgroup, the network namespace, the uid switch).
                     why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                     raise SandboxError(f"cannot start bubblewrap: {why}") from e
-            if netns_plan is not None:
+            if launch.netns is not None:
                 if channel is not None:
                     from buildcell.cell.netns import receive_listeners
 
                     channel[1].close()
-                    listeners = receive_listeners(channel[0], netns_plan)
+                    listeners = receive_listeners(channel[0], launch.netns)
                 assert listeners is not None
-                self._start_egress(listeners, netns_plan)
-        except BaseException:
-            os.close(status_r)
-            if block_w is not None:
-                os.close(block_w)
-            raise
+                self._start_egress(listeners, launch.netns)
         finally:
-            for fd in fds:
-                if fd != block_w:
-                    os.close(fd)
             if channel is not None:
                 for end in channel:
                     end.close()
+
+    def _supervise(self, fds: _Descriptors, started: float) -> _spawn.PumpResult:
+        """Stream the cell's output and wait for it (or its timeout)."""
+        assert self._proc is not None
+        block_w = fds.block_w
 
         def on_status(obj: dict[str, object]) -> None:
             pid = obj.get("child-pid")
@@ -725,25 +813,21 @@ class Cell:
                 if block_w is not None:
                     os.write(block_w, b"x")
 
+        assert fds.status_r is not None
         stdout, stderr, flush = self._output_sinks()
         try:
-            outcome = _spawn.pump(
+            return _spawn.pump(
                 self._proc,
-                status_fd=status_r,
+                status_fd=fds.status_r,
                 stdout=stdout,
                 stderr=stderr,
-                timeout=cfg.limits.timeout,
+                timeout=self.config.limits.timeout,
                 on_status=on_status,
                 kill=self._kill,
                 started=started,
             )
         finally:
             flush()
-            os.close(status_r)
-            if block_w is not None:
-                os.close(block_w)
-        self.result = self._classify(outcome)
-        return self.result
 
     def _start_egress(self, socks: list[socket.socket], plan: NetnsPlan) -> None:
         """Serve the listeners bound in the cell's namespace (closed here on failure)."""
@@ -769,7 +853,7 @@ class Cell:
                 sock.close()
             raise
 
-    def _secret_fds(self, fds: list[int], pass_fds: list[int]) -> tuple[list[Mount], bytes]:
+    def _secret_fds(self, fds: _Descriptors) -> tuple[list[Mount], bytes]:
         """Memory file descriptors carrying this cell's secrets into bubblewrap.
 
         Files: bubblewrap copies each descriptor's content into a read-only file in the
@@ -785,8 +869,7 @@ class Cell:
             fd = os.memfd_create(f"secret-{name}", os.MFD_CLOEXEC)
             os.write(fd, value)
             os.lseek(fd, 0, os.SEEK_SET)
-            fds.append(fd)
-            pass_fds.append(fd)
+            fds.pass_owned(fd)
             mounts.append(Mount("ro-bind-data", f"/run/secrets/{name}", src=str(fd), mode=0o400))
             if item.delivery.env is not None:
                 env_args += b"--setenv\0" + item.delivery.env.encode() + b"\0" + value + b"\0"
@@ -967,8 +1050,8 @@ class Cell:
         ready, _, _ = select.select([self._init_pidfd], [], [], timeout)
         return bool(ready)
 
-    def _teardown(self, *, emit: bool = True) -> TeardownReport:
-        started = time.monotonic()
+    def _stop_processes(self) -> tuple[int, bool]:
+        """Kill and wait for everything the cell started; (processes left, cgroups gone)."""
         if self._proc is not None and self._proc.poll() is None:
             self._kill()
         if self._proc is not None:
@@ -994,18 +1077,23 @@ class Cell:
             reaper.reap_pidfd(self._init_pidfd)
             os.close(self._init_pidfd)
             self._init_pidfd = None
-        if self._tree is not None:
-            self._tree.close()
-            self._tree = None
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        network_released = True
-        if self._egress is not None:
-            self._egress.close()
-            network_released = self._egress.closed
-            if self.result is not None:
-                self.result.egress = self._egress.stats.rows()
+        return processes_left, cgroups_removed
+
+    def _release(self) -> bool:
+        """Close what the cell held on the host; whether its network is released."""
+        for attr in ("_tree", "_out"):
+            held = getattr(self, attr)
+            if held is not None:
+                held.close()
+                setattr(self, attr, None)
+        if self._egress is None:
+            return True
+        self._egress.close()
+        if self.result is not None:
+            self.result.egress = self._egress.stats.rows()
+        return self._egress.closed
+
+    def _remove_storage(self) -> dict[str, bool | int]:
         checks: dict[str, bool | int] = {
             "workspace_removed": True,
             "anchor_stopped": True,
@@ -1017,6 +1105,13 @@ class Cell:
                     self.storage.drop_scratch(self._scratch)
             if self._shared_storage is None:
                 checks = self.storage.close()
+        return checks
+
+    def _teardown(self, *, emit: bool = True) -> TeardownReport:
+        started = time.monotonic()
+        processes_left, cgroups_removed = self._stop_processes()
+        network_released = self._release()
+        checks = self._remove_storage()
         reaper.reap_orphans()
         report = TeardownReport(
             processes_left=processes_left,

@@ -989,35 +989,45 @@ class Repository(Closing):
                 return True
             rel = f"{where}{os.fsdecode(entry.name)}"
             try:
-                if entry.mode == _MODE_TREE:
-                    if not found.is_dir(follow_symlinks=False):
-                        return True
-                    try:
-                        sub = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
-                    except OSError as e:
-                        if e.errno in _GONE:
-                            return True
-                        raise
-                    try:
-                        if self._differs(entry.oid.hex(), sub, rel + "/", depth + 1):
-                            return True
-                    finally:
-                        os.close(sub)
-                elif entry.mode == _MODE_LINK:
-                    if not found.is_symlink():
-                        return True
-                    target = os.readlink(entry.name, dir_fd=dir_fd)
-                    if _blob_id(algorithm, target) != entry.oid:
-                        return True
-                elif not found.is_file(follow_symlinks=False) or _file_differs(
-                    algorithm, entry, dir_fd
-                ):
+                if self._entry_differs(entry, found, algorithm, dir_fd, rel=rel, depth=depth):
                     return True
             except OSError as e:
                 if e.errno in _GONE:
                     return True
                 raise GitReadError(f"cannot read the tracked file {rel!r}: {e.strerror}") from e
         return False
+
+    def _entry_differs(
+        self,
+        entry: _TreeEntry,
+        found: os.DirEntry[str],
+        algorithm: str,
+        dir_fd: int,
+        *,
+        rel: str,
+        depth: int,
+    ) -> bool:
+        """Whether one tracked entry differs from what the work tree has in its place."""
+        if entry.mode == _MODE_TREE:
+            if not found.is_dir(follow_symlinks=False):
+                return True
+            try:
+                sub = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
+            except OSError as e:
+                if e.errno in _GONE:
+                    return True
+                raise
+            try:
+                return self._differs(entry.oid.hex(), sub, rel + "/", depth + 1)
+            finally:
+                os.close(sub)
+        if entry.mode == _MODE_LINK:
+            if not found.is_symlink():
+                return True
+            return _blob_id(algorithm, os.readlink(entry.name, dir_fd=dir_fd)) != entry.oid
+        return not found.is_file(follow_symlinks=False) or _file_differs(
+            algorithm, entry, dir_fd
+        )
 
 
 def _blob_id(algorithm: str, data: bytes) -> bytes:

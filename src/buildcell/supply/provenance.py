@@ -1247,85 +1247,17 @@ def verify(
     data = _read_file(provenance, "provenance")
     digests = [(path, _sha256_file(path)) for path in artifacts]
 
-    checks: list[Check] = []
-    envelope, detail = _parse_envelope(data)
-    checks.append(Check("envelope", envelope is not None, detail))
-
-    if envelope is None:
-        checks.append(Check("payload type", False, "not checked: no envelope"))
-    elif envelope.payload_type == PAYLOAD_TYPE:
-        checks.append(Check("payload type", True, f"payloadType is {PAYLOAD_TYPE}"))
-    else:
-        shown = _show(envelope.payload_type)
-        checks.append(Check("payload type", False, f"payloadType {shown} is not {PAYLOAD_TYPE}"))
-
-    payload = _b64decode(envelope.payload) if envelope is not None else None
-    statement: dict[str, Any] | None = None
-    if envelope is None:
-        checks.append(Check("payload", False, "not checked: no envelope"))
-    elif payload is None:
-        checks.append(Check("payload", False, "the payload is not base64"))
-    else:
-        try:
-            document = _strict_json(payload)
-        except ValueError as e:
-            checks.append(Check("payload", False, f"the payload is {e}"))
-        else:
-            if isinstance(document, dict):
-                statement = document
-                checks.append(Check("payload", True, f"a JSON object of {len(payload)} bytes"))
-            else:
-                checks.append(Check("payload", False, f"the payload is {_kind(document)}"))
-
-    signature = _signature_check(envelope, payload, key)
-    checks.append(signature)
-
-    for check_name, field_name, expected in (
-        ("statement type", "_type", STATEMENT_TYPE),
-        ("predicate type", "predicateType", PREDICATE_TYPE),
-    ):
-        if statement is None:
-            checks.append(Check(check_name, False, "not checked: no statement"))
-            continue
-        found = statement.get(field_name)
-        if found == expected:
-            checks.append(Check(check_name, True, f"{field_name} is {expected}"))
-        else:
-            detail = f"{field_name} {_show(found)} is not {expected}"
-            checks.append(Check(check_name, False, detail))
-
-    if statement is None:
-        checks.append(Check("statement fields", False, "not checked: no statement"))
-    else:
-        problems = validate_statement(statement)
-        detail = "; ".join(problems) or (
-            "a valid in-toto Statement v1 with SLSA provenance v1 predicate"
-        )
-        checks.append(Check("statement fields", not problems, detail))
-
+    checks, statement, signature_ok = _document_checks(data, key)
     checks.extend(_artifact_check(path, sha256, statement) for path, sha256 in digests)
-
     if builder_id is not None:
-        if statement is None:
-            checks.append(Check("builder id", False, "not checked: no statement"))
-        else:
-            found = _dig(statement, "predicate", "runDetails", "builder", "id")
-            ok = found == builder_id
-            detail = f"runDetails.builder.id is {_show(found)}" + (
-                "" if ok else f", expected {_show(builder_id)}"
-            )
-            checks.append(Check("builder id", ok, detail))
+        checks.append(_builder_check(statement, builder_id))
     parameters = ("predicate", "buildDefinition", "externalParameters")
     if expected_source is not None:
         algorithm, hexdigest = expected_source
         fields = ("sha256",) if algorithm else ("sha256", "gitCommit")
         checks.append(
             _digest_check(
-                "source digest",
-                statement,
-                (*parameters, "source", "digest"),
-                hexdigest,
-                fields,
+                "source digest", statement, (*parameters, "source", "digest"), hexdigest, fields
             )
         )
     if expected_spec is not None:
@@ -1343,4 +1275,76 @@ def verify(
     for name, value in (expect or {}).items():
         checks.append(_invocation_check(statement, name, value))
 
-    return VerifyReport(checks=checks, statement=statement if signature.ok else None)
+    return VerifyReport(checks=checks, statement=statement if signature_ok else None)
+
+
+def _document_checks(data: bytes, key: VerifyingKey) -> tuple[list[Check], Any, bool]:
+    """The checks of the file itself: envelope, payload, signature, types and fields.
+
+    Returns:
+        (the checks, the statement or ``None``, whether the signature verified).
+    """
+    checks: list[Check] = []
+    envelope, detail = _parse_envelope(data)
+    checks.append(Check("envelope", envelope is not None, detail))
+    if envelope is None:
+        checks.append(Check("payload type", False, "not checked: no envelope"))
+    elif envelope.payload_type == PAYLOAD_TYPE:
+        checks.append(Check("payload type", True, f"payloadType is {PAYLOAD_TYPE}"))
+    else:
+        shown = _show(envelope.payload_type)
+        checks.append(Check("payload type", False, f"payloadType {shown} is not {PAYLOAD_TYPE}"))
+    payload = _b64decode(envelope.payload) if envelope is not None else None
+    statement, payload_check = _statement_of(envelope, payload)
+    checks.append(payload_check)
+    signature = _signature_check(envelope, payload, key)
+    checks.append(signature)
+    for check_name, field_name, expected in (
+        ("statement type", "_type", STATEMENT_TYPE),
+        ("predicate type", "predicateType", PREDICATE_TYPE),
+    ):
+        if statement is None:
+            checks.append(Check(check_name, False, "not checked: no statement"))
+            continue
+        found = statement.get(field_name)
+        ok = found == expected
+        detail = (
+            f"{field_name} is {expected}"
+            if ok
+            else f"{field_name} {_show(found)} is not {expected}"
+        )
+        checks.append(Check(check_name, ok, detail))
+    if statement is None:
+        checks.append(Check("statement fields", False, "not checked: no statement"))
+    else:
+        problems = validate_statement(statement)
+        detail = "; ".join(problems) or (
+            "a valid in-toto Statement v1 with SLSA provenance v1 predicate"
+        )
+        checks.append(Check("statement fields", not problems, detail))
+    return checks, statement, signature.ok
+
+
+def _statement_of(envelope: _Envelope | None, payload: bytes | None) -> tuple[Any, Check]:
+    if envelope is None:
+        return None, Check("payload", False, "not checked: no envelope")
+    if payload is None:
+        return None, Check("payload", False, "the payload is not base64")
+    try:
+        document = _strict_json(payload)
+    except ValueError as e:
+        return None, Check("payload", False, f"the payload is {e}")
+    if not isinstance(document, dict):
+        return None, Check("payload", False, f"the payload is {_kind(document)}")
+    return document, Check("payload", True, f"a JSON object of {len(payload)} bytes")
+
+
+def _builder_check(statement: Any, builder_id: str) -> Check:
+    if statement is None:
+        return Check("builder id", False, "not checked: no statement")
+    found = _dig(statement, "predicate", "runDetails", "builder", "id")
+    ok = found == builder_id
+    detail = f"runDetails.builder.id is {_show(found)}" + (
+        "" if ok else f", expected {_show(builder_id)}"
+    )
+    return Check("builder id", ok, detail)

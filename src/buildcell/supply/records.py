@@ -63,6 +63,9 @@ class StepRecord:
     started: float | None = None
     duration: float | None = None
     egress: list[dict[str, Any]] = field(default_factory=list)
+    limits: dict[str, Any] | None = None  # the effective limits the step ran with
+    network: list[str] = field(default_factory=list)  # its egress allowlist
+    secrets: list[str] = field(default_factory=list)  # the names of the secrets it got
 
 
 @dataclass
@@ -88,6 +91,13 @@ class BuildRecord:
     policy: dict[str, Any] | None = None
     cache_scope: str | None = None
     images: dict[str, Any] | None = None  # the unpack budget: limit, used, per image
+    # What provenance says, measured while the build ran (build.statement reads only this):
+    invocation: dict[str, Any] | None = None  # what the invoker chose
+    source: dict[str, Any] | None = None  # the source's description (uri, digests)
+    source_date_epoch: int | None = None
+    rootfs_dependency: dict[str, Any] | None = None  # uri, sha256, annotations
+    platform: dict[str, Any] | None = None  # buildcell, bubblewrap, kernel, seccomp
+    byproducts: list[dict[str, Any]] = field(default_factory=list)  # logs, events: digests
 
     @property
     def duration(self) -> float | None:

@@ -54,6 +54,12 @@ def one_rule(tmp_path: Path, expr: str, name: str = "r") -> Policy:
     return policy_of(tmp_path, f"version: 1\nrules:\n  - name: {name}\n    expr: '{quoted}'\n")
 
 
+def by_hand(tmp_path: Path, expr: str, name: str = "r") -> Policy:
+    """The policy :func:`one_rule` loads, made without loading: its names are not checked."""
+    rule = Rule(name=name, expr=expr, message=f"rule {name} failed", line=3)
+    return Policy(path=tmp_path / "policy.yaml", rules=(rule,), digest="sha256:by-hand")
+
+
 # --- specs and invocations the table uses ---------------------------------------------------
 
 # Pinned inputs, a pinned OCI rootfs, corporate egress only, memory under 4 GiB everywhere.
@@ -612,7 +618,9 @@ def test_a_name_that_spans_lines_still_gives_one_line(tmp_path: Path) -> None:
 
 # --- rules that cannot be evaluated ---------------------------------------------------------
 
-RAISING = {
+# A name the context does not have is refused when a policy loads (UNKNOWN_NAMES below); a
+# policy made by hand is not checked, and such a rule still fails closed when evaluated.
+RAISING_BY_HAND = {
     "missing field": (
         "spec.nope == 1",
         r"raised: no such member in mapping: 'nope' in `spec.nope`$",
@@ -621,6 +629,12 @@ RAISING = {
         "spec.steps.all(s, s.timeout > 0)",
         r"raised: no such member in mapping: 'timeout' in `s.timeout`$",
     ),
+    "undeclared variable": (
+        "build.name == 'x'",
+        r"raised: undeclared reference to 'build' in `build`$",
+    ),
+}
+RAISING = {
     "division by zero": ("1 / 0 == 1", r"raised: .*divide by zero.* in `1 / 0`$"),
     "type mismatch": ('size(spec.steps) == "1"', r"raised: .*overload for '==' .*\(int, string\)"),
     "null ordered against a number": (
@@ -633,10 +647,6 @@ RAISING = {
         r"raised: no such overload",
     ),
     "index out of range": ("spec.steps[5].name == 'a'", r"raised: .*list index out of range"),
-    "undeclared variable": (
-        "build.name == 'x'",
-        r"raised: undeclared reference to 'build' in `build`$",
-    ),
     "overflow": ("9223372036854775807 + 1 > 0", r"raised: .*overflow"),
     "non-boolean string": ("spec.name", r"returned string 'app', not a boolean$"),
     "non-boolean int": ("size(spec.steps)", r"returned int 2, not a boolean$"),
@@ -646,9 +656,18 @@ RAISING = {
 }
 
 
-@pytest.mark.parametrize(("expr", "pattern"), RAISING.values(), ids=RAISING.keys())
-def test_rules_that_raise_deny(tmp_path: Path, expr: str, pattern: str) -> None:
-    policy = one_rule(tmp_path, expr, name="broken")
+@pytest.mark.parametrize(
+    ("expr", "pattern", "loaded"),
+    [
+        *((expr, pattern, True) for expr, pattern in RAISING.values()),
+        *((expr, pattern, False) for expr, pattern in RAISING_BY_HAND.values()),
+    ],
+    ids=[*RAISING, *(f"{name} (by hand)" for name in RAISING_BY_HAND)],
+)
+def test_rules_that_raise_deny(tmp_path: Path, expr: str, pattern: str, loaded: bool) -> None:
+    policy = (
+        one_rule(tmp_path, expr, name="broken") if loaded else by_hand(tmp_path, expr, "broken")
+    )
     decision = check(policy, spec_of(GOOD), UNTRUSTED)
 
     assert not decision.allowed
@@ -680,8 +699,9 @@ def test_anything_compares_with_null(tmp_path: Path, expr: str) -> None:
 
 
 def test_errors_absorbed_by_logic_operators_do_not_fail(tmp_path: Path) -> None:
+    # Made by hand: loading refuses spec.nope (test_unknown_names_are_refused_at_load).
     for expr in ("true || spec.nope", "spec.nope || true", "!(false && spec.nope)"):
-        assert check(one_rule(tmp_path, expr), spec_of(GOOD), UNTRUSTED).allowed, expr
+        assert check(by_hand(tmp_path, expr), spec_of(GOOD), UNTRUSTED).allowed, expr
 
 
 def test_every_rule_is_evaluated_and_every_failure_listed(tmp_path: Path) -> None:
@@ -696,7 +716,7 @@ def test_every_rule_is_evaluated_and_every_failure_listed(tmp_path: Path) -> Non
           - name: passes
             expr: "true"
           - name: no-unsafe
-            expr: invocation.unsafe.size() == 0 && invocation.nope
+            expr: invocation.unsafe.size() == 0 && spec.steps[9].name == ""
           - name: says-no
             expr: "false"
           - name: not-a-bool
@@ -814,7 +834,8 @@ def test_context_that_is_not_plain_data_is_a_bug(tmp_path: Path) -> None:
 
 
 def test_evaluate_takes_any_plain_context(tmp_path: Path) -> None:
-    policy = one_rule(tmp_path, 'spec.name == "x" && invocation.unsafe == [] && n == 1.5')
+    # Made by hand: loading refuses the variable n, which build_context never makes.
+    policy = by_hand(tmp_path, 'spec.name == "x" && invocation.unsafe == [] && n == 1.5')
     context: dict[str, Any] = {
         "spec": {"name": "x"},
         "invocation": {"unsafe": ()},
@@ -852,3 +873,165 @@ def test_context_shows_what_is_enforced_not_what_is_written() -> None:
     # A step's own disk value is not enforced (the budget is the build's): not shown either.
     assert context["spec"]["steps"][0]["limits"]["disk"] == 64 << 20
     assert context["invocation"]["pinned_hosts"] == ["a.test=127.0.0.1"]
+
+
+# --- names checked when the policy loads ----------------------------------------------------
+
+UNKNOWN_NAMES = {
+    "a field of spec": (
+        "spec.egres == []",
+        r"unknown field 'egres' in `spec.egres`; did you mean 'egress'\?",
+    ),
+    "a field of invocation": (
+        'invocation.trsut == "trusted"',
+        r"unknown field 'trsut' in `invocation.trsut`; did you mean 'trust'\?",
+    ),
+    "a field of a macro's variable": (
+        "spec.steps.all(s, s.limits.memroy != null && s.limits.memroy <= 1)",
+        r"unknown field 'memroy' in `s.limits.memroy`; did you mean 'memory'\?",
+    ),
+    "absorbed by || at evaluation": (
+        "true || spec.nope",
+        r"unknown field 'nope' in `spec.nope`; `spec` has name, rootfs, inputs, limits, "
+        r"outputs, steps, egress, secrets",
+    ),
+    "inside has()": ("!has(spec.egres)", r"unknown field 'egres' in `spec.egres`; did you mean"),
+    "an unknown variable": (
+        "build.name == 'x'",
+        r"unknown variable 'build'; rules see spec, invocation",
+    ),
+    "a misspelt variable": ("spce.name == 'x'", r"unknown variable 'spce'; did you mean 'spec'\?"),
+    "after an index": (
+        "spec.inputs[0].sha265 == ''",
+        r"unknown field 'sha265' in `spec.inputs\[0\].sha265`; did you mean 'sha256'\?",
+    ),
+    "a string index": ('spec["egres"] == []', r"unknown field 'egres' in `spec\[\"egres\"\]`"),
+    "after filter()": (
+        'spec.steps.filter(s, s.name == "a").all(t, t.nmae == "")',
+        r"unknown field 'nmae' in `t.nmae`; did you mean 'name'\?",
+    ),
+    "inside map()": ("size(spec.steps.map(s, s.nmae)) == 1", r"unknown field 'nmae' in `s.nmae`"),
+    "in nested macros": (
+        'spec.steps.exists(s, s.caches.exists_one(c, c.kye == "pip"))',
+        r"unknown field 'kye' in `c.kye`; did you mean 'key'\?",
+    ),
+    "in an argument": ("spec.name.startsWith(invocation.projet)", r"unknown field 'projet'"),
+    "from the root scope": (".spec.egres == []", r"unknown field 'egres' in `.spec.egres`"),
+    "a field of a list": (
+        'spec.steps.name == "x"',
+        r"`spec.steps` is a list, it has no field 'name'",
+    ),
+    "a field of a string": (
+        "spec.name.first == 1",
+        r"`spec.name` is not a map, it has no field 'first'",
+    ),
+    "a field of a limit": (
+        "spec.limits.memory.bytes > 0",
+        r"`spec.limits.memory` is not a map, it has no field 'bytes'",
+    ),
+}
+
+
+@pytest.mark.parametrize(("expr", "pattern"), UNKNOWN_NAMES.values(), ids=UNKNOWN_NAMES.keys())
+def test_unknown_names_are_refused_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expr: str, pattern: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    quoted = expr.replace("'", "''")
+    write_policy(
+        tmp_path,
+        f"version: 1\nrules:\n  - name: ok\n    expr: 'true'\n  - name: r\n    expr: '{quoted}'\n",
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy(Path("policy.yaml"))
+    message = caught.value.message
+    assert re.match(r"policy\.yaml:6: rule 'r': " + pattern, message), message
+    assert caught.value.exit_code == 125
+    assert caught.value.hint is not None
+    assert "spec and invocation" in caught.value.hint
+
+
+def test_an_unknown_name_on_a_later_line_of_a_block(tmp_path: Path) -> None:
+    path = write_policy(
+        tmp_path,
+        "version: 1\nrules:\n  - name: x\n    expr: |\n      spec.name == 'a'\n"
+        "      || spec.egres == []\n",
+    )
+    with pytest.raises(PolicyError, match=r"policy\.yaml:6: rule 'x': unknown field 'egres'"):
+        load_policy(path)
+
+
+KNOWN_NAMES = [
+    "has(spec.steps[0].env.ANY_NAME)",
+    'spec.steps.all(s, s.env.ANY == "x" || s.env["NOT-A-NAME"] == "y" || !has(s.env.B))',
+    'spec.rootfs.all(k, k != "")',
+    "type(spec.name) == string && type(spec.limits.cpus) != double",
+    '.spec.name == "x"',
+    'spec.steps.map(s, s.name).all(n, n != "")',
+    '[1, 2].all(x, x > 0) && {"a": 1}.a == 1',
+    "dyn(spec).anything == 1",
+    'spec.steps[0]["limits"].memory != null',
+    'spec.steps.all(spec, spec.name != "")',
+    'spec.steps.exists(s, s.network.allow.exists(a, a.startsWith("x")))',
+    "spec.steps.all(s, s.secrets.all(n, n in invocation.secrets))",
+    'invocation.cache_scope != "build" && invocation.image_budget == null',
+    'spec.steps[size(spec.steps) - 1].name == ""',
+    'spec.inputs.all(i, i.file == null || !i.file.startsWith(".."))',
+]
+
+
+@pytest.mark.parametrize("expr", KNOWN_NAMES)
+def test_known_names_load(tmp_path: Path, expr: str) -> None:
+    one_rule(tmp_path, expr)
+
+
+def _paths(value: object, path: str) -> list[str]:
+    """Every field of a context as CEL: ``spec.steps[0].limits.memory``, ..."""
+    found = [path]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list) and value:
+        found += _paths(value[0], f"{path}[0]")
+    return found
+
+
+def test_every_field_of_the_context_may_be_named(tmp_path: Path) -> None:
+    context = build_context(
+        spec_of(RICH),
+        Invocation(
+            project="rich",
+            ref="refs/heads/main",
+            trust="trusted",
+            secrets=("token",),
+            unsafe=("no-seccomp",),
+            pinned_hosts=("a.test=127.0.0.1",),
+            allow=("a.test",),
+            allow_fetch=("a.test",),
+            image_budget=1,
+        ),
+    )
+    paths = [p for p in _paths(context, "") if p]
+    assert "spec.steps[0].limits.memory" in paths
+    assert "spec.steps[0].env.B" in paths
+    expr = " && ".join(f"type({p}) != null_type" for p in paths)
+    policy = one_rule(tmp_path, expr)
+    assert check(policy, spec_of(RICH), Invocation(project="rich")).results[0].error is None
+
+
+def test_the_documented_context_is_the_checked_one(tmp_path: Path) -> None:
+    import buildcell.build.policy as module
+
+    doc = module.__doc__
+    assert doc is not None
+    section = doc.split("The evaluation context")[1].split("Writing rules")[0]
+    documented = set(re.findall(r"``((?:spec|invocation)(?:\.[a-z_]+)+)``", section))
+    assert {"spec.egress", "invocation.cache_scope"} <= documented
+    # Every dotted name the documentation gives is one a rule may use...
+    one_rule(tmp_path, " && ".join(f"has({name})" for name in sorted(documented)))
+    # ...and every field of the context is documented.
+    context = build_context(spec_of(RICH), Invocation(project="rich"))
+    for path in _paths(context, ""):
+        last = re.split(r"[.\[]", path)[-1]
+        if path and not path.startswith("spec.steps[0].env.") and not last.endswith("]"):
+            assert re.search(rf"``[^`]*\b{last}\b[^`]*``", section), path
