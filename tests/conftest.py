@@ -29,7 +29,24 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
 IS_ROOT = os.geteuid() == 0
 
-root_only = pytest.mark.skipif(not IS_ROOT, reason="needs buildcell to run as root")
+#: A test that needs buildcell to run as root (cgroups, the host uid drop); skipped otherwise.
+root_only = pytest.mark.root
+#: A test that runs only as an unprivileged user; skipped as root.
+rootless_only = pytest.mark.rootless
+
+#: Fixtures that run the real command line in a subprocess: a test using one is ``slow``
+#: (seconds, not milliseconds), so ``pytest -m "not slow"`` is the quick loop.
+_CLI_FIXTURES = frozenset({"bc", "bc_rootless"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("root") is not None and not IS_ROOT:
+            item.add_marker(pytest.mark.skip(reason="needs buildcell to run as root"))
+        if item.get_closest_marker("rootless") is not None and IS_ROOT:
+            item.add_marker(pytest.mark.skip(reason="runs only as an unprivileged user"))
+        if _CLI_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def _userns_available() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import PurePath
 
-__all__ = ["show"]
+__all__ = ["printable", "show"]
 
 
 def show(value: object, limit: int | None = 80) -> str:
@@ -22,3 +22,11 @@ def show(value: object, limit: int | None = 80) -> str:
     if limit is not None and len(text) > limit + 2:
         return text[:limit] + "..."
     return text
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on escaped (``\\n``, ``\\x1b``):
+    for names an attacker chose, shown in tables and lines of buildcell's own."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

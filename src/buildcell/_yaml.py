@@ -185,8 +185,10 @@ def read_yaml(
         document: what the text is, for messages ("a policy").
         max_nodes: bound on nodes after alias expansion.
         max_depth: bound on nesting and merge chains.
-        check_key: called with the location and site of each key as it is read, in file
-            order, before its value; it may raise the caller's error.
+        check_key: called with the location and site of each key just before its value is
+            read (in file order; keys merged in with ``<<`` after a mapping's own); it may
+            raise the caller's error. A mapping's keys are checked for duplicates and types
+            when the mapping is entered, before any of its values.
 
     Raises:
         Exception: whatever ``error`` makes, for text that is not YAML or a document that
@@ -398,10 +400,11 @@ class _Builder:
                     self.value(item, (*loc, index), _position(item), depth + 1)
                     for index, item in enumerate(node.value)
                 ]
-            return {
-                key: self.value(value_node, (*loc, key), _position(key_node), depth + 1)
-                for key, key_node, value_node in self._entries(node, loc, depth)
-            }
+            mapping: dict[str, object] = {}
+            for key, key_node, value_node in self._entries(node, loc, depth):
+                self._checked(key_node, (*loc, key))
+                mapping[key] = self.value(value_node, (*loc, key), _position(key_node), depth + 1)
+            return mapping
         finally:
             self._open.discard(id(node))
 
@@ -454,11 +457,8 @@ class _Builder:
                     f"duplicate key {show(key, _SHOW_MAX)} (first at line {first})",
                 )
             own[key] = (key_node, value_node)
-            self._checked(key_node, (*loc, key))
         for key, pair in merged.items():
-            if key not in own:
-                own[key] = pair
-                self._checked(pair[0], (*loc, key))
+            own.setdefault(key, pair)
         return [(key, k_node, v_node) for key, (k_node, v_node) in own.items()]
 
     def _checked(self, key_node: yaml.Node, loc: Loc) -> None:

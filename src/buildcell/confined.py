@@ -48,6 +48,7 @@ __all__ = [
     "open_path",
     "open_root",
     "openat2_available",
+    "operator_path",
     "reopen",
     "split_relative",
 ]
@@ -559,3 +560,40 @@ def entries(dir_fd: int) -> list[tuple[str, os.stat_result]]:
         with suppress(FileNotFoundError):
             result.append((name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
     return result
+
+
+def operator_path(path: Path, *, what: str) -> Path:
+    """An operator's path as an absolute path, refused if it leads through a symlink of the
+    checkout.
+
+    A path given on the command line is the operator's, but where it is relative to the
+    working directory (a checkout, in CI), the components below that directory are the
+    repository's: ``--source src`` with ``src -> /root/secrets`` would copy root's files
+    into a cell. So no existing component below the working directory may be a symlink;
+    what lies above it, and absolute paths elsewhere, are the operator's own.
+
+    Raises:
+        UnsafePathError: a component below the working directory is a symlink.
+    """
+    absolute = Path(os.path.abspath(path))
+    cwd = Path(os.getcwd())
+    if absolute != cwd and not absolute.is_relative_to(cwd):
+        return absolute
+    current = cwd
+    for part in absolute.relative_to(cwd).parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            break
+        except OSError as e:
+            raise UnsafePathError(
+                f"{what}: cannot inspect {_show(str(current))}: {e.strerror}"
+            ) from e
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePathError(
+                f"{what}: {_show(str(current.relative_to(cwd)))} is a symlink in the working "
+                "directory; buildcell follows none there",
+                hint=f"give the path it leads to, if that is meant: {os.path.realpath(current)}",
+            )
+    return absolute

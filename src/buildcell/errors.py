@@ -7,6 +7,8 @@ escapes is a bug and is allowed to crash loudly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "CommandNotExecutableError",
     "CommandNotFoundError",
@@ -39,10 +41,19 @@ class Error(Exception):
 
     exit_code: int = EXIT_INTERNAL
 
-    def __init__(self, message: str, *, hint: str | None = None, exit_code: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        exit_code: int | None = None,
+        details: Sequence[str] = (),
+    ):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        #: further problems of the same kind, one line each (every error of a spec)
+        self.details: tuple[str, ...] = tuple(details)
         if exit_code is not None:
             self.exit_code = exit_code
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from buildcell._fs import Closing
+from buildcell.errors import ConfigError
 
 __all__ = ["EventLog", "utc_now"]
 
@@ -42,8 +43,16 @@ class EventLog(Closing):
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._fd: int | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # O_NOFOLLOW: an events file is never written through a symlink.
+                self._fd = os.open(
+                    path,
+                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+            except OSError as e:
+                raise ConfigError(f"cannot write events to {path}: {e.strerror}") from e
 
     def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Call ``callback`` with every event emitted from now on."""

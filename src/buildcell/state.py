@@ -73,6 +73,11 @@ class StateDir:
         return self._ensure(self.root / "ids", 0o700)
 
     @property
+    def locks(self) -> Path:
+        """Lock files of what builds use one at a time (output directories), private."""
+        return self._ensure(self.root / "locks", 0o700)
+
+    @property
     def cache(self) -> Path:
         return self._ensure(self.root / "cache", self.traverse_mode)
 

@@ -95,7 +95,11 @@ outputs: ["dist/*"]
     assert res.returncode == 125  # without the grant, not even one request is made
     assert "--allow-fetch" in res.stderr
     assert server.hits.get("/dep.txt", 0) == 0
-    res = bc("build", "-f", str(spec), "--out", str(out), "--json", *server.grant, cwd=tmp_path)
+    # A ref: what a ref's builds fetch, its later builds may take from the store.
+    ref = ("--ref", "refs/heads/main")
+    res = bc(
+        "build", "-f", str(spec), "--out", str(out), "--json", *server.grant, *ref, cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
     assert result["status"] == "succeeded"
@@ -106,7 +110,9 @@ outputs: ["dist/*"]
     assert result["inputs"][0]["source"] == "fetched"
     assert server.hits["/dep.txt"] == 1
     # The second build takes the input from the content-addressed store.
-    res = bc("build", "-f", str(spec), "--out", str(out), "--json", *server.grant, cwd=tmp_path)
+    res = bc(
+        "build", "-f", str(spec), "--out", str(out), "--json", *server.grant, *ref, cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["inputs"][0]["source"] == "store"
     assert server.hits["/dep.txt"] == 1

@@ -354,14 +354,30 @@ def test_the_supervisor_stays_in_its_own_network_namespace(cell: Any) -> None:
     home = netns()
     opened: list[bool] = []
 
+    script = f"readlink /proc/self/ns/net; sleep 2 # {os.getpid()}-{threading.get_ident()}"
+
+    def running() -> bool:
+        # The cell's shell is up: its command is in some process's argv on the host.
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if argv[0].endswith(b"sh") and script.encode() in argv:
+                    return True
+        return False
+
     def watch() -> None:  # while the cell runs
-        time.sleep(0.5)
-        opened.append(host_proxy_port_open())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not running():
+            time.sleep(0.01)
+        opened.append(host_proxy_port_open() if running() else True)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        ran = cell(["sh", "-c", "readlink /proc/self/ns/net; sleep 1"], **_net("api.test:80"))
+        ran = cell(["sh", "-c", script], **_net("api.test:80"))
     finally:
         watcher.join()
     assert netns() == home  # this thread started the cell

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -675,13 +676,43 @@ def test_bwrap_started_for_a_dead_supervisor_never_runs_the_command(tmp_path: Pa
     os.close(r)  # the supervisor's end, gone
     argv = [find_bwrap(), "--unshare-all", "--die-with-parent", "--dev-bind", "/", "/",
             "--json-status-fd", str(w), "--", "sh", "-c", f"touch {marker}"]  # fmt: skip
+    blocked: list[int] = []
     try:
         plan = _spawn.SpawnPlan(argv=argv, pass_fds=(w,), capture=False, self_guarded=True)
         proc = _spawn.spawn(plan)
         os.close(w)
         assert proc.wait(timeout=30) == -signal.SIGPIPE
-        time.sleep(0.3)
+        # bubblewrap's half-made sandbox process stays, blocked, still bubblewrap: wait
+        # until it is seen so (not for a while, hoping nothing happens meanwhile).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not blocked:
+            blocked = [pid for pid in _pids_with(str(marker)) if _is_blocked_bwrap(pid)]
+            time.sleep(0.01)
+        assert blocked, "the sandbox process was never seen waiting"
         assert not marker.exists()
     finally:
-        # bubblewrap's half-made sandbox process stays blocked; it is ours to remove.
-        subprocess.run(["pkill", "-KILL", "-f", str(marker)], check=False)
+        # It is ours to remove, by the pid it has.
+        for pid in blocked or _pids_with(str(marker)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+
+
+def _pids_with(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found
+
+
+def _is_blocked_bwrap(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    return state == "S" and exe.endswith("bwrap")

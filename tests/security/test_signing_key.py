@@ -134,7 +134,15 @@ def test_the_key_is_read_only_after_the_last_cell(
         [sys.executable, "-m", "buildcell", "build", "--sign-key", str(private), "--json"],
         cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    time.sleep(1)
+    # Replaced while the build's step runs (its cell has started), not after a guess.
+    deadline = time.monotonic() + 60
+    builds = state_root / "state" / "builds"
+    while time.monotonic() < deadline:
+        if any('"cell.start"' in p.read_text() for p in builds.glob("*/events.jsonl")):
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("the build's cell never started")
     os.replace(other / "buildcell.key", private)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

@@ -422,6 +422,8 @@ class _Scalar:
 
 
 _Shape = _Fields | _Keys | _List | _Scalar
+#: What the variables a macro binds stand for; ``None`` where the context does not say.
+_Scope = Mapping[str, _Shape | None]
 
 #: Maps of the context whose keys come from the spec, not from buildcell.
 _FREE_FORM = frozenset({("spec", "steps", "[]", "env")})
@@ -544,7 +546,8 @@ class _NameCheck:
         self.expr = expr
         self.roots = context.fields
 
-    def shape(self, tree: Any, scope: Mapping[str, _Shape | None]) -> _Shape | None:
+    def shape(self, tree: Any, scope: _Scope) -> _Shape | None:
+        """The shape of the value of ``tree``, having checked every name in it."""
         children = tree.children
         kind = tree.data
         if kind == "ident":
@@ -557,31 +560,37 @@ class _NameCheck:
         if kind == "member_dot_arg":
             return self.method(children[0], str(children[1]), _arguments(children[2:]), scope)
         if kind == "member_index":
-            target, index = children
-            shape = self.shape(target, scope)
-            self.shape(index, scope)
-            if isinstance(shape, _List):
-                return shape.item
-            key = _string_key(index)
-            return None if key is None else self.field(tree, target, shape, key)
+            return self.index(tree, scope)
         if kind == "ident_arg":
-            arguments = _arguments(children[1:])
-            if str(children[0]) == "has" and len(arguments) == 1:
-                self.has(arguments[0], scope)
-                return None
-            for argument in arguments:
-                self.shape(argument, scope)
+            self.call(str(children[0]), _arguments(children[1:]), scope)
             return None
         if kind in _PASS_THROUGH and len(children) == 1 and _is_tree(children[0]):
             return self.shape(children[0], scope)
-        for child in children:
+        # Operators, literals, `Type{field: expr}` (whose type name is no variable): the
+        # operands are checked, the result has no shape the context gives.
+        first = 1 if kind == "member_object" else 0
+        for child in children[first:]:
             if _is_tree(child):
                 self.shape(child, scope)
         return None
 
-    def method(
-        self, target: Any, name: str, arguments: list[Any], scope: Mapping[str, _Shape | None]
-    ) -> _Shape | None:
+    def index(self, tree: Any, scope: _Scope) -> _Shape | None:
+        target, index = tree.children
+        shape = self.shape(target, scope)
+        self.shape(index, scope)
+        if isinstance(shape, _List):
+            return shape.item
+        key = _string_key(index)
+        return None if key is None else self.field(tree, target, shape, key)
+
+    def call(self, name: str, arguments: list[Any], scope: _Scope) -> None:
+        if name == "has" and len(arguments) == 1:
+            self.has(arguments[0], scope)
+            return
+        for argument in arguments:
+            self.shape(argument, scope)
+
+    def method(self, target: Any, name: str, arguments: list[Any], scope: _Scope) -> _Shape | None:
         shape = self.shape(target, scope)
         variable = _bare_name(arguments[0]) if len(arguments) >= 2 else None
         if name in _MACROS and variable is not None:
@@ -602,7 +611,7 @@ class _NameCheck:
             self.shape(argument, scope)
         return None
 
-    def has(self, argument: Any, scope: Mapping[str, _Shape | None]) -> None:
+    def has(self, argument: Any, scope: _Scope) -> None:
         """``has(x.f)`` is false for a field that does not exist: that field is checked."""
         tree = argument
         while tree.data in _PASS_THROUGH and len(tree.children) == 1:
@@ -615,7 +624,7 @@ class _NameCheck:
         else:
             self.shape(argument, scope)
 
-    def variable(self, tree: Any, name: str, scope: Mapping[str, _Shape | None]) -> _Shape | None:
+    def variable(self, tree: Any, name: str, scope: _Scope) -> _Shape | None:
         if name in scope:
             return scope[name]
         if name in self.roots:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from buildcell._fs import sha256_file
+from buildcell._text import show
 from buildcell.build.spec import (
     BuildSpec,
     CacheSpec,
@@ -43,7 +44,7 @@ from buildcell.cell.config import (
 )
 from buildcell.cell.storage import CellStorage, new_cell_id
 from buildcell.cell.supervisor import Cell, bwrap_version, find_bwrap
-from buildcell.errors import ConfigError, Error, PolicyError
+from buildcell.errors import ConfigError, Error, OutputError, PolicyError
 from buildcell.events import EventLog
 from buildcell.secrets import SecretDelivery
 from buildcell.settings import (
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
     from buildcell.build.policy import Invocation, Policy
     from buildcell.build.repro import ReproReport
     from buildcell.egress.audit import EgressSummaryRow
-    from buildcell.redact import Secret
+    from buildcell.redact import Scanner, Secret
     from buildcell.supply.caches import CacheLease, CacheScope
     from buildcell.supply.images import UnpackBudget
     from buildcell.supply.outputs import OutputDir
@@ -402,7 +403,12 @@ def run_build(
             _admit(options, spec, invocation, record, events)
             from buildcell.supply.outputs import OutputDir
 
-            out = OutputDir(out_dir, wait=options.wait_for_out_dir, on_wait=reporter.message)
+            out = OutputDir(
+                out_dir,
+                lock_dir=state.locks,
+                wait=options.wait_for_out_dir,
+                on_wait=reporter.message,
+            )
             reporter.build_started(record.id, spec)
             events.emit(
                 "build.start",
@@ -548,7 +554,9 @@ class _BuildRun:
 
     def run(self) -> None:
         spec = self.loaded.spec
-        self.source = describe_source(self.spec_dir, exclude=(self.result.out_dir, self.state.root))
+        # Not the source: what buildcell itself writes (outputs, their staging, the state).
+        own = (self.result.out_dir, self.out.staging, self.state.root)
+        self.source = describe_source(self.spec_dir, exclude=own)
         self.sde = _source_date_epoch(spec, self.source)
         self.record.source = self.source.to_parameter()
         self.record.source_date_epoch = self.sde
@@ -568,7 +576,7 @@ class _BuildRun:
         # A sparse file claims what it likes: what is copied out is bounded by the budget.
         self.output_budget = disk if disk is not None else self.options.output_max_size
         with CellStorage(self.state, cell_id=self.record.id, bwrap=bwrap, disk=disk) as storage:
-            stats = storage.populate(self.spec_dir, [self.result.out_dir, self.state.root])
+            stats = storage.populate(self.spec_dir, list(own))
             self.events.emit(
                 "workspace", files=stats.files, bytes=stats.bytes, source=str(self.spec_dir)
             )
@@ -606,6 +614,8 @@ class _BuildRun:
             ContentStore(self.state.root / "cas"),
             events=self.events,
             fetch_policy=FetchPolicy.from_strings(self.options.allow_fetch),
+            # A digest another project (or another ref) fetched is not this build's to have.
+            scope=f"{self.invocation.project}\0{self._input_scope()}",
         )
         for r in resolved:
             self.record.inputs.append(
@@ -640,16 +650,21 @@ class _BuildRun:
 
     def _save_cache(self, step: StepSpec, cache: CacheSpec, lease: CacheLease) -> None:
         """Publish a step's cache copy unless it holds a secret; one event either way."""
-        leaked = _secrets_in_tree(lease.work, self.options.secrets)
-        size: int | None = None
-        reason: str | None
-        if leaked:
-            # A cache outlives the step and reaches later builds (untrusted ones start
-            # from the trusted cache): a secret must not ride along.
-            published, reason = False, f"it holds the value of secret {', '.join(leaked)}"
-        else:
-            saved = lease.commit()
-            published, size, reason = saved.published, saved.size, saved.reason
+        # Measured first: a copy too large or deep to publish is not scanned at all, so a
+        # step cannot make the supervisor read without end.
+        size, reason = lease.measure()
+        published = False
+        if reason is None:
+            leaked = _secrets_in_tree(lease.work, self.options.secrets)
+            if leaked is None:
+                reason = "it cannot be read whole to check it for secrets"
+            elif leaked:
+                # A cache outlives the step and reaches later builds (untrusted ones start
+                # from the trusted cache): a secret must not ride along.
+                reason = f"it holds the value of secret {', '.join(leaked)}"
+            else:
+                saved = lease.commit()
+                published, size, reason = saved.published, saved.size, saved.reason
         self.events.emit(
             "cache.save",
             step=step.name,
@@ -687,6 +702,13 @@ class _BuildRun:
             source=lease.source,
         )
         return lease
+
+    def _input_scope(self) -> str:
+        """Whose store hits these are: as for caches, a ref's or (no ref) this build's."""
+        from buildcell.supply.caches import cache_scope
+
+        invocation = self.invocation
+        return cache_scope(invocation.trust, ref=invocation.ref, build_id=self.record.id).name
 
     def _cache_scope(self) -> CacheScope:
         from buildcell.supply.caches import cache_scope
@@ -825,7 +847,7 @@ class _BuildRun:
             events.emit(
                 "output.skipped",
                 path=skipped.path,
-                message=f"output {skipped.path} not collected: {skipped.reason}",
+                message=f"output {show(skipped.path)} not collected: {skipped.reason}",
             )
         for pattern in report.unmatched:
             events.emit(
@@ -840,6 +862,15 @@ class _BuildRun:
 
         out_dir = self.out.staging
         members = [o["path"] for o in self.record.outputs]
+        from buildcell.supply.outputs import RESERVED_NAMES
+
+        taken = {m.split("/", 1)[0] for m in members} | RESERVED_NAMES
+        if name in taken:
+            # Two subjects of one name: a verifier would take either file for the build's.
+            raise OutputError(
+                f"archive {name!r} would take the name of an output or of buildcell's own files",
+                hint="name the archive after none of the outputs",
+            )
         target = out_dir / name
         digest = write_reproducible_tar_gz(out_dir, members, target, mtime=self.sde)
         size = target.stat().st_size
@@ -940,55 +971,77 @@ class _BuildRun:
         )
 
 
-def _secrets_in_tree(root: Path, secrets: Sequence[Secret]) -> list[str]:
+def _secrets_in_tree(root: Path, secrets: Sequence[Secret]) -> list[str] | None:
     """Names of the secrets whose value (in any encoding) is in a name, link or file of
-    ``root``, a tree a cell wrote: walked by directory descriptor, never following a link.
+    ``root``, a tree a cell wrote; ``None`` if it cannot be read whole (then nothing in it
+    may be trusted to be free of them).
+
+    Walked by directory descriptor, one held per level, never following a link; each file
+    read only as far as the size it had when opened. The caller bounds the tree first
+    (depth, size): a cache is measured before it is scanned.
     """
     if not secrets:
         return []
     from buildcell.redact import Scanner
 
-    found: set[str] = set()
     index = Scanner(secrets)  # built once; a fresh scan for each name, link and file
+    found: set[str] = set()
     try:
-        top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        top = os.open(root, _DIR_NOFOLLOW)
     except OSError:
-        return []
-    stack = [top]
+        return None
+    stack: list[tuple[int, list[str] | None]] = [(top, None)]
     try:
         while stack:
-            dir_fd = stack.pop()
-            try:
-                entries = list(os.scandir(dir_fd))
-            except OSError:
+            dir_fd, pending = stack[-1]
+            if pending is None:
+                pending = _scan_directory(dir_fd, index, found)
+                stack[-1] = (dir_fd, pending)
+            if not pending:
+                stack.pop()
                 os.close(dir_fd)
                 continue
-            for entry in entries:
-                named = index.fresh()
-                named.feed(entry.name.encode(errors="surrogateescape"))
-                found |= named.found
-                scanner = index.fresh()
-                try:
-                    if entry.is_symlink():
-                        scanner.feed(
-                            os.readlink(entry.name, dir_fd=dir_fd).encode(errors="surrogateescape")
-                        )
-                    elif entry.is_dir(follow_symlinks=False):
-                        stack.append(os.open(entry.name, _DIR_NOFOLLOW, dir_fd=dir_fd))
-                    elif entry.is_file(follow_symlinks=False):
-                        fd = os.open(entry.name, _FILE_NOFOLLOW, dir_fd=dir_fd)
-                        with os.fdopen(fd, "rb") as f:
-                            for chunk in iter(lambda: f.read(1 << 20), b""):
-                                scanner.feed(chunk)
-                except OSError:
-                    # Unreadable here means unreadable for the copy too: not a leak path.
-                    pass
-                found |= scanner.found
-            os.close(dir_fd)
+            stack.append((os.open(pending.pop(), _DIR_NOFOLLOW, dir_fd=dir_fd), None))
+    except OSError:
+        return None
     finally:
-        for fd in stack:
+        for fd, _ in stack:
             os.close(fd)
     return sorted(found)
+
+
+def _scan_directory(dir_fd: int, index: Scanner, found: set[str]) -> list[str]:
+    """Scan one directory's names, links and files into ``found``; return its subdirectories.
+
+    Raises:
+        OSError: an entry cannot be read.
+    """
+    subdirs: list[str] = []
+    with os.scandir(dir_fd) as it:
+        for entry in it:
+            _scan_entry(entry, dir_fd, index, found, subdirs)
+    return subdirs
+
+
+def _scan_entry(
+    entry: os.DirEntry[str], dir_fd: int, index: Scanner, found: set[str], subdirs: list[str]
+) -> None:
+    named = index.fresh()
+    named.feed(entry.name.encode(errors="surrogateescape"))
+    found |= named.found
+    scanner = index.fresh()
+    if entry.is_symlink():
+        scanner.feed(os.readlink(entry.name, dir_fd=dir_fd).encode(errors="surrogateescape"))
+    elif entry.is_dir(follow_symlinks=False):
+        subdirs.append(entry.name)
+    elif entry.is_file(follow_symlinks=False):
+        fd = os.open(entry.name, _FILE_NOFOLLOW, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as f:
+            left = os.fstat(f.fileno()).st_size
+            while left > 0 and (chunk := f.read(min(1 << 20, left))):
+                scanner.feed(chunk)
+                left -= len(chunk)
+    found |= scanner.found
 
 
 _DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -49,6 +49,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, ErrorDetails, PydanticCustomError
 
+from buildcell import confined
 from buildcell._text import show
 from buildcell._yaml import Document, Loc, Site, YamlProblem, field_path, read_yaml
 from buildcell.cell.config import Limits
@@ -821,11 +822,7 @@ def load_spec(path: Path) -> LoadedSpec:
         SpecError: the file cannot be read, is larger than 1 MiB, is not UTF-8, or is not a
             valid spec; the message names the file, the line and the field.
     """
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_SPEC_BYTES + 1)
-    except OSError as e:
-        raise SpecError(f"cannot read {path}: {e.strerror or e}") from e
+    data = _read_spec_file(path)
     if len(data) > MAX_SPEC_BYTES:
         raise SpecError(_TOO_LARGE.format(source=path))
     try:
@@ -834,6 +831,32 @@ def load_spec(path: Path) -> LoadedSpec:
         line = data.count(b"\n", 0, e.start) + 1
         raise SpecError(f"{path}:{line}: not UTF-8 text: byte {data[e.start]:#04x}") from e
     return _parse(text, data, path)
+
+
+def _read_spec_file(path: Path) -> bytes:
+    """At most one byte more than a spec may hold, from a regular file ``path`` names.
+
+    The file itself is opened without following a symlink and without blocking: in a
+    checkout it is the repository's, and a link to a host file, a fifo or a device would
+    otherwise be read (or waited on) as the invoking user. Its directory is the operator's
+    (the CLI refuses symlinks below the working directory before this).
+    """
+    try:
+        os.lstat(path)
+        root = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SpecError(f"cannot read {show(str(path))}: {e.strerror or e}") from e
+    try:
+        fd, _ = confined.open_file(root, path.name, what="the spec")
+    except confined.UnsafePathError as e:
+        raise SpecError(f"cannot read {show(str(path))}: {e.message}") from e
+    finally:
+        os.close(root)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise SpecError(f"cannot read {show(str(path))}: {e.strerror or e}") from e
 
 
 def parse_spec(text: str, *, path: Path) -> LoadedSpec:
@@ -943,10 +966,7 @@ def _spec_error(source: str, document: Document, error: ValidationError) -> Spec
     if len(lines) > MAX_REPORTED_ERRORS:
         rest = len(lines) - MAX_REPORTED_ERRORS + 1
         lines = [*lines[: MAX_REPORTED_ERRORS - 1], f"{source}: and {rest} more errors"]
-    spec_error = SpecError(lines[0])
-    # errors.Error declares no details: the attribute is set on the instance.
-    spec_error.details = tuple(lines[1:])  # type: ignore[attr-defined]
-    return spec_error
+    return SpecError(lines[0], details=lines[1:])
 
 
 def _locate(

@@ -6,8 +6,10 @@ range, one per running cell: anything a cell's process reached on the host would
 ordinary permissions, and two cells never share a uid. The range starts at
 ``BUILDCELL_UID_BASE`` (default 0x70000000 = 1879048192, above the ranges distributions
 give to users, /etc/subuid and systemd containers) and has ``BUILDCELL_UID_COUNT`` ids.
-A slot is held by an flock on ``<state>/ids/<slot>.lock``, which the kernel releases if
-the supervisor dies.
+A slot is held by an flock on ``/run/buildcell/ids/<uid>.lock`` (named by the uid, in one
+place for the whole host, so that two supervisors with different state directories never
+hand out one uid at the same time), which the kernel releases if the supervisor dies.
+Where ``/run`` cannot be used, the state directory's ``ids/`` holds the locks instead.
 """
 
 from __future__ import annotations
@@ -52,6 +54,25 @@ class HostIdentity(Closing):
             self._lock_fd = None
 
 
+#: Where uid slots are locked for the whole host (a tmpfs, emptied at boot).
+HOST_LOCKS = Path("/run/buildcell/ids")
+
+
+def _lock_dir(fallback: Path | None) -> Path:
+    """The host-wide lock directory, made private to root; else ``fallback``."""
+    try:
+        HOST_LOCKS.parent.mkdir(mode=0o700, exist_ok=True)
+        HOST_LOCKS.mkdir(mode=0o700, exist_ok=True)
+        st = HOST_LOCKS.lstat()
+        if st.st_uid == 0 and st.st_mode & 0o077 == 0 and HOST_LOCKS.is_dir():
+            return HOST_LOCKS
+    except OSError:
+        pass
+    if fallback is None:
+        raise SandboxError(f"cannot use {HOST_LOCKS} to hold the cells' uids")
+    return fallback
+
+
 def acquire_identity(ids_dir: Path | None) -> HostIdentity:
     """The identity for a new cell: the caller's own ids, or (as root) a free slot.
 
@@ -60,10 +81,13 @@ def acquire_identity(ids_dir: Path | None) -> HostIdentity:
     """
     if os.geteuid() != 0:
         return HostIdentity(os.getuid(), os.getgid(), drop=False)
-    assert ids_dir is not None
+    locks = _lock_dir(ids_dir)
     base, count = uid_range()
     for slot in range(count):
-        fd = os.open(ids_dir / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            locks / f"{base + slot}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )  # fmt: skip
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

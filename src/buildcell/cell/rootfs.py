@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,7 @@ __all__ = [
     "TreeEntry",
     "WritableAreas",
     "cell_mounts",
+    "etc_mounts",
     "host_rootfs_digest",
     "open_tree",
     "rootfs_mounts",
@@ -228,26 +230,32 @@ def open_tree(root_fd: int, *, what: str) -> OpenedTree:
     return OpenedTree(tuple(top), tuple(etc), var_tmp, tuple(fds))
 
 
-def tree_mounts(tree: OpenedTree, *, etc_dir: Path) -> list[Mount]:
+def etc_mounts(files: Mapping[str, int]) -> list[Mount]:
+    """The synthesized /etc files, each copied by bubblewrap from a descriptor into the
+    sandbox's own memory: every cell has its own, so no cell sees another open them (an
+    inotify watch on a shared file would) and no bytes changed on disk reach a cell."""
+    return [
+        Mount("ro-bind-data", f"/etc/{name}", src=str(fd), mode=0o644)
+        for name, fd in sorted(files.items())
+    ]
+
+
+def tree_mounts(tree: OpenedTree, *, etc_files: Mapping[str, int]) -> list[Mount]:
     """The read-only root of a cell on a directory rootfs (pure: the tree is opened)."""
     mounts = [entry.mount(f"/{entry.name}") for entry in tree.top]
     if tree.var_tmp:
         mounts.append(Mount("tmpfs", "/var/tmp", mode=0o1777))
     mounts += [entry.mount(f"/etc/{entry.name}") for entry in tree.etc]
-    mounts += [
-        Mount("ro-bind", f"/etc/{name}", src=str(etc_dir / name))
-        for name in sorted(synthesized_etc())
-    ]
-    return mounts
+    return mounts + etc_mounts(etc_files)
 
 
-def rootfs_mounts(rootfs: HostRootfs, *, etc_dir: Path, host_root: Path = Path("/")) -> list[Mount]:
-    """The read-only root of a cell on the host's ``/usr``, before proc, dev and the
-    writable areas (a directory rootfs is planned by :func:`tree_mounts`).
+def rootfs_mounts(rootfs: HostRootfs, *, host_root: Path = Path("/")) -> list[Mount]:
+    """The read-only root of a cell on the host's ``/usr``, before the synthesized /etc
+    files (:func:`etc_mounts`), proc, dev and the writable areas (a directory rootfs is
+    planned by :func:`tree_mounts`).
 
     Args:
         rootfs: the host rootfs.
-        etc_dir: host directory holding the files of ``synthesized_etc`` (bound read-only).
         host_root: the host's ``/``, replaceable in tests.
     """
     assert isinstance(rootfs, HostRootfs)
@@ -263,8 +271,6 @@ def rootfs_mounts(rootfs: HostRootfs, *, etc_dir: Path, host_root: Path = Path("
         m = _entry_mount(etc_base / name, f"/etc/{name}")
         if m is not None:
             mounts.append(m)
-    for name in sorted(synthesized_etc()):
-        mounts.append(Mount("ro-bind", f"/etc/{name}", src=str(etc_dir / name)))
     if (host_root / "usr/share/zoneinfo/UTC").exists():
         mounts.append(Mount("symlink", "/etc/localtime", src="/usr/share/zoneinfo/UTC"))
     return mounts

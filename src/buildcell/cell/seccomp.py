@@ -14,6 +14,7 @@ is left is a flat, ordered list of rules whose digest identifies the policy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
 import threading
 from collections.abc import Collection, Mapping, Sequence
@@ -1168,20 +1170,64 @@ def compile_bpf(profile: SeccompProfile, *, cache_dir: Path | None = None) -> by
         return cached
 
 
+#: A cached filter starts with this and the sha256 of the program after it.
+_CACHE_MAGIC = b"buildcell-bpf-1\n"
+_DIGEST_SIZE = 32
+
+
 def _read_cached(path: Path) -> bytes | None:
+    """A compiled filter from the cache, verified; ``None`` (with a warning naming the file,
+    which is then compiled again) when it is missing, tampered with or truncated.
+
+    The file must be a regular file of ours, with one link, writable by nobody else, and
+    its content must match the digest it carries: a filter that let a syscall through
+    would load silently otherwise.
+    """
     try:
-        data = path.read_bytes()
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
-    # A truncated or foreign file is recompiled, never loaded.
-    return data if data and len(data) % _SOCK_FILTER_SIZE == 0 else None
+    except OSError as e:
+        logger.warning("not using the cached filter %s (%s); compiling it again", path, e)
+        return None
+    try:
+        st = os.fstat(fd)
+        trusted = (
+            stat.S_ISREG(st.st_mode)
+            and st.st_uid == os.geteuid()
+            and st.st_nlink == 1
+            and not st.st_mode & 0o022
+        )
+        data = os.read(fd, 1 << 20) if trusted else b""
+    finally:
+        os.close(fd)
+    head = len(_CACHE_MAGIC) + _DIGEST_SIZE
+    body = data[head:]
+    if (
+        not trusted
+        or not data.startswith(_CACHE_MAGIC)
+        or not body
+        or len(body) % _SOCK_FILTER_SIZE
+        or hashlib.sha256(body).digest() != data[len(_CACHE_MAGIC) : head]
+    ):
+        logger.warning("the cached filter %s is damaged or not ours; compiling it again", path)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    return body
 
 
 def _write_cached(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # In a private temporary file renamed into place: a concurrent cell sees all or none.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        with os.fdopen(fd, "wb") as f:
+            f.write(_CACHE_MAGIC + hashlib.sha256(data).digest() + data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         logger.debug("cannot cache the compiled filter in %s: %s", path, e)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+from buildcell._text import show
 from buildcell.cell import _spawn, reaper
 from buildcell.cell.bwrap import Mount, SandboxPlan, bwrap_argv, split_options
 from buildcell.cell.config import (
@@ -50,6 +50,7 @@ from buildcell.cell.rootfs import (
     OpenedTree,
     WritableAreas,
     cell_mounts,
+    etc_mounts,
     open_tree,
     rootfs_mounts,
     synthesized_etc,
@@ -181,31 +182,27 @@ class CellResult:
     egress: list[EgressSummaryRow] | None = None
 
 
-@functools.cache
-def _etc_digest() -> str:
-    files = synthesized_etc()
-    return hashlib.sha256(
-        b"".join(name.encode() + b"\0" + data + b"\0" for name, data in sorted(files.items()))
-    ).hexdigest()[:16]
-
-
-def _etc_dir(state: StateDir) -> Path:
-    """Materialize the synthesized /etc files once per content, shared by all cells."""
-    files = synthesized_etc()
-    digest = _etc_digest()
-    target = state.cache / f"etc-{digest}"
-    if target.is_dir():
-        return target
-    tmp = state.cache / f".etc-{digest}-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir(mode=0o755)
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-        os.chmod(tmp / name, 0o644)
+def _etc_memfds() -> dict[str, int]:
+    """The synthesized /etc files in memory files of one cell's own (closed at teardown)."""
+    fds: dict[str, int] = {}
     try:
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race: same content
-    return target
+        for name, data in synthesized_etc().items():
+            fd = os.memfd_create(f"buildcell-etc-{name}", os.MFD_CLOEXEC)
+            fds[name] = fd
+            os.write(fd, data)
+            os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+@functools.cache
+def _host_root_mounts() -> tuple[Mount, ...]:
+    # The host's top-level layout does not change while a supervisor runs; each bind is
+    # still resolved afresh by bubblewrap when a cell starts.
+    return tuple(rootfs_mounts(HostRootfs()))
 
 
 def _check_reachable(where: Path) -> None:
@@ -317,13 +314,6 @@ def _reachable(mount: Mount, storage: CellStorage) -> Mount:
     if mount.kind == "bind" and mount.src is not None:
         return dataclasses.replace(mount, src=str(storage.host_path(mount.src)))
     return mount
-
-
-@functools.lru_cache(maxsize=8)
-def _host_root_mounts(etc: Path) -> tuple[Mount, ...]:
-    # The host's top-level layout does not change while a supervisor runs; each bind is
-    # still resolved afresh by bubblewrap when a cell starts.
-    return tuple(rootfs_mounts(HostRootfs(), etc_dir=etc))
 
 
 def _args_memfd(argv: list[str], more: bytes = b"") -> tuple[int, list[str]]:
@@ -500,6 +490,7 @@ class Cell:
         self._seccomp_info: dict[str, Any] = {}
         self._egress: EgressService | None = None
         self._tree: OpenedTree | None = None
+        self._etc_fds: dict[str, int] = {}
         self._out: OutputDir | None = None
         self.result: CellResult | None = None
 
@@ -522,7 +513,9 @@ class Cell:
             from buildcell.supply.outputs import OutputDir
 
             # Claimed before anything runs: a busy or unusable directory stops the cell.
-            self._out = OutputDir(cfg.resolved_out_dir(), wait=cfg.wait_for_out_dir)
+            self._out = OutputDir(
+                cfg.resolved_out_dir(), lock_dir=state.locks, wait=cfg.wait_for_out_dir
+            )
         if self.storage is None:
             self.storage = CellStorage(
                 state, cell_id=self.cell_id, bwrap=bwrap, disk=cfg.limits.disk
@@ -530,6 +523,8 @@ class Cell:
             source = cfg.resolved_source()
             if source is not None:
                 exclude = [cfg.resolved_out_dir(), state.root]
+                if self._out is not None:
+                    exclude.append(self._out.staging)
                 stats = self.storage.populate(source, exclude)
                 for rel, why in stats.skipped:
                     self._warn(f"source entry {rel} not copied into the workspace: {why}")
@@ -537,12 +532,12 @@ class Cell:
         self._scratch = storage.new_scratch()
         root: list[Mount]
         rootfs: Rootfs = cfg.rootfs
-        etc = _etc_dir(state)
+        self._etc_fds = _etc_memfds()
         if isinstance(rootfs, HostRootfs):
-            root = list(_host_root_mounts(etc))
+            root = [*_host_root_mounts(), *etc_mounts(self._etc_fds)]
         else:
             self._tree, where = _open_rootfs(rootfs, state, cfg.image_budget)
-            root = tree_mounts(self._tree, etc_dir=etc)
+            root = tree_mounts(self._tree, etc_files=self._etc_fds)
             if storage.identity.drop:
                 _check_reachable(where)
         self._prepare_mount_points(storage)
@@ -696,6 +691,7 @@ class Cell:
         seccomp_fd = fds.pass_owned(_seccomp_memfd(self._bpf)) if self._bpf is not None else None
         if self._tree is not None:
             fds.passed += self._tree.fds  # the tree's own, closed at teardown
+        fds.passed += self._etc_fds.values()  # closed at teardown too
         secret_mounts: list[Mount] = []
         secret_env = b""
         if cfg.secrets:
@@ -1033,7 +1029,8 @@ class Cell:
             emit("output", path=item.path, size=item.size, sha256=item.sha256)
         for skipped in report.skipped:
             self._warn(
-                f"output {skipped.path} not collected: {skipped.reason}", event="output.skipped"
+                f"output {show(skipped.path)} not collected: {skipped.reason}",
+                event="output.skipped",
             )
         for pattern in report.unmatched:
             self._warn(f"output pattern {pattern!r} matched no file", event="output.unmatched")
@@ -1081,6 +1078,9 @@ class Cell:
 
     def _release(self) -> bool:
         """Close what the cell held on the host; whether its network is released."""
+        for fd in self._etc_fds.values():
+            os.close(fd)
+        self._etc_fds = {}
         for attr in ("_tree", "_out"):
             held = getattr(self, attr)
             if held is not None:

@@ -89,6 +89,20 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(125)
 
 
+def _ref(value: str) -> str:
+    """``--ref``: a ref, never an empty one (an unset CI variable would name one cache
+    scope shared by every build given it)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty ref names no source; leave out --ref for a build of no ref"
+        )
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value) or len(value) > 1024:
+        raise argparse.ArgumentTypeError(
+            "a ref is at most 1024 characters, without control characters"
+        )
+    return value
+
+
 def _build_parser(only: str | None = None) -> _Parser:
     """The parser of every command, or of the one named ``only`` (quicker to build)."""
     parser = _Parser(
@@ -512,7 +526,11 @@ def _add_invocation_args(parser: argparse._ActionsContainer, *, secrets: bool = 
         help="trusted builds never read caches untrusted builds wrote (default: untrusted)",
     )
     parser.add_argument(
-        "--ref", metavar="REF", help="the source ref being built (refs/heads/main), for policies"
+        "--ref",
+        type=_ref,
+        metavar="REF",
+        help="the source ref being built (refs/pull/7/head): untrusted builds of one ref share "
+        "caches, and policies see it",
     )
     if not secrets:
         return
@@ -987,15 +1005,26 @@ def _stdout_console() -> Console:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     from buildcell.build.starter import starter_spec
-    from buildcell.errors import UsageError
+    from buildcell.errors import ConfigError, UsageError
 
     target = Path("buildcell.yaml")
     if target.exists() and not args.force:
         raise UsageError(f"{target} already exists", hint="use --force to overwrite it")
     text, kind = starter_spec(Path.cwd())
-    tmp = target.with_name(".buildcell.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    # The working directory is a checkout: a name made fresh, never a file (or a link) of it.
+    tmp = f".buildcell.yaml.{os.urandom(6).hex()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConfigError(f"cannot write {target}: {e.strerror}") from e
     print(f"wrote {target} for a {kind} project; edit it, then run `buildcell build`")
     return 0
 
@@ -1108,6 +1137,41 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+#: Path options whose value is the operator's, but which, given relative to a checkout,
+#: must not lead through the repository's symlinks (see confined.operator_path).
+_PATH_OPTIONS = {
+    "source": "--source",
+    "file": "-f",
+    "events": "--events",
+    "seccomp_profile": "--seccomp-profile",
+    "policy": "--policy",
+    "sign_key": "--sign-key",
+    "key": "--key",
+    "provenance": "--provenance",
+}
+
+
+def _check_operator_paths(args: argparse.Namespace) -> None:
+    """Every path option, and a ``dir:``/``oci:`` rootfs: refused through a checkout's
+    symlink (one line, exit 125), else made absolute.
+
+    Raises:
+        UnsafePathError: one leads through a symlink below the working directory.
+    """
+    from buildcell.confined import operator_path
+
+    for name, flag in _PATH_OPTIONS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, Path):
+            setattr(args, name, operator_path(value, what=flag))
+    rootfs = getattr(args, "rootfs", None)
+    if isinstance(rootfs, str) and rootfs.startswith(("dir:", "oci:")):
+        kind, _, rest = rootfs.partition(":")
+        where, at, digest = rest.rpartition("@") if kind == "oci" else (rest, "", "")
+        checked = operator_path(Path(where).expanduser(), what="--rootfs")
+        args.rootfs = f"{kind}:{checked}{at}{digest}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``buildcell`` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -1134,6 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handler = _COMMANDS[args.command][1]
     try:
+        _check_operator_paths(args)
         return handler(args)
     except Error as e:
         if args.debug:
@@ -1141,6 +1206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
         sys.stderr.write(f"{PROG}: error: {e.message}\n")
+        for line in e.details:
+            sys.stderr.write(f"{PROG}: error: {line}\n")
         if e.hint:
             sys.stderr.write(f"  hint: {e.hint}\n")
         return e.exit_code

@@ -21,6 +21,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from buildcell._text import printable
 from buildcell.build.doctor import DoctorReport
 from buildcell.build.runner import BuildResult
 from buildcell.build.spec import BuildSpec, StepSpec
@@ -244,7 +245,7 @@ def render_record(
         outputs.add_column("size", justify="right")
         outputs.add_column("sha256")
         for o in record.outputs:
-            outputs.add_row(escape(o["path"]), str(o["size"]), o["sha256"])
+            outputs.add_row(escape(printable(o["path"])), str(o["size"]), o["sha256"])
         console.print(outputs)
         if record.out_dir:
             console.print(f"outputs in {escape(record.out_dir)} (manifest: outputs.json)")

@@ -159,6 +159,8 @@ def cache_scope(trust: Trust, *, ref: str | None, build_id: str) -> CacheScope:
     if trust == "trusted":
         return CacheScope("trusted", "trusted", ref=ref)
     if ref is not None:
+        if not ref.strip():
+            raise ConfigError("an empty ref names no source; give none for a build of no ref")
         digest = hashlib.sha256(ref.encode(errors="surrogateescape")).hexdigest()[:32]
         return CacheScope("untrusted", f"ref-{digest}", ref=ref)
     name = f"build-{build_id.lower()}"
@@ -499,6 +501,12 @@ class CacheLease(Closing):
             self.source = trust
             return
         self.source = "empty"
+
+    def measure(self) -> tuple[int, str | None]:
+        """The copy's size, and why it could not be published (``None`` if it could)."""
+        if self._work_fd is None:
+            return 0, "the cache copy is gone"
+        return _measure(self._work_fd, self._max_bytes)
 
     def commit(self) -> CommitResult:
         """Publish the work copy as the current generation, unless it is over the limit.

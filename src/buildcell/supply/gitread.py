@@ -1025,9 +1025,7 @@ class Repository(Closing):
             if not found.is_symlink():
                 return True
             return _blob_id(algorithm, os.readlink(entry.name, dir_fd=dir_fd)) != entry.oid
-        return not found.is_file(follow_symlinks=False) or _file_differs(
-            algorithm, entry, dir_fd
-        )
+        return not found.is_file(follow_symlinks=False) or _file_differs(algorithm, entry, dir_fd)
 
 
 def _blob_id(algorithm: str, data: bytes) -> bytes:

@@ -330,6 +330,38 @@ class ContentStore:
         except OSError as e:
             raise StateError(f"cannot create the content store at {root}: {_os_reason(e)}") from e
 
+    def _scope_dir(self, scope: str) -> Path:
+        name = hashlib.sha256(scope.encode(errors="surrogateescape")).hexdigest()[:32]
+        return self.root / "index" / name
+
+    def _seen(self, scope: str | None, digest: str) -> bool:
+        """Whether ``scope`` has had ``digest`` in this store before (always, without one)."""
+        if scope is None:
+            return True
+        try:
+            return stat.S_ISREG(os.lstat(self._scope_dir(scope) / digest).st_mode)
+        except OSError:
+            return False
+
+    def _remember(self, scope: str | None, digest: str) -> None:
+        """Note that ``scope`` fetched or copied ``digest`` itself (an empty marker)."""
+        if scope is None:
+            return
+        where = self._scope_dir(scope)
+        try:
+            _make_dir(where.parent)
+            _make_dir(where, private=True)
+            fd = os.open(
+                where / digest,
+                os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+            os.close(fd)
+        except OSError as e:
+            raise StateError(
+                f"cannot write the content store's index at {where}: {_os_reason(e)}"
+            ) from e
+
     def path_for(self, sha256: str) -> Path:
         """Where the entry for ``sha256`` lives (whether or not it exists).
 
@@ -554,10 +586,12 @@ def resolve_inputs(
     fetch_policy: FetchPolicy | None = None,
     events: EventLog | None = None,
     step: str | None = None,
+    scope: str | None = None,
 ) -> list[ResolvedInput]:
     """Make every input present and verified in ``store``, in order.
 
-    A download comes from the store if a verified entry exists, otherwise it is fetched,
+    A download comes from the store if a verified entry exists and (with ``scope``) that
+    scope has had it before, otherwise it is fetched,
     reaching only public addresses and those ``fetch_policy`` grants. A local file is
     always read, confined to its root, and checked against its digest; it is copied into
     the store unless the store already has that digest. An ``input`` event records each
@@ -566,6 +600,11 @@ def resolve_inputs(
 
     Args:
         fetch_policy: the operator's grants for non-public destinations; None grants none.
+        scope: whose inputs these are (a project and its trust level or ref). The store is
+            shared, but a digest is not a capability: a spec that names the digest of
+            another project's private input must not get it from the store without ever
+            reaching a server that has it. So a download is taken from the store only
+            where the same scope fetched or copied that digest before.
 
     Raises:
         InputRefusedError: a local file is outside its root or not a regular file of its
@@ -583,11 +622,12 @@ def resolve_inputs(
         if scheme == "file":
             store_path, size, fetched = store._local(request, digest, label)
         else:
-            found = store._lookup(digest)
+            found = store._lookup(digest) if store._seen(scope, digest) else None
             fetched = found is None
             if found is None:
                 found = store._download(request.uri, digest, _DEFAULT_TIMEOUT, None, policy)
             store_path, size = found
+        store._remember(scope, digest)
         item = ResolvedInput(
             path=request.path,
             sha256=digest,
@@ -992,13 +1032,14 @@ def _split_credentials(url: str) -> tuple[str, str | None]:
     return urllib.parse.urlunsplit(parts._replace(netloc=hostport)), f"Basic {token}"
 
 
-def _make_dir(path: Path, *, parents: bool = False) -> None:
+def _make_dir(path: Path, *, parents: bool = False, private: bool = False) -> None:
+    mode = 0o700 if private else _DIR_MODE
     try:
-        path.mkdir(mode=_DIR_MODE, parents=parents)
+        path.mkdir(mode=mode, parents=parents)
     except FileExistsError:
         return
     # mkdir's mode is filtered by the umask; cells need o+x to reach their entries.
-    os.chmod(path, _DIR_MODE)
+    os.chmod(path, mode)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -23,6 +23,7 @@ Output patterns are glob patterns relative to the workspace:
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from buildcell._fs import file_kind
+from buildcell._text import show
 from buildcell.errors import ConfigError, Error, OutputError
 
 if TYPE_CHECKING:
@@ -647,6 +649,21 @@ def collect_outputs(
     )
 
 
+def _open_below(dir_fd: int, rel: str) -> int:
+    """Open a collected output of the staging directory one component at a time (its
+    path may be longer than the kernel takes in one call), never through a symlink."""
+    parts = rel.split("/")
+    fd = os.dup(dir_fd)
+    try:
+        for name in parts[:-1]:
+            sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        return os.open(parts[-1], _READ_FLAGS, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 #: Files buildcell writes at the top of an output directory: no output may take their name.
 RESERVED_NAMES = frozenset({"outputs.json", "provenance.intoto.jsonl", "provenance.sigstore.json"})
 
@@ -657,10 +674,12 @@ def check_reserved_names(report: OutputReport) -> None:
     Raises:
         OutputError: one is (the manifest or the provenance would replace it).
     """
-    for item in report.collected:
-        if item.path in RESERVED_NAMES:
+    paths = [c.path for c in report.collected] + [s.path for s in report.skipped]
+    for path in paths:
+        top = path.split("/", 1)[0]
+        if top in RESERVED_NAMES or (top.startswith(".") and top.endswith(".tmp")):
             raise OutputError(
-                f"output {item.path!r} has the name of a file buildcell writes there itself",
+                f"output {show(path)} takes the name of a file buildcell writes there itself",
                 hint="collect it under another name or in a subdirectory",
             )
 
@@ -697,7 +716,7 @@ def check_outputs_for_secrets(
             )
     for item in report.collected:
         scanner = index.fresh()
-        fd = os.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=out.staging_fd)
+        fd = _open_below(out.staging_fd, item.path)
         with os.fdopen(fd, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 scanner.feed(chunk)
@@ -705,7 +724,8 @@ def check_outputs_for_secrets(
             names = ", ".join(sorted(scanner.found))
             emit("secret.leak", path=item.path, secrets=sorted(scanner.found))
             raise OutputError(
-                f"output {item.path} contains the value of secret {names}; nothing was published",
+                f"output {show(item.path)} contains the value of secret {names}; "
+                "nothing was published",
                 hint="a build must not copy secrets into its outputs",
             )
 
@@ -730,12 +750,15 @@ class OutputDir:
     """One build's exclusive use of an output directory, and its replacement as a whole.
 
     The directory is created if missing, with no symlink on any component of its path.
-    An exclusive ``flock`` on it is held from :meth:`claim` to :meth:`close`: a second build
+    An exclusive ``flock`` is held from :meth:`claim` to :meth:`close` on a lock file in
+    ``lock_dir`` (the private state directory: not on the directory itself, which every
+    local user may open and lock), named after the directory's absolute path: a second build
     on the same directory waits (or, with ``wait=False``, fails at once). Outputs, their
     manifest and the provenance are written into a private staging directory next to it
-    (``.NAME.buildcell-RANDOM``, mode 0700) and :meth:`publish` swaps the two with one
-    ``renameat2(RENAME_EXCHANGE)``: at every moment the directory holds one build's files,
-    complete, and a build killed midway leaves the previous ones untouched.
+    (``.NAME.buildcell-RANDOM``, mode 0700, itself locked while its build lives, so a build
+    of another state directory never removes it as a leftover) and :meth:`publish` swaps the
+    two with one ``renameat2(RENAME_EXCHANGE)``: at every moment the directory holds one
+    build's files, complete, and a build killed midway leaves the previous ones untouched.
 
     The directory belongs to buildcell: an existing one must be empty or hold a previous
     build's outputs (an ``outputs.json``), and must contain no symlink, which no build ever
@@ -751,6 +774,7 @@ class OutputDir:
         self,
         path: Path,
         *,
+        lock_dir: Path,
         wait: bool = True,
         on_wait: Callable[[str], None] | None = None,
     ) -> None:
@@ -764,17 +788,22 @@ class OutputDir:
             self.path.parent, what="output directory", create=True
         )
         self._fd = -1
+        self._lock_fd = -1
         self.staging_fd = -1
         self._staging: str | None = None
         self._created = False
         self.published = False
         try:
-            self._lock(wait, on_wait)
+            self._lock(lock_dir, wait, on_wait)
+            self._fd, self._created = confined.make_dirs(
+                self._parent_fd, [self._name], what="output directory"
+            )
             self._check_previous()
             self._remove_leftovers()
             self._staging = f".{self._name}{_STAGING_INFIX}{os.urandom(6).hex()}"
             os.mkdir(self._staging, 0o700, dir_fd=self._parent_fd)
             self.staging_fd = os.open(self._staging, _DIR_FLAGS, dir_fd=self._parent_fd)
+            fcntl.flock(self.staging_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             self.close()
             raise OutputError(
@@ -790,39 +819,30 @@ class OutputDir:
         assert self._staging is not None
         return self.path.parent / self._staging
 
-    def _lock(self, wait: bool, on_wait: Callable[[str], None] | None) -> None:
-        import fcntl
-
-        from buildcell import confined
-
-        for _attempt in range(100):
-            fd, self._created = confined.make_dirs(
-                self._parent_fd, [self._name], what="output directory"
+    def _lock(self, lock_dir: Path, wait: bool, on_wait: Callable[[str], None] | None) -> None:
+        key = hashlib.sha256(os.fsencode(self.path)).hexdigest()[:32]
+        try:
+            fd = os.open(
+                lock_dir / f"out-{key}.lock",
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
             )
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    os.close(fd)
-                    raise OutputError(
-                        f"output directory {str(self.path)!r} is in use by another build",
-                        hint="wait for it (without --no-wait), or choose another --out",
-                    ) from None
-                if on_wait is not None:
-                    on_wait(f"waiting for another build to finish with {self.path}")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            # The build that held it may have replaced the directory meanwhile: the lock
-            # counts only if it is on what the name names now.
-            mine = os.fstat(fd)
-            try:
-                now = os.stat(self._name, dir_fd=self._parent_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                now = None
-            if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
-                self._fd = fd
-                return
-            os.close(fd)
-        raise OutputError(f"output directory {str(self.path)!r} keeps being replaced")
+        except OSError as e:
+            raise OutputError(
+                f"cannot lock output directory {str(self.path)!r}: {lock_dir}: {e.strerror}"
+            ) from e
+        self._lock_fd = fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise OutputError(
+                    f"output directory {str(self.path)!r} is in use by another build",
+                    hint="wait for it (without --no-wait), or choose another --out",
+                ) from None
+            if on_wait is not None:
+                on_wait(f"waiting for another build to finish with {self.path}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
 
     def _check_previous(self) -> None:
         """Refuse a directory that holds a symlink, or files that are not a build's."""
@@ -854,21 +874,30 @@ class OutputDir:
 
         prefix = f".{self._name}{_STAGING_INFIX}"
         for entry in os.listdir(self._parent_fd):
-            if entry.startswith(prefix):
+            if entry.startswith(prefix) and not _in_use(self._parent_fd, entry):
                 remove_tree(self.path.parent / entry)
 
     def write_file(self, name: str, data: bytes) -> None:
-        """Write ``name`` (top level) into the staging directory."""
-        tmp = f".{name}.tmp"
-        fd = os.open(tmp, _CREATE_FLAGS, 0o644, dir_fd=self.staging_fd)
+        """Write ``name`` (top level) into the staging directory, atomically.
+
+        Raises:
+            OutputError: it cannot be written (an output took the name, the disk is full).
+        """
+        tmp = f".{name}.{os.urandom(6).hex()}.tmp"
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd)
+            fd = os.open(tmp, _CREATE_FLAGS, 0o644, dir_fd=self.staging_fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd)
+        except OSError as e:
+            with suppress(OSError):
+                os.unlink(tmp, dir_fd=self.staging_fd)
+            raise OutputError(f"cannot write {name} into {str(self.path)!r}: {e.strerror}") from e
 
     def publish(self) -> None:
         """Put the staged files in place of the directory's contents, at once.
@@ -912,7 +941,7 @@ class OutputDir:
             # failed build leaves no output directory behind).
             with suppress(OSError):
                 os.rmdir(self._name, dir_fd=self._parent_fd)
-        for attr in ("_fd", "_parent_fd"):
+        for attr in ("_fd", "_parent_fd", "_lock_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 os.close(fd)
@@ -923,6 +952,22 @@ class OutputDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _in_use(parent_fd: int, name: str) -> bool:
+    """Whether the staging directory ``name`` is locked by a live build (of another state
+    directory: builds of this one wait for the output directory's lock first)."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _find_symlink(root_fd: int) -> str | None:

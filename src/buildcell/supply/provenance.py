@@ -883,6 +883,19 @@ class _Problems:
                 self.add(f"{path}.{key}", problem)
 
 
+def _unique_subjects(p: _Problems, subjects: list[Any]) -> None:
+    """Two artifacts of one name: a verifier could take either file for it."""
+    names: dict[str, int] = {}
+    for index, item in enumerate(subjects):
+        name = item.get("name") if isinstance(item, Mapping) else None
+        if not isinstance(name, str):
+            continue
+        if name in names:
+            p.add(f"subject[{index}].name", f"{_show(name)} is also subject[{names[name]}]'s")
+        else:
+            names[name] = index
+
+
 def validate_statement(statement: Mapping[str, Any]) -> list[str]:
     """What is wrong with ``statement`` as an in-toto Statement v1 with SLSA provenance v1.
 
@@ -890,8 +903,8 @@ def validate_statement(statement: Mapping[str, Any]) -> list[str]:
     ``subject`` is non-empty, each with a non-empty ``name`` and a ``sha256`` digest; every
     ResourceDescriptor has at least one of ``uri``, ``digest`` and ``content`` and well-formed
     digests; ``buildType`` and ``builder.id`` are URIs; timestamps are RFC 3339 UTC;
-    ``invocationId``, when given, is a non-empty string. Unknown fields are ignored, as
-    in-toto requires.
+    ``invocationId``, when given, is a non-empty string; no two subjects share a name.
+    Unknown fields are ignored, as in-toto requires.
 
     Returns:
         One message per problem, each starting with the field's path; ``[]`` when valid.
@@ -912,6 +925,7 @@ def validate_statement(statement: Mapping[str, Any]) -> list[str]:
         p.add("subject", "empty; a statement is about at least one artifact")
     for index, item in enumerate(subjects or ()):
         p.descriptor(item, f"subject[{index}]", subject=True)
+    _unique_subjects(p, subjects or [])
 
     predicate = p.field(statement, "predicate", "", dict, required=True)
     if predicate is None:

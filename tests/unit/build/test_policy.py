@@ -916,6 +916,14 @@ UNKNOWN_NAMES = {
         r"unknown field 'kye' in `c.kye`; did you mean 'key'\?",
     ),
     "in an argument": ("spec.name.startsWith(invocation.projet)", r"unknown field 'projet'"),
+    "a misspelt macro variable": (
+        'spec.steps.all(s, ss.name != "")',
+        r"unknown variable 'ss'; did you mean 's'\?",
+    ),
+    "inside a message construction": (
+        "Msg{a: spec.egres} == 1",
+        r"unknown field 'egres' in `spec.egres`",
+    ),
     "from the root scope": (".spec.egres == []", r"unknown field 'egres' in `.spec.egres`"),
     "a field of a list": (
         'spec.steps.name == "x"',

@@ -241,7 +241,7 @@ def test_parse_spec_digest_is_of_the_utf8_text() -> None:
 
 
 def test_load_spec_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match=r"^cannot read .*nope\.yaml: No such file"):
+    with pytest.raises(SpecError, match=r"^cannot read .*nope\.yaml'?: No such file"):
         load_spec(tmp_path / "nope.yaml")
     with pytest.raises(SpecError, match=r"^cannot read"):
         load_spec(tmp_path)
@@ -263,18 +263,106 @@ def test_load_spec_not_utf8(tmp_path: Path) -> None:
         load_spec(path)
 
 
-def test_several_errors_report_the_first_in_file_order_and_count_the_others() -> None:
+def details(error: SpecError) -> tuple[str, ...]:
+    value = getattr(error, "details", None)
+    assert isinstance(value, tuple)
+    return value
+
+
+def test_several_errors_are_all_reported_in_file_order() -> None:
     text = MINIMAL + "limits: {timeout: soon, memory: lots}\nsource_date_epoch: -1\n"
     with pytest.raises(SpecError) as info:
         parse(text)
     assert info.value.message.startswith("buildcell.yaml:6: limits.timeout: invalid duration")
-    assert info.value.hint == "and 2 more errors"
+    assert details(info.value) == (
+        "buildcell.yaml:6: limits.memory: invalid size 'lots': expected a number with an "
+        "optional unit (K, M, G, T; KiB/MiB/GiB; kB/MB/GB), such as 512M or 2GiB",
+        "buildcell.yaml:7: source_date_epoch: expected 0 or more, got -1",
+    )
+    assert info.value.hint is None
 
 
-def test_a_single_error_has_no_hint() -> None:
+def test_a_single_error_has_no_hint_and_no_details() -> None:
     with pytest.raises(SpecError) as info:
         parse(MINIMAL + "limits: {timeout: soon}\n")
     assert info.value.hint is None
+    assert details(info.value) == ()
+
+
+def test_errors_across_the_spec_each_name_their_line_and_field() -> None:
+    text = textwrap.dedent(f"""\
+        version: 1
+        name: Hello World
+        colour: red
+        inputs:
+          - url: ftp://example.org/a.tgz
+            sha256: {HEX[:10]}
+            path: /abs
+        steps:
+          - nmae: build
+            run: make
+          - name: test
+            run: ''
+            limits: {{pids: many}}
+        outputs: [../x]
+        """)
+    with pytest.raises(SpecError) as info:
+        parse(text)
+    lines = (info.value.message, *details(info.value))
+    assert [line.split(": ")[:2] for line in lines] == [
+        ["buildcell.yaml:2", "name"],
+        ["buildcell.yaml:3", "colour"],
+        ["buildcell.yaml:5", "inputs[0].url"],
+        ["buildcell.yaml:6", "inputs[0].sha256"],
+        ["buildcell.yaml:7", "inputs[0].path"],
+        # The misspelt key is one error, not also "'name' is missing".
+        ["buildcell.yaml:9", "steps[0].nmae"],
+        ["buildcell.yaml:12", "steps[1].run"],
+        ["buildcell.yaml:13", "steps[1].limits.pids"],
+        ["buildcell.yaml:14", "outputs[0]"],
+    ]
+    assert "unknown field (did you mean 'name'?)" in lines[5]
+    for line in lines:
+        assert "\n" not in line
+
+
+def test_a_missing_field_is_reported_where_its_mapping_starts() -> None:
+    text = "version: 1\nname: x\nsteps:\n  - {name: A, run: make}\n  - name: b\n    env: {V: 1}\n"
+    with pytest.raises(SpecError) as info:
+        parse(text)
+    assert [info.value.message, *details(info.value)] == [
+        "buildcell.yaml:4: steps[0].name: invalid name 'A': expected 1 to 63 lowercase letters, "
+        "digits, '.', '_' or '-', starting with a letter or digit",
+        "buildcell.yaml:5: steps[1].run: required field is missing",
+        'buildcell.yaml:6: steps[1].env.V: expected a string, got an integer; write "1" in quotes',
+    ]
+
+
+def test_a_missing_field_comes_after_the_other_errors_at_the_same_place() -> None:
+    with pytest.raises(SpecError) as info:
+        parse("version: 1\nname: x\nsteps:\n  - nam: a\n")
+    assert [info.value.message, *details(info.value)] == [
+        "buildcell.yaml:4: steps[0].nam: unknown field (did you mean 'name'?)",
+        "buildcell.yaml:4: steps[0].run: required field is missing",
+    ]
+
+
+def test_a_yaml_error_is_one_error() -> None:
+    with pytest.raises(SpecError) as info:
+        parse(MINIMAL + "name: again\nlimits: {timeout: soon}\n")
+    assert info.value.message == "buildcell.yaml:6: name: duplicate key 'name' (first at line 2)"
+    assert getattr(info.value, "details", ()) == ()
+
+
+def test_very_many_errors_are_counted_after_a_hundred() -> None:
+    steps = "".join(f"  - {{name: 'S{i}', run: make}}\n" for i in range(150))
+    with pytest.raises(SpecError) as info:
+        parse("version: 1\nname: x\nsteps:\n" + steps)
+    lines = (info.value.message, *details(info.value))
+    assert len(lines) == 100
+    assert lines[0].startswith("buildcell.yaml:4: steps[0].name: invalid name 'S0'")
+    assert lines[98].startswith("buildcell.yaml:102: steps[98].name: invalid name 'S98'")
+    assert lines[99] == "buildcell.yaml: and 51 more errors"
 
 
 # --- invalid specs: line and message --------------------------------------------------------
@@ -831,7 +919,7 @@ def test_errors_are_chained_for_debugging() -> None:
 # --- the JSON Schema ------------------------------------------------------------------------
 
 
-def _schema_ok(value: Any, schema: dict[str, Any], root: dict[str, Any]) -> bool:
+def _schema_ok(value: Any, schema: dict[str, Any], root: dict[str, Any]) -> bool:  # noqa: C901 -- one check per keyword, read top to bottom
     """A small JSON Schema validator for the keywords the spec schema uses."""
     if "$ref" in schema:
         name = schema["$ref"].removeprefix("#/$defs/")
@@ -945,12 +1033,16 @@ def _parse_or_spec_error(text: str) -> None:
     try:
         result = parse_spec(text, path=SPEC_PATH)
     except SpecError as e:
-        message = e.message
+        lines = (e.message, *getattr(e, "details", ()))
     else:
         assert isinstance(result, LoadedSpec)
         return
-    assert message.startswith("buildcell.yaml")
-    assert "\n" not in message
+    for message in lines:
+        assert message.startswith("buildcell.yaml")
+        assert "\n" not in message
+    assert len(set(lines)) == len(lines)
+    numbers = [int(m[1]) for line in lines if (m := re.match(r"buildcell\.yaml:(\d+): ", line))]
+    assert numbers == sorted(numbers)  # in file order
 
 
 json_values = st.recursive(

@@ -13,12 +13,16 @@ from buildcell.cell.rootfs import (
     OpenedTree,
     WritableAreas,
     cell_mounts,
+    etc_mounts,
     open_tree,
     rootfs_mounts,
     synthesized_etc,
     tree_mounts,
 )
 from buildcell.errors import ConfigError
+
+#: Descriptors the synthesized /etc files would be in (planning only looks at the numbers).
+ETC_FDS = {name: 100 + i for i, name in enumerate(sorted(synthesized_etc()))}
 
 
 def _fake_host(root: Path) -> Path:
@@ -41,7 +45,7 @@ def _fake_host(root: Path) -> Path:
 
 def test_host_view_is_minimal(tmp_path: Path) -> None:
     host = _fake_host(tmp_path / "host")
-    mounts = rootfs_mounts(HostRootfs(), etc_dir=Path("/state/etc"), host_root=host)
+    mounts = rootfs_mounts(HostRootfs(), host_root=host) + etc_mounts(ETC_FDS)
     dests = {m.dest: m for m in mounts}
     assert dests["/usr"] == Mount("ro-bind", "/usr", src=str(host / "usr"))
     assert dests["/bin"] == Mount("symlink", "/bin", src="usr/bin")
@@ -54,8 +58,10 @@ def test_host_view_is_minimal(tmp_path: Path) -> None:
     assert dests["/etc/ld.so.cache"].src == str(host / "etc" / "ld.so.cache")
     assert dests["/etc/ssl"].kind == "ro-bind"
     for name in ("passwd", "group", "hosts", "resolv.conf", "hostname", "nsswitch.conf"):
-        assert dests[f"/etc/{name}"].src == f"/state/etc/{name}"
-    assert all(m.kind in ("ro-bind", "symlink", "dir") for m in mounts)
+        assert dests[f"/etc/{name}"] == Mount(
+            "ro-bind-data", f"/etc/{name}", src=str(ETC_FDS[name]), mode=0o644
+        )
+    assert all(m.kind in ("ro-bind", "symlink", "dir", "ro-bind-data") for m in mounts)
 
 
 def test_host_etc_allowlist_is_explicit() -> None:
@@ -76,7 +82,7 @@ def _tree(root: Path) -> tuple[OpenedTree, dict[str, Mount]]:
         tree = open_tree(fd, what="rootfs")
     finally:
         os.close(fd)
-    return tree, {m.dest: m for m in tree_mounts(tree, etc_dir=Path("/s"))}
+    return tree, {m.dest: m for m in tree_mounts(tree, etc_files=ETC_FDS)}
 
 
 def test_dir_rootfs_binds_its_entries_and_synthesizes_identity(tmp_path: Path) -> None:
@@ -95,7 +101,7 @@ def test_dir_rootfs_binds_its_entries_and_synthesizes_identity(tmp_path: Path) -
         assert _same(dests["/bin"].src, root / "bin")
         assert "/proc" not in dests
         assert dests["/var/tmp"].kind == "tmpfs"
-        assert dests["/etc/passwd"].src == "/s/passwd"
+        assert dests["/etc/passwd"].kind == "ro-bind-data"  # the cell's own copy
         assert _same(dests["/etc/os-release"].src, root / "etc" / "os-release")
         assert dests["/etc/localtime"] == Mount(
             "symlink", "/etc/localtime", src="/usr/share/zoneinfo/Europe/Paris"
@@ -112,12 +118,12 @@ def test_dir_rootfs_etc_symlink_resolves_inside_the_root(tmp_path: Path, target:
     (root / "etc").symlink_to(target)
     tree, dests = _tree(root)
     try:
-        for mount in tree_mounts(tree, etc_dir=Path("/s")):
+        for mount in tree_mounts(tree, etc_files=ETC_FDS):
             if mount.kind == "ro-bind-fd":
                 assert mount.src is not None
                 where = os.readlink(f"/proc/self/fd/{mount.src}")
                 assert where.startswith(str(root)), (mount, where)
-            assert mount.kind != "ro-bind" or mount.src is None or mount.src.startswith("/s/")
+            assert mount.kind != "ro-bind"  # nothing of the host, by path
         # etc -> / (or above the root) names the root itself, inside the image.
         if target in ("/", "..", "../../.."):
             assert _same(dests["/etc/usr"].src, root / "usr")

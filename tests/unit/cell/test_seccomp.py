@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from buildcell.cell import seccomp
 from buildcell.cell.seccomp import (
     CLONE_NAMESPACE_FLAGS,
     DEFAULT_DENIED_SYSCALLS,
@@ -1190,3 +1191,40 @@ def test_default_profile_refuses_vsock_and_keeps_local_sockets() -> None:
     for label in ("unix", "inet", "route"):
         assert report[label][0] >= 0, (label, report[label])
     assert report["unix_pair"] == [-1, errno.EFAULT]
+
+
+# -- the cache of compiled filters is verified when loaded ---------------------------------
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign", "link", "writable"])
+def test_a_damaged_cached_filter_is_rebuilt_not_loaded(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    profile = seccomp.default_profile()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    good = seccomp.compile_bpf(profile, cache_dir=cache)
+    (path,) = cache.glob("seccomp-*.bpf")
+    data = path.read_bytes()
+    if damage == "flip":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :])
+    elif damage == "truncate":
+        path.write_bytes(data[: len(data) - 8])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "foreign":
+        # A program that allows everything, written as a bare filter (no digest).
+        path.write_bytes(bytes.fromhex("06000000" + "0000ff7f"))
+    elif damage == "link":
+        os.link(path, tmp_path / "other-name")
+    else:
+        os.chmod(path, 0o666)
+    seccomp._compiled.clear()  # a new process: only the file cache is there
+    with caplog.at_level("WARNING"):
+        again = seccomp.compile_bpf(profile, cache_dir=cache)
+    assert again == good
+    assert any(str(path) in r.getMessage() for r in caplog.records), caplog.text
+    seccomp._compiled.clear()
+    rebuilt = seccomp._read_cached(path)
+    assert rebuilt == good  # the file was written again, whole

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from buildcell.cli import commands as cli
@@ -53,3 +55,22 @@ def test_main_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     for name in cli._COMMANDS:
         assert f"\n  {name} " in out
+
+
+def test_every_error_of_a_spec_is_printed_one_per_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "buildcell.yaml").write_text(
+        "version: 1\nname: bad name\nsteps:\n  - {name: s, run: true, limits: {timeout: soon}}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BUILDCELL_STATE_DIR", str(tmp_path / "state"))
+    assert cli.main(["build"]) == 125
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    assert all(line.startswith("buildcell: error: ") for line in lines)
+    name, run, timeout = (line.removeprefix("buildcell: error: ") for line in lines)
+    assert name.startswith(f"{tmp_path / 'buildcell.yaml'}:2: name: ")
+    assert run.startswith(f"{tmp_path / 'buildcell.yaml'}:4: steps[0].run: expected a string")
+    assert timeout.startswith(f"{tmp_path / 'buildcell.yaml'}:4: steps[0].limits.timeout: ")
+    assert not (tmp_path / "state").exists()

@@ -647,6 +647,20 @@ def test_tcp_idle_connection_is_closed() -> None:
 
 
 @pytest.mark.timeout(30)
+def _wait_close_wait(conn: socket.socket, timeout: float = 30.0) -> None:
+    port = f"{conn.getsockname()[1]:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[1].endswith(":" + port) and fields[3] == "08":  # CLOSE_WAIT
+                        return
+        time.sleep(0.005)
+    raise AssertionError("the server never closed its end")
+
+
 def test_tcp_connection_is_closed_after_its_query_budget() -> None:
     # Queries pipelined past the budget go unanswered, and the replies before it survive.
     # Regression: closing with those queries still unread sent a reset, which destroyed
@@ -658,7 +672,9 @@ def test_tcp_connection_is_closed_after_its_query_budget() -> None:
     with serving(h.responder) as served, served.connect() as conn:
         queries = [dns.message.make_query("example.com", "A") for _ in range(40)]
         conn.sendall(b"".join(q.to_wire(prepend_length=True) for q in queries))
-        time.sleep(0.3)  # the server has answered and closed before anything is read
+        # The server has answered and closed before anything is read: wait for its FIN
+        # (our end in CLOSE_WAIT), not for a while.
+        _wait_close_wait(conn)
         replies = [recv_reply(conn) for _ in range(3)]
         assert conn.recv(65535) == b""  # an orderly end of stream, not a reset
     assert [r.id for r in replies] == [q.id for q in queries[:3]]

@@ -658,6 +658,12 @@ def test_scope_names_do_not_depend_on_ref_syntax() -> None:
     assert cache_scope("trusted", ref="refs/heads/main", build_id="x").name == "trusted"
 
 
+@pytest.mark.parametrize("ref", ["", " ", "\t\n"])
+def test_an_empty_ref_names_no_scope(ref: str) -> None:
+    with pytest.raises(ConfigError, match="empty ref"):
+        cache_scope("untrusted", ref=ref, build_id="x")
+
+
 def test_gc_ages_out_scopes_and_removes_unscoped_untrusted_caches(
     store: CacheStore, root: Path
 ) -> None:

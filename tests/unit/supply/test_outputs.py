@@ -545,3 +545,92 @@ def test_invalid_pattern_is_rejected_before_any_work(ws: Path, tmp_path: Path) -
     with pytest.raises(ConfigError):
         collect_outputs(ws, ["../escape"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- the output directory ------------------------------------------------------------------
+
+
+def _published(out: Path, locks: Path, files: dict[str, bytes]) -> None:
+    with outputs_module.OutputDir(out, lock_dir=locks) as claimed:
+        for name, data in files.items():
+            claimed.write_file(name, data)
+        claimed.publish()
+
+
+def test_an_output_directory_is_replaced_as_a_whole(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    out = tmp_path / "out"
+    _published(out, locks, {"outputs.json": b"{}", "a": b"1"})
+    _published(out, locks, {"outputs.json": b"{}", "b": b"2"})
+    assert sorted(os.listdir(out)) == ["b", "outputs.json"]
+    assert [n for n in os.listdir(tmp_path) if ".buildcell-" in n] == []
+
+
+def test_one_build_at_a_time_holds_an_output_directory(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    out = tmp_path / "out"
+    with (
+        outputs_module.OutputDir(out, lock_dir=locks),
+        pytest.raises(OutputError, match="in use by another build"),
+    ):
+        outputs_module.OutputDir(out, lock_dir=locks, wait=False)
+    # Released on close, and the lock is not on the directory anyone may open.
+    outputs_module.OutputDir(out, lock_dir=locks, wait=False).close()
+    assert [p.name for p in locks.iterdir()] == [
+        f"out-{hashlib.sha256(os.fsencode(out)).hexdigest()[:32]}.lock"
+    ]
+
+
+def test_a_lock_on_the_directory_itself_blocks_no_build(tmp_path: Path) -> None:
+    import fcntl
+
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    out = tmp_path / "out"
+    _published(out, locks, {"outputs.json": b"{}"})
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what any local user may do to a 0755 directory
+        _published(out, locks, {"outputs.json": b"{}", "x": b""})
+    finally:
+        os.close(fd)
+    assert (out / "x").exists()
+
+
+def test_a_live_staging_directory_of_another_state_directory_is_not_a_leftover(
+    tmp_path: Path,
+) -> None:
+    first, second = tmp_path / "locks1", tmp_path / "locks2"
+    first.mkdir(mode=0o700)
+    second.mkdir(mode=0o700)
+    out = tmp_path / "out"
+    killed = tmp_path / f".out{outputs_module._STAGING_INFIX}dead"
+    killed.mkdir()
+    (killed / "old").write_bytes(b"")
+    with outputs_module.OutputDir(out, lock_dir=first) as a:
+        a.write_file("outputs.json", b"{}")
+        staged = a.staging
+        with outputs_module.OutputDir(out, lock_dir=second) as b:
+            assert staged.is_dir(), "a live build's staging directory was removed"
+            assert not killed.exists(), "a killed build's staging directory was kept"
+            b.write_file("outputs.json", b"{}")
+            b.publish()
+        a.publish()
+    assert (out / "outputs.json").read_bytes() == b"{}"
+    assert [n for n in os.listdir(tmp_path) if ".buildcell-" in n] == []
+
+
+def test_a_symlinked_lock_file_is_not_followed(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    out = tmp_path / "out"
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    name = f"out-{hashlib.sha256(os.fsencode(out)).hexdigest()[:32]}.lock"
+    (locks / name).symlink_to(victim)
+    with pytest.raises(OutputError, match="cannot lock output directory"):
+        outputs_module.OutputDir(out, lock_dir=locks)
+    assert victim.read_text() == "keep"
+    assert not out.exists()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from buildcell.build.starter import starter_spec
 from buildcell.errors import Error
 from buildcell.supply.records import BuildRecord, RecordStore, StepRecord
 
@@ -51,18 +50,3 @@ def test_running_record_of_a_dead_supervisor_reads_as_interrupted(tmp_path: Path
     store.save(r)
     assert store.load(r.id).status == "interrupted"
     assert os.stat(store.dir(r.id)).st_mode & 0o777 == 0o700
-
-
-def test_starter_spec_kinds(tmp_path: Path) -> None:
-    from buildcell.build.spec import parse_spec
-
-    proj = tmp_path / "My Project!"
-    proj.mkdir()
-    text, kind = starter_spec(proj)
-    assert kind == "generic"
-    assert parse_spec(text, path=proj / "buildcell.yaml").spec.name == "my-project"
-    (proj / "Makefile").write_text("all:\n\tcc x.c\ntest:\n\t./x\n")
-    text, kind = starter_spec(proj)
-    assert kind == "Makefile"
-    spec = parse_spec(text, path=proj / "buildcell.yaml").spec
-    assert [s.run for s in spec.steps] == ["make -j2", "make test"]
