@@ -76,7 +76,7 @@ def main() -> int:
         source = base / "src"
         source.mkdir()
         os.chmod(source, 0o755)
-        bwrap = find_bwrap()
+        bwrap = find_bwrap(state.host)
         bpf = compile_bpf(default_profile())
         workspace = base / "ws"
         workspace.mkdir()

@@ -103,9 +103,9 @@ def _descendants(procs: dict[int, Proc], root: int) -> set[int]:
 
 
 def _uid_range() -> range:
-    from buildcell.cell.identity import uid_range
+    from buildcell.host import HostEnv
 
-    base, count = uid_range()
+    base, count = HostEnv.read().uid_range
     return range(base, base + count)
 
 
@@ -348,7 +348,7 @@ def _check_many_cells(scale: float) -> Row:  # noqa: C901, PLR0915 -- one scenar
 def _private_uid_env() -> tuple[dict[str, str], range]:
     """A small uid range of our own, so a process left by *our* cells is told apart from
     cells other people run on this host at the same time."""
-    from buildcell.cell.identity import DEFAULT_UID_BASE, DEFAULT_UID_COUNT
+    from buildcell.host import DEFAULT_UID_BASE, DEFAULT_UID_COUNT
 
     count = 64
     base = DEFAULT_UID_BASE + DEFAULT_UID_COUNT + (os.getpid() % 4096) * count

@@ -13,10 +13,10 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypedDict, Unpack
 
 import pytest
 
@@ -24,6 +24,12 @@ from buildcell.cell import CellConfig, CellResult
 from buildcell.cell.supervisor import run_cell
 from buildcell.events import EventLog
 from buildcell.state import StateDir
+
+if TYPE_CHECKING:
+    from buildcell.allowlist import EgressPolicy
+    from buildcell.cell.config import Bind, CellSecret, Limits, Rootfs, Variation
+    from buildcell.redact import Secret
+    from buildcell.supply.images import UnpackBudget
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -96,11 +102,78 @@ class Ran:
         return [e for e in self.events if e["event"] == name]
 
 
+class CellOptions(TypedDict, total=False):
+    """What ``cell`` passes on to ``CellConfig``: every field but ``argv``."""
+
+    source: Path | None
+    outputs: tuple[str, ...]
+    out_dir: Path | None
+    rootfs: Rootfs
+    env: dict[str, str]
+    limits: Limits
+    seccomp_profile: Path | None
+    seccomp: bool
+    interactive: bool
+    source_date_epoch: int
+    exclude: tuple[Path, ...]
+    binds: tuple[Bind, ...]
+    variation: Variation | None
+    secrets: tuple[CellSecret, ...]
+    redact: tuple[Secret, ...]
+    network: EgressPolicy | None
+    pinned_hosts: tuple[tuple[str, str], ...]
+    caches: tuple[Bind, ...]
+    output_max_size: int | None
+    wait_for_out_dir: bool
+    image_budget: UnpackBudget | None
+
+
+class RunCell(Protocol):
+    """The ``cell`` fixture: run ``argv`` in a real cell configured by ``options``."""
+
+    def __call__(self, argv: Sequence[str], **options: Unpack[CellOptions]) -> Ran: ...
+
+
+#: What a run of the CLI in a subprocess gives back.
+CLIResult = subprocess.CompletedProcess[str]
+
+
+class RunCLI(Protocol):
+    """The ``bc`` fixture: the CLI with ``args``; ``env`` is added to its environment, and
+    ``input``/``stdin`` are passed to ``subprocess.run``."""
+
+    def __call__(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        timeout: float = 120,
+        env: Mapping[str, str] = ...,
+        input: str | None = None,
+        stdin: int | IO[Any] | None = None,
+    ) -> CLIResult: ...
+
+
+class _RunRootless(Protocol):
+    def __call__(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> CLIResult: ...
+
+
+@dataclass(frozen=True)
+class RootlessCLI:
+    """The ``bc_rootless`` fixture: the CLI as an unprivileged user, whose state directory
+    is ``home / "state"``."""
+
+    run: _RunRootless
+    home: Path
+
+    def __call__(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> CLIResult:
+        return self.run(*args, cwd=cwd, timeout=timeout)
+
+
 @pytest.fixture
-def cell(state: StateDir, tmp_path: Path):  # type: ignore[no-untyped-def]
+def cell(state: StateDir, tmp_path: Path) -> RunCell:
     """Run a command in a real cell; returns a ``Ran`` with output and events."""
 
-    def run(argv: Sequence[str], **kwargs: Any) -> Ran:
+    def run(argv: Sequence[str], **kwargs: Unpack[CellOptions]) -> Ran:
         out, err = bytearray(), bytearray()
         log = EventLog(build="test")
         events: list[dict[str, Any]] = []
@@ -130,12 +203,10 @@ def cli_env(state_dir: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def bc(state_root: Path):  # type: ignore[no-untyped-def]
+def bc(state_root: Path) -> RunCLI:
     """Run the ``buildcell`` CLI as a subprocess (as this user)."""
 
-    def run(
-        *args: str, cwd: Path | None = None, timeout: float = 120, **kw: Any
-    ) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, cwd: Path | None = None, timeout: float = 120, **kw: Any) -> CLIResult:
         env = cli_env(state_root / "state", **kw.pop("env", {}))
         return subprocess.run(
             [sys.executable, "-m", "buildcell", *args],
@@ -172,14 +243,12 @@ def _system_python() -> str | None:
 
 
 @pytest.fixture
-def bc_rootless(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def bc_rootless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RootlessCLI]:
     """Run the CLI as an unprivileged user: directly when we are one, via setpriv as root."""
     if not IS_ROOT:
         base = tmp_path_factory.mktemp("rootless")
 
-        def direct(
-            *args: str, cwd: Path | None = None, timeout: float = 120
-        ) -> subprocess.CompletedProcess[str]:
+        def direct(*args: str, cwd: Path | None = None, timeout: float = 120) -> CLIResult:
             return subprocess.run(
                 [sys.executable, "-m", "buildcell", *args],
                 cwd=cwd or base,
@@ -190,8 +259,7 @@ def bc_rootless(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
                 check=False,
             )
 
-        direct.home = base  # type: ignore[attr-defined]
-        yield direct
+        yield RootlessCLI(direct, base)
         return
     python = _system_python()
     setpriv = shutil.which("setpriv")
@@ -206,9 +274,7 @@ def bc_rootless(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     ):
         pytest.skip(f"{site} is not readable by an unprivileged user")
 
-    def run(
-        *args: str, cwd: Path | None = None, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> CLIResult:
         env = cli_env(home / "state", HOME=str(home), PYTHONPATH=f"{REPO / 'src'}:{site}")
         return subprocess.run(
             [
@@ -230,8 +296,7 @@ def bc_rootless(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
             check=False,
         )
 
-    run.home = home  # type: ignore[attr-defined]
-    yield run
+    yield RootlessCLI(run, home)
     shutil.rmtree(home, ignore_errors=True)
 
 

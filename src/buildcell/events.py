@@ -5,6 +5,7 @@ Events never carry secret values; callers pass names and digests only.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from buildcell._fs import Closing
-from buildcell.errors import ConfigError
+from buildcell.errors import ConfigError, Error
 
 __all__ = ["EventLog", "utc_now"]
 
@@ -31,6 +32,11 @@ class EventLog(Closing):
     Each line is written with a single ``write`` on an ``O_APPEND`` descriptor, so lines
     from concurrent cells sharing one file never interleave.
 
+    A line that cannot be written (a full disk) does not raise where the event happened,
+    which may be the middle of a cell's teardown: the log stops writing, keeps the error
+    in :attr:`write_error`, and :meth:`check` raises it where the caller can stop cleanly.
+    Subscribers still get every event.
+
     Args:
         path: the JSON Lines file, or ``None`` to keep events in-process only.
         build: the build id stamped on every event.
@@ -42,6 +48,8 @@ class EventLog(Closing):
         self._lock = threading.Lock()
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._fd: int | None = None
+        #: why the file stopped being written, if it did
+        self.write_error: Error | None = None
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,10 +76,33 @@ class EventLog(Closing):
         line = (json.dumps(record, sort_keys=False, default=str) + "\n").encode()
         with self._lock:
             if self._fd is not None:
-                os.write(self._fd, line)
+                self._write(line)
             for callback in self._subscribers:
                 callback(record)
         return record
+
+    def _write(self, line: bytes) -> None:
+        assert self._fd is not None
+        assert self.path is not None
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            from buildcell.state import write_failure
+
+            self.write_error = write_failure(self.path, e, what="the audit trail")
+            os.close(self._fd)
+            self._fd = None
+
+    def check(self) -> None:
+        """Raise the error that stopped the file being written, if one did.
+
+        Raises:
+            StateError: a line could not be written; the trail is incomplete from there.
+        """
+        if self.write_error is not None:
+            raise self.write_error
 
     def close(self) -> None:
         """Close the file; further events reach subscribers only."""

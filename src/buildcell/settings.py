@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from buildcell.errors import ConfigError
+from buildcell.host import HostEnv
 from buildcell.units import parse_cpus, parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -97,14 +98,6 @@ class Settings:
     log_max_size: int = DEFAULT_LOG_MAX_SIZE
     output_max_size: int = DEFAULT_OUTPUT_MAX_SIZE
     image_max_size: int = DEFAULT_IMAGE_MAX_SIZE
-
-
-def _default_path() -> Path:
-    if os.geteuid() == 0:
-        return Path("/etc/buildcell/config.yaml")
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"
-    return base / "buildcell" / "config.yaml"
 
 
 def _read_yaml(target: Path, text: str) -> Document:
@@ -246,30 +239,40 @@ def _pids(text: str) -> int:
     return int(text)
 
 
-def load_settings(path: Path | None = None) -> Settings:
-    """Read the configuration file (``path``, ``$BUILDCELL_CONFIG`` or the default).
+def load_settings(path: Path | None = None, *, host: HostEnv | None = None) -> Settings:
+    """Read the configuration file (``path``, ``host.config`` from ``$BUILDCELL_CONFIG``,
+    or the default for root or the user).
 
     Raises:
         ConfigError: an explicitly named file is missing, or any file is malformed.
     """
-    explicit = path or (
-        Path(os.environ["BUILDCELL_CONFIG"]) if "BUILDCELL_CONFIG" in os.environ else None
-    )
-    target = explicit or _default_path()
+    host = host if host is not None else HostEnv.read()
+    explicit = path or host.config
+    target = explicit or host.default_config()
+    text = _read_file(target, explicit=explicit is not None)
+    if text is None:
+        return Settings()
+    document = _read_yaml(target, text)
+    if document.data is None:
+        return Settings(path=target)
+    return _settings(_File(target, document), target)
+
+
+def _read_file(target: Path, *, explicit: bool) -> str | None:
+    """The file's text; None if a default file does not exist."""
     try:
-        text = target.read_text()
+        return target.read_text()
     except FileNotFoundError:
-        if explicit is None:
-            return Settings()
+        if not explicit:
+            return None
         raise ConfigError(f"configuration file {target} does not exist") from None
     except OSError as e:
         raise ConfigError(f"cannot read configuration file {target}: {e.strerror}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"configuration file {target} is not UTF-8 text") from e
-    document = _read_yaml(target, text)
-    if document.data is None:
-        return Settings(path=target)
-    f = _File(target, document)
+
+
+def _settings(f: _File, target: Path) -> Settings:
     policy = f.policy()
 
     def size(section: str, default: int) -> int:

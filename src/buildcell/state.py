@@ -14,26 +14,33 @@ cell can reach its own workspace by path, nobody can list what is there.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+from contextlib import suppress
 from pathlib import Path
 
 from buildcell.errors import StateError
+from buildcell.host import HostEnv
 
-__all__ = ["StateDir", "default_state_dir", "process_start_time", "unreachable_ancestor"]
+__all__ = [
+    "StateDir",
+    "default_state_dir",
+    "fsync_dir",
+    "process_start_time",
+    "unreachable_ancestor",
+    "write_atomic",
+    "write_failure",
+]
+
+#: The errors of a file system with no room left (blocks, or the user's quota).
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-def default_state_dir() -> Path:
+def default_state_dir(host: HostEnv | None = None) -> Path:
     """``$BUILDCELL_STATE_DIR``, else ``/var/lib/buildcell`` for root, else
     ``$XDG_STATE_HOME/buildcell`` (``~/.local/state/buildcell``)."""
-    override = os.environ.get("BUILDCELL_STATE_DIR")
-    if override:
-        return Path(override).absolute()
-    if os.geteuid() == 0:
-        return Path("/var/lib/buildcell")
-    xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
-    return base / "buildcell"
+    return (host or HostEnv.read()).default_state_dir()
 
 
 def unreachable_ancestor(path: Path) -> Path | None:
@@ -45,14 +52,19 @@ def unreachable_ancestor(path: Path) -> Path | None:
 
 
 class StateDir:
-    """An opened state directory.
+    """An opened state directory, and the host settings it was opened under.
+
+    ``host`` defaults to :meth:`HostEnv.read` of this process's environment; the command
+    line reads it once and passes it.
 
     Raises:
         StateError: the directory cannot be created or is not a directory we own.
     """
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = (root or default_state_dir()).absolute()
+    def __init__(self, root: Path | None = None, *, host: HostEnv | None = None) -> None:
+        #: the host's settings this state directory was opened under (read once)
+        self.host = host if host is not None else HostEnv.read()
+        self.root = (root or self.host.default_state_dir()).absolute()
         # Traversable by the cells' host uid when we are root; private otherwise.
         self.traverse_mode = 0o711 if os.geteuid() == 0 else 0o700
         self._ensure(self.root, self.traverse_mode)
@@ -115,6 +127,77 @@ class StateDir:
         if st.st_mode & 0o7777 != mode:
             os.chmod(path, mode)
         return path
+
+
+def free_space(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system of ``path`` (or of
+    its nearest existing ancestor)."""
+    for where in (path, *path.parents):
+        try:
+            st = os.statvfs(where)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def write_failure(path: Path, error: OSError, *, what: str) -> StateError:
+    """The one-line error for a state file that could not be written: a full disk names
+    the directory and what is left on it."""
+    from buildcell.units import format_size
+
+    if error.errno in NO_SPACE:
+        free = free_space(path.parent)
+        left = "nothing" if not free else format_size(free)
+        return StateError(
+            f"no space left in {path.parent} ({left} free): cannot write {what}",
+            hint="free space on that file system (`buildcell gc` removes what dead builds "
+            "left), or set BUILDCELL_STATE_DIR to a larger one",
+        )
+    return StateError(f"cannot write {what} ({path}): {error.strerror or error}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in ``path`` durable (a rename is only on disk once its directory is)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(
+    path: Path, data: bytes, *, what: str, mode: int = 0o600, durable: bool = True
+) -> None:
+    """Replace ``path`` with ``data`` as a whole: a fresh temp file next to it, written,
+    fsynced, renamed over it, and the directory fsynced. Readers see the old file or the
+    new one, never a part; a failure leaves the old one and no temp file.
+
+    ``durable=False`` skips the two fsyncs, for what has no meaning after a reboot (a live
+    cell's record of its processes): the rename alone keeps readers from a part.
+
+    Raises:
+        StateError: it cannot be written (a full disk says so: :func:`write_failure`).
+    """
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+    except OSError as e:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise write_failure(path, e, what=what) from e
 
 
 def process_start_time(pid: int) -> int | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from buildcell._fs import file_kind
 from buildcell._text import show
-from buildcell.errors import ConfigError, SandboxError
+from buildcell.errors import ConfigError, Error, SandboxError
 
 __all__ = ["CopyStats", "copy_tree", "remove_entry", "remove_tree"]
 
@@ -101,13 +101,13 @@ class _TreeCopier:
     def _source_error(self, rel: tuple[str, ...], e: OSError) -> ConfigError:
         return ConfigError(f"cannot read {_show(self.source.joinpath(*rel))}: {e.strerror}")
 
-    def _dest_error(self, rel: tuple[str, ...], e: OSError) -> SandboxError:
-        return SandboxError(
-            f"cannot write {_show(self.dest.joinpath(*rel))}: {e.strerror}",
-            hint="check the free space and quota where buildcell keeps its state"
-            if e.errno in _DEST_FULL
-            else None,
-        )
+    def _dest_error(self, rel: tuple[str, ...], e: OSError) -> Error:
+        if e.errno in _DEST_FULL:
+            from buildcell.state import write_failure
+
+            # The copy is the state directory's (a workspace, a cache): a full disk says so.
+            return write_failure(self.dest / "x", e, what=f"{_show('/'.join(rel) or '.')} (a copy)")
+        return SandboxError(f"cannot write {_show(self.dest.joinpath(*rel))}: {e.strerror}")
 
     def _tick(self) -> None:
         if self.progress is not None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import REPO, derived_project
+from tests.conftest import REPO, RunCLI, derived_project
 
 
 class _Server:
@@ -61,7 +61,7 @@ def _spec(directory: Path, text: str) -> Path:
     return path
 
 
-def test_multi_step_build_with_a_fetched_input(bc, tmp_path: Path, server: _Server) -> None:
+def test_multi_step_build_with_a_fetched_input(bc: RunCLI, tmp_path: Path, server: _Server) -> None:
     payload = b"dependency contents\n"
     server.files["/dep.txt"] = payload
     sha = hashlib.sha256(payload).hexdigest()
@@ -119,7 +119,7 @@ outputs: ["dist/*"]
     assert not (tmp_path / "proj" / "made-by-one").exists()
 
 
-def test_digest_mismatch_stops_before_any_step(bc, tmp_path: Path, server: _Server) -> None:
+def test_digest_mismatch_stops_before_any_step(bc: RunCLI, tmp_path: Path, server: _Server) -> None:
     server.files["/x"] = b"tampered"
     wrong = "0" * 64
     spec = _spec(
@@ -140,7 +140,7 @@ steps: [{{name: s, run: "touch /workspace/ran"}}]
     assert ls[0]["steps"][0]["status"] == "skipped"
 
 
-def test_failing_step_stops_the_build_with_its_status(bc, tmp_path: Path) -> None:
+def test_failing_step_stops_the_build_with_its_status(bc: RunCLI, tmp_path: Path) -> None:
     spec = _spec(
         tmp_path / "p",
         """
@@ -173,7 +173,7 @@ outputs: ["dist/*"]
     assert [s["status"] for s in show["steps"]] == ["succeeded", "failed", "skipped"]
 
 
-def test_sh_e_semantics(bc, tmp_path: Path) -> None:
+def test_sh_e_semantics(bc: RunCLI, tmp_path: Path) -> None:
     spec = _spec(
         tmp_path / "p",
         """
@@ -187,7 +187,7 @@ steps: [{name: s, run: "false\\necho not reached"}]
     assert "not reached" not in res.stdout
 
 
-def test_spec_errors_exit_125_before_anything_runs(bc, tmp_path: Path) -> None:
+def test_spec_errors_exit_125_before_anything_runs(bc: RunCLI, tmp_path: Path) -> None:
     spec = _spec(
         tmp_path / "p",
         """version: 1
@@ -206,13 +206,13 @@ steps:
     assert json.loads(bc("ls", "--project", derived_project(tmp_path / "p"), "--json").stdout) == []
 
 
-def test_missing_spec_file(bc, tmp_path: Path) -> None:
+def test_missing_spec_file(bc: RunCLI, tmp_path: Path) -> None:
     res = bc("build", cwd=tmp_path)
     assert res.returncode == 125
     assert "buildcell.yaml" in res.stderr
 
 
-def test_records_ls_show_logs(bc, tmp_path: Path) -> None:
+def test_records_ls_show_logs(bc: RunCLI, tmp_path: Path) -> None:
     spec = _spec(
         tmp_path / "p",
         """
@@ -254,7 +254,7 @@ steps:
     assert record_dir == tmp_path / "p"
 
 
-def test_build_events_and_spec_are_recorded(bc, tmp_path: Path, state_root: Path) -> None:
+def test_build_events_and_spec_are_recorded(bc: RunCLI, tmp_path: Path, state_root: Path) -> None:
     spec = _spec(tmp_path / "p", "version: 1\nname: ev\nsteps: [{name: s, run: 'true'}]\n")
     assert bc("build", "-f", str(spec), cwd=tmp_path).returncode == 0
     (record,) = (state_root / "state" / "builds").iterdir()
@@ -268,7 +268,7 @@ def test_build_events_and_spec_are_recorded(bc, tmp_path: Path, state_root: Path
     assert {e.get("step") for e in events if e["event"] == "cell.start"} == {"s"}
 
 
-def test_example_c_build_twice(bc, tmp_path: Path) -> None:
+def test_example_c_build_twice(bc: RunCLI, tmp_path: Path) -> None:
     src = tmp_path / "examples"
     shutil.copytree(REPO / "examples", src)
     spec = src / "hello-c" / "buildcell.yaml"
@@ -287,7 +287,7 @@ def test_example_c_build_twice(bc, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "build" / "hello").stat().st_mode & 0o111
 
 
-def test_example_python_wheel_build(bc, tmp_path: Path) -> None:
+def test_example_python_wheel_build(bc: RunCLI, tmp_path: Path) -> None:
     src = tmp_path / "python-wheel"
     shutil.copytree(REPO / "examples" / "python-wheel", src)
     for _ in range(2):
@@ -307,7 +307,7 @@ def test_example_python_wheel_build(bc, tmp_path: Path) -> None:
     assert "greet/__init__.py" in zipfile.ZipFile(wheel).namelist()
 
 
-def test_oci_rootfs_build(bc, tmp_path: Path) -> None:
+def test_oci_rootfs_build(bc: RunCLI, tmp_path: Path) -> None:
     from tests.oci_images import make_busybox_layout
 
     # Inside the spec's directory: the host reads the image, the cells its unpacked copy.
@@ -336,7 +336,7 @@ steps:
     assert wrong in res.stderr
 
 
-def test_run_with_oci_rootfs(bc, tmp_path: Path, state_root: Path) -> None:
+def test_run_with_oci_rootfs(bc: RunCLI, tmp_path: Path, state_root: Path) -> None:
     from tests.oci_images import make_busybox_layout
 
     image = state_root / "image"
@@ -359,7 +359,9 @@ def test_run_with_oci_rootfs(bc, tmp_path: Path, state_root: Path) -> None:
         (None, "generic", "replace me"),
     ],
 )
-def test_init_writes_a_valid_spec(bc, tmp_path: Path, marker, kind, expect) -> None:
+def test_init_writes_a_valid_spec(
+    bc: RunCLI, tmp_path: Path, marker: str | None, kind: str, expect: str
+) -> None:
     from buildcell.build.spec import load_spec
 
     if marker:
@@ -376,13 +378,13 @@ def test_init_writes_a_valid_spec(bc, tmp_path: Path, marker, kind, expect) -> N
     assert bc("init", "--force", cwd=tmp_path).returncode == 0
 
 
-def test_schema_is_json_schema(bc) -> None:
+def test_schema_is_json_schema(bc: RunCLI) -> None:
     schema = json.loads(bc("schema").stdout)
     assert "steps" in schema["properties"]
     assert schema.get("additionalProperties") is False
 
 
-def test_a_build_without_outputs_attests_nothing(bc, tmp_path: Path) -> None:
+def test_a_build_without_outputs_attests_nothing(bc: RunCLI, tmp_path: Path) -> None:
     spec = _spec(tmp_path / "p", "version: 1\nname: none\nsteps: [{name: s, run: 'true'}]\n")
     out = tmp_path / "out"
     res = bc("build", "-f", str(spec), "--out", str(out), "--json", cwd=tmp_path)

@@ -12,9 +12,10 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
+from tests.conftest import RunCell
 from tests.netservers import http_origin, udp_sink
 
 from buildcell.allowlist import EgressPolicy
@@ -26,7 +27,14 @@ def _policy(*entries: str) -> EgressPolicy:
     return EgressPolicy.from_strings(entries)
 
 
-def _net(*entries: str, pin: tuple[str, ...] = ("api.test",)) -> dict[str, Any]:
+class _Net(TypedDict):
+    """The cell options that give it a network: passed on to ``cell`` as ``**_net(...)``."""
+
+    network: EgressPolicy
+    pinned_hosts: tuple[tuple[str, str], ...]
+
+
+def _net(*entries: str, pin: tuple[str, ...] = ("api.test",)) -> _Net:
     return {
         "network": _policy(*entries),
         "pinned_hosts": tuple((name, "127.0.0.1") for name in pin),
@@ -37,7 +45,7 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_no_policy_means_no_network_at_all(cell: Any) -> None:
+def test_no_policy_means_no_network_at_all(cell: RunCell) -> None:
     with http_origin("a") as origin:
         ran = cell(
             [
@@ -55,7 +63,7 @@ def test_no_policy_means_no_network_at_all(cell: Any) -> None:
     assert "HTTP_PROXY" not in ran.stdout
 
 
-def test_allowed_name_through_the_forward_proxy(cell: Any) -> None:
+def test_allowed_name_through_the_forward_proxy(cell: RunCell) -> None:
     with http_origin("a") as origin:
         port = origin.port
         ran = cell(
@@ -76,12 +84,13 @@ def test_allowed_name_through_the_forward_proxy(cell: Any) -> None:
     assert allow["bytes_up"] > 0
     assert allow["duration_ms"] >= 0
     assert ran.of("cell.start")[0]["network"] == [f"api.test:{port}", f"127.0.0.1:{port}"]
+    assert ran.result.egress is not None
     (row,) = ran.result.egress
     assert (row.destination, row.allowed, row.requests) == (f"api.test:{port}", True, 1)
     assert ran.result.teardown is not None and ran.result.teardown.network_released
 
 
-def test_connect_tunnel(cell: Any) -> None:
+def test_connect_tunnel(cell: RunCell) -> None:
     with http_origin("a") as origin:
         port = origin.port
         ran = cell(
@@ -97,7 +106,7 @@ def test_connect_tunnel(cell: Any) -> None:
     assert allow["bytes_down"] > 20
 
 
-def test_transparent_mode_for_clients_that_ignore_proxy_variables(cell: Any) -> None:
+def test_transparent_mode_for_clients_that_ignore_proxy_variables(cell: RunCell) -> None:
     with http_origin("a") as origin:
         port = origin.port
         ran = cell(
@@ -122,7 +131,7 @@ def test_transparent_mode_for_clients_that_ignore_proxy_variables(cell: Any) -> 
     assert allow["bytes_down"] > 0
 
 
-def test_denied_destination_gets_403_naming_the_allow_that_would_permit_it(cell: Any) -> None:
+def test_denied_destination_gets_403_naming_the_allow_that_would_permit_it(cell: RunCell) -> None:
     with http_origin("a") as origin:
         port = origin.port
         ran = cell(
@@ -143,7 +152,7 @@ def test_denied_destination_gets_403_naming_the_allow_that_would_permit_it(cell:
     ]
 
 
-def test_dns_answers_only_allowlisted_names(cell: Any) -> None:
+def test_dns_answers_only_allowlisted_names(cell: RunCell) -> None:
     ran = cell(
         [
             "sh",
@@ -160,7 +169,7 @@ def test_dns_answers_only_allowlisted_names(cell: Any) -> None:
     assert "address" not in evil[0]
 
 
-def test_name_never_reaches_loopback_unless_allowed_literally(cell: Any) -> None:
+def test_name_never_reaches_loopback_unless_allowed_literally(cell: RunCell) -> None:
     with http_origin("a") as origin:
         port = origin.port
         ran = cell([*CURL, f"http://api.test:{port}/x"], **_net(f"api.test:{port}"))
@@ -176,7 +185,7 @@ def test_name_never_reaches_loopback_unless_allowed_literally(cell: Any) -> None
     ("address", "why"),
     [("169.254.169.254", "cloud metadata"), ("10.1.2.3", "private"), ("192.168.1.1", "private")],
 )
-def test_metadata_and_private_addresses_are_refused(cell: Any, address: str, why: str) -> None:
+def test_metadata_and_private_addresses_are_refused(cell: RunCell, address: str, why: str) -> None:
     ran = cell(
         [*CURL, "http://internal.test/latest/meta-data/"],
         network=_policy("internal.test"),
@@ -188,7 +197,7 @@ def test_metadata_and_private_addresses_are_refused(cell: Any, address: str, why
     assert "address" not in deny or deny["address"] is None
 
 
-def test_literal_ip_entries_need_no_name(cell: Any) -> None:
+def test_literal_ip_entries_need_no_name(cell: RunCell) -> None:
     with http_origin("a") as origin:
         port = origin.port
         ran = cell(
@@ -199,7 +208,7 @@ def test_literal_ip_entries_need_no_name(cell: Any) -> None:
     assert ran.of("net.allow")[0]["entry"] == f"127.0.0.1:{port}"
 
 
-def test_udp_and_other_addresses_get_nowhere(cell: Any) -> None:
+def test_udp_and_other_addresses_get_nowhere(cell: RunCell) -> None:
     probe = (
         "import socket\n"
         "u=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
@@ -228,7 +237,7 @@ def test_udp_and_other_addresses_get_nowhere(cell: Any) -> None:
     assert ran.stdout.count("unreachable") == 2
 
 
-def test_two_cells_side_by_side_do_not_see_each_others_traffic(cell: Any) -> None:
+def test_two_cells_side_by_side_do_not_see_each_others_traffic(cell: RunCell) -> None:
     results: dict[str, Any] = {}
     with http_origin("a") as a, http_origin("b") as b:
 
@@ -264,7 +273,7 @@ def test_two_cells_side_by_side_do_not_see_each_others_traffic(cell: Any) -> Non
         assert {e["host"] for e in ran.of("net.allow")} == {f"{name}.test"}
 
 
-def test_post_body_and_keep_alive(cell: Any) -> None:
+def test_post_body_and_keep_alive(cell: RunCell) -> None:
     with http_origin("a") as origin:
         port = origin.port
         ran = cell(
@@ -283,7 +292,7 @@ def test_post_body_and_keep_alive(cell: Any) -> None:
     assert [e["method"] for e in ran.of("net.allow")] == ["POST", "GET"]
 
 
-def test_secret_in_a_dns_name_is_redacted_from_events(cell: Any, tmp_path: Path) -> None:
+def test_secret_in_a_dns_name_is_redacted_from_events(cell: RunCell, tmp_path: Path) -> None:
     from buildcell.cell.config import CellSecret
     from buildcell.redact import Secret
     from buildcell.secrets import SecretDelivery
@@ -300,7 +309,7 @@ def test_secret_in_a_dns_name_is_redacted_from_events(cell: Any, tmp_path: Path)
     assert any(q["name"].startswith("***") for q in ran.of("dns.query"))
 
 
-def test_listeners_and_threads_are_gone_after_the_cell(cell: Any) -> None:
+def test_listeners_and_threads_are_gone_after_the_cell(cell: RunCell) -> None:
     before_fds = _fds()
     before_threads = threading.active_count()
     with http_origin("a") as origin:
@@ -315,7 +324,7 @@ def test_listeners_and_threads_are_gone_after_the_cell(cell: Any) -> None:
     assert threading.active_count() == before_threads
 
 
-def test_with_a_policy_other_host_ports_stay_unreachable(cell: Any) -> None:
+def test_with_a_policy_other_host_ports_stay_unreachable(cell: RunCell) -> None:
     """Only allowed ports have listeners; the host's other loopback services stay out of reach."""
     with http_origin("a") as allowed, http_origin("b") as other:
         ran = cell(
@@ -338,7 +347,7 @@ def test_with_a_policy_other_host_ports_stay_unreachable(cell: Any) -> None:
     assert other.hits == [] and allowed.hits == []
 
 
-def test_the_supervisor_stays_in_its_own_network_namespace(cell: Any) -> None:
+def test_the_supervisor_stays_in_its_own_network_namespace(cell: RunCell) -> None:
     # As root the spawning thread enters the cell's namespace to bind the listeners and
     # start bubblewrap; it must come back, and nothing may listen on the host for the cell.
     import socket

@@ -11,10 +11,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from tests.conftest import read_events
+from tests.conftest import RootlessCLI, RunCLI, read_events
 from tests.netservers import http_origin
 
 
@@ -29,7 +28,7 @@ def _allow(port: int, name: str = "api.test") -> list[str]:
     ]
 
 
-def test_run_allow_prints_the_egress_table(bc: Any, tmp_path: Path) -> None:
+def test_run_allow_prints_the_egress_table(bc: RunCLI, tmp_path: Path) -> None:
     with http_origin("a") as origin:
         res = bc(
             "run",
@@ -65,7 +64,7 @@ def test_run_allow_prints_the_egress_table(bc: Any, tmp_path: Path) -> None:
     ],
 )
 def test_bad_network_flags_exit_125_with_one_line(
-    bc: Any, tmp_path: Path, flag: str, value: str, words: str
+    bc: RunCLI, tmp_path: Path, flag: str, value: str, words: str
 ) -> None:
     res = bc("run", flag, value, "--", "true", cwd=tmp_path)
     assert res.returncode == 125
@@ -75,7 +74,7 @@ def test_bad_network_flags_exit_125_with_one_line(
     assert res.stdout == ""
 
 
-def test_spec_step_network_and_provenance(bc: Any, tmp_path: Path) -> None:
+def test_spec_step_network_and_provenance(bc: RunCLI, tmp_path: Path) -> None:
     keys = tmp_path / "keys"  # outside the checkout: a key inside one is refused
     tmp_path = tmp_path / "checkout"
     tmp_path.mkdir()
@@ -143,7 +142,7 @@ def test_spec_step_network_and_provenance(bc: Any, tmp_path: Path) -> None:
     assert f"records egress to 'api.test' port {port}" in verify.stdout
 
 
-def test_spec_rejects_a_bad_allow_entry_with_file_and_line(bc: Any, tmp_path: Path) -> None:
+def test_spec_rejects_a_bad_allow_entry_with_file_and_line(bc: RunCLI, tmp_path: Path) -> None:
     (tmp_path / "buildcell.yaml").write_text(
         "version: 1\nname: net\nsteps:\n  - name: s\n    run: 'true'\n    network:\n"
         "      allow: ['ok.example.org', 'http://bad.example.org/x']\n"
@@ -154,7 +153,7 @@ def test_spec_rejects_a_bad_allow_entry_with_file_and_line(bc: Any, tmp_path: Pa
     assert "buildcell.yaml:7" in line and "steps[0].network.allow[1]" in line
 
 
-def test_human_build_summary_shows_egress(bc: Any, tmp_path: Path) -> None:
+def test_human_build_summary_shows_egress(bc: RunCLI, tmp_path: Path) -> None:
     with http_origin("a") as origin:
         (tmp_path / "buildcell.yaml").write_text(
             "version: 1\nname: net\nsteps:\n  - name: fetch\n"
@@ -185,7 +184,7 @@ def _dumb_git_repo(root: Path) -> Path:
     return root / "served"
 
 
-def test_git_and_npm_work_through_the_proxy_unchanged(bc: Any, tmp_path: Path) -> None:
+def test_git_and_npm_work_through_the_proxy_unchanged(bc: RunCLI, tmp_path: Path) -> None:
     """Real clients honour the proxy variables: git (dumb http) and npm (a tarball URL)."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
@@ -238,7 +237,7 @@ def test_git_and_npm_work_through_the_proxy_unchanged(bc: Any, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("disk", [None, "64M"])
-def test_rootless_egress(bc_rootless: Any, disk: str | None) -> None:
+def test_rootless_egress(bc_rootless: RootlessCLI, disk: str | None) -> None:
     with http_origin("a") as origin:
         port = origin.port
         res = bc_rootless(
@@ -256,7 +255,7 @@ def test_rootless_egress(bc_rootless: Any, disk: str | None) -> None:
     assert origin.hits == ["/r", "/t"]
 
 
-def test_egress_with_a_disk_budget_as_this_user(bc: Any, tmp_path: Path) -> None:
+def test_egress_with_a_disk_budget_as_this_user(bc: RunCLI, tmp_path: Path) -> None:
     # With --disk the cell enters the storage anchor's namespaces first; the network
     # namespace must then be made inside the anchor's user namespace (rootless) or as root.
     with http_origin("a") as origin:
@@ -295,7 +294,7 @@ def _pip_index() -> str:
 @pytest.mark.skipif(
     os.environ.get("BUILDCELL_TEST_REGISTRY") != "1", reason="opt-in: BUILDCELL_TEST_REGISTRY=1"
 )
-def test_pip_download_through_the_proxy_allowing_only_the_index(bc: Any, tmp_path: Path) -> None:
+def test_pip_download_through_the_proxy_allowing_only_the_index(bc: RunCLI, tmp_path: Path) -> None:
     import re
     import urllib.request
     from urllib.parse import urlsplit

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import derived_project, read_events
+from tests.conftest import RunCLI, derived_project, read_events
 
 POLICY = """\
 version: 1
@@ -52,7 +52,7 @@ SPEC_BAD = (
 )
 
 
-def test_policy_denial_lists_every_failed_rule_and_runs_nothing(bc: Any, tmp_path: Path) -> None:
+def test_policy_denial_lists_every_failed_rule_and_runs_nothing(bc: RunCLI, tmp_path: Path) -> None:
     d = _project(tmp_path, SPEC_BAD)
     res = bc(
         "build",
@@ -77,7 +77,7 @@ def test_policy_denial_lists_every_failed_rule_and_runs_nothing(bc: Any, tmp_pat
     assert record["policy"]["policies"][0]["allowed"] is False
 
 
-def test_trusted_main_with_limits_is_allowed_and_recorded(bc: Any, tmp_path: Path) -> None:
+def test_trusted_main_with_limits_is_allowed_and_recorded(bc: RunCLI, tmp_path: Path) -> None:
     d = _project(tmp_path, SPEC_OK)
     policy = _policy(tmp_path)
     res = bc(
@@ -115,7 +115,7 @@ def test_trusted_main_with_limits_is_allowed_and_recorded(bc: Any, tmp_path: Pat
     )
 
 
-def test_policy_decision_is_an_event(bc: Any, tmp_path: Path, state_root: Path) -> None:
+def test_policy_decision_is_an_event(bc: RunCLI, tmp_path: Path, state_root: Path) -> None:
     d = _project(tmp_path, SPEC_OK)
     assert bc("build", "--policy", str(_policy(tmp_path)), cwd=d).returncode == 0
     (build_dir,) = (state_root / "state" / "builds").iterdir()
@@ -127,7 +127,7 @@ def test_policy_decision_is_an_event(bc: Any, tmp_path: Path, state_root: Path) 
     assert decision["failed"] == []
 
 
-def test_malformed_policy_denies_and_says_where(bc: Any, tmp_path: Path) -> None:
+def test_malformed_policy_denies_and_says_where(bc: RunCLI, tmp_path: Path) -> None:
     d = _project(tmp_path, SPEC_OK)
     bad = _policy(tmp_path, "version: 1\nrules:\n  - name: x\n    expr: 'spec.steps.all(s,'\n")
     res = bc("build", "--policy", str(bad), cwd=d)
@@ -142,7 +142,7 @@ def test_malformed_policy_denies_and_says_where(bc: Any, tmp_path: Path) -> None
     assert "boom" in res.stderr.splitlines()[0]
 
 
-def test_policy_check_command(bc: Any, tmp_path: Path) -> None:
+def test_policy_check_command(bc: RunCLI, tmp_path: Path) -> None:
     d = _project(tmp_path, SPEC_OK)
     policy = _policy(tmp_path)
     ok = bc("policy", "check", "--policy", str(policy), cwd=d)
@@ -164,7 +164,7 @@ def test_policy_check_command(bc: Any, tmp_path: Path) -> None:
     }
 
 
-def test_policy_from_the_configuration_file(bc: Any, tmp_path: Path) -> None:
+def test_policy_from_the_configuration_file(bc: RunCLI, tmp_path: Path) -> None:
     d = _project(tmp_path, SPEC_OK.replace("limits: {memory: 512M}\n", ""))
     config = tmp_path / "config.yaml"
     config.write_text("policy: policy.yaml\n")
@@ -178,7 +178,7 @@ def test_policy_from_the_configuration_file(bc: Any, tmp_path: Path) -> None:
     assert "unknown setting 'polcy'" in res.stderr
 
 
-def test_projects_do_not_see_each_others_builds(bc: Any, tmp_path: Path) -> None:
+def test_projects_do_not_see_each_others_builds(bc: RunCLI, tmp_path: Path) -> None:
     a = _project(tmp_path, SPEC_OK, "alpha")
     b = _project(tmp_path, SPEC_OK, "beta")
     assert bc("build", cwd=a).returncode == 0
@@ -214,14 +214,14 @@ outputs: [seen.txt]
 """
 
 
-def _cache_build(bc: Any, d: Path, mark: str, trust: str, *project: str) -> str:
+def _cache_build(bc: RunCLI, d: Path, mark: str, trust: str, *project: str) -> str:
     (d / "buildcell.yaml").write_text(CACHE_SPEC.format(mark=mark))
     res = bc("build", "--trust", trust, "--out", f"out-{mark}", *project, cwd=d)
     assert res.returncode == 0, res.stderr + res.stdout
     return (d / f"out-{mark}" / "seen.txt").read_text().strip()
 
 
-def test_untrusted_build_cannot_poison_the_trusted_cache(bc: Any, tmp_path: Path) -> None:
+def test_untrusted_build_cannot_poison_the_trusted_cache(bc: RunCLI, tmp_path: Path) -> None:
     d = _project(tmp_path, "", "cachey")
     assert _cache_build(bc, d, "t1", "trusted") == ""
     assert _cache_build(bc, d, "poison", "untrusted") == "t1"  # starts from a trusted snapshot
@@ -231,7 +231,7 @@ def test_untrusted_build_cannot_poison_the_trusted_cache(bc: Any, tmp_path: Path
     assert _cache_build(bc, other, "o1", "trusted") == ""  # another project: its own cache
 
 
-def test_concurrent_builds_of_one_cache_do_not_corrupt_it(bc: Any, tmp_path: Path) -> None:
+def test_concurrent_builds_of_one_cache_do_not_corrupt_it(bc: RunCLI, tmp_path: Path) -> None:
     d = _project(tmp_path, "", "busy")
     marks = [f"m{i}" for i in range(4)]
     for mark in marks:
@@ -254,7 +254,7 @@ def test_concurrent_builds_of_one_cache_do_not_corrupt_it(bc: Any, tmp_path: Pat
     assert seen and set(seen) <= set(marks)
 
 
-def test_gc_expires_caches(bc: Any, tmp_path: Path, state_root: Path) -> None:
+def test_gc_expires_caches(bc: RunCLI, tmp_path: Path, state_root: Path) -> None:
     d = _project(tmp_path, "", "old")
     _cache_build(bc, d, "x", "trusted")
     caches = state_root / "state" / "caches" / derived_project(d)
@@ -267,7 +267,7 @@ def test_gc_expires_caches(bc: Any, tmp_path: Path, state_root: Path) -> None:
     assert _cache_build(bc, d, "y", "trusted") == ""
 
 
-def test_run_is_checked_against_the_policy_too(bc: Any, tmp_path: Path) -> None:
+def test_run_is_checked_against_the_policy_too(bc: RunCLI, tmp_path: Path) -> None:
     policy = _policy(
         tmp_path,
         "version: 1\nrules:\n"
@@ -302,7 +302,7 @@ def test_run_is_checked_against_the_policy_too(bc: Any, tmp_path: Path) -> None:
     assert not [e for e in read_events(tmp_path / "ev.jsonl") if e["event"] == "cell.start"]
 
 
-def test_configured_policy_cannot_be_replaced_or_emptied(bc: Any, tmp_path: Path) -> None:
+def test_configured_policy_cannot_be_replaced_or_emptied(bc: RunCLI, tmp_path: Path) -> None:
     d = _project(tmp_path, SPEC_OK)
     deny = tmp_path / "deny.yaml"
     deny.write_text("version: 1\nrules:\n  - name: nothing\n    expr: 'false'\n")
@@ -326,7 +326,7 @@ def test_configured_policy_cannot_be_replaced_or_emptied(bc: Any, tmp_path: Path
     assert "caches.max_age" in res.stderr
 
 
-def test_a_cache_holding_a_secret_is_not_saved(bc: Any, tmp_path: Path) -> None:
+def test_a_cache_holding_a_secret_is_not_saved(bc: RunCLI, tmp_path: Path) -> None:
     d = _project(tmp_path, "", "leaky")
     (d / "buildcell.yaml").write_text(
         "version: 1\nname: c\nsteps:\n  - name: use\n"
@@ -350,7 +350,7 @@ def test_a_cache_holding_a_secret_is_not_saved(bc: Any, tmp_path: Path) -> None:
     assert _cache_build(bc, d, "u1", "untrusted") == ""
 
 
-def test_run_policy_sees_env_custom_seccomp_and_pinned_hosts(bc: Any, tmp_path: Path) -> None:
+def test_run_policy_sees_env_custom_seccomp_and_pinned_hosts(bc: RunCLI, tmp_path: Path) -> None:
     from tests.conftest import ASSETS
 
     policy = _policy(

@@ -7,9 +7,10 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
-from tests.conftest import REPO
+from tests.conftest import REPO, RunCLI
 
 
 @pytest.fixture
@@ -19,24 +20,24 @@ def example(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def keys(bc, tmp_path: Path) -> tuple[Path, Path]:
+def keys(bc: RunCLI, tmp_path: Path) -> tuple[Path, Path]:
     res = bc("keygen", "--out", str(tmp_path / "keys"))
     assert res.returncode == 0, res.stderr
     return tmp_path / "keys" / "buildcell.key", tmp_path / "keys" / "buildcell.pub"
 
 
-def _build(bc, spec: Path, out: Path, *extra: str) -> dict:  # type: ignore[no-untyped-def, type-arg]
+def _build(bc: RunCLI, spec: Path, out: Path, *extra: str) -> dict[str, Any]:
     res = bc("build", "-f", str(spec), "--out", str(out), "--json", *extra, cwd=out.parent)
     assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+    return cast("dict[str, Any]", json.loads(res.stdout))
 
 
-def _statement(provenance: Path) -> dict:  # type: ignore[type-arg]
+def _statement(provenance: Path) -> dict[str, Any]:
     envelope = json.loads(provenance.read_text())
-    return json.loads(base64.b64decode(envelope["payload"]))
+    return cast("dict[str, Any]", json.loads(base64.b64decode(envelope["payload"])))
 
 
-def test_keygen_modes_and_no_overwrite(bc, keys, tmp_path: Path) -> None:
+def test_keygen_modes_and_no_overwrite(bc: RunCLI, keys: tuple[Path, Path], tmp_path: Path) -> None:
     private, public = keys
     assert private.stat().st_mode & 0o777 == 0o600
     assert public.stat().st_mode & 0o777 == 0o644
@@ -45,7 +46,9 @@ def test_keygen_modes_and_no_overwrite(bc, keys, tmp_path: Path) -> None:
     assert private.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
 
 
-def test_signed_build_verifies_and_tampering_is_caught(bc, keys, example, tmp_path) -> None:
+def test_signed_build_verifies_and_tampering_is_caught(
+    bc: RunCLI, keys: tuple[Path, Path], example: Path, tmp_path: Path
+) -> None:
     private, public = keys
     out = tmp_path / "out"
     result = _build(
@@ -150,7 +153,9 @@ def test_signed_build_verifies_and_tampering_is_caught(bc, keys, example, tmp_pa
     assert res.stdout.count("FAIL") == 2
 
 
-def test_unsigned_provenance_by_default(bc, example, tmp_path: Path, keys) -> None:
+def test_unsigned_provenance_by_default(
+    bc: RunCLI, example: Path, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
     _, public = keys
     out = tmp_path / "out"
     result = _build(bc, example / "python-wheel" / "buildcell.yaml", out)
@@ -171,7 +176,7 @@ def test_unsigned_provenance_by_default(bc, example, tmp_path: Path, keys) -> No
     assert res.returncode == 1
 
 
-def test_reproducible_example_passes_check_repro(bc, example, tmp_path: Path) -> None:
+def test_reproducible_example_passes_check_repro(bc: RunCLI, example: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = bc(
         "build",
@@ -186,7 +191,9 @@ def test_reproducible_example_passes_check_repro(bc, example, tmp_path: Path) ->
     assert "reproducible: 3 output(s) identical" in res.stdout
 
 
-def test_unreproducible_example_fails_check_repro(bc, example, tmp_path: Path) -> None:
+def test_unreproducible_example_fails_check_repro(
+    bc: RunCLI, example: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     res = bc(
         "build",
@@ -216,7 +223,7 @@ def test_unreproducible_example_fails_check_repro(bc, example, tmp_path: Path) -
     assert "dist/random.bin: 32 bytes vs 32 bytes, first difference at byte" in text.stdout
 
 
-def test_source_date_epoch_from_git_commit(bc, tmp_path: Path) -> None:
+def test_source_date_epoch_from_git_commit(bc: RunCLI, tmp_path: Path) -> None:
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     proj = tmp_path / "proj"
@@ -248,7 +255,9 @@ def test_source_date_epoch_from_git_commit(bc, tmp_path: Path) -> None:
     assert result["status"] == "succeeded"
 
 
-def test_dir_rootfs_is_recorded_with_its_digest(bc, tmp_path: Path, state_root: Path) -> None:
+def test_dir_rootfs_is_recorded_with_its_digest(
+    bc: RunCLI, tmp_path: Path, state_root: Path
+) -> None:
     busybox = Path("/bin/busybox")
     if not busybox.exists():
         pytest.skip("/bin/busybox (busybox-static) is not installed")

@@ -7,16 +7,18 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.conftest import IS_ROOT, read_events, root_only
+from tests.conftest import IS_ROOT, RootlessCLI, RunCell, RunCLI, read_events, root_only
 
 from buildcell.cell import DirRootfs, Limits
 from buildcell.errors import CommandNotExecutableError, CommandNotFoundError
+from buildcell.state import StateDir
 
 
-def test_cell_identity_and_environment(cell, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cell_identity_and_environment(cell: RunCell, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOST_ONLY_CANARY", "must-not-leak")
     ran = cell(["/bin/sh", "-c", "id -u; id -g; id -un; pwd; hostname; env | sort"])
     lines = ran.stdout.splitlines()
@@ -35,7 +37,7 @@ def test_cell_identity_and_environment(cell, monkeypatch: pytest.MonkeyPatch) ->
     assert ran.result.exit_code == 0
 
 
-def test_env_and_source_date_epoch(cell) -> None:
+def test_env_and_source_date_epoch(cell: RunCell) -> None:
     ran = cell(
         ["/bin/sh", "-c", 'echo "$A|$SOURCE_DATE_EPOCH"'],
         env={"A": "b c"},
@@ -44,7 +46,7 @@ def test_env_and_source_date_epoch(cell) -> None:
     assert ran.stdout == "b c|1700000000\n"
 
 
-def test_synthesized_etc_and_minimal_root(cell) -> None:
+def test_synthesized_etc_and_minimal_root(cell: RunCell) -> None:
     ran = cell(["/bin/sh", "-c", "cat /etc/passwd /etc/hosts /etc/resolv.conf; ls /"])
     assert "builder:x:1000:1000:builder:/home/builder:/bin/sh" in ran.stdout
     assert "127.0.0.1\tlocalhost buildcell" in ran.stdout
@@ -55,7 +57,7 @@ def test_synthesized_etc_and_minimal_root(cell) -> None:
         assert present in top
 
 
-def test_root_is_read_only_but_workspace_tmp_home_are_writable(cell) -> None:
+def test_root_is_read_only_but_workspace_tmp_home_are_writable(cell: RunCell) -> None:
     script = (
         "touch /etc/x 2>/dev/null && echo etc-writable; "
         "touch /newfile 2>/dev/null && echo root-writable; "
@@ -65,7 +67,7 @@ def test_root_is_read_only_but_workspace_tmp_home_are_writable(cell) -> None:
     assert ran.stdout.strip() == "writable-ok"
 
 
-def test_source_is_copied_and_never_modified(cell, tmp_path: Path) -> None:
+def test_source_is_copied_and_never_modified(cell: RunCell, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "keep.txt").write_text("original")
@@ -84,7 +86,7 @@ def test_source_is_copied_and_never_modified(cell, tmp_path: Path) -> None:
     assert sorted(p.name for p in src.iterdir()) == ["keep.txt", "link"]
 
 
-def test_outputs_are_collected_with_digests(cell, tmp_path: Path) -> None:
+def test_outputs_are_collected_with_digests(cell: RunCell, tmp_path: Path) -> None:
     out = tmp_path / "collected"
     ran = cell(
         [
@@ -111,13 +113,13 @@ def test_outputs_are_collected_with_digests(cell, tmp_path: Path) -> None:
         ("kill -KILL $$", 137, "signaled"),
     ],
 )
-def test_exit_status_is_the_commands(cell, script: str, code: int, reason: str) -> None:
+def test_exit_status_is_the_commands(cell: RunCell, script: str, code: int, reason: str) -> None:
     ran = cell(["/bin/sh", "-c", script])
     assert (ran.result.exit_code, ran.result.reason) == (code, reason)
     assert ran.of("cell.exit")[0]["exit_code"] == code
 
 
-def test_command_not_found_and_not_executable(cell) -> None:
+def test_command_not_found_and_not_executable(cell: RunCell) -> None:
     with pytest.raises(CommandNotFoundError) as e:
         cell(["no-such-command-xyz"])
     assert e.value.exit_code == 127
@@ -128,7 +130,7 @@ def test_command_not_found_and_not_executable(cell) -> None:
         cell(["/usr"])
 
 
-def test_timeout_kills_and_reports(cell) -> None:
+def test_timeout_kills_and_reports(cell: RunCell) -> None:
     started = time.monotonic()
     ran = cell(["/bin/sleep", "30"], limits=Limits(timeout=1))
     assert time.monotonic() - started < 10
@@ -137,17 +139,17 @@ def test_timeout_kills_and_reports(cell) -> None:
     assert ran.result.teardown is not None and ran.result.teardown.clean
 
 
-def test_stdin_is_dev_null(cell) -> None:
+def test_stdin_is_dev_null(cell: RunCell) -> None:
     ran = cell(["/bin/sh", "-c", "cat; echo done; readlink /proc/self/fd/0"])
     assert ran.stdout.startswith("done\n")
 
 
-def test_stdout_and_stderr_are_separate(cell) -> None:
+def test_stdout_and_stderr_are_separate(cell: RunCell) -> None:
     ran = cell(["/bin/sh", "-c", "echo out; echo err >&2"])
     assert (ran.stdout, ran.stderr) == ("out\n", "err\n")
 
 
-def test_teardown_event_and_state_left_empty(cell, state) -> None:
+def test_teardown_event_and_state_left_empty(cell: RunCell, state: StateDir) -> None:
     ran = cell(["/bin/true"])
     (teardown,) = ran.of("teardown")
     assert teardown["clean"] is True
@@ -156,7 +158,7 @@ def test_teardown_event_and_state_left_empty(cell, state) -> None:
     assert list(state.cells.iterdir()) == []
 
 
-def test_event_contract(cell) -> None:
+def test_event_contract(cell: RunCell) -> None:
     ran = cell(["/bin/true"])
     names = [e["event"] for e in ran.events]
     assert names[0] == "cell.start" and "cell.exit" in names and names[-1] == "teardown"
@@ -168,7 +170,7 @@ def test_event_contract(cell) -> None:
     assert start["seccomp"]["digest"].startswith("sha256:")
 
 
-def test_disk_budget_is_enforced_and_shared(cell) -> None:
+def test_disk_budget_is_enforced_and_shared(cell: RunCell) -> None:
     script = (
         "dd if=/dev/zero of=/workspace/a bs=1M count=6 2>/dev/null; echo ws=$?; "
         "dd if=/dev/zero of=/tmp/b bs=1M count=6 2>/dev/null; echo tmp=$?; "
@@ -180,7 +182,7 @@ def test_disk_budget_is_enforced_and_shared(cell) -> None:
     assert ran.result.teardown is not None and ran.result.teardown.clean
 
 
-def test_outputs_from_a_disk_limited_cell(cell, tmp_path: Path) -> None:
+def test_outputs_from_a_disk_limited_cell(cell: RunCell, tmp_path: Path) -> None:
     out = tmp_path / "o"
     cell(
         ["/bin/sh", "-c", "echo hi > r.txt"],
@@ -201,7 +203,7 @@ def _static_binary(tmp_path: Path) -> Path | None:
     return binary if res.returncode == 0 else None
 
 
-def test_dir_rootfs(cell, tmp_path: Path, state_root: Path) -> None:
+def test_dir_rootfs(cell: RunCell, tmp_path: Path, state_root: Path) -> None:
     binary = _static_binary(tmp_path)
     if binary is None:
         pytest.skip("no static C toolchain (cc -static)")
@@ -219,7 +221,9 @@ def test_dir_rootfs(cell, tmp_path: Path, state_root: Path) -> None:
 
 
 @root_only
-def test_dir_rootfs_unreachable_by_the_cell_uid_is_a_clear_error(cell, tmp_path: Path) -> None:
+def test_dir_rootfs_unreachable_by_the_cell_uid_is_a_clear_error(
+    cell: RunCell, tmp_path: Path
+) -> None:
     from buildcell.errors import ConfigError
 
     root = tmp_path / "private" / "rootfs"
@@ -232,12 +236,12 @@ def test_dir_rootfs_unreachable_by_the_cell_uid_is_a_clear_error(cell, tmp_path:
 # -- the CLI ---------------------------------------------------------------------------
 
 
-def test_cli_run_streams_and_returns_status(bc, tmp_path: Path) -> None:
+def test_cli_run_streams_and_returns_status(bc: RunCLI, tmp_path: Path) -> None:
     res = bc("run", "--source", str(tmp_path), "--", "sh", "-c", "echo hi; echo err >&2; exit 3")
     assert (res.returncode, res.stdout, res.stderr) == (3, "hi\n", "err\n")
 
 
-def test_cli_outputs_and_events(bc, tmp_path: Path) -> None:
+def test_cli_outputs_and_events(bc: RunCLI, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "main.c").write_text("int main(void){return 0;}\n")
@@ -266,7 +270,9 @@ def test_cli_outputs_and_events(bc, tmp_path: Path) -> None:
     assert not (src / "prog").exists()
 
 
-def test_cli_default_out_dir_is_not_copied_into_the_next_workspace(bc, tmp_path: Path) -> None:
+def test_cli_default_out_dir_is_not_copied_into_the_next_workspace(
+    bc: RunCLI, tmp_path: Path
+) -> None:
     (tmp_path / "f").write_text("x")
     assert bc("run", "--output", "f", "--", "true", cwd=tmp_path).returncode == 0
     assert (tmp_path / "buildcell-out" / "f").exists()
@@ -291,7 +297,9 @@ def test_cli_default_out_dir_is_not_copied_into_the_next_workspace(bc, tmp_path:
         (["bogus-command"], "invalid choice"),
     ],
 )
-def test_cli_usage_errors_exit_125_with_one_line(bc, tmp_path: Path, args, message) -> None:
+def test_cli_usage_errors_exit_125_with_one_line(
+    bc: RunCLI, tmp_path: Path, args: list[str], message: str
+) -> None:
     res = bc(*args, cwd=tmp_path)
     assert res.returncode == 125, res.stderr
     first = res.stderr.splitlines()[0]
@@ -300,7 +308,7 @@ def test_cli_usage_errors_exit_125_with_one_line(bc, tmp_path: Path, args, messa
     assert len([ln for ln in res.stderr.splitlines() if not ln.startswith("  hint:")]) == 1
 
 
-def test_cli_exit_codes_127_126(bc, tmp_path: Path) -> None:
+def test_cli_exit_codes_127_126(bc: RunCLI, tmp_path: Path) -> None:
     assert bc("run", "--", "no-such-cmd", cwd=tmp_path).returncode == 127
     (tmp_path / "script.sh").write_text("echo hi\n")
     res = bc("run", "--", "./script.sh", cwd=tmp_path)
@@ -308,19 +316,19 @@ def test_cli_exit_codes_127_126(bc, tmp_path: Path) -> None:
     assert "not executable" in res.stderr
 
 
-def test_cli_help_teaches(bc) -> None:
+def test_cli_help_teaches(bc: RunCLI) -> None:
     res = bc("run", "--help")
     assert res.returncode == 0
     for needle in ("--source", "--output", "--memory", "exit status", "124", "examples:"):
         assert needle in res.stdout
 
 
-def test_cli_interactive_stdin(bc, tmp_path: Path) -> None:
+def test_cli_interactive_stdin(bc: RunCLI, tmp_path: Path) -> None:
     res = bc("run", "-i", "--", "tr", "a-z", "A-Z", cwd=tmp_path, input="hello\n")
     assert res.stdout == "HELLO\n"
 
 
-def test_cli_unsafe_no_seccomp_warns_and_is_recorded(bc, tmp_path: Path) -> None:
+def test_cli_unsafe_no_seccomp_warns_and_is_recorded(bc: RunCLI, tmp_path: Path) -> None:
     events = tmp_path / "ev.jsonl"
     res = bc(
         "run",
@@ -338,7 +346,7 @@ def test_cli_unsafe_no_seccomp_warns_and_is_recorded(bc, tmp_path: Path) -> None
     assert any(e["event"] == "security.unsafe" for e in read_events(events))
 
 
-def test_cli_docker_seccomp_profile(bc, tmp_path: Path) -> None:
+def test_cli_docker_seccomp_profile(bc: RunCLI, tmp_path: Path) -> None:
     from tests.conftest import ASSETS
 
     profile = ASSETS / "docker-seccomp-default.json"
@@ -358,7 +366,7 @@ def test_cli_docker_seccomp_profile(bc, tmp_path: Path) -> None:
     assert res.stdout.split() == ["Seccomp:", "2", "denied"]
 
 
-def test_doctor(bc) -> None:
+def test_doctor(bc: RunCLI) -> None:
     res = bc("doctor", "--json")
     assert res.returncode == 0, res.stdout + res.stderr
     import json
@@ -379,7 +387,9 @@ def test_doctor(bc) -> None:
     assert set(report["limits"]) == {"memory", "pids", "cpus", "disk", "timeout"}
 
 
-def test_sigterm_to_the_cli_tears_the_cell_down(bc, state_root: Path, tmp_path: Path) -> None:
+def test_sigterm_to_the_cli_tears_the_cell_down(
+    bc: RunCLI, state_root: Path, tmp_path: Path
+) -> None:
     import sys
 
     from tests.conftest import cli_env
@@ -422,7 +432,7 @@ def _find(marker: str) -> list[int]:
     return found
 
 
-def _wait_for(cond, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
+def _wait_for(cond: Callable[[], object], timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -433,7 +443,7 @@ def _wait_for(cond, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-d
 
 @pytest.mark.parametrize("disk", [None, "8M"])
 def test_supervisor_sigkill_leaves_nothing_running_and_gc_cleans(
-    bc, state_root: Path, tmp_path: Path, disk
+    bc: RunCLI, state_root: Path, tmp_path: Path, disk: str | None
 ) -> None:
     import sys
 
@@ -474,7 +484,7 @@ def test_supervisor_sigkill_leaves_nothing_running_and_gc_cleans(
     assert bc("gc").stdout.startswith("removed 0 abandoned cell(s)")
 
 
-def test_gc_leaves_running_cells_alone(bc, state_root: Path, tmp_path: Path) -> None:
+def test_gc_leaves_running_cells_alone(bc: RunCLI, state_root: Path, tmp_path: Path) -> None:
     import sys
 
     from tests.conftest import cli_env
@@ -509,18 +519,18 @@ def test_gc_leaves_running_cells_alone(bc, state_root: Path, tmp_path: Path) -> 
 
 
 @root_only
-def test_root_cells_run_as_an_unprivileged_host_uid(cell) -> None:
-    from buildcell.cell.identity import uid_range
+def test_root_cells_run_as_an_unprivileged_host_uid(cell: RunCell) -> None:
+    from buildcell.host import HostEnv
 
     ran = cell(["/bin/sh", "-c", "cat /proc/self/uid_map; touch f; stat -c %u f"])
-    base, count = uid_range()
+    base, count = HostEnv.read().uid_range
     assert ran.stdout.splitlines()[-1] == "1000"
     host_uid = ran.of("cell.start")[0]["host_uid"]
     assert base <= host_uid < base + count
 
 
 @root_only
-def test_root_cells_keep_no_way_back_to_root(cell) -> None:
+def test_root_cells_keep_no_way_back_to_root(cell: RunCell) -> None:
     # Every id the cell's processes hold (real, effective, saved, filesystem) is the
     # cell's: an id still 0 on the host would show as the overflow id 65534 in here.
     groups = os.getgroups()
@@ -536,7 +546,7 @@ def test_root_cells_keep_no_way_back_to_root(cell) -> None:
 
 
 @root_only
-def test_root_spawning_thread_gets_its_credentials_back(cell) -> None:
+def test_root_spawning_thread_gets_its_credentials_back(cell: RunCell) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None)
@@ -554,16 +564,17 @@ def test_root_spawning_thread_gets_its_credentials_back(cell) -> None:
 
 
 @root_only
-def test_root_concurrent_cells_get_distinct_host_uids(state) -> None:
+def test_root_concurrent_cells_get_distinct_host_uids(state: StateDir) -> None:
     from buildcell.cell.identity import acquire_identity
 
-    with acquire_identity(state.ids) as a, acquire_identity(state.ids) as b:
+    uids = state.host.uid_range
+    with acquire_identity(state.ids, uids) as a, acquire_identity(state.ids, uids) as b:
         assert a.uid != b.uid and a.drop and b.drop
-    with acquire_identity(state.ids) as c:
+    with acquire_identity(state.ids, uids) as c:
         assert c.uid == a.uid  # released slots are reused
 
 
-def test_rootless_cli(bc_rootless) -> None:
+def test_rootless_cli(bc_rootless: RootlessCLI) -> None:
     res = bc_rootless(
         "run",
         "--memory",
@@ -587,7 +598,7 @@ def test_rootless_cli(bc_rootless) -> None:
         assert "RLIMIT_AS" in res.stderr and "RLIMIT_NPROC" in res.stderr
 
 
-def test_rootless_pids_limit_counts_only_the_cell(bc_rootless) -> None:
+def test_rootless_pids_limit_counts_only_the_cell(bc_rootless: RootlessCLI) -> None:
     from tests.conftest import UNPRIVILEGED
 
     res = bc_rootless(
@@ -615,14 +626,14 @@ def test_rootless_pids_limit_counts_only_the_cell(bc_rootless) -> None:
             hog.wait()
 
 
-def test_source_larger_than_the_disk_budget_is_a_clear_error(bc, tmp_path: Path) -> None:
+def test_source_larger_than_the_disk_budget_is_a_clear_error(bc: RunCLI, tmp_path: Path) -> None:
     (tmp_path / "big").write_bytes(b"\0" * (6 << 20))
     res = bc("run", "--disk", "4M", "--", "true", cwd=tmp_path)
     assert res.returncode == 125
     assert "does not fit in the cell's disk budget (4.0 MiB)" in res.stderr
 
 
-def test_gc_removes_leftovers_of_interrupted_builds(bc, state_root: Path) -> None:
+def test_gc_removes_leftovers_of_interrupted_builds(bc: RunCLI, state_root: Path) -> None:
     import json
 
     from buildcell.state import StateDir
@@ -658,7 +669,7 @@ def test_gc_removes_leftovers_of_interrupted_builds(bc, state_root: Path) -> Non
     assert (store.dir(record.id) / "record.json").exists()  # records are history, kept
 
 
-def test_cells_cannot_dump_core(cell) -> None:
+def test_cells_cannot_dump_core(cell: RunCell) -> None:
     # Soft and hard limit: a build cannot raise it back and write its memory to disk.
     ran = cell(["/bin/sh", "-c", "ulimit -S -c; ulimit -H -c"])
     assert ran.stdout.split() == ["0", "0"]
@@ -670,11 +681,12 @@ def test_bwrap_started_for_a_dead_supervisor_never_runs_the_command(tmp_path: Pa
     # report (to a pipe nobody reads any more) kills it before the command may start.
     from buildcell.cell import _spawn
     from buildcell.cell.supervisor import find_bwrap
+    from buildcell.host import HostEnv
 
     marker = tmp_path / f"ran-{os.getpid()}"
     r, w = os.pipe()
     os.close(r)  # the supervisor's end, gone
-    argv = [find_bwrap(), "--unshare-all", "--die-with-parent", "--dev-bind", "/", "/",
+    argv = [find_bwrap(HostEnv.read()), "--unshare-all", "--die-with-parent", "--dev-bind", "/", "/",
             "--json-status-fd", str(w), "--", "sh", "-c", f"touch {marker}"]  # fmt: skip
     blocked: list[int] = []
     try:

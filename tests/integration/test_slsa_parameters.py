@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from tests.conftest import RunCLI
 
 SPEC = """\
 version: 1
@@ -19,12 +21,14 @@ outputs: ["o/*"]
 """
 
 
-def _statement(path: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads(base64.b64decode(json.loads(path.read_text())["payload"]))
+def _statement(path: Path) -> dict[str, Any]:
+    return cast(
+        "dict[str, Any]", json.loads(base64.b64decode(json.loads(path.read_text())["payload"]))
+    )
 
 
 @pytest.fixture
-def signed(bc, tmp_path: Path):  # type: ignore[no-untyped-def]
+def signed(bc: RunCLI, tmp_path: Path) -> tuple[Path, Path]:
     keys = tmp_path / "keys"
     assert bc("keygen", "--out", str(keys)).returncode == 0
     proj = tmp_path / "p"
@@ -40,7 +44,7 @@ def signed(bc, tmp_path: Path):  # type: ignore[no-untyped-def]
     return proj / "buildcell-out" / "provenance.intoto.jsonl", keys / "buildcell.pub"
 
 
-def test_external_parameters_hold_every_invoker_choice(signed) -> None:  # type: ignore[no-untyped-def]
+def test_external_parameters_hold_every_invoker_choice(signed: tuple[Path, Path]) -> None:
     provenance, _ = signed
     definition = _statement(provenance)["predicate"]["buildDefinition"]
     assert definition["externalParameters"]["invocation"] == {
@@ -60,7 +64,7 @@ def test_external_parameters_hold_every_invoker_choice(signed) -> None:  # type:
     assert "value-of-token" not in provenance.read_text()
 
 
-def test_the_host_rootfs_has_a_digest(signed) -> None:  # type: ignore[no-untyped-def]
+def test_the_host_rootfs_has_a_digest(signed: tuple[Path, Path]) -> None:
     provenance, _ = signed
     deps = _statement(provenance)["predicate"]["buildDefinition"]["resolvedDependencies"]
     (rootfs,) = [d for d in deps if d.get("name") == "rootfs"]
@@ -77,7 +81,9 @@ def test_the_host_rootfs_has_a_digest(signed) -> None:  # type: ignore[no-untype
         ("--expect-project", "acme", "other"),
     ],
 )
-def test_verify_pins_invoker_choices(bc, signed, flag: str, good: str, bad: str) -> None:  # type: ignore[no-untyped-def]
+def test_verify_pins_invoker_choices(
+    bc: RunCLI, signed: tuple[Path, Path], flag: str, good: str, bad: str
+) -> None:
     provenance, public = signed
     base = ("verify", "--key", str(public), "--provenance", str(provenance))
     res = bc(*base, flag, good)
@@ -88,7 +94,7 @@ def test_verify_pins_invoker_choices(bc, signed, flag: str, good: str, bad: str)
     assert bad in res.stdout
 
 
-def test_a_spec_alone_cannot_reach_private_destinations(bc, tmp_path: Path) -> None:
+def test_a_spec_alone_cannot_reach_private_destinations(bc: RunCLI, tmp_path: Path) -> None:
     proj = tmp_path / "p"
     proj.mkdir()
     for entry in ("127.0.0.1:8000", "127.0.0.0/8:8000", "169.254.169.254:80", "0.0.0.0/0:22",

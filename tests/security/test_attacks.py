@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyseccomp
 import pytest
-from tests.conftest import root_only
+from tests.conftest import RootlessCLI, RunCell, RunCLI, root_only
 
 from buildcell.cell import Limits
 
@@ -50,7 +50,9 @@ def canaries() -> Iterator[dict[str, str]]:
         path.unlink(missing_ok=True)
 
 
-def test_cannot_read_host_secrets(cell, canaries, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cannot_read_host_secrets(
+    cell: RunCell, canaries: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     token = next(iter(canaries.values()), "canary-env-only")
     monkeypatch.setenv("RUNNER_TOKEN", token)
     paths = " ".join(canaries)
@@ -65,7 +67,7 @@ def test_cannot_read_host_secrets(cell, canaries, monkeypatch: pytest.MonkeyPatc
     assert "RUNNER_TOKEN" not in ran.stdout
 
 
-def test_cannot_write_usr_or_the_host_source(cell, tmp_path: Path) -> None:
+def test_cannot_write_usr_or_the_host_source(cell: RunCell, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_text("original")
@@ -81,7 +83,7 @@ def test_cannot_write_usr_or_the_host_source(cell, tmp_path: Path) -> None:
     assert (src / "f").read_text() == "original"
 
 
-def test_cannot_see_or_kill_host_processes(cell) -> None:
+def test_cannot_see_or_kill_host_processes(cell: RunCell) -> None:
     victim = subprocess.Popen(["sleep", "60"])
     try:
         ran = cell(
@@ -136,7 +138,7 @@ def _nr(name: str) -> int:
         ("clone3", "0, 0", errno.ENOSYS),
     ],
 )
-def test_dangerous_syscalls_are_refused(cell, name: str, args: str, expected: int) -> None:
+def test_dangerous_syscalls_are_refused(cell: RunCell, name: str, args: str, expected: int) -> None:
     ran = cell(
         py(f"""
         import ctypes
@@ -148,7 +150,7 @@ def test_dangerous_syscalls_are_refused(cell, name: str, args: str, expected: in
     assert ran.stdout.split() == ["-1", str(expected)], ran.stderr
 
 
-def test_clone_with_new_namespaces_is_refused_but_fork_works(cell) -> None:
+def test_clone_with_new_namespaces_is_refused_but_fork_works(cell: RunCell) -> None:
     ran = cell(
         py("""
         import os, subprocess
@@ -168,7 +170,7 @@ def test_clone_with_new_namespaces_is_refused_but_fork_works(cell) -> None:
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-specific ABIs")
-def test_x32_syscall_abi_kills_the_process(cell) -> None:
+def test_x32_syscall_abi_kills_the_process(cell: RunCell) -> None:
     ran = cell(
         py(f"""
         import ctypes, sys
@@ -182,7 +184,7 @@ def test_x32_syscall_abi_kills_the_process(cell) -> None:
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-specific ABIs")
-def test_i386_syscall_abi_kills_the_process(cell, tmp_path: Path) -> None:
+def test_i386_syscall_abi_kills_the_process(cell: RunCell, tmp_path: Path) -> None:
     if shutil.which("cc") is None:
         pytest.skip("needs a C compiler")
     (tmp_path / "int80.c").write_text(
@@ -222,7 +224,7 @@ def _listener(family: int, kind: int, addr: str) -> socket.socket:
 @pytest.mark.parametrize(
     ("family", "addr"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
 )
-def test_cannot_reach_host_loopback_over_tcp(cell, family: int, addr: str) -> None:
+def test_cannot_reach_host_loopback_over_tcp(cell: RunCell, family: int, addr: str) -> None:
     try:
         server = _listener(family, socket.SOCK_STREAM, addr)
     except OSError:
@@ -245,7 +247,7 @@ def test_cannot_reach_host_loopback_over_tcp(cell, family: int, addr: str) -> No
             server.accept()
 
 
-def test_cannot_reach_host_loopback_over_udp(cell) -> None:
+def test_cannot_reach_host_loopback_over_udp(cell: RunCell) -> None:
     server = _listener(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1")
     port = server.getsockname()[1]
     with server:
@@ -261,7 +263,7 @@ def test_cannot_reach_host_loopback_over_udp(cell) -> None:
             server.recvfrom(100)
 
 
-def test_no_route_to_anywhere(cell) -> None:
+def test_no_route_to_anywhere(cell: RunCell) -> None:
     ran = cell(
         py("""
         import socket
@@ -279,7 +281,7 @@ def test_no_route_to_anywhere(cell) -> None:
     assert lines[3] == "1"  # only lo
 
 
-def test_cannot_reach_host_abstract_unix_socket(cell) -> None:
+def test_cannot_reach_host_abstract_unix_socket(cell: RunCell) -> None:
     name = f"\0buildcell-test-{secrets.token_hex(6)}"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(name)
@@ -301,7 +303,7 @@ def test_cannot_reach_host_abstract_unix_socket(cell) -> None:
             server.accept()
 
 
-def test_cannot_open_raw_or_packet_sockets(cell) -> None:
+def test_cannot_open_raw_or_packet_sockets(cell: RunCell) -> None:
     ran = cell(
         py("""
         import socket
@@ -319,7 +321,7 @@ def test_cannot_open_raw_or_packet_sockets(cell) -> None:
     )
 
 
-def test_no_capabilities_no_new_privs_and_no_setuid_escalation(cell) -> None:
+def test_no_capabilities_no_new_privs_and_no_setuid_escalation(cell: RunCell) -> None:
     ran = cell(
         [
             "/bin/sh",
@@ -336,7 +338,7 @@ def test_no_capabilities_no_new_privs_and_no_setuid_escalation(cell) -> None:
     assert ran.stdout.splitlines()[-1] == "1000"
 
 
-def test_no_controlling_terminal_so_no_tiocsti(bc, tmp_path: Path) -> None:
+def test_no_controlling_terminal_so_no_tiocsti(bc: RunCLI, tmp_path: Path) -> None:
     import pty
 
     leader, follower = pty.openpty()
@@ -357,7 +359,7 @@ def test_no_controlling_terminal_so_no_tiocsti(bc, tmp_path: Path) -> None:
     assert "injected" not in res.stdout
 
 
-def test_fork_bomb_is_contained_by_pids(cell) -> None:
+def test_fork_bomb_is_contained_by_pids(cell: RunCell) -> None:
     started = time.monotonic()
     ran = cell(
         ["/bin/sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 30"],
@@ -369,14 +371,15 @@ def test_fork_bomb_is_contained_by_pids(cell) -> None:
     assert ran.result.teardown.clean
 
 
-def test_memory_hog_is_contained(cell) -> None:
+def test_memory_hog_is_contained(cell: RunCell) -> None:
     ran = cell(
         py("x = bytearray(512 << 20); print('allocated', len(x))"), limits=Limits(memory=96 << 20)
     )
     assert "allocated" not in ran.stdout
     from buildcell.cell.supervisor import limits_backend
+    from buildcell.host import HostEnv
 
-    if "memory" in limits_backend().controllers:
+    if "memory" in limits_backend(HostEnv.read()).controllers:
         assert ran.result.exit_code == 137
         assert ran.result.reason == "oom"
         assert ran.of("limit.oom")
@@ -385,7 +388,7 @@ def test_memory_hog_is_contained(cell) -> None:
         assert ran.of("limit.degraded")
 
 
-def test_disk_fill_is_contained(cell) -> None:
+def test_disk_fill_is_contained(cell: RunCell) -> None:
     free_before = shutil.disk_usage("/tmp").free
     ran = cell(
         [
@@ -402,7 +405,7 @@ def test_disk_fill_is_contained(cell) -> None:
     assert ran.result.teardown is not None and ran.result.teardown.clean
 
 
-def test_sleep_past_timeout(cell) -> None:
+def test_sleep_past_timeout(cell: RunCell) -> None:
     ran = cell(["/bin/sleep", "60"], limits=Limits(timeout=0.5))
     assert ran.result.exit_code == 124
     assert ran.of("limit.timeout")
@@ -420,7 +423,7 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def test_double_forked_daemon_dies_with_the_cell(cell) -> None:
+def test_double_forked_daemon_dies_with_the_cell(cell: RunCell) -> None:
     marker = f"bc-daemon-{secrets.token_hex(4)}"
     ran = cell(
         [
@@ -436,7 +439,7 @@ def test_double_forked_daemon_dies_with_the_cell(cell) -> None:
     assert ran.result.teardown is not None and ran.result.teardown.clean
 
 
-def test_output_symlink_to_a_host_file_is_not_collected(cell, tmp_path: Path) -> None:
+def test_output_symlink_to_a_host_file_is_not_collected(cell: RunCell, tmp_path: Path) -> None:
     secret = Path(tempfile.mkdtemp()) / "host-secret"
     secret.write_text("host secret " + secrets.token_hex(8))
     out = tmp_path / "out"
@@ -458,7 +461,7 @@ def test_output_symlink_to_a_host_file_is_not_collected(cell, tmp_path: Path) ->
 
 
 @root_only
-def test_as_root_cell_processes_are_not_host_root(cell) -> None:
+def test_as_root_cell_processes_are_not_host_root(cell: RunCell) -> None:
     marker = f"bc-uid-{secrets.token_hex(4)}"
     import threading
 
@@ -469,9 +472,10 @@ def test_as_root_cell_processes_are_not_host_root(cell) -> None:
         while time.monotonic() < deadline and not seen:
             for pid in _processes_with(marker):
                 status = Path(f"/proc/{pid}/status").read_text()
-                seen.update(
-                    ln.split(":", 1) for ln in status.splitlines() if ln.startswith(("Uid", "Gid"))
-                )
+                for ln in status.splitlines():
+                    if ln.startswith(("Uid", "Gid")):
+                        key, value = ln.split(":", 1)
+                        seen[key] = value
             time.sleep(0.02)
 
     t = threading.Thread(target=watch)
@@ -483,7 +487,7 @@ def test_as_root_cell_processes_are_not_host_root(cell) -> None:
     assert all(int(g) != 0 for g in seen["Gid"].split())
 
 
-def test_cell_cannot_signal_the_supervisor(cell) -> None:
+def test_cell_cannot_signal_the_supervisor(cell: RunCell) -> None:
     ran = cell(
         py(f"""
         import os, signal
@@ -496,7 +500,7 @@ def test_cell_cannot_signal_the_supervisor(cell) -> None:
     assert ran.stdout.startswith("denied")
 
 
-def test_proc_and_sys_do_not_expose_the_host(cell) -> None:
+def test_proc_and_sys_do_not_expose_the_host(cell: RunCell) -> None:
     ran = cell(
         [
             "/bin/sh",
@@ -509,7 +513,7 @@ def test_proc_and_sys_do_not_expose_the_host(cell) -> None:
     assert "proc-sys-ro" in ran.stdout
 
 
-def test_hostile_probe_is_contained_rootless(bc_rootless) -> None:
+def test_hostile_probe_is_contained_rootless(bc_rootless: RootlessCLI) -> None:
     """The demo's hostile build, run by an unprivileged user: every probe is contained."""
     from tests.conftest import REPO
 

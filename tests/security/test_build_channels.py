@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import IS_ROOT, UNPRIVILEGED, cli_env, read_events
+from tests.conftest import IS_ROOT, UNPRIVILEGED, RootlessCLI, RunCLI, cli_env, read_events
 from tests.netservers import http_origin
 from tests.oci_images import TarEntry, make_host_tools_layout
 
@@ -115,7 +115,7 @@ class Mode:
 
 
 @pytest.fixture
-def root_mode(bc, state_root: Path) -> Mode:  # type: ignore[no-untyped-def]
+def root_mode(bc: RunCLI, state_root: Path) -> Mode:
     if not IS_ROOT:
         pytest.skip("needs buildcell to run as root")
     base = state_root / "projects"
@@ -124,7 +124,7 @@ def root_mode(bc, state_root: Path) -> Mode:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def rootless_mode(bc_rootless) -> Mode:  # type: ignore[no-untyped-def]
+def rootless_mode(bc_rootless: RootlessCLI) -> Mode:
     home: Path = bc_rootless.home
     base = home / "projects"
     base.mkdir()

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import cli_env
+from tests.conftest import RunCLI, cli_env
 
 CACHED = """\
 version: 1
@@ -29,7 +29,7 @@ outputs: ["seen.txt"]
 """
 
 
-def _build(bc, proj: Path, mark: str, *args: str) -> set[str]:  # type: ignore[no-untyped-def]
+def _build(bc: RunCLI, proj: Path, mark: str, *args: str) -> set[str]:
     (proj / "buildcell.yaml").write_text(CACHED.format(mark=mark))
     out = proj / f"out-{mark}"
     res = bc("build", "--project", "acme", "--trust", "untrusted", "--out", str(out), *args,
@@ -38,7 +38,7 @@ def _build(bc, proj: Path, mark: str, *args: str) -> set[str]:  # type: ignore[n
     return set((out / "seen.txt").read_text().split()) - {".", ".."}
 
 
-def test_two_pull_requests_never_share_a_cache(bc, tmp_path: Path) -> None:
+def test_two_pull_requests_never_share_a_cache(bc: RunCLI, tmp_path: Path) -> None:
     proj = tmp_path / "p"
     proj.mkdir()
     assert _build(bc, proj, "pr1", "--ref", "refs/pull/1/merge") == set()
@@ -48,7 +48,7 @@ def test_two_pull_requests_never_share_a_cache(bc, tmp_path: Path) -> None:
     assert _build(bc, proj, "pr1b", "--ref", "refs/pull/1/merge") == {"poison-pr1"}
 
 
-def test_an_untrusted_build_without_ref_keeps_nothing(bc, tmp_path: Path) -> None:
+def test_an_untrusted_build_without_ref_keeps_nothing(bc: RunCLI, tmp_path: Path) -> None:
     proj = tmp_path / "p"
     proj.mkdir()
     (proj / "buildcell.yaml").write_text(CACHED.format(mark="a"))
@@ -60,7 +60,7 @@ def test_an_untrusted_build_without_ref_keeps_nothing(bc, tmp_path: Path) -> Non
     assert _build(bc, proj, "c", "--ref", "refs/pull/3/merge") == set()
 
 
-def test_trusted_builds_never_read_untrusted_caches(bc, tmp_path: Path) -> None:
+def test_trusted_builds_never_read_untrusted_caches(bc: RunCLI, tmp_path: Path) -> None:
     proj = tmp_path / "p"
     proj.mkdir()
     _build(bc, proj, "pr", "--ref", "refs/heads/main")
@@ -71,7 +71,7 @@ def test_trusted_builds_never_read_untrusted_caches(bc, tmp_path: Path) -> None:
     assert (proj / "o" / "seen.txt").read_text().split() == [".", ".."]
 
 
-def test_cache_scope_is_in_the_record_and_policy_context(bc, tmp_path: Path) -> None:
+def test_cache_scope_is_in_the_record_and_policy_context(bc: RunCLI, tmp_path: Path) -> None:
     proj = tmp_path / "p"
     proj.mkdir()
     (proj / "buildcell.yaml").write_text(CACHED.format(mark="x"))

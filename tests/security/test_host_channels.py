@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import cli_env, root_only
+from tests.conftest import Ran, RunCell, cli_env, root_only
 
 from buildcell.cell.seccomp import NETLINK_PROTOCOLS, SOCKET_FAMILIES
 
@@ -48,7 +48,7 @@ def py(code: str) -> list[str]:
     return [PY, "-c", textwrap.dedent(code)]
 
 
-def _report(ran: Any) -> dict[str, Any]:
+def _report(ran: Ran) -> dict[str, Any]:
     assert ran.result.exit_code == 0, ran.stderr
     return dict(json.loads(ran.stdout))
 
@@ -66,7 +66,7 @@ def _host_has_vsock() -> bool:
     return True
 
 
-def test_vsock_to_the_host_and_to_local_is_refused(cell) -> None:
+def test_vsock_to_the_host_and_to_local_is_refused(cell: RunCell) -> None:
     # The control: on the host, creating one works (no connection is made here).
     host_has_vsock = _host_has_vsock()
     ran = cell(
@@ -145,7 +145,7 @@ def pair(family, kind):
 
 
 @x86_64_only
-def test_every_refused_family_answers_eafnosupport(cell) -> None:
+def test_every_refused_family_answers_eafnosupport(cell: RunCell) -> None:
     # Also families no kernel has yet, and values only the low 32 bits make small.
     families = [*REFUSED_FAMILIES, *range(46, 70), 255, 1 << 16, 2**31 - 1, 2**64 - 1]
     ran = cell(
@@ -168,7 +168,7 @@ print(json.dumps(out))
 
 
 @x86_64_only
-def test_refused_netlink_protocols_and_inet_aliases(cell) -> None:
+def test_refused_netlink_protocols_and_inet_aliases(cell: RunCell) -> None:
     ran = cell(
         py(
             _PROBE_SOCKETS
@@ -192,7 +192,7 @@ print(json.dumps(out))
     assert report["inet6/IPPROTO_SMC"] == errno.EPROTONOSUPPORT
 
 
-def test_unix_inet_and_route_netlink_keep_working(cell) -> None:
+def test_unix_inet_and_route_netlink_keep_working(cell: RunCell) -> None:
     ip = next((p for p in ("/usr/sbin/ip", "/usr/bin/ip", "/sbin/ip") if os.path.exists(p)), None)
     ran = cell(
         py(f"""
@@ -273,7 +273,7 @@ def _host_runs_i386_syscalls() -> bool:
 
 @x86_64_only
 @pytest.mark.parametrize("call", ["socketcall_socket", "i386_socket"])
-def test_i386_socket_calls_kill_the_process(cell, call: str) -> None:
+def test_i386_socket_calls_kill_the_process(cell: RunCell, call: str) -> None:
     if not _host_runs_i386_syscalls():
         pytest.skip("this kernel does not run i386 syscalls (no IA32 emulation)")
     if _host_has_vsock():
@@ -295,7 +295,7 @@ print("returned", {call}({AF_VSOCK}, 1))
 
 
 @x86_64_only
-def test_x32_socket_call_kills_the_process(cell) -> None:
+def test_x32_socket_call_kills_the_process(cell: RunCell) -> None:
     ran = cell(
         py(f"""
         import ctypes, sys
@@ -331,7 +331,7 @@ print(json.dumps(out))
 
 
 @x86_64_only
-def test_io_uring_cannot_be_set_up(cell) -> None:
+def test_io_uring_cannot_be_set_up(cell: RunCell) -> None:
     host = _run_on_host(_IO_URING)
     assert host.returncode == 0, host.stderr
     ran = cell([PY, "-c", _IO_URING])
@@ -503,7 +503,7 @@ def test_no_defunct_bubblewrap_under_an_init_that_never_reaps(
     assert report["zombies"] == []
 
 
-def test_cells_run_in_process_leave_no_zombie_of_the_supervisor(cell) -> None:
+def test_cells_run_in_process_leave_no_zombie_of_the_supervisor(cell: RunCell) -> None:
     # This process is the supervisor here: the inits bubblewrap leaves are reparented to it.
     for command, code in (
         (["/bin/true"], 0),

@@ -19,11 +19,11 @@ import struct
 import subprocess
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import RunCLI
 from tests.git_objects import delta, write_pack
 
 GIT = shutil.which("git")
@@ -159,9 +159,7 @@ class Attack:
         return git_dir
 
 
-def run_build(
-    bc: Callable[..., subprocess.CompletedProcess[str]], attack: Attack
-) -> dict[str, Any]:
+def run_build(bc: RunCLI, attack: Attack) -> dict[str, Any]:
     """Build the attacker's spec as root would in CI; return the source parameter."""
     out = attack.base / "out"
     start = time.monotonic()
@@ -226,7 +224,7 @@ def test_the_layout_runs_evil_sh_through_git_itself(attack: Attack) -> None:
 # --- configuration never runs -------------------------------------------------------------
 
 
-def test_the_spec_directory_laid_out_as_a_bare_repository(bc, attack: Attack) -> None:
+def test_the_spec_directory_laid_out_as_a_bare_repository(bc: RunCLI, attack: Attack) -> None:
     attack.hostile_git_dir(attack.spec_dir, worktree=".")
     source = run_build(bc, attack)
     # Not a repository at all: only a directory named .git makes one.
@@ -234,7 +232,7 @@ def test_the_spec_directory_laid_out_as_a_bare_repository(bc, attack: Attack) ->
     assert not source["uri"].startswith("git+")
 
 
-def test_a_hostile_dot_git_directory_is_read_not_run(bc, attack: Attack) -> None:
+def test_a_hostile_dot_git_directory_is_read_not_run(bc: RunCLI, attack: Attack) -> None:
     commit = attack.hostile_git_dir(attack.dot_git(), worktree="/")
     source = run_build(bc, attack)
     assert source["digest"]["gitCommit"] == commit
@@ -242,7 +240,7 @@ def test_a_hostile_dot_git_directory_is_read_not_run(bc, attack: Attack) -> None
     assert source["annotations"]["dirty"] is False  # the commit tracks nothing
 
 
-def test_a_config_that_is_a_fifo_is_never_opened(bc, attack: Attack) -> None:
+def test_a_config_that_is_a_fifo_is_never_opened(bc: RunCLI, attack: Attack) -> None:
     git_dir = attack.dot_git()
     commit = attack.hostile_git_dir(git_dir)
     (git_dir / "config").unlink()
@@ -256,7 +254,7 @@ def test_a_config_that_is_a_fifo_is_never_opened(bc, attack: Attack) -> None:
 
 
 @pytest.mark.parametrize("target", ["../../fake", "/FAKE", "fake-inside"])
-def test_a_gitdir_file_is_not_followed(bc, attack: Attack, target: str) -> None:
+def test_a_gitdir_file_is_not_followed(bc: RunCLI, attack: Attack, target: str) -> None:
     if target == "fake-inside":
         fake = attack.spec_dir / "fake-inside"
     elif target == "/FAKE":
@@ -271,7 +269,7 @@ def test_a_gitdir_file_is_not_followed(bc, attack: Attack, target: str) -> None:
 
 
 @pytest.mark.parametrize("target", ["/", "fake", "/proc/self/cwd", "/dev/zero"])
-def test_a_dot_git_symlink_is_not_followed(bc, attack: Attack, target: str) -> None:
+def test_a_dot_git_symlink_is_not_followed(bc: RunCLI, attack: Attack, target: str) -> None:
     if target == "fake":
         attack.hostile_git_dir(attack.base / "fake")
         target = str(attack.base / "fake")
@@ -292,7 +290,7 @@ def test_a_dot_git_symlink_is_not_followed(bc, attack: Attack, target: str) -> N
     ],
 )
 def test_links_and_fifos_inside_dot_git(
-    bc, attack: Attack, name: str, how: str, reason: str
+    bc: RunCLI, attack: Attack, name: str, how: str, reason: str
 ) -> None:
     git_dir = attack.dot_git()
     attack.hostile_git_dir(git_dir)
@@ -313,7 +311,7 @@ def test_links_and_fifos_inside_dot_git(
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to make files of another owner")
-def test_a_dot_git_above_the_checkout_of_another_owner(bc, attack: Attack) -> None:
+def test_a_dot_git_above_the_checkout_of_another_owner(bc: RunCLI, attack: Attack) -> None:
     # Another local user's /tmp/.git would otherwise describe every build below /tmp.
     outer = attack.spec_dir.parent / ".git"
     outer.mkdir()
@@ -337,7 +335,7 @@ def _crafted(attack: Attack, head: bytes) -> Path:
     return git_dir
 
 
-def test_a_pack_index_claiming_billions_of_objects(bc, attack: Attack) -> None:
+def test_a_pack_index_claiming_billions_of_objects(bc: RunCLI, attack: Attack) -> None:
     git_dir = _crafted(attack, _fake_id(0))
     pack_dir = git_dir / "objects" / "pack"
     pack_dir.mkdir(exist_ok=True)
@@ -347,7 +345,7 @@ def test_a_pack_index_claiming_billions_of_objects(bc, attack: Attack) -> None:
     unreadable(run_build(bc, attack), "claims more objects")
 
 
-def test_a_looping_delta_chain(bc, attack: Attack) -> None:
+def test_a_looping_delta_chain(bc: RunCLI, attack: Attack) -> None:
     a, b = _fake_id(1), _fake_id(2)
     git_dir = _crafted(attack, a)
     write_pack(
@@ -356,7 +354,7 @@ def test_a_looping_delta_chain(bc, attack: Attack) -> None:
     unreadable(run_build(bc, attack), "delta chain longer than")
 
 
-def test_a_huge_delta_chain(bc, attack: Attack) -> None:
+def test_a_huge_delta_chain(bc: RunCLI, attack: Attack) -> None:
     entries: list[tuple[bytes, int, bytes, int | bytes | None]] = [(_fake_id(0), 1, b"x", None)]
     entries += [(_fake_id(i), 1, delta(1, 1, b"\x01x"), i - 1) for i in range(1, 5000)]
     git_dir = _crafted(attack, entries[-1][0])
@@ -364,7 +362,7 @@ def test_a_huge_delta_chain(bc, attack: Attack) -> None:
     unreadable(run_build(bc, attack), "delta chain longer than")
 
 
-def test_an_exploding_delta_chain(bc, attack: Attack) -> None:
+def test_an_exploding_delta_chain(bc: RunCLI, attack: Attack) -> None:
     # Every delta doubles its base with 64 KiB copies: tiny deltas, gigabytes of result.
     size = 1 << 16
     entries: list[tuple[bytes, int, bytes, int | bytes | None]] = [
@@ -378,7 +376,7 @@ def test_an_exploding_delta_chain(bc, attack: Attack) -> None:
     unreadable(run_build(bc, attack), "larger than")
 
 
-def test_a_zlib_bomb_as_the_head_commit(bc, attack: Attack) -> None:
+def test_a_zlib_bomb_as_the_head_commit(bc: RunCLI, attack: Attack) -> None:
     oid = _fake_id(7)
     git_dir = _crafted(attack, oid)
     size = 1 << 30
@@ -393,7 +391,7 @@ def test_a_zlib_bomb_as_the_head_commit(bc, attack: Attack) -> None:
     unreadable(run_build(bc, attack), "larger than")
 
 
-def test_a_forged_commit_is_not_believed(bc, attack: Attack) -> None:
+def test_a_forged_commit_is_not_believed(bc: RunCLI, attack: Attack) -> None:
     # A loose object under the id HEAD names, holding a commit that is not that id.
     oid = _fake_id(9)
     git_dir = _crafted(attack, oid)
@@ -404,7 +402,7 @@ def test_a_forged_commit_is_not_believed(bc, attack: Attack) -> None:
     unreadable(run_build(bc, attack), "does not match its id")
 
 
-def test_alternates_are_not_followed(bc, attack: Attack) -> None:
+def test_alternates_are_not_followed(bc: RunCLI, attack: Attack) -> None:
     # The objects live in a host repository that alternates would reach.
     host_repo = attack.base / "host-repo"
     host_repo.mkdir()
@@ -428,7 +426,7 @@ def test_alternates_are_not_followed(bc, attack: Attack) -> None:
 # --- the work tree ------------------------------------------------------------------------
 
 
-def test_a_tracked_file_replaced_by_a_fifo(bc, attack: Attack) -> None:
+def test_a_tracked_file_replaced_by_a_fifo(bc: RunCLI, attack: Attack) -> None:
     (attack.spec_dir / "data.txt").write_text("tracked\n")
     git(attack.spec_dir, "init", "-q")
     git(attack.spec_dir, "add", "-A")
@@ -440,7 +438,7 @@ def test_a_tracked_file_replaced_by_a_fifo(bc, attack: Attack) -> None:
     assert source["annotations"]["dirty"] is True
 
 
-def test_a_tracked_directory_swapped_for_a_link_to_the_host(bc, attack: Attack) -> None:
+def test_a_tracked_directory_swapped_for_a_link_to_the_host(bc: RunCLI, attack: Attack) -> None:
     (attack.spec_dir / "etc").mkdir()
     (attack.spec_dir / "etc" / "hostname").write_text("x\n")
     git(attack.spec_dir, "init", "-q")

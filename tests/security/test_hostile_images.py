@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import UNPRIVILEGED, _system_python, root_only
+from tests.conftest import UNPRIVILEGED, RunCLI, _system_python, root_only
 from tests.oci_images import (
     OCI_LAYER_TAR,
     Member,
@@ -108,7 +108,7 @@ def oci_cache(state_root: Path) -> Path:
     return state_root / "state" / "cache" / "oci"
 
 
-def run_image(bc: Any, image: Path, digest: str, *argv: str) -> subprocess.CompletedProcess[str]:
+def run_image(bc: RunCLI, image: Path, digest: str, *argv: str) -> subprocess.CompletedProcess[str]:
     """``buildcell run --rootfs oci:IMAGE@DIGEST -- ARGV``, from an empty directory."""
     work = image.parent / "work"
     work.mkdir(exist_ok=True)
@@ -135,7 +135,7 @@ def assert_refused(res: subprocess.CompletedProcess[str], *words: str) -> str:
 @root_only
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_sparse_bomb_is_refused_before_a_byte_is_written(
-    bc: Any, images: Path, oci_cache: Path, fmt: SparseFormat
+    bc: RunCLI, images: Path, oci_cache: Path, fmt: SparseFormat
 ) -> None:
     """Twelve 1.5 GiB sparse members (long names, so the name headers are in play too)
     in a blob of a few kilobytes declare 18 GiB: refused at the member that crosses the
@@ -157,7 +157,7 @@ def test_a_sparse_bomb_is_refused_before_a_byte_is_written(
 
 @root_only
 def test_sparse_members_within_the_budget_are_written_sparse(
-    bc: Any, images: Path, oci_cache: Path
+    bc: RunCLI, images: Path, oci_cache: Path
 ) -> None:
     """The issue's blob (three 600 MiB sparse members) fits the default budget: it is
     unpacked, runs, and takes a few kilobytes of disk instead of 1.8 GiB."""
@@ -225,7 +225,7 @@ def test_sparse_members_within_the_budget_are_written_sparse(
     ],
 )
 def test_hostile_sparse_headers_are_refused_end_to_end(
-    bc: Any, images: Path, oci_cache: Path, members: list[Any], words: list[str]
+    bc: RunCLI, images: Path, oci_cache: Path, members: list[Any], words: list[str]
 ) -> None:
     image = images / "hostile"
     digest = make_oci_layout(image, [[F("keep", b"k"), *members]])
@@ -241,7 +241,7 @@ def test_hostile_sparse_headers_are_refused_end_to_end(
 
 @root_only
 def test_a_member_repeated_in_many_layers_is_charged_each_time(
-    bc: Any, images: Path, oci_cache: Path
+    bc: RunCLI, images: Path, oci_cache: Path
 ) -> None:
     """Only one 1.5 GiB file exists at a time (each layer whites out the last one), but
     every copy was written: twelve of them do not fit in 16 GiB."""
@@ -254,7 +254,9 @@ def test_a_member_repeated_in_many_layers_is_charged_each_time(
 
 
 @root_only
-def test_whiteouts_of_sparse_files_and_their_links(bc: Any, images: Path, oci_cache: Path) -> None:
+def test_whiteouts_of_sparse_files_and_their_links(
+    bc: RunCLI, images: Path, oci_cache: Path
+) -> None:
     image = images / "whiteouts"
     lower: list[Member] = [
         D("d/"),
@@ -270,7 +272,9 @@ def test_whiteouts_of_sparse_files_and_their_links(bc: Any, images: Path, oci_ca
 
 @root_only
 @pytest.mark.parametrize("kind", ["oci-media-type", "docker-archive"])
-def test_zstd_layers_are_refused_unread(bc: Any, images: Path, oci_cache: Path, kind: str) -> None:
+def test_zstd_layers_are_refused_unread(
+    bc: RunCLI, images: Path, oci_cache: Path, kind: str
+) -> None:
     zstd_frame = b"\x28\xb5\x2f\xfd" + b"\0" * 64  # the magic, then anything
     if kind == "oci-media-type":
         image = images / "zstd"
@@ -416,7 +420,7 @@ def loose_modes(root: Path) -> list[str]:
 
 @root_only
 def test_no_other_user_can_write_into_a_cached_image(
-    bc: Any, images: Path, state_root: Path, oci_cache: Path
+    bc: RunCLI, images: Path, state_root: Path, oci_cache: Path
 ) -> None:
     """The issue's finding: a 0777 directory of an image kept its mode in the root-owned
     cache, and an unprivileged user wrote a file there that every later build saw."""
@@ -450,7 +454,7 @@ def test_no_other_user_can_write_into_a_cached_image(
 
 @root_only
 def test_the_cache_is_not_writable_by_others_after_a_refusal_either(
-    bc: Any, images: Path, state_root: Path
+    bc: RunCLI, images: Path, state_root: Path
 ) -> None:
     image = images / "bomb"
     digest = make_oci_layout(image, [[D("ww/", mode=0o777), sparse("ww/f", 20 * GiB)]])
@@ -487,7 +491,7 @@ def _layout_attacks() -> list[str]:
 @root_only
 @pytest.mark.parametrize("attack", _layout_attacks())
 def test_layout_files_are_opened_beneath_the_layout(
-    bc: Any, images: Path, oci_cache: Path, canary: Path, attack: str
+    bc: RunCLI, images: Path, oci_cache: Path, canary: Path, attack: str
 ) -> None:
     image = images / "layout"
     built = build_oci_layout([[F("etc/os-release", b"ID=x\n")]])
@@ -649,7 +653,7 @@ def test_a_full_disk_is_an_error_and_leaves_nothing_half_done(
 
 
 @root_only
-def test_a_full_disk_end_to_end_is_one_line(bc: Any, images: Path, state_root: Path) -> None:
+def test_a_full_disk_end_to_end_is_one_line(bc: RunCLI, images: Path, state_root: Path) -> None:
     image = images / "big"
     digest = make_oci_layout(image, [[F(f"f{n}", os.urandom(MiB)) for n in range(4)]])
     cache = state_root / "state" / "cache"
@@ -679,7 +683,7 @@ def test_errors_are_one_line_for_every_refusal_here(tmp_path: Path) -> None:
 
 @root_only
 def test_the_build_s_image_budget_comes_from_the_configuration(
-    bc: Any, tmp_path: Path, state_root: Path
+    bc: RunCLI, tmp_path: Path, state_root: Path
 ) -> None:
     proj = tmp_path / "p"
     members = [sparse(f"big-{n}", 8 * MiB, "gnu") for n in range(4)]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import REPO, root_only
+from tests.conftest import REPO, RunCLI, root_only
 from tests.netservers import Origin, http_origin
 
 from buildcell.allowlist import parse_allow, spec_entry_problem
@@ -88,7 +88,7 @@ def _spec(project: Path, inputs: list[dict[str, str]], *, network: str = "") -> 
     return spec
 
 
-def _build(bc: Any, project: Path, *flags: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+def _build(bc: RunCLI, project: Path, *flags: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     out = project.parent / "out"
     return bc(
         "build", "-f", str(project / "buildcell.yaml"), "--out", str(out), *flags,
@@ -221,7 +221,7 @@ FILE_ATTACKS = [
 @pytest.mark.parametrize("pin", ["real", "wrong"])
 @pytest.mark.parametrize(("plant", "why"), FILE_ATTACKS)
 def test_file_inputs_cannot_read_host_files(
-    bc: Any,
+    bc: RunCLI,
     *,
     state_root: Path,
     project: Path,
@@ -242,7 +242,7 @@ def test_file_inputs_cannot_read_host_files(
     assert_contained(res, state_root, project, names=rel[:40], why=why, secret=host)
 
 
-def test_file_input_etc_shadow(bc: Any, state_root: Path, project: Path) -> None:
+def test_file_input_etc_shadow(bc: RunCLI, state_root: Path, project: Path) -> None:
     shadow = Path("/etc/shadow")
     digest = hashlib.sha256(shadow.read_bytes()).hexdigest() if os.access(shadow, os.R_OK) else ""
     for rel in ("/etc/shadow", "../../../../../../../../../etc/shadow"):
@@ -254,7 +254,7 @@ def test_file_input_etc_shadow(bc: Any, state_root: Path, project: Path) -> None
 
 
 def test_a_file_inside_the_project_still_works(
-    bc: Any, state_root: Path, project: Path, host: Host
+    bc: RunCLI, state_root: Path, project: Path, host: Host
 ) -> None:
     (project / "third_party" / "real").mkdir(parents=True)
     (project / "third_party" / "real" / "dep.txt").write_bytes(GOOD)
@@ -267,7 +267,7 @@ def test_a_file_inside_the_project_still_works(
 
 @pytest.mark.timeout(120)
 def test_a_symlink_swapped_in_while_builds_run(
-    bc: Any, state_root: Path, project: Path, host: Host
+    bc: RunCLI, state_root: Path, project: Path, host: Host
 ) -> None:
     # The checkout changes under buildcell (another job, a concurrent process): the name
     # flips between the pinned file and a symlink to the host's secret as fast as it can.
@@ -446,7 +446,7 @@ LOOPBACK_FORMS = [
 
 @pytest.mark.parametrize("form", LOOPBACK_FORMS)
 def test_url_inputs_cannot_reach_host_loopback(
-    bc: Any, state_root: Path, project: Path, origin: Origin, form: str
+    bc: RunCLI, state_root: Path, project: Path, origin: Origin, form: str
 ) -> None:
     url = f"http://{form}:{origin.port}/x"
     _, digest = _served(origin)
@@ -481,7 +481,7 @@ def test_url_inputs_cannot_reach_host_loopback(
     ],
 )
 def test_url_inputs_cannot_reach_non_public_addresses(
-    bc: Any, state_root: Path, project: Path, address: str, reason: str
+    bc: RunCLI, state_root: Path, project: Path, address: str, reason: str
 ) -> None:
     url = f"http://{address}/latest/meta-data/iam/security-credentials/"
     _url_spec(project, url)
@@ -504,7 +504,7 @@ def test_url_inputs_cannot_reach_non_public_addresses(
     ids=["loopback", "public-then-loopback", "loopback-then-public", "v6-mixed", "mapped"],
 )
 def test_a_public_looking_name_resolving_to_loopback(
-    bc: Any,
+    bc: RunCLI,
     *,
     state_root: Path,
     project: Path,
@@ -523,7 +523,7 @@ def test_a_public_looking_name_resolving_to_loopback(
     assert origin.hits == []
 
 
-def test_localhost_names(bc: Any, state_root: Path, project: Path, origin: Origin) -> None:
+def test_localhost_names(bc: RunCLI, state_root: Path, project: Path, origin: Origin) -> None:
     # Whatever this host's resolver does with these, none of them may reach loopback.
     name = socket.gethostname()
     for host in ("localhost", "LOCALHOST", name, f"{name}.", "localhost.", "x.localhost"):
@@ -541,7 +541,9 @@ def test_localhost_names(bc: Any, state_root: Path, project: Path, origin: Origi
 # -- what the operator grants --------------------------------------------------------------
 
 
-def test_an_operator_grant_lets_the_fetch_through(bc: Any, project: Path, origin: Origin) -> None:
+def test_an_operator_grant_lets_the_fetch_through(
+    bc: RunCLI, project: Path, origin: Origin
+) -> None:
     body, digest = _served(origin)
     _url_spec(project, f"http://127.0.0.1:{origin.port}/x", digest)
     res = _build(bc, project, "--allow-fetch", f"127.0.0.1:{origin.port}")
@@ -551,7 +553,7 @@ def test_an_operator_grant_lets_the_fetch_through(bc: Any, project: Path, origin
 
 
 def test_a_grant_in_the_configuration_file(
-    bc: Any, tmp_path: Path, project: Path, origin: Origin
+    bc: RunCLI, tmp_path: Path, project: Path, origin: Origin
 ) -> None:
     _, digest = _served(origin)
     config = tmp_path / "config.yaml"
@@ -563,7 +565,7 @@ def test_a_grant_in_the_configuration_file(
 
 
 def test_a_grant_is_for_that_destination_only(
-    bc: Any, state_root: Path, project: Path, origin: Origin
+    bc: RunCLI, state_root: Path, project: Path, origin: Origin
 ) -> None:
     _url_spec(project, f"http://127.0.0.1:{origin.port}/x", _served(origin)[1])
     for grant in (f"127.0.0.1:{origin.port + 1}", f"127.0.0.2:{origin.port}", "example.org"):
@@ -573,7 +575,7 @@ def test_a_grant_is_for_that_destination_only(
 
 
 def test_a_granted_server_cannot_redirect_to_loopback(
-    bc: Any, state_root: Path, project: Path
+    bc: RunCLI, state_root: Path, project: Path
 ) -> None:
     with _redirector() as (port, location), http_origin("victim") as victim:
         for target in (f"http://127.0.0.1:{victim.port}/x", f"http://[::1]:{victim.port}/x"):
@@ -659,7 +661,7 @@ def test_spec_chosen_private_destinations_are_refused_by_the_guard(entry: str) -
 
 @pytest.mark.parametrize("entry", SPEC_CHOSEN)
 def test_spec_chosen_private_destinations_are_refused_end_to_end(
-    bc: Any, state_root: Path, project: Path, origin: Origin, entry: str
+    bc: RunCLI, state_root: Path, project: Path, origin: Origin, entry: str
 ) -> None:
     text = entry.format(port=origin.port)
     (project / "buildcell.yaml").write_text(
@@ -677,7 +679,7 @@ def test_spec_chosen_private_destinations_are_refused_end_to_end(
 
 
 def test_an_operator_grants_a_spec_chosen_loopback_destination(
-    bc: Any, state_root: Path, project: Path, origin: Origin
+    bc: RunCLI, state_root: Path, project: Path, origin: Origin
 ) -> None:
     # As in CI: the spec names a service on the runner; only the operator's --allow (for
     # the address) makes it reachable.

@@ -17,10 +17,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tests.conftest import IS_ROOT, UNPRIVILEGED, cli_env, root_only
+from tests.conftest import IS_ROOT, UNPRIVILEGED, RunCell, RunCLI, cli_env, root_only
 
 from buildcell.cell import CellConfig, DirRootfs
 from buildcell.errors import ConfigError
@@ -72,7 +74,7 @@ outputs: ["dist/*", "top.txt"]
 # -- the output directory ----------------------------------------------------------------
 
 
-def test_committed_out_symlink_is_refused(bc, tmp_path: Path) -> None:
+def test_committed_out_symlink_is_refused(bc: RunCLI, tmp_path: Path) -> None:
     victim = _victim(tmp_path)
     proj = _project(tmp_path / "p", BUILD)
     (proj / "buildcell-out").symlink_to(victim)  # the default --out
@@ -87,7 +89,7 @@ def test_committed_out_symlink_is_refused(bc, tmp_path: Path) -> None:
     _unchanged(victim)
 
 
-def test_symlinked_parent_of_out_is_refused(bc, tmp_path: Path) -> None:
+def test_symlinked_parent_of_out_is_refused(bc: RunCLI, tmp_path: Path) -> None:
     victim = _victim(tmp_path)
     proj = _project(tmp_path / "p", BUILD)
     (proj / "artifacts").symlink_to(victim)
@@ -103,7 +105,7 @@ def test_symlinked_parent_of_out_is_refused(bc, tmp_path: Path) -> None:
     "planted", [".outputs.json.tmp", "outputs.json", "provenance.intoto.jsonl", "dist/a", "dist"]
 )
 def test_planted_symlinks_in_an_existing_out_dir_are_refused(
-    bc, tmp_path: Path, planted: str
+    bc: RunCLI, tmp_path: Path, planted: str
 ) -> None:
     victim = _victim(tmp_path)
     target = victim / "outputs.json"
@@ -123,7 +125,7 @@ def test_planted_symlinks_in_an_existing_out_dir_are_refused(
     assert link.is_symlink()  # refused, not silently replaced
 
 
-def test_run_outputs_never_write_through_a_planted_symlink(bc, tmp_path: Path) -> None:
+def test_run_outputs_never_write_through_a_planted_symlink(bc: RunCLI, tmp_path: Path) -> None:
     victim = _victim(tmp_path)
     proj = tmp_path / "p"
     out = proj / "buildcell-out"
@@ -136,7 +138,7 @@ def test_run_outputs_never_write_through_a_planted_symlink(bc, tmp_path: Path) -
     _unchanged(victim)
 
 
-def test_an_out_dir_holding_other_files_is_not_replaced(bc, tmp_path: Path) -> None:
+def test_an_out_dir_holding_other_files_is_not_replaced(bc: RunCLI, tmp_path: Path) -> None:
     proj = _project(tmp_path / "p", BUILD)
     home = tmp_path / "home"
     home.mkdir()
@@ -148,7 +150,7 @@ def test_an_out_dir_holding_other_files_is_not_replaced(bc, tmp_path: Path) -> N
     assert sorted(p.name for p in home.iterdir()) == ["thesis.tex"]
 
 
-def test_outputs_replace_the_directory_as_a_whole(bc, tmp_path: Path) -> None:
+def test_outputs_replace_the_directory_as_a_whole(bc: RunCLI, tmp_path: Path) -> None:
     proj = _project(tmp_path / "p", BUILD)
     assert bc("build", cwd=proj).returncode == 0
     out = proj / "buildcell-out"
@@ -167,7 +169,7 @@ def test_outputs_replace_the_directory_as_a_whole(bc, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("link_target", ["/oldroot{victim}", "{victim}", "../../{name}"])
 def test_input_below_a_workspace_symlink_never_touches_the_host(
-    bc, tmp_path: Path, link_target: str
+    bc: RunCLI, tmp_path: Path, link_target: str
 ) -> None:
     victim = tmp_path / "victim-dir"
     victim.mkdir()
@@ -200,7 +202,7 @@ steps:
     assert list(victim.iterdir()) == []
 
 
-def test_input_over_a_workspace_symlink_is_bound_in_its_place(bc, tmp_path: Path) -> None:
+def test_input_over_a_workspace_symlink_is_bound_in_its_place(bc: RunCLI, tmp_path: Path) -> None:
     import hashlib
 
     payload = b"pinned input\n"
@@ -239,7 +241,7 @@ def _busybox_root(root: Path) -> Path:
 @needs_busybox
 @pytest.mark.parametrize("etc", ["/", "/etc", "..", "../../../../..", "/proc/self/root/etc"])
 def test_rootfs_etc_symlink_never_shows_the_host(
-    cell, state_root: Path, etc: str, tmp_path: Path
+    cell: RunCell, state_root: Path, etc: str, tmp_path: Path
 ) -> None:
     canary = Path("/tmp") / f"buildcell-canary-{secrets.token_hex(6)}"
     canary.write_text("host tmp\n")
@@ -264,7 +266,7 @@ def test_rootfs_etc_symlink_never_shows_the_host(
         canary.unlink()
 
 
-def test_spec_rootfs_outside_its_directory_is_refused(bc, tmp_path: Path) -> None:
+def test_spec_rootfs_outside_its_directory_is_refused(bc: RunCLI, tmp_path: Path) -> None:
     proj = tmp_path / "p"
     proj.mkdir()
     (proj / "escape").symlink_to("/")
@@ -282,7 +284,7 @@ def test_spec_rootfs_outside_its_directory_is_refused(bc, tmp_path: Path) -> Non
         assert "rootfs" in line or "image" in line, (rootfs, line)
 
 
-def test_cell_rootfs_beneath_refuses_symlinks_out(tmp_path: Path, cell) -> None:
+def test_cell_rootfs_beneath_refuses_symlinks_out(tmp_path: Path, cell: RunCell) -> None:
     proj = tmp_path / "p"
     proj.mkdir()
     (proj / "myroot").symlink_to("/")
@@ -307,7 +309,9 @@ def _bwrap_cmdlines() -> list[bytes]:
     return found
 
 
-def test_bwrap_argv_and_pid1_carry_no_host_path(bc, tmp_path: Path, state_root: Path) -> None:
+def test_bwrap_argv_and_pid1_carry_no_host_path(
+    bc: RunCLI, tmp_path: Path, state_root: Path
+) -> None:
     proj = tmp_path / "p"
     proj.mkdir()
     (proj / "marker").write_text("m")
@@ -340,7 +344,9 @@ def test_bwrap_argv_and_pid1_carry_no_host_path(bc, tmp_path: Path, state_root: 
 
 
 @root_only
-def test_another_user_cannot_read_a_running_workspace(bc, tmp_path: Path, state_root: Path) -> None:
+def test_another_user_cannot_read_a_running_workspace(
+    bc: RunCLI, tmp_path: Path, state_root: Path
+) -> None:
     proj = tmp_path / "p"
     proj.mkdir()
     os.chmod(tmp_path, 0o755)
@@ -383,15 +389,17 @@ def test_another_user_cannot_read_a_running_workspace(bc, tmp_path: Path, state_
 # -- bounded by default --------------------------------------------------------------------
 
 
-def test_default_pids_limit_applies_without_flags(cell_cli_events) -> None:
+def test_default_pids_limit_applies_without_flags(
+    cell_cli_events: Callable[[list[str]], list[dict[str, Any]]],
+) -> None:
     events = cell_cli_events(["run", "--", "true"])
     (start,) = [e for e in events if e["event"] == "cell.start"]
     assert start["limits"]["pids"] == 4096
 
 
 @pytest.fixture
-def cell_cli_events(bc, tmp_path: Path):  # type: ignore[no-untyped-def]
-    def run(args: list[str]) -> list[dict[str, object]]:
+def cell_cli_events(bc: RunCLI, tmp_path: Path) -> Callable[[list[str]], list[dict[str, Any]]]:
+    def run(args: list[str]) -> list[dict[str, Any]]:
         events = tmp_path / "events.jsonl"
         res = bc(args[0], "--events", str(events), *args[1:], cwd=tmp_path)
         assert res.returncode == 0, res.stderr
@@ -400,7 +408,7 @@ def cell_cli_events(bc, tmp_path: Path):  # type: ignore[no-untyped-def]
     return run
 
 
-def test_step_logs_are_capped_and_the_rest_drained(bc, tmp_path: Path) -> None:
+def test_step_logs_are_capped_and_the_rest_drained(bc: RunCLI, tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("logs: {max_size: 1MiB}\n")
     proj = _project(
@@ -416,7 +424,7 @@ def test_step_logs_are_capped_and_the_rest_drained(bc, tmp_path: Path) -> None:
     assert b"the log of step s stops here" in log
 
 
-def test_sparse_outputs_cannot_fill_the_disk(bc, tmp_path: Path) -> None:
+def test_sparse_outputs_cannot_fill_the_disk(bc: RunCLI, tmp_path: Path) -> None:
     proj = _project(
         tmp_path / "p",
         "version: 1\nname: sparse\nsteps:\n"
@@ -436,7 +444,7 @@ def test_sparse_outputs_cannot_fill_the_disk(bc, tmp_path: Path) -> None:
 # -- secrets everywhere output goes ------------------------------------------------------
 
 
-def test_run_outputs_are_leak_scanned(bc, tmp_path: Path) -> None:
+def test_run_outputs_are_leak_scanned(bc: RunCLI, tmp_path: Path) -> None:
     value = "s3cr3t-" + secrets.token_hex(8)
     env = {"TOKEN": value}
     res = bc(
@@ -450,7 +458,7 @@ def test_run_outputs_are_leak_scanned(bc, tmp_path: Path) -> None:
 
 
 def test_a_secret_in_an_output_name_is_caught_before_anything_is_written(
-    bc, tmp_path: Path, state_root: Path
+    bc: RunCLI, tmp_path: Path, state_root: Path
 ) -> None:
     value = "n4me-" + secrets.token_hex(8)
     events = tmp_path / "events.jsonl"
@@ -474,7 +482,7 @@ def test_library_default_cell_config_has_an_output_bound() -> None:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="the private-state check reads as another user")
-def test_cell_json_is_private(cell, state: object) -> None:
+def test_cell_json_is_private(cell: RunCell, state: object) -> None:
     from buildcell.state import StateDir
 
     assert isinstance(state, StateDir)
@@ -487,7 +495,7 @@ def test_cell_json_is_private(cell, state: object) -> None:
     "name", ["outputs.json", "provenance.intoto.jsonl", "provenance.sigstore.json"]
 )
 def test_an_output_cannot_take_the_name_of_buildcell_s_own_files(
-    bc, tmp_path: Path, name: str
+    bc: RunCLI, tmp_path: Path, name: str
 ) -> None:
     proj = _project(
         tmp_path / "p",

@@ -15,7 +15,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from tests.conftest import cli_env, derived_project
+from tests.conftest import RunCLI, cli_env, derived_project
 
 SECRET = "s3cr3t-" + random_secrets.token_hex(12) + '-"quoted"\\back'
 
@@ -95,7 +95,7 @@ def secret_env() -> dict[str, str]:
 
 
 def test_secret_is_redacted_everywhere_and_only_in_its_step(
-    bc, tmp_path: Path, state_root: Path, secret_env
+    bc: RunCLI, tmp_path: Path, state_root: Path, secret_env: dict[str, str]
 ) -> None:
     spec = _spec(tmp_path / "p", PRINTS_EVERYTHING)
     res = bc(
@@ -140,7 +140,9 @@ def test_secret_is_redacted_everywhere_and_only_in_its_step(
     }
 
 
-def test_output_holding_a_secret_is_not_published(bc, tmp_path: Path, secret_env) -> None:
+def test_output_holding_a_secret_is_not_published(
+    bc: RunCLI, tmp_path: Path, secret_env: dict[str, str]
+) -> None:
     spec = _spec(
         tmp_path / "p",
         """
@@ -170,7 +172,7 @@ outputs: ["dist/*"]
     assert not out.exists() or list(out.rglob("*")) == []
 
 
-def test_unbound_secret_stops_before_anything_runs(bc, tmp_path: Path) -> None:
+def test_unbound_secret_stops_before_anything_runs(bc: RunCLI, tmp_path: Path) -> None:
     spec = _spec(
         tmp_path / "p",
         """
@@ -186,7 +188,9 @@ steps: [{name: s, secrets: [pypirc], run: "touch /workspace/ran"}]
     assert json.loads(bc("ls", "--project", derived_project(tmp_path / "p"), "--json").stdout) == []
 
 
-def test_binding_an_undeclared_secret_warns(bc, tmp_path: Path, secret_env) -> None:
+def test_binding_an_undeclared_secret_warns(
+    bc: RunCLI, tmp_path: Path, secret_env: dict[str, str]
+) -> None:
     spec = _spec(tmp_path / "p", "version: 1\nname: w\nsteps: [{name: s, run: 'true'}]\n")
     res = bc(
         "build", "-f", str(spec), "--secret", "extra=env:TOKEN_SRC", cwd=tmp_path, env=secret_env
@@ -205,14 +209,18 @@ def test_binding_an_undeclared_secret_warns(bc, tmp_path: Path, secret_env) -> N
         ("t=vault:x", {}, "expected env:VAR or file:PATH"),
     ],
 )
-def test_bad_bindings_are_125(bc, tmp_path: Path, binding, env, message) -> None:
+def test_bad_bindings_are_125(
+    bc: RunCLI, tmp_path: Path, binding: str, env: dict[str, str], message: str
+) -> None:
     res = bc("run", "--secret", binding, "--", "true", cwd=tmp_path, env=env)
     assert res.returncode == 125
     assert message in res.stderr
     assert "abc" not in res.stderr
 
 
-def test_run_secret_file_and_redaction(bc, tmp_path: Path, secret_env) -> None:
+def test_run_secret_file_and_redaction(
+    bc: RunCLI, tmp_path: Path, secret_env: dict[str, str]
+) -> None:
     secret_file = tmp_path / "pypirc"
     secret_file.write_text(SECRET)
     res = bc(
@@ -235,7 +243,7 @@ def test_run_secret_file_and_redaction(bc, tmp_path: Path, secret_env) -> None:
 
 
 def test_secret_values_never_appear_in_any_command_line(
-    tmp_path: Path, state_root: Path, secret_env
+    tmp_path: Path, state_root: Path, secret_env: dict[str, str]
 ) -> None:
     spec = _spec(
         tmp_path / "p",
@@ -283,7 +291,9 @@ steps: [{name: s, secrets: [{name: token, env: TOKEN}], run: "sleep 2"}]
     assert seen == []
 
 
-def test_provenance_names_secrets_without_values(bc, tmp_path: Path, secret_env) -> None:
+def test_provenance_names_secrets_without_values(
+    bc: RunCLI, tmp_path: Path, secret_env: dict[str, str]
+) -> None:
     spec = _spec(
         tmp_path / "p",
         """

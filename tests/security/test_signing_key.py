@@ -15,10 +15,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tests.conftest import RunCLI
 
 
 @pytest.fixture
-def keypair(bc, tmp_path: Path) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+def keypair(bc: RunCLI, tmp_path: Path) -> tuple[Path, Path]:
     keys = tmp_path / "keys"
     res = bc("keygen", "--out", str(keys))
     assert res.returncode == 0, res.stderr
@@ -44,7 +45,9 @@ PROBE = """\
 """
 
 
-def test_a_build_finds_the_key_nowhere(bc, keypair, tmp_path: Path) -> None:
+def test_a_build_finds_the_key_nowhere(
+    bc: RunCLI, keypair: tuple[Path, Path], tmp_path: Path
+) -> None:
     private, public = keypair
     pem = private.read_text()
     body = pem.splitlines()[1]
@@ -60,7 +63,9 @@ def test_a_build_finds_the_key_nowhere(bc, keypair, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout
 
 
-def test_the_key_as_a_file_input_is_refused(bc, keypair, tmp_path: Path) -> None:
+def test_the_key_as_a_file_input_is_refused(
+    bc: RunCLI, keypair: tuple[Path, Path], tmp_path: Path
+) -> None:
     private, _ = keypair
     proj = tmp_path / "p"
     proj.mkdir()
@@ -78,7 +83,9 @@ def test_the_key_as_a_file_input_is_refused(bc, keypair, tmp_path: Path) -> None
         assert not (proj / "buildcell-out").exists()
 
 
-def test_a_key_inside_the_checkout_is_refused(bc, keypair, tmp_path: Path) -> None:
+def test_a_key_inside_the_checkout_is_refused(
+    bc: RunCLI, keypair: tuple[Path, Path], tmp_path: Path
+) -> None:
     private, _ = keypair
     proj = _spec(tmp_path / "p", "  - {name: s, run: 'mkdir o; cat ci/buildcell.key > o/x'}\n")
     (proj / "ci").mkdir()
@@ -90,7 +97,9 @@ def test_a_key_inside_the_checkout_is_refused(bc, keypair, tmp_path: Path) -> No
     assert not (proj / "buildcell-out").exists()
 
 
-def test_a_hard_link_to_the_key_is_refused(bc, keypair, tmp_path: Path) -> None:
+def test_a_hard_link_to_the_key_is_refused(
+    bc: RunCLI, keypair: tuple[Path, Path], tmp_path: Path
+) -> None:
     private, _ = keypair
     proj = _spec(tmp_path / "p", "  - {name: s, run: 'mkdir o; cat k > o/x'}\n")
     os.link(private, proj / "k")  # copied into the workspace as a file of its own
@@ -99,7 +108,9 @@ def test_a_hard_link_to_the_key_is_refused(bc, keypair, tmp_path: Path) -> None:
     assert "hard links" in res.stderr
 
 
-def test_a_rootfs_holding_the_key_is_refused(bc, keypair, tmp_path: Path) -> None:
+def test_a_rootfs_holding_the_key_is_refused(
+    bc: RunCLI, keypair: tuple[Path, Path], tmp_path: Path
+) -> None:
     private, _ = keypair
     config = tmp_path / "config.yaml"
     config.write_text(f"rootfs: {{allow: [{private.parent}]}}\n")
@@ -115,7 +126,7 @@ def test_a_rootfs_holding_the_key_is_refused(bc, keypair, tmp_path: Path) -> Non
 
 
 def test_the_key_is_read_only_after_the_last_cell(
-    bc, keypair, tmp_path: Path, state_root: Path
+    bc: RunCLI, keypair: tuple[Path, Path], tmp_path: Path, state_root: Path
 ) -> None:
     # The key file is replaced while the build runs: a build that had read it at the start
     # would sign with the old key. It signs with what is on disk at the end.
@@ -156,7 +167,9 @@ def test_the_key_is_read_only_after_the_last_cell(
     assert res.returncode == 1
 
 
-def test_forged_provenance_does_not_verify(bc, keypair, tmp_path: Path) -> None:
+def test_forged_provenance_does_not_verify(
+    bc: RunCLI, keypair: tuple[Path, Path], tmp_path: Path
+) -> None:
     _, public = keypair
     proj = _spec(tmp_path / "p", "  - {name: s, run: 'mkdir o; echo x > o/x'}\n")
     forger = tmp_path / "forger"

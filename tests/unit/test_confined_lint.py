@@ -20,7 +20,10 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "buildcell"
 
 #: Per module: function -> why the paths it opens by name are not the repository's.
 ALLOWED: dict[str, dict[str, str]] = {
-    "build/spec.py": {"load_spec": "the spec file the operator named (-f)"},
+    "build/spec.py": {
+        "_read_spec_file": "the spec's directory, the operator's (-f); the file itself is "
+        "opened through confined",
+    },
     "build/starter.py": {},
     "supply/inputs.py": {
         "ContentStore._lookup": "the content store, under the state directory",
@@ -29,10 +32,13 @@ ALLOWED: dict[str, dict[str, str]] = {
         "_make_dir": "the store's fan-out directories",
         "_fsync_dir": "the store's fan-out directories",
         "_discard_entry": "a store entry (lstat, never followed)",
+        "ContentStore._seen": "a marker of the store's scope index, in the state directory",
+        "ContentStore._remember": "a marker of the store's scope index, in the state directory",
     },
     "supply/outputs.py": {
         "_open_workspace": "the workspace directory buildcell made",
         "_open_out_dir": "the operator's --out (opened with no symlink on any component)",
+        "OutputDir._lock": "a lock file in the private state directory (O_NOFOLLOW)",
     },
     "supply/source.py": {
         "_identities": "excluded paths the operator's invocation names (out dir, state dir)",

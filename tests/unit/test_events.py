@@ -3,13 +3,14 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 from buildcell.events import EventLog
 
 
 def test_events_are_json_lines_with_the_contract_fields(tmp_path: Path) -> None:
     path = tmp_path / "ev.jsonl"
-    seen = []
+    seen: list[dict[str, Any]] = []
     with EventLog(path, build="b1") as log:
         log.subscribe(seen.append)
         log.emit("cell.start", step="compile", argv=["make"])

@@ -120,3 +120,18 @@ def test_downward_imports_pass(tmp_path: Path) -> None:
     (tmp_path / "buildcell/build/y.py").write_text("from buildcell.cell import supervisor\n")
     (tmp_path / "buildcell/cell/z.py").write_text("from buildcell import errors\n")
     assert violations(tmp_path) == []
+
+
+#: Intent is data: the spec and the policy know nothing of how a build is carried out.
+DATA_MODULES = ("buildcell.build.spec", "buildcell.build.policy")
+
+
+@pytest.mark.parametrize("module", DATA_MODULES)
+def test_the_spec_and_the_policy_are_data(module: str) -> None:
+    path = SRC.joinpath(*module.split(".")).with_suffix(".py")
+    lower = {
+        target
+        for target in _imports(path, module, SRC)
+        if _layer(target) in ("cell", "egress", "supply")
+    }
+    assert not lower, f"{module} imports {sorted(lower)}"

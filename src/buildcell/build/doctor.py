@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from buildcell.host import HostEnv
+from buildcell.state import StateDir
+
 __all__ = ["DoctorReport", "run_checks"]
 
 
@@ -32,10 +35,9 @@ class DoctorReport:
         }
 
 
-def _probe_cell(report: DoctorReport, state_dir: Path | None) -> None:
+def _probe_cell(report: DoctorReport, state: StateDir) -> None:
     from buildcell.cell import CellConfig, Limits
     from buildcell.cell.supervisor import run_cell
-    from buildcell.state import StateDir
 
     out = bytearray()
     err = bytearray()
@@ -50,7 +52,7 @@ def _probe_cell(report: DoctorReport, state_dir: Path | None) -> None:
                 ),
                 limits=Limits(timeout=20),
             ),
-            state=StateDir(state_dir),
+            state=state,
             stdout=out.extend,
             stderr=err.extend,
         )
@@ -80,12 +82,11 @@ def _probe_cell(report: DoctorReport, state_dir: Path | None) -> None:
     report.cell_ok = ok and bool(result.teardown and result.teardown.clean)
 
 
-def _probe_egress(report: DoctorReport, state_dir: Path | None) -> None:
+def _probe_egress(report: DoctorReport, state: StateDir) -> None:
     """A cell with a network policy: its own namespace, listeners, resolver answering."""
     from buildcell.allowlist import EgressPolicy
     from buildcell.cell import CellConfig, Limits
     from buildcell.cell.supervisor import run_cell
-    from buildcell.state import StateDir
 
     out = bytearray()
     try:
@@ -100,7 +101,7 @@ def _probe_egress(report: DoctorReport, state_dir: Path | None) -> None:
                 limits=Limits(timeout=20),
                 network=EgressPolicy.from_strings(["allowed.doctor.invalid"]),
             ),
-            state=StateDir(state_dir),
+            state=state,
             stdout=out.extend,
             stderr=lambda _: None,
         )
@@ -122,16 +123,16 @@ def _probe_egress(report: DoctorReport, state_dir: Path | None) -> None:
     report.checks.append(Check("egress", ok, detail))
 
 
-def run_checks(state_dir: Path | None = None) -> DoctorReport:
-    """Run every check; never raises for a failing check."""
-    from buildcell.cell.identity import uid_range
+def run_checks(host: HostEnv | None = None) -> DoctorReport:
+    """Run every check on the host ``host`` describes (default: this process's
+    environment); never raises for a failing check."""
     from buildcell.cell.supervisor import find_bwrap, limits_backend
     from buildcell.errors import Error
-    from buildcell.state import StateDir
 
+    host = host if host is not None else HostEnv.read()
     report = DoctorReport()
     try:
-        bwrap = find_bwrap()
+        bwrap = find_bwrap(host)
         version = subprocess.run(
             [bwrap, "--version"], capture_output=True, text=True, check=False
         ).stdout.strip()
@@ -168,12 +169,12 @@ def run_checks(state_dir: Path | None = None) -> DoctorReport:
     except Exception as e:
         report.checks.append(Check("seccomp", False, f"cannot compile a filter: {e}"))
 
-    backend = limits_backend()
+    backend = limits_backend(host)
     report.checks.append(Check("limits backend", True, f"{backend.mode}: {backend.reason}"))
     report.limits = backend.enforcement()
 
     if os.geteuid() == 0:
-        base, count = uid_range()
+        base, count = host.uid_range
         report.checks.append(
             Check(
                 "cell identity",
@@ -187,13 +188,13 @@ def run_checks(state_dir: Path | None = None) -> DoctorReport:
         )
 
     try:
-        state = StateDir(state_dir)
+        state = StateDir(host=host)
         report.checks.append(Check("state directory", True, str(state.root)))
     except Error as e:
         report.checks.append(Check("state directory", False, str(e)))
         return report
 
-    _probe_cell(report, state_dir)
+    _probe_cell(report, state)
     if report.cell_ok:
-        _probe_egress(report, state_dir)
+        _probe_egress(report, state)
     return report

@@ -39,6 +39,10 @@ class GcReport:
     failed: list[str] = field(default_factory=list)
     leftovers: int = 0
     caches_expired: int = 0
+    #: builds whose supervisor was gone, now recorded as interrupted
+    finalized: list[str] = field(default_factory=list)
+    #: one line each: what gc could not read and left alone
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +53,8 @@ class GcReport:
             "failed": self.failed,
             "leftovers": self.leftovers,
             "caches_expired": self.caches_expired,
+            "finalized": self.finalized,
+            "warnings": self.warnings,
         }
 
     def summary(self) -> str:
@@ -61,6 +67,8 @@ class GcReport:
             parts.append(f"removed {self.leftovers} leftover(s) of interrupted builds")
         if self.caches_expired:
             parts.append(f"expired {self.caches_expired} cache generation(s) or work copies")
+        if self.finalized:
+            parts.append(f"recorded {len(self.finalized)} dead build(s) as interrupted")
         parts.append(f"{len(self.busy)} still running")
         if self.failed:
             parts.append("could not remove: " + ", ".join(self.failed))
@@ -112,33 +120,44 @@ def collect_garbage(state: StateDir, *, cache_max_age: float | None = None) -> G
             report.failed.append(cell_dir.name)
         else:
             report.removed.append(cell_dir.name)
-    report.cgroups_removed += _orphan_cgroups(state.tag, live_cgroups)
-    report.leftovers = _build_leftovers(state)
+    report.cgroups_removed += _orphan_cgroups(state, live_cgroups)
+    report.leftovers = _build_leftovers(state, report)
     from buildcell.supply.caches import expire_caches
 
     if cache_max_age is None:
         from buildcell.settings import load_settings
 
-        cache_max_age = load_settings().cache_max_age
+        cache_max_age = load_settings(host=state.host).cache_max_age
     report.caches_expired = len(expire_caches(state.caches, max_age_seconds=cache_max_age))
     return report
 
 
-def _build_leftovers(state: StateDir) -> int:
+def _build_leftovers(state: StateDir, report: GcReport) -> int:
     """What an interrupted build leaves besides its cell: the output staging directory,
-    the second tree of a reproducibility check, and partial downloads in the store."""
-    from buildcell.supply.records import RecordStore
+    the second tree of a reproducibility check, partial downloads in the store, and build
+    directories that were never completed. Records of dead supervisors are finalized;
+    unreadable ones are left alone, with a warning."""
+    from buildcell.supply.records import RecordStore, UnreadableRecord
 
     removed = 0
     builds = state.root / "builds"
     running: set[str] = set()
     if builds.is_dir():
-        for record in RecordStore(builds).recent(limit=10**9):
+        records = RecordStore(builds)
+        for record in records.recent(limit=10**9):
+            if isinstance(record, UnreadableRecord):
+                report.warnings.append(
+                    f"build {record.id}: unreadable, left alone: {record.reason}"
+                )
+                running.add(record.id)  # what it left cannot be told apart: keep it
+                continue
             if record.status == "running":
                 running.add(record.id)
             elif (builds / record.id / "staging").exists():
                 remove_tree(builds / record.id / "staging")
                 removed += 1
+        report.finalized.extend(records.finalized)
+        removed += _unfinished_build_dirs(builds)
     repro = state.root / "repro"
     if repro.is_dir():
         for scratch in repro.iterdir():
@@ -157,7 +176,28 @@ def _build_leftovers(state: StateDir) -> int:
     return removed
 
 
-def _orphan_cgroups(tag: str, live_cgroups: set[str]) -> int:
+def _unfinished_build_dirs(builds: Path) -> int:
+    """Build directories a build that died was still making (``.new-ID``), and temp files
+    of records it was writing."""
+    removed = 0
+    cutoff = time.time() - _GRACE_SECONDS
+    for entry in builds.iterdir():
+        try:
+            young = entry.lstat().st_mtime >= cutoff
+        except FileNotFoundError:
+            continue
+        if entry.name.startswith(".new-") and not young:
+            remove_tree(entry)
+            removed += 1
+        elif entry.is_dir() and not entry.is_symlink():
+            for tmp in entry.glob(".record.json.*.tmp"):
+                if tmp.lstat().st_mtime < cutoff:
+                    tmp.unlink(missing_ok=True)
+                    removed += 1
+    return removed
+
+
+def _orphan_cgroups(state: StateDir, live_cgroups: set[str]) -> int:
     """Cgroups of this state directory's cells that no live cell records.
 
     Young ones are left alone: a cell records its cgroup just after creating it.
@@ -165,7 +205,8 @@ def _orphan_cgroups(tag: str, live_cgroups: set[str]) -> int:
     from buildcell.cell.supervisor import limits_backend
 
     removed = 0
-    for parent in limits_backend().parents.values():
+    tag = state.tag
+    for parent in limits_backend(state.host).parents.values():
         if not parent.is_dir():
             continue
         for child in parent.iterdir():

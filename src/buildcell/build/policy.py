@@ -360,7 +360,7 @@ def _rootfs_context(spec: BuildSpec) -> dict[str, str | None]:
 
 
 def _limits_context(limits: LimitsSpec) -> dict[str, int | float | None]:
-    values = limits.to_limits()
+    values = limits
     # cpus and timeout are always doubles, so a rule compares them one way only.
     return {
         "memory": values.memory,
@@ -380,7 +380,7 @@ def _step_context(spec: BuildSpec, step: StepSpec) -> dict[str, Any]:
         "network": {"allow": list(step.network.allow) if step.network else []},
         # The disk budget is the build's: a step's own disk value is not enforced, so
         # the policy must not be shown it as if it were.
-        "limits": {**_limits_context(spec.step_limits(step)), "disk": spec.limits.to_limits().disk},
+        "limits": {**_limits_context(spec.step_limits(step)), "disk": spec.limits.disk},
         "caches": [{"path": cache.path, "key": cache.key} for cache in step.caches],
     }
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from buildcell.build.spec import (
     CacheSpec,
     DirRootfsSpec,
     HostRootfsSpec,
+    LimitsSpec,
     LoadedSpec,
     StepSpec,
 )
@@ -44,7 +46,7 @@ from buildcell.cell.config import (
 )
 from buildcell.cell.storage import CellStorage, new_cell_id
 from buildcell.cell.supervisor import Cell, bwrap_version, find_bwrap
-from buildcell.errors import ConfigError, Error, OutputError, PolicyError
+from buildcell.errors import ConfigError, Error, OutputError, PolicyError, StateError
 from buildcell.events import EventLog
 from buildcell.secrets import SecretDelivery
 from buildcell.settings import (
@@ -53,7 +55,7 @@ from buildcell.settings import (
     DEFAULT_OUTPUT_MAX_SIZE,
     DefaultLimits,
 )
-from buildcell.state import StateDir
+from buildcell.state import StateDir, write_failure
 from buildcell.supply.records import BuildRecord, RecordStore, StepRecord
 from buildcell.supply.source import SourceInfo, describe_source, tree_digest
 from buildcell.trees import remove_tree
@@ -152,6 +154,18 @@ class BuildResult:
             "keyid": self.signed_by,
         }
         return data
+
+
+def cell_limits(limits: LimitsSpec) -> Limits:
+    """The cell's :class:`~buildcell.cell.config.Limits` a spec's limits ask for (the spec is
+    data: it knows nothing of cells)."""
+    return Limits(
+        memory=limits.memory,
+        pids=limits.pids,
+        cpus=limits.cpus,
+        disk=limits.disk,
+        timeout=limits.timeout,
+    )
 
 
 def _rootfs(spec: BuildSpec, spec_dir: Path, granted: Sequence[Path]) -> Rootfs:
@@ -324,7 +338,12 @@ class _StepLog:
     def __init__(
         self, path: Path, reporter: BuildReporter, step: StepSpec, *, max_bytes: int
     ) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self._fd = os.open(path, flags, 0o600)
+        except OSError as e:
+            raise write_failure(path, e, what=f"the log of step {step.name}") from e
         self._lock = threading.Lock()
         self._reporter = reporter
         self._step = step
@@ -340,7 +359,7 @@ class _StepLog:
                     return
                 kept = data[: self._left]
                 self._left -= len(kept)
-                os.write(self._fd, kept)
+                self._write(kept)
                 marker = b""
                 if self._left <= 0:
                     self.truncated += len(data) - len(kept)
@@ -349,10 +368,21 @@ class _StepLog:
                         f"limit of {format_size(self._max)}; the rest of the output is not "
                         "kept]\n"
                     ).encode()
-                    os.write(self._fd, marker)
+                    self._write(marker)
             self._reporter.step_output(self._step, stream, kept + marker)
 
         return write
+
+    def _write(self, data: bytes) -> None:
+        """All of ``data``, or a :class:`StateError`: it stops the cell (the sink raises in
+        the supervisor's loop, which tears the cell down) and fails the step."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as e:
+            self._left = 0  # nothing more is written, or tried
+            raise write_failure(self._path, e, what=f"the log of step {self._step.name}") from e
 
     def close(self) -> None:
         os.close(self._fd)
@@ -439,12 +469,22 @@ def run_build(
     finally:
         if out is not None:
             out.close()
-        record.finished = time.time()
-        for step in record.steps:
-            if step.status in ("pending", "running"):
-                step.status = "skipped" if step.status == "pending" else "interrupted"
-        store.save(record)
+        _finish_record(store, record, failing=sys.exc_info()[1] is not None)
     return result
+
+
+def _finish_record(store: RecordStore, record: BuildRecord, *, failing: bool) -> None:
+    """Write the record's last state. If even that cannot be written (a full disk), the
+    previous one stays whole, and the error that ended the build is the one raised."""
+    record.finished = time.time()
+    for step in record.steps:
+        if step.status in ("pending", "running"):
+            step.status = "skipped" if step.status == "pending" else "interrupted"
+    try:
+        store.save(record)
+    except StateError:
+        if not failing:
+            raise
 
 
 def _new_record(loaded: LoadedSpec, invocation: Invocation, out_dir: Path) -> BuildRecord:
@@ -569,7 +609,7 @@ class _BuildRun:
                 message="disk is a budget for the whole build's "
                 "workspace; a step's own disk limit is ignored",
             )
-        bwrap = find_bwrap()
+        bwrap = find_bwrap(self.state.host)
         disk = (
             spec.limits.disk if spec.limits.disk is not None else self.options.default_limits.disk
         )
@@ -590,6 +630,8 @@ class _BuildRun:
         # Provenance attests artifacts: a build that publishes none has nothing to attest.
         if self.options.provenance and self.record.outputs:
             self._provenance()
+        # An audit trail with a hole is not published as a build's.
+        self.events.check()
         if spec.outputs:
             # Outputs, manifest and provenance replace the directory's contents at once.
             self.out.publish()
@@ -611,7 +653,10 @@ class _BuildRun:
                 else InputRequest(uri=i.uri(self.spec_dir), sha256=i.sha256, path=i.path)
                 for i in inputs
             ],
-            ContentStore(self.state.root / "cas"),
+            ContentStore(
+                self.state.root / "cas",
+                warn=self._warn,
+            ),
             events=self.events,
             fetch_policy=FetchPolicy.from_strings(self.options.allow_fetch),
             # A digest another project (or another ref) fetched is not this build's to have.
@@ -702,6 +747,10 @@ class _BuildRun:
             source=lease.source,
         )
         return lease
+
+    def _warn(self, message: str) -> None:
+        """A repair or a degradation the user should hear of: a warning event (shown)."""
+        self.events.emit("warning", message=message)
 
     def _input_scope(self) -> str:
         """Whose store hits these are: as for caches, a ref's or (no ref) this build's."""
@@ -798,6 +847,12 @@ class _BuildRun:
                 stderr=step_log.sink("stderr"),
             ) as cell:
                 cell_result = cell.run()
+        except StateError:
+            # Its log (or the audit trail) cannot be written: the cell is gone, the step
+            # failed; the build ends with the error.
+            step_record.status = "failed"
+            step_record.reason = "state"
+            raise
         finally:
             step_log.close()
             step_record.duration = time.time() - step_record.started
@@ -805,6 +860,7 @@ class _BuildRun:
         step_record.reason = cell_result.reason
         step_record.egress = [row.to_dict() for row in cell_result.egress or ()]
         step_record.status = "succeeded" if cell_result.exit_code == 0 else "failed"
+        self.events.check()
         self.store.save(self.record)
         self.reporter.step_finished(step, step_record)
         if cell_result.exit_code == 0:
@@ -820,9 +876,9 @@ class _BuildRun:
         from buildcell.cell.supervisor import limits_backend
 
         return with_defaults(
-            self.loaded.spec.step_limits(step).to_limits(),
+            cell_limits(self.loaded.spec.step_limits(step)),
             self.options.default_limits,
-            limits_backend(),
+            limits_backend(self.state.host),
         )
 
     def _collect(self, storage: CellStorage) -> None:
@@ -899,7 +955,7 @@ class _BuildRun:
         uname = os.uname()
         self.record.platform = {
             "buildcell": __version__,
-            "bubblewrap": bwrap_version(),
+            "bubblewrap": bwrap_version(find_bwrap(self.state.host)),
             "kernel": f"{uname.sysname} {uname.release} {uname.machine}",
             "seccomp": {"name": profile.name, "digest": profile.digest()},
         }

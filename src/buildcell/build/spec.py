@@ -52,7 +52,6 @@ from pydantic_core import CoreSchema, ErrorDetails, PydanticCustomError
 from buildcell import confined
 from buildcell._text import show
 from buildcell._yaml import Document, Loc, Site, YamlProblem, field_path, read_yaml
-from buildcell.cell.config import Limits
 from buildcell.errors import ConfigError, SpecError
 from buildcell.units import parse_cpus, parse_duration, parse_size
 
@@ -436,16 +435,6 @@ class LimitsSpec(BaseModel):
             if (value := getattr(override, name)) is not None
         }
         return self.model_copy(update=update)
-
-    def to_limits(self) -> Limits:
-        """The cell's :class:`~buildcell.cell.config.Limits` with these values."""
-        return Limits(
-            memory=self.memory,
-            pids=self.pids,
-            cpus=self.cpus,
-            disk=self.disk,
-            timeout=self.timeout,
-        )
 
 
 _SECRET_NAME = r"[A-Za-z_][A-Za-z0-9_.-]{0,127}"  # noqa: S105 - a name pattern

@@ -22,19 +22,7 @@ from pathlib import Path
 from buildcell._fs import Closing
 from buildcell.errors import SandboxError
 
-__all__ = ["DEFAULT_UID_BASE", "HostIdentity", "acquire_identity", "uid_range"]
-
-DEFAULT_UID_BASE = 0x70000000
-DEFAULT_UID_COUNT = 65536
-
-
-def uid_range() -> tuple[int, int]:
-    """(base, count) of the reserved host uid range, from the environment or the default."""
-    base = int(os.environ.get("BUILDCELL_UID_BASE", DEFAULT_UID_BASE))
-    count = int(os.environ.get("BUILDCELL_UID_COUNT", DEFAULT_UID_COUNT))
-    if base < 1000 or count < 1 or base + count > 2**32 - 2:
-        raise SandboxError(f"invalid BUILDCELL_UID_BASE/COUNT: {base}/{count}")
-    return base, count
+__all__ = ["HostIdentity", "acquire_identity"]
 
 
 @dataclass
@@ -73,8 +61,9 @@ def _lock_dir(fallback: Path | None) -> Path:
     return fallback
 
 
-def acquire_identity(ids_dir: Path | None) -> HostIdentity:
-    """The identity for a new cell: the caller's own ids, or (as root) a free slot.
+def acquire_identity(ids_dir: Path | None, uid_range: tuple[int, int]) -> HostIdentity:
+    """The identity for a new cell: the caller's own ids, or (as root) a free slot of
+    ``uid_range`` (base, count).
 
     Raises:
         SandboxError: every slot of the range is taken.
@@ -82,7 +71,7 @@ def acquire_identity(ids_dir: Path | None) -> HostIdentity:
     if os.geteuid() != 0:
         return HostIdentity(os.getuid(), os.getgid(), drop=False)
     locks = _lock_dir(ids_dir)
-    base, count = uid_range()
+    base, count = uid_range
     for slot in range(count):
         fd = os.open(
             locks / f"{base + slot}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -198,15 +198,16 @@ def detect_backend(
     return LimitsBackend("rlimit", {}, (), "; ".join(reasons))
 
 
-def host_backend() -> LimitsBackend:
-    """Detect the backend for this process (reads /proc; cheap, but cache the result)."""
+def host_backend(delegated_parent: Path | None = None) -> LimitsBackend:
+    """Detect the backend for this process (reads /proc; cheap, but cache the result).
+
+    ``delegated_parent`` is a cgroup v2 directory delegated to us
+    (``BUILDCELL_CGROUP_PARENT``).
+    """
     layout = parse_cgroup_layout(
         Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()
     )
-    delegated = os.environ.get("BUILDCELL_CGROUP_PARENT")
-    return detect_backend(
-        layout, euid=os.geteuid(), delegated_parent=Path(delegated) if delegated else None
-    )
+    return detect_backend(layout, euid=os.geteuid(), delegated_parent=delegated_parent)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import re
 import stat
 import sys
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from types import MappingProxyType
@@ -1139,7 +1139,12 @@ _compile_lock = threading.Lock()
 _SOCK_FILTER_SIZE: Final = 8
 
 
-def compile_bpf(profile: SeccompProfile, *, cache_dir: Path | None = None) -> bytes:
+def compile_bpf(
+    profile: SeccompProfile,
+    *,
+    cache_dir: Path | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> bytes:
     """Compile ``profile`` to a classic-BPF seccomp program (an array of ``sock_filter``).
 
     Syscalls outside the native ABI and the profile's ``extra_arches`` kill the process.
@@ -1147,7 +1152,8 @@ def compile_bpf(profile: SeccompProfile, *, cache_dir: Path | None = None) -> by
     (logged at debug level; at warning level where that leaves a refused syscall allowed).
     The result is cached in-process by :meth:`SeccompProfile.digest`, and in ``cache_dir``
     when given (a directory only the supervisor can write), so that a new process need not
-    load libseccomp at all.
+    load libseccomp at all. A cached file that does not verify is compiled again, and
+    ``warn`` (default: the log) is told so, with the file's name.
 
     Raises:
         SeccompError: libseccomp is missing, or refused an architecture or a rule.
@@ -1161,7 +1167,7 @@ def compile_bpf(profile: SeccompProfile, *, cache_dir: Path | None = None) -> by
             path = None
             if cache_dir is not None:
                 path = cache_dir / f"seccomp-{key.removeprefix('sha256:')}-{native_arch()}.bpf"
-                cached = _read_cached(path)
+                cached = _read_cached(path, warn or _log_warning)
             if cached is None:
                 cached = _compile(profile)
                 if path is not None:
@@ -1175,7 +1181,11 @@ _CACHE_MAGIC = b"buildcell-bpf-1\n"
 _DIGEST_SIZE = 32
 
 
-def _read_cached(path: Path) -> bytes | None:
+def _log_warning(message: str) -> None:
+    logger.warning("%s", message)
+
+
+def _read_cached(path: Path, warn: Callable[[str], None] = _log_warning) -> bytes | None:
     """A compiled filter from the cache, verified; ``None`` (with a warning naming the file,
     which is then compiled again) when it is missing, tampered with or truncated.
 
@@ -1188,7 +1198,7 @@ def _read_cached(path: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        logger.warning("not using the cached filter %s (%s); compiling it again", path, e)
+        warn(f"not using the cached seccomp filter {path} ({e.strerror}); compiled it again")
         return None
     try:
         st = os.fstat(fd)
@@ -1210,7 +1220,7 @@ def _read_cached(path: Path) -> bytes | None:
         or len(body) % _SOCK_FILTER_SIZE
         or hashlib.sha256(body).digest() != data[len(_CACHE_MAGIC) : head]
     ):
-        logger.warning("the cached filter %s is damaged or not ours; compiling it again", path)
+        warn(f"the cached seccomp filter {path} was damaged or not ours; compiled it again")
         with contextlib.suppress(OSError):
             path.unlink()
         return None

@@ -21,7 +21,7 @@ from buildcell._fs import Closing
 from buildcell.cell.anchor import StorageAnchor
 from buildcell.cell.identity import HostIdentity, acquire_identity
 from buildcell.errors import ConfigError, SandboxError
-from buildcell.state import StateDir, process_start_time
+from buildcell.state import StateDir, process_start_time, write_atomic
 from buildcell.trees import CopyStats, copy_tree, remove_tree
 from buildcell.units import format_size
 
@@ -61,7 +61,9 @@ class CellStorage(Closing):
         self.state = state
         self.cell_id = cell_id
         self._owns_identity = identity is None
-        self.identity = identity or acquire_identity(state.ids if os.geteuid() == 0 else None)
+        self.identity = identity or acquire_identity(
+            state.ids if os.geteuid() == 0 else None, state.host.uid_range
+        )
         self.dir = state.cells / cell_id
         self.anchor: StorageAnchor | None = None
         self.disk = disk
@@ -167,13 +169,12 @@ class CellStorage(Closing):
 
     def write_record(self) -> None:
         """Record what ``buildcell gc`` must undo if this supervisor dies."""
-        tmp = self.dir / ".cell.json.tmp"
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        write_atomic(
+            self.dir / "cell.json",
+            json.dumps(self._record).encode(),
+            what="the cell's record",
+            durable=False,  # its processes do not outlive a reboot either
         )
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self._record))
-        os.replace(tmp, self.dir / "cell.json")
 
     def close(self) -> dict[str, bool | int]:
         """Remove everything; return what was checked. Idempotent."""

@@ -11,7 +11,6 @@ import os
 import re
 import resource
 import select
-import shutil
 import signal
 import stat
 import subprocess
@@ -65,6 +64,7 @@ from buildcell.errors import (
     SeccompError,
 )
 from buildcell.events import EventLog
+from buildcell.host import HostEnv
 from buildcell.state import StateDir, unreachable_ancestor
 
 if TYPE_CHECKING:
@@ -89,21 +89,24 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def limits_backend(host: HostEnv) -> LimitsBackend:
+    """The host's limits backend, detected once per process (and delegated parent)."""
+    return _limits_backend(host.cgroup_parent)
+
+
 @functools.cache
-def limits_backend() -> LimitsBackend:
-    """The host's limits backend, detected once per process."""
-    return host_backend()
+def _limits_backend(delegated: Path | None) -> LimitsBackend:
+    return host_backend(delegated)
 
 
-def find_bwrap() -> str:
-    """Path of bubblewrap (``$BUILDCELL_BWRAP`` or ``bwrap`` on PATH).
+def find_bwrap(host: HostEnv) -> str:
+    """Path of bubblewrap (``host.bwrap``, from ``$BUILDCELL_BWRAP``, or ``bwrap`` on PATH).
 
     Raises:
         SandboxError: it is not installed.
     """
-    override = os.environ.get("BUILDCELL_BWRAP")
-    path = override or shutil.which("bwrap")
-    if not path or not os.access(path, os.X_OK):
+    path = host.bwrap_path()
+    if path is None:
         raise SandboxError(
             "bubblewrap (bwrap) is not installed",
             hint="install it: apt-get install bubblewrap (or dnf install bubblewrap)",
@@ -112,11 +115,11 @@ def find_bwrap() -> str:
 
 
 @functools.cache
-def bwrap_version() -> str:
-    """``bubblewrap X.Y.Z`` as the installed bubblewrap says, or ``unknown``."""
+def bwrap_version(bwrap: str) -> str:
+    """``bubblewrap X.Y.Z`` as the bubblewrap at ``bwrap`` says, or ``unknown``."""
     try:
         out = subprocess.run(
-            [find_bwrap(), "--version"], capture_output=True, text=True, timeout=10, env={},
+            [bwrap, "--version"], capture_output=True, text=True, timeout=10, env={},
             check=False,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError, SandboxError):
@@ -222,7 +225,10 @@ def _check_reachable(where: Path) -> None:
 
 
 def _open_rootfs(
-    rootfs: DirRootfs | OciRootfs, state: StateDir, budget: UnpackBudget | None
+    rootfs: DirRootfs | OciRootfs,
+    state: StateDir,
+    budget: UnpackBudget | None,
+    warn: Callable[[str], None],
 ) -> tuple[OpenedTree, Path]:
     """Open a directory or image rootfs as a tree: every entry by descriptor, no host path
     resolved through anything the rootfs holds.
@@ -239,7 +245,9 @@ def _open_rootfs(
 
         what = f"image {rootfs.digest}"
         if rootfs.beneath is None:
-            path = unpack_image(rootfs.path, rootfs.digest, cache_dir=state.cache, budget=budget)
+            path = unpack_image(
+                rootfs.path, rootfs.digest, cache_dir=state.cache, budget=budget, warn=warn
+            )
         else:
             # A spec's image: opened below the spec's directory, never through a link out.
             rel = os.path.relpath(rootfs.path, rootfs.beneath)
@@ -247,7 +255,12 @@ def _open_rootfs(
                 image_fd = confined.open_path(spec_fd, rel, what=f"rootfs image {rel!r}")
             try:
                 path = unpack_image(
-                    image_fd, rootfs.digest, cache_dir=state.cache, budget=budget, label=rel
+                    image_fd,
+                    rootfs.digest,
+                    cache_dir=state.cache,
+                    budget=budget,
+                    label=rel,
+                    warn=warn,
                 )
             finally:
                 os.close(image_fd)
@@ -492,6 +505,7 @@ class Cell:
         self._tree: OpenedTree | None = None
         self._etc_fds: dict[str, int] = {}
         self._out: OutputDir | None = None
+        self._backend_mode = "rlimit"
         self.result: CellResult | None = None
 
     # -- preparation ---------------------------------------------------------------
@@ -506,8 +520,8 @@ class Cell:
 
     def _prepare(self) -> None:
         cfg = self.config
-        bwrap = find_bwrap()
         state = self._state or StateDir()
+        bwrap = find_bwrap(state.host)
         self._state = state
         if cfg.outputs and self._shared_storage is None:
             from buildcell.supply.outputs import OutputDir
@@ -536,13 +550,14 @@ class Cell:
         if isinstance(rootfs, HostRootfs):
             root = [*_host_root_mounts(), *etc_mounts(self._etc_fds)]
         else:
-            self._tree, where = _open_rootfs(rootfs, state, cfg.image_budget)
+            self._tree, where = _open_rootfs(rootfs, state, cfg.image_budget, self._warn)
             root = tree_mounts(self._tree, etc_files=self._etc_fds)
             if storage.identity.drop:
                 _check_reachable(where)
         self._prepare_mount_points(storage)
 
-        backend = limits_backend()
+        backend = limits_backend(state.host)
+        self._backend_mode = backend.mode
         if backend.mode != "rlimit" and needs_cgroup(cfg.limits, backend):
             self._cgroup = CellCgroup(backend, f"{state.tag}.{self.cell_id}", cfg.limits)
             storage.note_cgroups(self._cgroup.dirs)
@@ -635,7 +650,7 @@ class Cell:
         else:
             profile = seccomp.default_profile()
         try:
-            self._bpf = seccomp.compile_bpf(profile, cache_dir=self._cache_dir())
+            self._bpf = seccomp.compile_bpf(profile, cache_dir=self._cache_dir(), warn=self._warn)
         except SeccompError:
             raise
         except OSError as e:
@@ -731,7 +746,7 @@ class Cell:
             argv=list(cfg.argv),
             rootfs=cfg.rootfs.describe(),
             limits=cfg.limits.to_dict(),
-            limits_backend=limits_backend().mode,
+            limits_backend=self._backend_mode,
             seccomp=self._seccomp_info,
             network=cfg.network.describe() if cfg.has_network and cfg.network else "none",
             host_uid=self.storage.identity.uid,

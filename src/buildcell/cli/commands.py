@@ -588,7 +588,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from buildcell.cell.supervisor import limits_backend
     from buildcell.settings import load_settings
 
-    settings = load_settings()
+    settings = load_settings(host=args.host)
     limits = with_defaults(
         Limits(
             memory=parse_size(args.memory, what="--memory") if args.memory else None,
@@ -598,7 +598,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             timeout=parse_duration(args.timeout, what="--timeout") if args.timeout else None,
         ),
         settings.limits,
-        limits_backend(),
+        limits_backend(args.host),
     )
     source = (args.source or Path.cwd()).absolute()
     if not source.is_dir():
@@ -631,14 +631,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seccomp_profile=args.seccomp_profile,
         seccomp=not args.unsafe_no_seccomp,
         interactive=args.interactive,
-        source_date_epoch=int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0),
+        source_date_epoch=args.host.source_date_epoch or 0,
         # A sparse file claims what it likes: what is copied out is bounded too.
         output_max_size=limits.disk if limits.disk is not None else settings.output_max_size,
         wait_for_out_dir=not args.no_wait,
         image_budget=_image_budget(args.rootfs, settings.image_max_size),
         **_network_options(args.allow, args.add_host),
     )
-    state = StateDir(args.state_dir)
+    state = StateDir(host=args.host)
     events = EventLog(args.events, build="")
     with events:
         if not args.quiet:
@@ -663,6 +663,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             from buildcell.cli.console import render_egress
 
             render_egress(result.egress, _stderr_console())
+        events.check()  # the audit trail asked for is whole, or the run is an error
     return result.exit_code
 
 
@@ -731,7 +732,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from buildcell.build.doctor import run_checks
     from buildcell.cli.console import render_doctor
 
-    report = run_checks(state_dir=args.state_dir)
+    report = run_checks(args.host)
     render_doctor(report, as_json=args.json)
     return 0 if report.cell_ok else 1
 
@@ -746,7 +747,13 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     max_age = (
         parse_duration(args.cache_max_age, what="--cache-max-age") if args.cache_max_age else None
     )
-    report = collect_garbage(StateDir(args.state_dir), cache_max_age=max_age)
+    report = collect_garbage(StateDir(host=args.host), cache_max_age=max_age)
+    for build_id in report.finalized:
+        sys.stderr.write(
+            f"{PROG}: warning: build {build_id}: its supervisor is gone; recorded as interrupted\n"
+        )
+    for line in report.warnings:
+        sys.stderr.write(f"{PROG}: warning: {line}\n")
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
@@ -771,7 +778,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from buildcell.state import StateDir
 
     loaded = load_spec(args.file)
-    settings = load_settings()
+    settings = load_settings(host=args.host)
     key = None
     if args.sign_key is not None:
         from buildcell.supply.provenance import KeyFile
@@ -811,7 +818,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         allow_fetch=allow_fetch,
     )
     out_dir = (args.out or Path("buildcell-out")).absolute()
-    state = StateDir(args.state_dir)
+    state = StateDir(host=args.host)
     live = not args.json and sys.stderr.isatty()
     reporter: Any
     if live:
@@ -900,7 +907,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
     if args.policy_command != "check":
         raise UsageError("policy needs a subcommand", hint="buildcell policy check --policy FILE")
-    path = args.policy or load_settings().policy
+    path = args.policy or load_settings(host=args.host).policy
     if path is None:
         raise UsageError(
             "no policy given and none configured", hint="buildcell policy check --policy FILE"
@@ -1045,7 +1052,7 @@ def _records(args: argparse.Namespace) -> RecordStore:
     project = (
         project_name(args.project) if args.project else project_name(str(Path.cwd()), derived=True)
     )
-    return RecordStore(StateDir(args.state_dir).root / "builds", project=project)
+    return RecordStore(StateDir(host=args.host).root / "builds", project=project)
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -1053,12 +1060,14 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
     from buildcell.cli.console import render_records
 
-    records = _records(args).recent(args.n)
+    store = _records(args)
+    records = store.recent(args.n)
+    _warn_finalized(store)
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2))
     elif not records:
         print(
-            f"no builds of project {_records(args).project!r} yet: `buildcell build` runs the "
+            f"no builds of project {store.project!r} yet: `buildcell build` runs the "
             "buildcell.yaml of this directory"
         )
     else:
@@ -1066,14 +1075,26 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_finalized(store: RecordStore) -> None:
+    for build_id in store.finalized:
+        sys.stderr.write(
+            f"{PROG}: warning: build {build_id}: its supervisor is gone; recorded as interrupted\n"
+        )
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     import json
 
-    from buildcell.cli.console import render_record
+    from buildcell.cli.console import render_record, render_unreadable
+    from buildcell.supply.records import UnreadableRecord
 
-    record = _records(args).load(args.build_id)
+    store = _records(args)
+    record = store.load(args.build_id)
+    _warn_finalized(store)
     if args.json:
         print(json.dumps(record.to_dict(), indent=2))
+    elif isinstance(record, UnreadableRecord):
+        render_unreadable(record, _stdout_console())
     else:
         render_record(record, _stdout_console())
     return 0
@@ -1083,7 +1104,8 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     from buildcell.errors import Error
 
     store = _records(args)
-    record = store.load(args.build_id)
+    record = store.load_record(args.build_id)
+    _warn_finalized(store)
     names = [s.name for s in record.steps]
     if args.step is not None and args.step not in names:
         raise Error(
@@ -1092,10 +1114,10 @@ def _cmd_logs(args: argparse.Namespace) -> int:
         )
     out = sys.stdout
     for name in [args.step] if args.step else names:
-        path = store.log_path(record.id, name)
-        if not path.exists():
+        raw = store.read_log(record.id, name)
+        if raw is None:
             continue
-        data = path.read_bytes().decode(errors="replace")
+        data = raw.decode(errors="replace")
         if args.step:
             out.write(data)
         else:
@@ -1185,8 +1207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.state_dir is not None:
-        os.environ["BUILDCELL_STATE_DIR"] = str(args.state_dir.absolute())
     import logging
 
     logging.basicConfig(
@@ -1198,6 +1218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handler = _COMMANDS[args.command][1]
     try:
+        # The environment is read here, once: the library gets it inside every StateDir.
+        from buildcell.host import HostEnv
+
+        host = HostEnv.read()
+        if args.state_dir is not None:
+            host = host.replace(state_dir=args.state_dir.absolute())
+        args.host = host
         _check_operator_paths(args)
         return handler(args)
     except Error as e:

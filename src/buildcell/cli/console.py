@@ -26,7 +26,7 @@ from buildcell.build.doctor import DoctorReport
 from buildcell.build.runner import BuildResult
 from buildcell.build.spec import BuildSpec, StepSpec
 from buildcell.egress.audit import EgressStats, EgressSummaryRow
-from buildcell.supply.records import BuildRecord, StepRecord
+from buildcell.supply.records import BuildRecord, Listed, StepRecord, UnreadableRecord
 from buildcell.units import format_size
 
 __all__ = ["LiveReporter", "PlainReporter", "render_egress", "render_record", "render_records"]
@@ -290,11 +290,19 @@ def render_egress(rows: Sequence[EgressSummaryRow | Mapping[str, Any]], console:
     console.print(table)
 
 
-def render_records(records: list[BuildRecord], console: Console) -> None:
+def render_unreadable(record: UnreadableRecord, console: Console) -> None:
+    """A build whose record cannot be read: its id and why."""
+    console.print(f"{record.id}: [red]unreadable[/]: {escape(record.reason)}")
+
+
+def render_records(records: Sequence[Listed], console: Console) -> None:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("build", "name", "status", "started", "duration", "steps"):
         table.add_column(col)
     for r in records:
+        if isinstance(r, UnreadableRecord):
+            table.add_row(r.id, "", f"[red]unreadable: {escape(r.reason)}[/]", "", "", "")
+            continue
         table.add_row(
             r.id,
             escape(r.name),

@@ -54,6 +54,7 @@ from typing import Literal, get_args
 from buildcell._fs import Closing
 from buildcell._text import show
 from buildcell.errors import ConfigError, SandboxError, StateError
+from buildcell.state import NO_SPACE, write_failure
 from buildcell.trees import copy_tree, remove_tree
 
 __all__ = [
@@ -176,6 +177,13 @@ def _new_id() -> str:
 def _traverse_mode() -> int:
     # As root, cells run as unprivileged host uids that must reach their work copy by path.
     return 0o711 if os.geteuid() == 0 else 0o700
+
+
+def _failure(path: Path, e: OSError, doing: str) -> StateError:
+    """The error for ``cannot DOING PATH``: a full disk names the free space."""
+    if e.errno in NO_SPACE:
+        return write_failure(path / "x", e, what=f"the build cache ({doing.split(maxsplit=1)[0]})")
+    return StateError(f"cannot {doing} {_show(path)}: {e.strerror}")
 
 
 def _touch(path: Path) -> None:
@@ -545,7 +553,7 @@ class CacheLease(Closing):
                 os.fchown(self._work_fd, 0, 0)
             os.fchmod(self._work_fd, 0o700)
         except OSError as e:
-            raise StateError(f"cannot publish build cache {_show(self.work)}: {e.strerror}") from e
+            raise _failure(self.work, e, "publish build cache") from e
 
     def _publish(self) -> None:
         assert self._work_fd is not None
@@ -583,7 +591,7 @@ class CacheLease(Closing):
             except OSError as e:
                 logger.warning("cache %s: cannot remove old generations: %s", kdir, e.strerror)
         except OSError as e:
-            raise StateError(f"cannot publish build cache {_show(kdir)}: {e.strerror}") from e
+            raise _failure(kdir, e, "publish build cache") from e
         finally:
             os.close(lock)
         _remove_held(doomed)
@@ -748,7 +756,7 @@ class CacheStore:
                     raise StateError(f"cache directory {_show(self.root)} is gone") from e
                 continue
             except OSError as e:
-                raise StateError(f"cannot create build cache in {_show(path)}: {e.strerror}") from e
+                raise _failure(path, e, "create build cache in") from e
             lock = _lock_key(path, exclusive=False)
             if lock is None:
                 continue
@@ -757,7 +765,7 @@ class CacheStore:
                 os.mkdir(path / f"work-{lease_id}", 0o700)
             except OSError as e:
                 os.close(lock)
-                raise StateError(f"cannot create build cache in {_show(path)}: {e.strerror}") from e
+                raise _failure(path, e, "create build cache in") from e
             return path, lease_id, lock
         raise StateError(f"cannot create build cache in {_show(self.root)}: it keeps disappearing")
 

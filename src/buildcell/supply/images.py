@@ -105,7 +105,7 @@ import tarfile
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol, TypeVar, cast
@@ -152,7 +152,7 @@ _CHUNK = 1 << 20
 # entry, a symlink's target, a directory's first block. File data is charged in these
 # blocks too, so the charge bounds st_blocks as well as st_size.
 _BLOCK = 4096
-_MARKER_VERSION = 2  # of the "complete" marker; other versions are unpacked again
+_MARKER_VERSION = 3  # of the "complete" marker; other versions are unpacked again
 _MAX_MARKER_SIZE = 1 << 20
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _COALESCE_GAP = 64 << 10  # sparse pieces closer than this are written in one go
@@ -318,6 +318,7 @@ def unpack_image(
     cache_dir: Path,
     budget: UnpackBudget | None = None,
     label: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Verify the image ``digest`` in ``source`` and unpack it once into ``cache_dir``.
 
@@ -333,8 +334,10 @@ def unpack_image(
     by the unpacking user.
 
     A second call with the same digest returns the cached tree after re-verifying the
-    index, manifest and config in ``source``, without reading layers. Concurrent calls for
-    one digest, in threads or processes, unpack it once.
+    index, manifest and config in ``source``, without reading layers. The cached tree
+    itself is verified against the digest of its files recorded when it was unpacked, once
+    per process: a damaged one is unpacked again, and ``warn`` (default: the log) is told
+    so, naming it. Concurrent calls for one digest, in threads or processes, unpack it once.
 
     Args:
         budget: what this image may take, shared with the build's other images; without
@@ -364,10 +367,15 @@ def unpack_image(
         mode = _dir_mode()
         oci_dir = _ensure_dir(_ensure_dir(cache_dir, mode) / "oci", mode)
         final = oci_dir / hexdigest
-        cost = _read_marker(final)
+        cost = _intact_cost(final)
+        if cost is None and _read_marker(final) is not None:
+            (warn or _log_warning)(
+                f"the unpacked image {final} was damaged (its files do not match the digest "
+                "recorded when it was unpacked); unpacking it again"
+            )
         if cost is None:
             with _exclusive_lock(oci_dir / f"{hexdigest}.lock", digest):
-                cost = _read_marker(final)  # another process may have finished it meanwhile
+                cost = _intact_cost(final)  # another process may have finished it meanwhile
                 if cost is None:
                     _discard_leftovers(oci_dir, hexdigest)
                     account = _Account(budget, f"{image.label}@{digest}")
@@ -1813,9 +1821,73 @@ def _check_dir(path: Path) -> None:
             raise StateError(f"cannot change the mode of {path}: {e.strerror}") from e
 
 
-def _read_marker(final: Path) -> int | None:
-    """What the complete unpack in ``final`` cost, from its marker; None if there is none,
-    or it is from another version (one that recorded no cost and kept other modes)."""
+def _log_warning(message: str) -> None:
+    logger.warning("%s", message)
+
+
+#: Trees verified by this process: (device, inode, marker's mtime) -> intact.
+_verified: dict[tuple[int, int, int], bool] = {}
+_verified_lock = threading.Lock()
+
+
+def _intact_cost(final: Path) -> int | None:
+    """What the complete unpack in ``final`` cost, if its marker is there and its tree
+    still has the digest the marker recorded (checked once per process); else None."""
+    marker = _read_marker(final)
+    if marker is None:
+        return None
+    cost, recorded = marker
+    try:
+        st = os.stat(final / "complete", follow_symlinks=False)
+        root = os.stat(final / "rootfs", follow_symlinks=False)
+    except OSError:
+        return None
+    key = (root.st_dev, root.st_ino, st.st_mtime_ns)
+    with _verified_lock:
+        intact = _verified.get(key)
+        if intact is None:
+            intact = _tree_digest(final / "rootfs") == recorded
+            _verified[key] = intact
+    return cost if intact else None
+
+
+def _tree_digest(root: Path) -> str | None:
+    """The sha256 of every entry below ``root``: its path, kind, mode, size and content (a
+    file's bytes, a link's target). None if the tree cannot be walked."""
+    digest = hashlib.sha256()
+    try:
+        for top, dirs, files, top_fd in os.fwalk(root, follow_symlinks=False):
+            dirs.sort()
+            rel = os.path.relpath(top, root)
+            for name in sorted([*dirs, *files]):
+                digest.update(_entry_line(f"{rel}/{name}", name, top_fd))
+    except OSError:
+        return None
+    return "sha256:" + digest.hexdigest()
+
+
+def _entry_line(rel: str, name: str, dir_fd: int) -> bytes:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    content = ""
+    if stat.S_ISREG(st.st_mode):
+        try:
+            fd = os.open(
+                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+        except PermissionError:
+            content = "unreadable"  # a mode-000 file, as an unprivileged user: the same each time
+        else:
+            with os.fdopen(fd, "rb") as f:
+                content = hashlib.file_digest(f, "sha256").hexdigest()
+    elif stat.S_ISLNK(st.st_mode):
+        content = os.readlink(name, dir_fd=dir_fd)
+    kind, mode = stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode)
+    return os.fsencode(f"{rel}\0{kind:o}\0{mode:o}\0{st.st_size}\0{content}\n")
+
+
+def _read_marker(final: Path) -> tuple[int, str] | None:
+    """What the complete unpack in ``final`` cost and its tree's digest, from its marker;
+    None if there is none, or it is from another version."""
     try:
         fd = os.open(final / "complete", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -1838,7 +1910,10 @@ def _read_marker(final: Path) -> int | None:
     cost = doc.get("charged")
     if not isinstance(cost, int) or isinstance(cost, bool) or cost < 0:
         return None
-    return cost
+    tree = doc.get("tree")
+    if not isinstance(tree, str) or not _DIGEST.fullmatch(tree):
+        return None
+    return cost, tree
 
 
 @contextlib.contextmanager
@@ -1903,9 +1978,13 @@ def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path, account: _Ac
             except OSError as e:
                 raise ImageError(f"cannot set directory modes: {e.strerror}") from e
         stats = unpacker.stats
+        tree = _tree_digest(tmp / "rootfs")
+        if tree is None:
+            raise StateError(f"cannot read back the unpacked image in {tmp}")
         marker = {
             "version": _MARKER_VERSION,
             "digest": plan.digest,
+            "tree": tree,
             "manifest": plan.manifest,
             "layers": [layer.label for layer in plan.layers],
             "charged": account.charged,

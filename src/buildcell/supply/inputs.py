@@ -81,8 +81,9 @@ from buildcell.allowlist import (
     suggest_allow,
 )
 from buildcell.confined import UnsafePathError
-from buildcell.errors import ConfigError, InputError, StateError
+from buildcell.errors import ConfigError, Error, InputError, StateError
 from buildcell.events import EventLog
+from buildcell.state import NO_SPACE, write_failure
 from buildcell.units import format_size
 
 __all__ = [
@@ -322,8 +323,10 @@ class ContentStore:
         StateError: the store directories cannot be created.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, warn: Callable[[str], None] | None = None) -> None:
         self.root = root
+        #: told of every repair (an entry removed to be fetched again); default: the log
+        self._warn = warn or (lambda message: logger.warning("%s", message))
         try:
             _make_dir(root, parents=True)
             _make_dir(root / "sha256")
@@ -452,13 +455,15 @@ class ContentStore:
         except OSError as e:
             # ELOOP: something put a symlink where an entry belongs; it is never followed.
             if e.errno == errno.ELOOP and _discard_entry(path, None):
-                logger.warning("content store entry %s is a symlink; removed it", path)
+                self._warn(f"content store entry {path} was a symlink; removed it")
                 return None
             raise InputError(f"cannot read content store entry {path}: {_os_reason(e)}") from e
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                logger.warning("content store entry %s is a %s", path, file_kind(info.st_mode))
+                self._warn(
+                    f"content store entry {path} was a {file_kind(info.st_mode)}; removed it"
+                )
                 _discard_entry(path, info)
                 return None
             try:
@@ -468,8 +473,9 @@ class ContentStore:
         finally:
             os.close(fd)
         if actual != digest:
-            logger.warning(
-                "content store entry %s is corrupt (its sha256 is %s); removing it", path, actual
+            self._warn(
+                f"content store entry {path} was corrupt (its sha256 is {actual}); removed it, "
+                "to be fetched or copied again"
             )
             _discard_entry(path, info)
             return None
@@ -929,7 +935,9 @@ class _Staging(Closing):
                 self._tmp.unlink()
             self._tmp = None
 
-    def _store_error(self, e: OSError) -> InputError:
+    def _store_error(self, e: OSError) -> Error:
+        if e.errno in NO_SPACE:
+            return write_failure(self._final, e, what=f"{self._label} (the content store)")
         return InputError(
             f"cannot write {self._label} to the content store at {self._final.parent}: "
             f"{_os_reason(e)}"

@@ -11,23 +11,56 @@ Layout under the state directory::
 Every record belongs to a project; a ``RecordStore`` opened for one project lists, loads
 and finds only that project's builds, so no buildcell command shows one project another's
 records, logs or outputs.
+
+Records are read by one typed reader (:func:`parse_record`): every field is validated, and
+a record that does not validate is an :class:`UnreadableRecord` that says why, listed like
+any other, never a crash and never left out. Records are written whole (temp file, fsync,
+rename, directory fsync), and a build appears in ``builds/`` only once its directory is
+complete. A record still ``running`` whose supervisor is gone is finalized when it is read:
+the build and its running steps become ``interrupted``, on disk.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import re
+import stat
 import time
+from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from buildcell.errors import ConfigError, Error
-from buildcell.state import process_start_time
+from buildcell.state import fsync_dir, process_start_time, write_atomic, write_failure
 
-__all__ = ["DEFAULT_PROJECT", "BuildRecord", "RecordStore", "StepRecord", "project_name"]
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
+
+__all__ = [
+    "BUILD_STATUSES",
+    "DEFAULT_PROJECT",
+    "STEP_STATUSES",
+    "BuildRecord",
+    "Listed",
+    "RecordStore",
+    "StepRecord",
+    "UnreadableRecord",
+    "parse_record",
+    "project_name",
+]
+
+BUILD_STATUSES = frozenset({"running", "succeeded", "failed", "error", "denied", "interrupted"})
+STEP_STATUSES = frozenset({"pending", "running", "succeeded", "failed", "skipped", "interrupted"})
+#: A record larger than this is not one buildcell wrote.
+MAX_RECORD_BYTES = 16 << 20
+_BUILD_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
+_STEP_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 DEFAULT_PROJECT = "default"
 _PROJECT = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -110,10 +143,92 @@ class BuildRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildRecord:
-        data = dict(data)
-        data.pop("duration", None)
-        steps = [StepRecord(**s) for s in data.pop("steps", [])]
-        return cls(**data, steps=steps)
+        """The record ``data`` (as :meth:`to_dict` gives it) describes, validated.
+
+        Raises:
+            ValueError: it is not a valid record; the message names the field.
+        """
+        return parse_record(json.dumps(data).encode(), build_id=str(data.get("id", "")))
+
+
+@dataclass(frozen=True)
+class UnreadableRecord:
+    """A build directory whose record does not validate, and why (no value of it is
+    repeated: the reason names fields and kinds only)."""
+
+    id: str
+    reason: str
+    project: str | None = None
+    status: ClassVar[str] = "unreadable"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": "unreadable",
+            "error": self.reason,
+            "project": self.project,
+        }
+
+
+#: What a store lists: records, and build directories whose record is unreadable.
+Listed = BuildRecord | UnreadableRecord
+
+
+@functools.cache
+def _adapter() -> TypeAdapter[BuildRecord]:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(BuildRecord)
+
+
+def parse_record(data: bytes, *, build_id: str) -> BuildRecord:
+    """Validate the bytes of a ``record.json`` for the build ``build_id``.
+
+    Raises:
+        ValueError: it is not a record buildcell wrote; the message says which field is
+            wrong and how, without repeating its value.
+    """
+    from pydantic import ValidationError
+
+    if not data.strip():
+        raise ValueError("record.json is empty")
+    if len(data) > MAX_RECORD_BYTES:
+        raise ValueError(f"record.json is larger than {MAX_RECORD_BYTES >> 20} MiB")
+    try:
+        record = _adapter().validate_json(data, strict=True)
+    except ValidationError as e:
+        first = e.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the record"
+        kind = "not JSON" if first["type"] == "json_invalid" else first["msg"].lower()
+        raise ValueError(f"record.json: {where}: {kind}") from None
+    problem = _record_problem(record, build_id)
+    if problem is not None:
+        raise ValueError(f"record.json: {problem}")
+    return record
+
+
+def _record_problem(record: BuildRecord, build_id: str) -> str | None:
+    """What the types alone do not say: ids, names, statuses and times that make sense."""
+    if record.id != build_id:
+        return "id: not the id of its directory"
+    if _PROJECT.fullmatch(record.project) is None:
+        return "project: not a project name"
+    if record.status not in BUILD_STATUSES:
+        return f"status: not one of {', '.join(sorted(BUILD_STATUSES))}"
+    for name, value in (("started", record.started), ("finished", record.finished)):
+        if value is not None and not (math.isfinite(value) and 0 <= value < 2**33):
+            return f"{name}: not a time"
+    names = set()
+    for i, step in enumerate(record.steps):
+        if _STEP_NAME.fullmatch(step.name) is None or step.name in names:
+            return f"steps.{i}.name: not a step name, or given twice"
+        names.add(step.name)
+        if step.status not in STEP_STATUSES:
+            return f"steps.{i}.status: not one of {', '.join(sorted(STEP_STATUSES))}"
+        for what, value in (("started", step.started), ("duration", step.duration)):
+            if value is not None and not (math.isfinite(value) and 0 <= value < 2**33):
+                return f"steps.{i}.{what}: not a time"
+    return None
 
 
 class RecordStore:
@@ -128,34 +243,63 @@ class RecordStore:
     def __init__(self, root: Path, *, project: str | None = None) -> None:
         self.root = root
         self.project = project
-        root.mkdir(mode=0o700, exist_ok=True)
+        #: builds whose dead supervisor this store found, and finalized as interrupted
+        self.finalized: list[str] = []
+        try:
+            root.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise write_failure(root, e, what="the build records") from e
 
     def create(self, record: BuildRecord, spec_text: str) -> Path:
-        path = self.root / record.id
-        path.mkdir(mode=0o700)
-        (path / "logs").mkdir(mode=0o700)
-        (path / "spec.yaml").write_text(spec_text)
+        """Make the build's directory, complete (spec, logs/, record), then put it in place:
+        a build that cannot be recorded leaves nothing in ``builds/``.
+
+        Raises:
+            StateError: it cannot be written (a full disk says so, with the free space).
+        """
+        from buildcell.trees import remove_tree
+
+        final = self.root / record.id
+        new = self.root / f".new-{record.id}"
         record.supervisor = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
-        self.save(record)
-        return path
+        try:
+            new.mkdir(mode=0o700)
+            (new / "logs").mkdir(mode=0o700)
+            write_atomic(new / "spec.yaml", spec_text.encode(), what="the build's spec")
+            write_atomic(new / "record.json", _encode(record), what="the build record")
+            os.rename(new, final)
+            fsync_dir(self.root)
+        except OSError as e:
+            with suppress(Exception):
+                remove_tree(new)
+            raise write_failure(new, e, what="the build record") from e
+        except Error:
+            with suppress(Exception):
+                remove_tree(new)
+            raise
+        return final
 
     def dir(self, build_id: str) -> Path:
         return self.root / build_id
 
     def save(self, record: BuildRecord) -> None:
-        path = self.root / record.id
-        tmp = path / ".record.json.tmp"
-        tmp.write_text(json.dumps(record.to_dict(), indent=2))
-        os.replace(tmp, path / "record.json")
+        """Replace the record on disk as a whole.
 
-    def load(self, build_id: str) -> BuildRecord:
-        """Load one record by id or unique id prefix.
+        Raises:
+            StateError: it cannot be written; the previous record stays.
+        """
+        write_atomic(
+            self.root / record.id / "record.json", _encode(record), what="the build record"
+        )
+
+    def load(self, build_id: str) -> Listed:
+        """Load one record by id or unique id prefix (an unreadable one says why).
 
         Raises:
             Error: no build, or an ambiguous prefix.
         """
         matches = sorted(
-            p.name for p in self.root.iterdir() if p.name.startswith(build_id) and self._visible(p)
+            p.name for p in self._build_dirs() if p.name.startswith(build_id) and self._visible(p)
         )
         if build_id in matches:
             matches = [build_id]
@@ -172,39 +316,137 @@ class RecordStore:
             )
         return self._read(self.root / matches[0])
 
-    def _read(self, path: Path) -> BuildRecord:
+    def load_record(self, build_id: str) -> BuildRecord:
+        """:meth:`load`, for what needs the record itself (its logs, its steps).
+
+        Raises:
+            Error: no build, an ambiguous prefix, or its record is unreadable.
+        """
+        found = self.load(build_id)
+        if isinstance(found, UnreadableRecord):
+            raise Error(
+                f"the record of build {found.id} is unreadable: {found.reason}",
+                hint="`buildcell show` says the same; `buildcell gc` leaves it alone",
+            )
+        return found
+
+    def _build_dirs(self) -> Iterator[Path]:
+        """Every build directory: dot-names are directories still being made."""
         try:
-            record = BuildRecord.from_dict(json.loads((path / "record.json").read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise Error(f"build record {path.name} is unreadable: {e}") from e
-        if record.status == "running":
-            sup = record.supervisor
-            pid = sup.get("pid")
-            if not (isinstance(pid, int) and process_start_time(pid) == sup.get("start")):
-                record.status = "interrupted"
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        for name in names:
+            if not name.startswith(".") and _BUILD_ID.fullmatch(name):
+                yield self.root / name
+
+    def _read(self, path: Path) -> Listed:
+        data, problem = _read_bytes(path / "record.json")
+        if data is None:
+            return UnreadableRecord(
+                path.name, problem or "record.json is missing", _project_of(b"")
+            )
+        try:
+            record = parse_record(data, build_id=path.name)
+        except ValueError as e:
+            return UnreadableRecord(path.name, str(e), _project_of(data))
+        if record.status == "running" and not _supervisor_alive(record.supervisor):
+            self._finalize(record, path)
         return record
 
+    def _finalize(self, record: BuildRecord, path: Path) -> None:
+        """A build whose supervisor died: it, and its running steps, were interrupted."""
+        record.status = "interrupted"
+        record.error = record.error or "its supervisor is gone: the build was interrupted"
+        if record.finished is None:
+            with suppress(OSError):
+                record.finished = max(record.started, os.stat(path / "record.json").st_mtime)
+        for step in record.steps:
+            if step.status == "running":
+                step.status = "interrupted"
+            elif step.status == "pending":
+                step.status = "skipped"
+        with suppress(Error):  # a read never fails for want of space: it is finalized later
+            self.save(record)
+        self.finalized.append(record.id)
+
     def _visible(self, path: Path) -> bool:
-        """Whether ``path`` is a record of this store's project (any, without one)."""
+        """Whether ``path`` is a record of this store's project (any, without one); one
+        whose project cannot be read is shown to every project, as unreadable."""
         if self.project is None:
             return True
-        try:
-            data = json.loads((path / "record.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return isinstance(data, dict) and data.get("project", DEFAULT_PROJECT) == self.project
+        data, _ = _read_bytes(path / "record.json")
+        project = _project_of(data or b"")
+        return project is None or project == self.project
 
-    def recent(self, limit: int = 20) -> list[BuildRecord]:
-        records = []
-        for path in sorted(self.root.iterdir(), reverse=True):
-            if (path / "record.json").exists() and self._visible(path):
-                try:
-                    records.append(self._read(path))
-                except Error:
-                    continue
-            if len(records) >= limit:
+    def recent(self, limit: int = 20) -> list[Listed]:
+        """The ``limit`` newest builds of the project, unreadable ones included."""
+        found: list[Listed] = []
+        for path in sorted(self._build_dirs(), reverse=True):
+            if self._visible(path):
+                found.append(self._read(path))
+            if len(found) >= limit:
                 break
-        return records
+        return found
 
     def log_path(self, build_id: str, step: str) -> Path:
         return self.root / build_id / "logs" / f"{step}.log"
+
+    def read_log(self, build_id: str, step: str) -> bytes | None:
+        """The log of ``step``; None if the step wrote none.
+
+        Raises:
+            Error: the log is not a regular file, or cannot be read.
+        """
+        path = self.log_path(build_id, step)
+        data, problem = _read_bytes(path, limit=None)
+        if data is None and problem is not None and "missing" not in problem:
+            raise Error(f"the log of step {step!r} of build {build_id} is unreadable: {problem}")
+        return data
+
+
+def _encode(record: BuildRecord) -> bytes:
+    return json.dumps(record.to_dict(), indent=2).encode()
+
+
+def _supervisor_alive(supervisor: dict[str, int | None]) -> bool:
+    pid = supervisor.get("pid")
+    return isinstance(pid, int) and pid > 0 and process_start_time(pid) == supervisor.get("start")
+
+
+def _read_bytes(
+    path: Path, *, limit: int | None = MAX_RECORD_BYTES
+) -> tuple[bytes | None, str | None]:
+    """A state file's bytes, or None and why not: never through a symlink, never a fifo."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, f"{path.name} is missing"
+    except OSError as e:
+        return None, f"{path.name}: {e.strerror}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            from buildcell._fs import file_kind
+
+            return None, f"{path.name} is a {file_kind(st.st_mode)}, not a file"
+        if limit is not None and st.st_size > limit:
+            return None, f"{path.name} is larger than {limit >> 20} MiB"
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks), None
+    except OSError as e:
+        return None, f"{path.name}: {e.strerror}"
+    finally:
+        os.close(fd)
+
+
+def _project_of(data: bytes) -> str | None:
+    """The project a record names, if that much of it can be read."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return None
+    project = parsed.get("project", DEFAULT_PROJECT) if isinstance(parsed, dict) else None
+    return project if isinstance(project, str) and _PROJECT.fullmatch(project) else None

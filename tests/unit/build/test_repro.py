@@ -204,7 +204,7 @@ def counting_reads() -> Iterator[list[int]]:
         sizes.append(len(data))
         return data
 
-    with mock.patch.object(repro.os, "read", read):
+    with mock.patch("buildcell.build.repro.os.read", read):
         yield sizes
 
 

@@ -193,12 +193,14 @@ def test_step_limits_merge_the_build_limits_with_the_step() -> None:
     )
 
 
-def test_to_limits() -> None:
+def test_a_step_s_limits_become_a_cell_s() -> None:
+    from buildcell.build.runner import cell_limits
+
     spec = parse(EXAMPLE)
-    assert spec.step_limits(spec.steps[1]).to_limits() == Limits(
+    assert cell_limits(spec.step_limits(spec.steps[1])) == Limits(
         memory=2 * GiB, pids=512, cpus=2.0, disk=4 * GiB, timeout=600.0
     )
-    assert LimitsSpec().to_limits() == Limits()
+    assert cell_limits(LimitsSpec()) == Limits()
 
 
 def test_uri(tmp_path: Path) -> None:

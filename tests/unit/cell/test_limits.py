@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from buildcell.cell.limits import (
     fallback_plan,
     parse_cgroup_layout,
 )
+from buildcell.state import StateDir
 
 HYBRID_MOUNTINFO = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -39,7 +41,9 @@ def test_parse_hybrid_layout() -> None:
     assert layout.v1_paths["memory"] == "/ci/job1"
 
 
-def _probe(controllers: dict[str, str], writable: set[str]):  # type: ignore[no-untyped-def]
+def _probe(
+    controllers: dict[str, str], writable: set[str]
+) -> tuple[Callable[[Path], bool], Callable[[Path], str]]:
     def read(p: Path) -> str:
         try:
             return controllers[str(p.parent)]
@@ -147,10 +151,10 @@ def test_cgroup_v2_files_on_a_fake_tree(tmp_path: Path) -> None:
 
 
 @root_only
-def test_cgroup_v1_for_real(state) -> None:  # type: ignore[no-untyped-def]
+def test_cgroup_v1_for_real(state: StateDir) -> None:
     from buildcell.cell.supervisor import limits_backend
 
-    backend = limits_backend()
+    backend = limits_backend(state.host)
     if backend.mode != "cgroup1":
         pytest.skip("this host does not use cgroup v1")
     cg = CellCgroup(backend, f"{state.tag}.unit", Limits(memory=64 << 20, pids=10, cpus=0.25))

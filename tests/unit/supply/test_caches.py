@@ -25,6 +25,7 @@ from buildcell.supply.caches import (
     DEFAULT_MAX_BYTES,
     CacheLease,
     CacheStore,
+    Trust,
     cache_scope,
     expire_caches,
 )
@@ -79,8 +80,8 @@ def _entries(kdir: Path, prefix: str) -> list[str]:
     return sorted(name for name in os.listdir(kdir) if name.startswith(prefix))
 
 
-def _save(store: CacheStore, project: str, trust: str, files: dict[str, str]) -> CacheLease:
-    with store.lease(project, "pip", trust) as lease:  # type: ignore[arg-type]
+def _save(store: CacheStore, project: str, trust: Trust, files: dict[str, str]) -> CacheLease:
+    with store.lease(project, "pip", trust) as lease:
         for name, content in files.items():
             (lease.work / name).write_text(content)
         assert lease.commit().published
@@ -476,7 +477,7 @@ def test_gc_racing_builds_never_breaks_them(store: CacheStore, root: Path) -> No
 
     def build(writer: int) -> None:
         for round_ in range(6):
-            trust = "untrusted" if round_ % 2 else "trusted"
+            trust: Trust = "untrusted" if round_ % 2 else "trusted"
             with store.lease("proj", "pip", trust) as lease:
                 check_complete(lease.work)
                 write_markers(lease.work, f"{writer}-{round_}")

@@ -267,37 +267,37 @@ def _socket(path: Path) -> None:
     s.close()
 
 
-MUTATIONS: dict[str, tuple[Callable[[Path], None], bool]] = {
+def _file_to_symlink_to_a_copy(r: Path) -> None:
+    write(r / "copy", "hello\n")
+    (r / "README").unlink()
+    (r / "README").symlink_to("copy")
+
+
+def _dir_to_symlink_to_a_copy(r: Path) -> None:
+    shutil.copytree(r / "src" / "deep", r / "elsewhere", symlinks=True)
+    shutil.rmtree(r / "src" / "deep")
+    (r / "src" / "deep").symlink_to("../elsewhere")
+
+
+def _symlink_to_file_with_its_text(r: Path) -> None:
+    (r / "link").unlink()
+    (r / "link").write_text("README")
+
+
+MUTATIONS: dict[str, tuple[Callable[[Path], object], bool]] = {
     "content changed": (lambda r: (r / "README").write_text("changed\n"), True),
     "same size, other bytes": (lambda r: (r / "README").write_text("HELLO\n"), True),
     "exec bit dropped": (lambda r: (r / "bin" / "tool").chmod(0o644), True),
     "exec bit added": (lambda r: (r / "README").chmod(0o744), True),
     "file deleted": (lambda r: (r / "src" / "deep" / "er" / "b.txt").unlink(), True),
     "directory deleted": (lambda r: shutil.rmtree(r / "src" / "deep"), True),
-    "file replaced by a symlink to the same bytes": (
-        lambda r: (
-            write(r / "copy", "hello\n"),
-            (r / "README").unlink(),
-            (r / "README").symlink_to("copy"),
-        ),
-        True,
-    ),
+    "file replaced by a symlink to the same bytes": (_file_to_symlink_to_a_copy, True),
     "file replaced by a fifo": (lambda r: _fifo(r / "src" / "a.c"), True),
     "file replaced by a socket": (lambda r: _socket(r / "README"), True),
     "directory replaced by a file": (lambda r: _replace_dir_by_file(r / "src" / "many"), True),
-    "directory replaced by a symlink to a copy": (
-        lambda r: (
-            shutil.copytree(r / "src" / "deep", r / "elsewhere", symlinks=True),
-            shutil.rmtree(r / "src" / "deep"),
-            (r / "src" / "deep").symlink_to("../elsewhere"),
-        ),
-        True,
-    ),
+    "directory replaced by a symlink to a copy": (_dir_to_symlink_to_a_copy, True),
     "symlink retargeted": (lambda r: _retarget(r / "link", "bin/tool"), True),
-    "symlink replaced by a file with its text": (
-        lambda r: ((r / "link").unlink(), (r / "link").write_text("README")),
-        True,
-    ),
+    "symlink replaced by a file with its text": (_symlink_to_file_with_its_text, True),
     "untracked file": (lambda r: write(r / "src" / "new.o", "object"), False),
     "untracked directory": (lambda r: write(r / "build" / "x" / "y", "y"), False),
     "untracked fifo": (lambda r: os.mkfifo(r / "pipe"), False),

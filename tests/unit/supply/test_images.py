@@ -235,7 +235,7 @@ def test_oci_layout(tmp_path: Path, cache: Path, compress: bool) -> None:
     marker = json.loads((rootfs.parent / "complete").read_text())
     assert marker["digest"] == digest
     assert marker["hardlinks"] == 1
-    assert marker["version"] == 2 and marker["charged"] > marker["bytes"] > 0
+    assert marker["version"] == 3 and marker["charged"] > marker["bytes"] > 0
     # Search-only for the cells' uids when root; private otherwise.
     expected = 0o711 if os.geteuid() == 0 else 0o700
     for directory in (cache, cache / "oci", rootfs.parent):
@@ -1566,7 +1566,7 @@ def test_an_unpack_by_an_older_version_is_done_again(tmp_path: Path, cache: Path
     rootfs = unpack_image(image, digest, cache_dir=cache)
     assert not (rootfs / "ww" / "planted").exists()
     assert stat.S_IMODE((rootfs / "ww").stat().st_mode) == 0o755
-    assert json.loads(marker.read_text())["version"] == 2
+    assert json.loads(marker.read_text())["version"] == 3
 
 
 # --- the source, opened confined ----------------------------------------------------------
@@ -1851,3 +1851,71 @@ def test_busybox_image(tmp_path: Path, cache: Path) -> None:
         [str(busybox), "echo", "hello"], capture_output=True, text=True, check=False
     )
     assert result.stdout == "hello\n"
+
+
+# --- the cached tree is verified when it is used -------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extra", "removed", "mode", "link"])
+def test_a_damaged_unpacked_image_is_unpacked_again_with_a_warning(
+    tmp_path: Path, cache: Path, damage: str
+) -> None:
+    from buildcell.supply import images
+
+    image = tmp_path / "image"
+    payload = bytes(range(256)) * 16
+    digest = make_oci_layout(
+        image, [[D("bin/"), F("bin/tool", payload, mode=0o755), L("bin/alias", "tool")]]
+    )
+    rootfs = unpack_image(image, digest, cache_dir=cache)
+    tool = rootfs / "bin" / "tool"
+    if damage == "flip":
+        data = bytearray(tool.read_bytes())
+        data[1000] ^= 0x10
+        tool.write_bytes(bytes(data))
+    elif damage == "truncate":
+        tool.write_bytes(payload[:-1])
+    elif damage == "extra":
+        (rootfs / "bin" / "planted").write_bytes(b"")
+    elif damage == "removed":
+        tool.unlink()
+    elif damage == "mode":
+        tool.chmod(0o4755)
+    else:
+        (rootfs / "bin" / "alias").unlink()
+        (rootfs / "bin" / "alias").symlink_to("/elsewhere")
+    images._verified.clear()  # a new process: nothing verified yet
+    warnings: list[str] = []
+    again = unpack_image(image, digest, cache_dir=cache, warn=warnings.append)
+    assert again == rootfs
+    assert (again / "bin" / "tool").read_bytes() == payload
+    assert stat.S_IMODE((again / "bin" / "tool").stat().st_mode) == 0o755
+    assert os.readlink(again / "bin" / "alias") == "tool"
+    assert not (again / "bin" / "planted").exists()
+    assert len(warnings) == 1 and str(rootfs.parent) in warnings[0], warnings
+    images._verified.clear()
+    quiet: list[str] = []
+    unpack_image(image, digest, cache_dir=cache, warn=quiet.append)
+    assert quiet == []  # the new tree verifies
+
+
+def test_an_intact_unpacked_image_is_verified_once_per_process(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from buildcell.supply import images
+
+    image = tmp_path / "image"
+    digest = make_oci_layout(image, [[F("f", b"x")]])
+    unpack_image(image, digest, cache_dir=cache)
+    images._verified.clear()
+    walks: list[Path] = []
+    real = images._tree_digest
+
+    def counted(root: Path) -> str | None:
+        walks.append(root)
+        return real(root)
+
+    monkeypatch.setattr(images, "_tree_digest", counted)
+    for _ in range(3):
+        unpack_image(image, digest, cache_dir=cache)
+    assert len(walks) == 1

@@ -794,6 +794,12 @@ def test_a_nul_byte_in_a_local_path_is_refused(tmp_path: Path) -> None:
 PUBLIC = "93.184.215.14"  # a public address no test ever connects to
 
 
+#: One answer of ``socket.getaddrinfo``: an IPv4 or an IPv6 socket address.
+_AddrInfo = tuple[
+    socket.AddressFamily, socket.SocketKind, int, str, tuple[str, int] | tuple[str, int, int, int]
+]
+
+
 class Resolver:
     """A stand-in for ``socket.getaddrinfo``: some names answer what a test says."""
 
@@ -813,7 +819,7 @@ class Resolver:
         self.asked.append(host)
         queue = self.answers[host]
         addresses = queue.pop(0) if len(queue) > 1 else queue[0]
-        result = []
+        result: list[_AddrInfo] = []
         for address in addresses:
             if ":" in address:
                 result.append(
