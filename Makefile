@@ -48,6 +48,7 @@ bench: setup
 
 stress: setup
 	$(BIN)/python stress/run.py
+	BUILDCELL_KILL_TRIALS=50 $(BIN)/python -m pytest -q tests/reliability/test_killed_supervisor.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache buildcell-out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -473,6 +474,29 @@ def run_build(
     return result
 
 
+#: Less than this left where the workspace lives, and a failed step is the disk's doing.
+_FULL_BELOW = 64 << 10
+
+
+def _check_workspace_space(workspace: Path, step: str) -> None:
+    """A step that failed while the file system of its workspace (the state directory's,
+    without a disk limit) had no room left failed for the host's sake, not its own: that is
+    an error of the build's environment (exit 125), not a failed build.
+
+    Raises:
+        StateError: the file system is full.
+    """
+    from buildcell.state import free_space
+
+    free = free_space(workspace)
+    if free is not None and free < _FULL_BELOW:
+        raise write_failure(
+            workspace / "x",
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+            what=f"the workspace of step {step}, which failed",
+        )
+
+
 def _finish_record(store: RecordStore, record: BuildRecord, *, failing: bool) -> None:
     """Write the record's last state. If even that cannot be written (a full disk), the
     previous one stays whole, and the error that ended the build is the one raised."""
@@ -865,6 +889,8 @@ class _BuildRun:
         self.reporter.step_finished(step, step_record)
         if cell_result.exit_code == 0:
             return True
+        if storage.disk is None:  # with a budget, a full workspace is the build's own doing
+            _check_workspace_space(storage.workspace, step.name)
         self.record.status = "failed"
         self.record.exit_code = cell_result.exit_code
         self.events.emit("build.finish", status="failed", exit_code=self.record.exit_code)

@@ -20,7 +20,7 @@ from typing import Any
 from buildcell._fs import Closing
 from buildcell.cell.anchor import StorageAnchor
 from buildcell.cell.identity import HostIdentity, acquire_identity
-from buildcell.errors import ConfigError, SandboxError
+from buildcell.errors import ConfigError, SandboxError, StateError
 from buildcell.state import StateDir, process_start_time, write_atomic
 from buildcell.trees import CopyStats, copy_tree, remove_tree
 from buildcell.units import format_size
@@ -126,7 +126,7 @@ class CellStorage(Closing):
         """
         try:
             return copy_tree(source, self.workspace, exclude=exclude, owner=self._owner())
-        except SandboxError as e:
+        except (SandboxError, StateError) as e:
             cause = e.__cause__
             if (
                 self.anchor is not None

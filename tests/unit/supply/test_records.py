@@ -78,7 +78,6 @@ def test_a_build_that_cannot_be_recorded_leaves_nothing(
 ) -> None:
     import errno
 
-
     store = RecordStore(tmp_path / "builds")
     real = os.fsync
     calls = 0
@@ -100,7 +99,6 @@ def test_a_save_that_fails_keeps_the_previous_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import errno
-
 
     store = RecordStore(tmp_path / "builds")
     r = _record("20261128T100000-aaaaaaaa")
