@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps demo test lint typecheck unit bench stress clean
+.PHONY: help setup system-deps test-deps demo test lint typecheck unit bench stress clean
 
 help:
 	@echo "make demo   build and run a C program in a cell, then watch a hostile build be contained"
@@ -16,12 +16,20 @@ help:
 system-deps:
 	@scripts/system-deps.sh
 
+# What the test suite uses besides (busybox-static, git, curl, diffoscope, ...): installed as
+# root, else named in one apt-get line (the tests that need them then skip, saying why).
+test-deps:
+	@scripts/system-deps.sh --test
+
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "buildcell needs Python >= 3.11 (found $$($(PYTHON) --version 2>&1)); set PYTHON=/path/to/python3.11"; exit 1; }
+	@echo "setup: installing buildcell and its Python dependencies into $(VENV)/ with $(PYTHON)"
+	@echo "setup: (pip install -e '.[dev]' from pip's configured index; once, about 15-30 s)"
 	@$(PYTHON) -m venv $(VENV) || \
 	  { echo "cannot create a virtualenv: install python3-venv (apt-get install python3-venv)"; exit 1; }
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@echo "setup: done: $(BIN)/buildcell (not on PATH; '. $(BIN)/activate' puts it there)"
 	@touch $@
 
 setup: system-deps $(VENV)/.installed
@@ -39,7 +47,7 @@ typecheck: setup
 unit: setup
 	$(BIN)/python -m pytest tests/unit -q
 
-test: lint typecheck
+test: test-deps lint typecheck
 	$(BIN)/python -m pytest -q
 
 bench: setup

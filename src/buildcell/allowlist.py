@@ -9,14 +9,21 @@ An entry (``--allow``, or ``network.allow`` in a spec) names where a cell may co
 
 A name entry is matched against the name the build asked for; the host then resolves it.
 An address that is loopback, private, link-local, a cloud metadata service or otherwise not
-public is never reached through a name entry, only through an IP entry covering it. The
-build may control the DNS of a name (a wildcard over a domain that hands out subdomains, a
-rebinding server), so without this guard an allowlisted name would be a door into the host's
-own network.
+public is never reached through a name entry alone, only through an IP entry covering it
+or a pin the operator granted (below). The build may control the DNS of a name (a wildcard
+over a domain that hands out subdomains, a rebinding server), so without this guard an
+allowlisted name would be a door into the host's own network.
 
 Who wrote an entry matters. An operator (``--allow``, the configuration file) may name any
 address. A spec is written by whoever controls the repository, so before its entries join a
 policy they pass :func:`spec_entry_problem`: a spec may name public destinations only.
+
+An internal mirror usually has a name that resolves to a private address. Allowing that
+address literally would open every virtual host behind it, so the operator pins the name
+instead (``--add-host NAME:ADDRESS`` with ``--allow NAME``): :meth:`EgressPolicy.with_pins`
+turns such pins into :class:`PinnedName` grants, which let exactly that name reach exactly
+that address. Only the operator's entries grant a pin; the proxy then checks that what
+travels there (an HTTP ``Host``, a TLS server name) names the pinned name and no other.
 
 Everything here is pure: no sockets, no lookups. The proxy and the DNS responder resolve
 names and ask :func:`decide` and :meth:`EgressPolicy.allows_name`.
@@ -41,6 +48,7 @@ __all__ = [
     "AllowEntry",
     "EgressPolicy",
     "EntryKind",
+    "PinnedName",
     "Verdict",
     "decide",
     "guarded_reason",
@@ -748,10 +756,34 @@ def spec_entry_problem(entry: AllowEntry) -> str | None:
 
 
 @dataclass(frozen=True)
+class PinnedName:
+    """A name the operator pinned to an address and allowed: it may reach that address on
+    ``ports`` even when the address is not public (:meth:`EgressPolicy.with_pins`).
+
+    Attributes:
+        name: the normalized name.
+        address: the canonical address it is pinned to.
+        ports: the ports the operator's entries for exactly ``name`` allow.
+    """
+
+    name: str
+    address: str
+    ports: frozenset[int]
+
+    def describe(self) -> str:
+        """``NAME:ADDRESS``, as ``--add-host`` takes it."""
+        return f"{self.name}:{self.address}"
+
+
+@dataclass(frozen=True)
 class EgressPolicy:
-    """A cell's allowlist: the entries, in the order given. Empty allows nothing."""
+    """A cell's allowlist: the entries, in the order given. Empty allows nothing.
+
+    ``pins`` are the operator's granted pins (:meth:`with_pins`); none by default.
+    """
 
     entries: tuple[AllowEntry, ...] = ()
+    pins: tuple[PinnedName, ...] = ()
 
     @classmethod
     def from_strings(cls, items: Iterable[str]) -> EgressPolicy:
@@ -821,8 +853,48 @@ class EgressPolicy:
         return "sha256:" + hashlib.sha256(data).hexdigest()
 
     def merged(self, other: EgressPolicy) -> EgressPolicy:
-        """Both allowlists: this one's entries, then the other's new ones."""
-        return EgressPolicy(_unique((*self.entries, *other.entries)))
+        """Both allowlists: this one's entries, then the other's new ones (and pins: this
+        one's, then the other's for names this one does not pin)."""
+        names = {pin.name for pin in self.pins}
+        pins = (*self.pins, *(pin for pin in other.pins if pin.name not in names))
+        return EgressPolicy(_unique((*self.entries, *other.entries)), pins)
+
+    def with_pins(
+        self, pinned: Iterable[tuple[str, str]], *, granted: EgressPolicy
+    ) -> EgressPolicy:
+        """This policy with the operator's pins that the operator also allowed.
+
+        ``pinned`` are ``(name, address)`` pairs (``--add-host``, as
+        :func:`parse_pinned_host` gives them; a later pin of a name replaces an earlier
+        one). A pin is granted on the ports of ``granted``'s entries for exactly its name
+        (``--allow NAME``, ``--allow NAME:PORT``): a wildcard or an IP entry grants none,
+        and a pin nobody allowed is left out, so it grants nothing. ``granted`` must hold
+        the operator's entries only (for ``run``, its own policy; for a build, ``--allow``
+        and the configuration file's ``network.allow``), never a spec's: a repository
+        cannot open a private address for itself. The connection still needs this
+        policy to allow the name and port.
+
+        Raises:
+            ConfigError: a name or address of ``pinned`` is invalid.
+        """
+        by_name: dict[str, str] = {}
+        for name, address in pinned:
+            parsed, canonical = parse_pinned_host(f"{name}:{address}")
+            by_name.pop(parsed, None)
+            by_name[parsed] = canonical
+        pins = []
+        for name, address in by_name.items():
+            ports = frozenset(
+                p for e in granted.entries if e.kind == "host" and e.host == name for p in e.ports
+            )
+            if ports:
+                pins.append(PinnedName(name, address, ports))
+        return EgressPolicy(self.entries, tuple(pins))
+
+    def pin_for(self, name: str, port: int) -> PinnedName | None:
+        """The granted pin of ``name`` on ``port``, if there is one."""
+        normalized = _try_name(name)
+        return next((p for p in self.pins if p.name == normalized and port in p.ports), None)
 
 
 # -- decisions -------------------------------------------------------------------------
@@ -839,6 +911,11 @@ class Verdict:
         address: the address to connect to; None when denied.
         reason: one line: which entry allowed it, or why it was denied.
         suggestion: for a denial, the ``--allow`` value that would permit it, if any.
+        add_host: for a denial of a name that resolves to a non-public address, the
+            ``--add-host`` value (``NAME:ADDRESS``) that, with ``--allow suggestion``,
+            would permit exactly that name there.
+        pinned: allowed only because the operator pinned the name to a non-public
+            address: what travels there must name it (the proxy checks Host and SNI).
     """
 
     allowed: bool
@@ -846,10 +923,21 @@ class Verdict:
     address: str | None
     reason: str
     suggestion: str | None = None
+    add_host: str | None = None
+    pinned: bool = False
+
+    @property
+    def hint(self) -> str | None:
+        """The flags that would permit a denied attempt (``--allow HOST:PORT``, or
+        ``--add-host NAME:ADDRESS --allow NAME:PORT``); None if there are none."""
+        if self.suggestion is None:
+            return None
+        pin = f"--add-host {self.add_host} " if self.add_host is not None else ""
+        return f"{pin}--allow {self.suggestion}"
 
 
-def _deny(reason: str, suggestion: str | None = None) -> Verdict:
-    return Verdict(False, None, None, reason, suggestion)
+def _deny(reason: str, suggestion: str | None = None, add_host: str | None = None) -> Verdict:
+    return Verdict(False, None, None, reason, suggestion, add_host)
 
 
 def _allow(entry: AllowEntry, address: _IPAddress) -> Verdict:
@@ -878,8 +966,12 @@ def decide(policy: EgressPolicy, host: str, port: int, addresses: Sequence[str])
     passes ``[host]``; it is not consulted). An IP literal is allowed when an IP entry
     covers it; the guard does not apply, since the operator named the address. A name
     needs a name entry for the port, then the first address that is public, or that an
-    IP entry covers on the port, is the one to connect to. Never raises on hostile input:
-    an invalid host or address is denied.
+    IP entry covers on the port, is the one to connect to. A name with a granted pin
+    (:meth:`EgressPolicy.with_pins`) is taken to its pinned address, whatever
+    ``addresses`` say; if that address is not public and no IP entry covers it, the
+    verdict is ``pinned``. A name resolving only to non-public addresses is denied with
+    the pin that would permit it as the hint (none for cloud metadata). Never raises on
+    hostile input: an invalid host or address is denied.
 
     Raises:
         TypeError: ``addresses`` is a single string rather than a sequence of them.
@@ -905,6 +997,9 @@ def decide(policy: EgressPolicy, host: str, port: int, addresses: Sequence[str])
         plural = "s" if len(ports) > 1 else ""
         others = f" (allowed on port{plural} {', '.join(map(str, ports))})" if ports else ""
         return _deny(f"{name}:{port} is not on the allowlist{others}", suggest_allow(name, port))
+    pin = policy.pin_for(name, port)
+    if pin is not None:
+        addresses = [pin.address]
     if not addresses:
         return _deny(f"{name} does not resolve")
 
@@ -914,6 +1009,16 @@ def decide(policy: EgressPolicy, host: str, port: int, addresses: Sequence[str])
             _guard(addr) is None or policy.literal_entry(addr, port) is not None
         ):
             return _allow(entry, addr)
+    if pin is not None:
+        addr = _address(pin.address)
+        assert addr is not None  # with_pins parsed it
+        return Verdict(
+            True,
+            entry,
+            str(addr),
+            f"allowed by {entry.describe()}, pinned to {addr} by the operator",
+            pinned=True,
+        )
     first = _address(addresses[0])
     if first is None:
         return _deny(f"{name} resolves to {_show(addresses[0])}, which is not a usable address")
@@ -924,7 +1029,10 @@ def decide(policy: EgressPolicy, host: str, port: int, addresses: Sequence[str])
         resolved_text = f"::ffff:{resolved.ipv4_mapped}"
     else:
         resolved_text = str(resolved)
-    return _deny(
-        f"{name} resolves to {resolved_text} ({_guard(first)}); a name entry never reaches it",
-        suggest_allow(str(first), port),
-    )
+    why = _guard(first)
+    reason = f"{name} resolves to {resolved_text} ({why}); a name entry never reaches it"
+    if why == "cloud metadata":
+        # No name needs the metadata service: asking for it is no mistake to help with.
+        return _deny(reason)
+    # The pin, not the address: an address entry would open every name behind it.
+    return _deny(reason, suggest_allow(name, port), f"{name}:{first}")

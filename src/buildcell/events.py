@@ -81,6 +81,14 @@ class EventLog(Closing):
                 callback(record)
         return record
 
+    def append(self, event: dict[str, Any]) -> None:
+        """Write an event another log emitted, as it is (a second trail of the same events:
+        subscribe this to that log)."""
+        line = (json.dumps(event, sort_keys=False, default=str) + "\n").encode()
+        with self._lock:
+            if self._fd is not None:
+                self._write(line)
+
     def _write(self, line: bytes) -> None:
         assert self._fd is not None
         assert self.path is not None

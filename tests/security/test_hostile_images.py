@@ -649,7 +649,7 @@ def test_a_full_disk_is_an_error_and_leaves_nothing_half_done(
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
     rootfs = unpack_image(image, digest, cache_dir=small_disk)
     assert len(os.listdir(rootfs / "data")) == 12
-    assert json.loads((rootfs.parent / "complete").read_text())["version"] == 2
+    assert json.loads((rootfs.parent / "complete").read_text())["version"] == 3
 
 
 @root_only

@@ -168,7 +168,7 @@ outputs: ["dist/*"]
         env=secret_env,
     )
     assert res.returncode == 125
-    assert "output dist/notes.txt contains the value of secret token" in res.stderr
+    assert "output 'dist/notes.txt' contains the value of secret token" in res.stderr
     assert not out.exists() or list(out.rglob("*")) == []
 
 

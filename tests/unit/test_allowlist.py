@@ -694,30 +694,49 @@ def test_decide_denies_a_name_resolving_only_to_guarded_addresses() -> None:
     assert verdict.reason == (
         "api.example.org resolves to 10.1.2.3 (private); a name entry never reaches it"
     )
-    assert verdict.suggestion == "10.1.2.3:80"
+    # The pin, never the bare address: that would open every name behind it.
+    assert verdict.suggestion == "api.example.org:80"
+    assert verdict.add_host == "api.example.org:10.1.2.3"
+    assert verdict.hint == "--add-host api.example.org:10.1.2.3 --allow api.example.org:80"
 
 
 @pytest.mark.parametrize(
-    ("address", "shown", "why", "suggestion"),
+    ("address", "shown", "why", "pinned"),
     [
-        ("169.254.169.254", "169.254.169.254", "cloud metadata", "169.254.169.254:443"),
-        ("::ffff:127.0.0.1", "::ffff:127.0.0.1", "loopback", "127.0.0.1:443"),
-        ("::1", "::1", "loopback", "[::1]:443"),
-        ("0.0.0.0", "0.0.0.0", "unspecified", "0.0.0.0:443"),
-        ("fe80::1", "fe80::1", "link-local", "[fe80::1]:443"),
-        ("100.64.0.1", "100.64.0.1", "carrier-grade NAT", "100.64.0.1:443"),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1", "loopback", "127.0.0.1"),
+        ("::1", "::1", "loopback", "::1"),
+        ("0.0.0.0", "0.0.0.0", "unspecified", "0.0.0.0"),
+        ("fe80::1", "fe80::1", "link-local", "fe80::1"),
+        ("100.64.0.1", "100.64.0.1", "carrier-grade NAT", "100.64.0.1"),
+        ("203.0.113.80", "203.0.113.80", "reserved", "203.0.113.80"),
     ],
 )  # fmt: skip
-def test_decide_names_the_guard(address: str, shown: str, why: str, suggestion: str) -> None:
+def test_decide_names_the_guard_and_suggests_the_pin(
+    address: str, shown: str, why: str, pinned: str
+) -> None:
     verdict = decide(POLICY, "api.example.org", 443, [address])
     assert not verdict.allowed
     assert (
         verdict.reason
         == f"api.example.org resolves to {shown} ({why}); a name entry never reaches it"
     )
-    assert verdict.suggestion == suggestion
-    after = POLICY.merged(EgressPolicy.from_strings([suggestion]))
-    assert decide(after, "api.example.org", 443, [address]).allowed
+    assert verdict.suggestion == "api.example.org:443"
+    assert verdict.add_host == f"api.example.org:{pinned}"
+    name, at = parse_pinned_host(verdict.add_host)
+    assert (name, at) == ("api.example.org", pinned)
+    # What the hint says, done: the operator pins the name and allows it.
+    granted = EgressPolicy.from_strings([verdict.suggestion])
+    after = POLICY.with_pins([(name, at)], granted=granted)
+    allowed = decide(after, "api.example.org", 443, [address])
+    assert allowed.allowed and allowed.pinned
+    assert allowed.address == pinned
+
+
+def test_decide_gives_no_hint_towards_cloud_metadata() -> None:
+    verdict = decide(POLICY, "api.example.org", 443, ["169.254.169.254"])
+    assert not verdict.allowed
+    assert "(cloud metadata)" in verdict.reason
+    assert verdict.suggestion is None and verdict.add_host is None and verdict.hint is None
 
 
 def test_decide_reaches_a_guarded_address_an_ip_entry_covers() -> None:
@@ -795,6 +814,125 @@ def test_decide_invalid_host_and_port() -> None:
 def test_decide_refuses_a_single_address_string() -> None:
     with pytest.raises(TypeError, match="not one string"):
         decide(POLICY, "api.example.org", 443, "1.1.1.1")
+
+
+# -- pins the operator granted --------------------------------------------------------------
+
+MIRROR = EgressPolicy.from_strings(
+    ["mirror.example.internal", "other.example.internal:8080", "*.corp.example"]
+)
+
+
+def _pinned(policy: EgressPolicy, *pins: tuple[str, str], granted: list[str]) -> EgressPolicy:
+    return policy.with_pins(pins, granted=EgressPolicy.from_strings(granted))
+
+
+def test_a_granted_pin_reaches_its_private_address_and_says_so() -> None:
+    policy = _pinned(
+        MIRROR, ("Mirror.Example.Internal.", "10.0.0.5"), granted=["mirror.example.internal"]
+    )
+    assert [pin.describe() for pin in policy.pins] == ["mirror.example.internal:10.0.0.5"]
+    assert policy.pins[0].ports == DEFAULT_PORTS
+    for port in (80, 443):
+        # The resolver's answer is not consulted: the pin is the address.
+        verdict = decide(policy, "MIRROR.example.internal.", port, ["93.184.216.34"])
+        assert verdict.allowed and verdict.pinned
+        assert verdict.address == "10.0.0.5"
+        assert verdict.entry is not None and verdict.entry.describe() == "mirror.example.internal"
+        assert verdict.reason == (
+            "allowed by mirror.example.internal, pinned to 10.0.0.5 by the operator"
+        )
+    # The digest identifies the entries; pins are recorded with the invocation.
+    assert policy.digest() == MIRROR.digest()
+
+
+def test_a_pin_to_a_public_address_needs_no_checks() -> None:
+    policy = _pinned(
+        MIRROR, ("mirror.example.internal", "93.184.216.34"), granted=["mirror.example.internal"]
+    )
+    verdict = decide(policy, "mirror.example.internal", 443, ["93.184.216.34"])
+    assert verdict.allowed and not verdict.pinned
+
+
+def test_a_pin_nobody_allowed_grants_nothing() -> None:
+    # No grant at all, a wildcard, an IP entry, another name, another port: no pin.
+    for granted in ([], ["*.example.internal"], ["10.0.0.5:443"], ["other.example.internal"], []):
+        policy = _pinned(MIRROR, ("mirror.example.internal", "10.0.0.5"), granted=granted)
+        assert policy.pins == ()
+        verdict = decide(policy, "mirror.example.internal", 443, ["10.0.0.5"])
+        assert not verdict.allowed
+        assert (
+            verdict.hint
+            == "--add-host mirror.example.internal:10.0.0.5 --allow mirror.example.internal:443"
+        )
+    on_8080 = _pinned(
+        MIRROR, ("mirror.example.internal", "10.0.0.5"), granted=["mirror.example.internal:8080"]
+    )
+    assert not decide(on_8080, "mirror.example.internal", 443, ["10.0.0.5"]).allowed
+
+
+def test_a_granted_pin_still_needs_the_policy_to_name_it() -> None:
+    # The operator's grant does not add a destination to a step that does not name it.
+    policy = _pinned(
+        MIRROR, ("files.example.internal", "10.0.0.6"), granted=["files.example.internal"]
+    )
+    verdict = decide(policy, "files.example.internal", 443, ["10.0.0.6"])
+    assert not verdict.allowed
+    assert verdict.reason == "files.example.internal:443 is not on the allowlist"
+    # A wildcard of the policy names it; the exact grant is the operator's.
+    policy = _pinned(MIRROR, ("a.corp.example", "10.0.0.7"), granted=["a.corp.example"])
+    assert decide(policy, "a.corp.example", 443, []).pinned
+    # The port must be allowed by both.
+    policy = _pinned(
+        MIRROR, ("other.example.internal", "10.0.0.8"), granted=["other.example.internal"]
+    )
+    assert not decide(policy, "other.example.internal", 8080, ["10.0.0.8"]).allowed
+    assert not decide(policy, "other.example.internal", 443, ["10.0.0.8"]).allowed
+
+
+def test_a_pin_opens_neither_the_bare_address_nor_other_names() -> None:
+    policy = _pinned(
+        MIRROR.merged(EgressPolicy.from_strings(["*.example.internal"])),
+        ("mirror.example.internal", "10.0.0.5"),
+        granted=["mirror.example.internal"],
+    )
+    bare = decide(policy, "10.0.0.5", 443, ["10.0.0.5"])
+    assert not bare.allowed
+    assert bare.reason == "10.0.0.5:443 is not on the allowlist"
+    # Another name that resolves there (or is pinned there without a grant) is guarded.
+    sibling = decide(policy, "admin.example.internal", 443, ["10.0.0.5"])
+    assert not sibling.allowed
+    assert (
+        sibling.hint
+        == "--add-host admin.example.internal:10.0.0.5 --allow admin.example.internal:443"
+    )
+    assert not decide(policy, "x.mirror.example.internal", 443, ["10.0.0.5"]).allowed
+
+
+def test_with_pins_takes_the_last_pin_of_a_name_and_keeps_entries() -> None:
+    policy = _pinned(
+        MIRROR,
+        ("mirror.example.internal", "10.0.0.5"),
+        ("mirror.example.internal", "fd00::5"),
+        granted=["mirror.example.internal:443", "mirror.example.internal:8443"],
+    )
+    (pin,) = policy.pins
+    assert (pin.address, pin.ports) == ("fd00::5", frozenset({443, 8443}))
+    assert policy.entries == MIRROR.entries
+    assert decide(policy, "mirror.example.internal", 443, []).address == "fd00::5"
+    with pytest.raises(ConfigError, match="not an IP address"):
+        _pinned(MIRROR, ("mirror.example.internal", "nowhere"), granted=["mirror.example.internal"])
+
+
+def test_merged_keeps_the_first_pin_of_a_name() -> None:
+    one = _pinned(
+        MIRROR, ("mirror.example.internal", "10.0.0.5"), granted=["mirror.example.internal"]
+    )
+    two = _pinned(
+        MIRROR, ("mirror.example.internal", "10.0.0.9"), granted=["mirror.example.internal"]
+    )
+    assert [p.address for p in one.merged(two).pins] == ["10.0.0.5"]
+    assert one.merged(EgressPolicy()).pins == one.pins
 
 
 # -- suggestions and pinned hosts ----------------------------------------------------------

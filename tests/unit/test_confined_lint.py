@@ -63,6 +63,9 @@ ALLOWED: dict[str, dict[str, str]] = {
     },
     "build/runner.py": {
         "_guard_key": "realpath of the signing key and of the places it must not be",
+        "_BuildRun._measure_platform": "DirRootfs.open(), which opens a spec's rootfs confined",
+        "_source_dir": "the operator's --source (the CLI refuses symlinks below the working "
+        "directory in it)",
         "_StepLog.__init__": "the step log in the record directory (state)",
         "run_build": "the spec's directory as the operator named it",
         "_BuildRun._write_manifest": "the record directory (state)",
@@ -87,6 +90,7 @@ ALLOWED: dict[str, dict[str, str]] = {
         "_ensure_dir": "the image cache's directories (state)",
         "_check_dir": "the image cache's directories (state)",
         "_read_marker": "the image cache's markers (state)",
+        "_intact_cost": "the image cache's marker and tree (state), stat'ed without following",
         "_exclusive_lock": "the image cache's lock files (state)",
         "_discard_leftovers": "the image cache's temporary trees (state)",
         "_unpack": "the image cache's temporary tree (state)",

@@ -130,10 +130,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from buildcell._text import show
-from buildcell._yaml import Document, Loc, Site, YamlProblem, describe, read_yaml, typed_scalar
 from buildcell.errors import PolicyError
 
 if TYPE_CHECKING:
+    from buildcell._yaml import Document, Loc, Site, YamlProblem
     from buildcell.build.spec import BuildSpec, LimitsSpec, StepSpec
 
 __all__ = [
@@ -325,7 +325,7 @@ def build_context(spec: BuildSpec, invocation: Invocation) -> dict[str, Any]:
                 for item in spec.inputs
             ],
             "limits": _limits_context(spec.limits),
-            "outputs": list(spec.outputs),
+            "outputs": spec.output_patterns,
             "steps": steps,
             "egress": _unique(entry for step in steps for entry in step["network"]["allow"]),
             "secrets": _unique(name for step in steps for name in step["secrets"]),
@@ -1095,6 +1095,8 @@ _TEXT_KINDS = frozenset({"str", "int", "bool", "float", "timestamp"})
 def _read(text: str, source: str) -> Document:
     """The policy's YAML as plain data, every scalar as its text; unknown keys are refused
     as they are read, before anything below them."""
+    # Only when there is a policy: `buildcell run` starts without PyYAML.
+    from buildcell._yaml import read_yaml
 
     def error(problem: YamlProblem) -> PolicyError:
         where = source if problem.line is None else f"{source}:{problem.line}"
@@ -1147,6 +1149,8 @@ class _Reader:
         return PolicyError(_one_line(f"{self.source}:{line}: {problem}"), hint=hint)
 
     def kind(self, loc: Loc) -> str:
+        from buildcell._yaml import describe
+
         return describe(self.document.sites[loc].kind)
 
     def read(self) -> list[tuple[Rule, Site]]:
@@ -1191,6 +1195,8 @@ class _Reader:
         return rules
 
     def version(self) -> None:
+        from buildcell._yaml import typed_scalar
+
         site = self.document.sites[("version",)]
         if site.kind == "int":
             try:

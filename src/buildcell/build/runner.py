@@ -46,7 +46,7 @@ from buildcell.cell.config import (
     Variation,
 )
 from buildcell.cell.storage import CellStorage, new_cell_id
-from buildcell.cell.supervisor import Cell, bwrap_version, find_bwrap
+from buildcell.cell.supervisor import Cell, CellResult, bwrap_version, find_bwrap
 from buildcell.errors import ConfigError, Error, OutputError, PolicyError, StateError
 from buildcell.events import EventLog
 from buildcell.secrets import SecretDelivery
@@ -58,7 +58,7 @@ from buildcell.settings import (
 )
 from buildcell.state import StateDir, write_failure
 from buildcell.supply.records import BuildRecord, RecordStore, StepRecord
-from buildcell.supply.source import SourceInfo, describe_source, tree_digest
+from buildcell.supply.source import SourceInfo, describe_source, tree_digest_at
 from buildcell.trees import remove_tree
 from buildcell.units import format_size
 
@@ -287,12 +287,18 @@ class BuildOptions:
         sign_key: sign the provenance with this key; without one it is written unsigned. A
             :class:`~buildcell.supply.provenance.KeyFile` is read only after the build's last cell
             is gone, and refused if it lies where a build can reach it.
+        twin_of: the build a ``--check-repro`` twin rebuilds (recorded, so that ``ls``
+            groups the two).
+        source: the directory the build runs on, copied into its workspace and described
+            in its provenance (default: the spec's directory). Paths the spec names
+            (``file:`` inputs, a ``rootfs:``) stay relative to the spec's own directory.
         builder_id: ``runDetails.builder.id`` of the provenance.
         variation: perturbations (``--check-repro`` uses them for its second build).
         provenance: write ``provenance.intoto.jsonl`` next to the outputs.
         secrets: the values bound by the operator (``--secret``), by name.
         pinned_hosts: ``(name, address)`` pairs the egress service resolves without DNS
-            (``--add-host``).
+            (``--add-host``); one that ``allow`` names exactly may reach its address even
+            when that is not public, in the steps that name it.
         invocation: project, ref, trust level and bound secrets of this build (default:
             an untrusted build of the project named after the spec's directory).
         policies: the operator policies checked before anything runs (the configuration
@@ -313,6 +319,8 @@ class BuildOptions:
     """
 
     sign_key: SigningKey | KeyFile | None = None
+    source: Path | None = None
+    twin_of: str | None = None
     builder_id: str = DEFAULT_BUILDER_ID
     variation: Variation | None = None
     provenance: bool = True
@@ -413,23 +421,26 @@ def run_build(
     spec = loaded.spec
     _check_bindings(spec, options.secrets, reporter)
     spec_dir = loaded.path.parent.resolve()
+    source_dir = _source_dir(options.source, spec_dir)
     out_dir = out_dir.absolute()
-    invocation = _invocation(options, spec_dir)
+    invocation = _invocation(options, source_dir)
     # Derived once: later uses (cache leases) read it back from the options.
     options = dataclasses.replace(options, invocation=invocation)
     store = RecordStore(state.root / "builds")
     record = _new_record(loaded, invocation, out_dir)
+    record.twin_of = options.twin_of
     record_dir = store.create(record, loaded.text)
     result = BuildResult(record, record_dir, out_dir)
     events = EventLog(record_dir / "events.jsonl", build=record.id)
     events.subscribe(lambda e: _collect_warning(e, result, reporter))
+    events.subscribe(lambda e: _report_denial(e, reporter))
     out: OutputDir | None = None
     try:
         with events:
             rootfs = _rootfs(spec, spec_dir, options.rootfs_dirs)
             record.rootfs = rootfs.describe()
             _check_grants(spec, options.allow)
-            _guard_key(options.sign_key, (spec_dir, state.root, out_dir), rootfs)
+            _guard_key(options.sign_key, (spec_dir, source_dir, state.root, out_dir), rootfs)
             # Before anything is announced or run: a denied build only leaves its record.
             _admit(options, spec, invocation, record, events)
             from buildcell.supply.outputs import OutputDir
@@ -452,8 +463,8 @@ def run_build(
                 ref=record.ref,
             )
             build = _BuildRun(
-                loaded, spec_dir, rootfs, state, store, result, events, reporter, options,
-                invocation, out,
+                loaded, spec_dir, source_dir, rootfs, state, store, result, events, reporter,
+                options, invocation, out,
             )  # fmt: skip
             try:
                 build.run()
@@ -470,12 +481,29 @@ def run_build(
     finally:
         if out is not None:
             out.close()
-        _finish_record(store, record, failing=sys.exc_info()[1] is not None)
+        store.finish(record, failing=sys.exc_info()[1] is not None)
     return result
 
 
 #: Less than this left where the workspace lives, and a failed step is the disk's doing.
 _FULL_BELOW = 64 << 10
+
+
+def _failure_reason(result: CellResult, storage: CellStorage) -> str:
+    """Why the step ended: the cell's reason (``exited``, ``signaled``, ``timeout``,
+    ``oom``), or for a command that failed on its own, the limit it ran into: ``pids``
+    (forks were refused) or ``disk`` (the disk budget is used up)."""
+    if result.exit_code == 0 or result.reason != "exited":
+        return result.reason
+    if result.pids_refused:
+        return "pids"
+    if storage.disk is not None:
+        from buildcell.state import free_space
+
+        free = free_space(storage.workspace)
+        if free is not None and free < _FULL_BELOW:
+            return "disk"
+    return result.reason
 
 
 def _check_workspace_space(workspace: Path, step: str) -> None:
@@ -495,20 +523,6 @@ def _check_workspace_space(workspace: Path, step: str) -> None:
             OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
             what=f"the workspace of step {step}, which failed",
         )
-
-
-def _finish_record(store: RecordStore, record: BuildRecord, *, failing: bool) -> None:
-    """Write the record's last state. If even that cannot be written (a full disk), the
-    previous one stays whole, and the error that ended the build is the one raised."""
-    record.finished = time.time()
-    for step in record.steps:
-        if step.status in ("pending", "running"):
-            step.status = "skipped" if step.status == "pending" else "interrupted"
-    try:
-        store.save(record)
-    except StateError:
-        if not failing:
-            raise
 
 
 def _new_record(loaded: LoadedSpec, invocation: Invocation, out_dir: Path) -> BuildRecord:
@@ -545,6 +559,23 @@ def _admit(
     check_policy(options.policies, spec, invocation, emit=events.emit, record=keep)
 
 
+def _source_dir(source: Path | None, spec_dir: Path) -> Path:
+    """The directory a build runs on: ``source`` (the operator's), else the spec's.
+
+    Raises:
+        ConfigError: ``source`` is not a directory.
+    """
+    if source is None:
+        return spec_dir
+    where = Path(os.path.abspath(source))
+    if not where.is_dir():
+        raise ConfigError(
+            f"--source {show(str(source))} is not a directory",
+            hint="give the directory to build (default: the spec's directory)",
+        )
+    return where
+
+
 def _invocation(options: BuildOptions, spec_dir: Path) -> Invocation:
     if options.invocation is not None:
         return options.invocation
@@ -571,6 +602,8 @@ def _check_bindings(spec: BuildSpec, secrets: Sequence[Secret], reporter: BuildR
 
 
 def _collect_warning(event: dict[str, Any], result: BuildResult, reporter: BuildReporter) -> None:
+    if event["event"] == "output.unmatched" and not event.get("optional"):
+        return  # the build fails for it, and says so
     if event["event"] in (
         "warning",
         "limit.degraded",
@@ -584,12 +617,21 @@ def _collect_warning(event: dict[str, Any], result: BuildResult, reporter: Build
             reporter.message(f"warning: {message}")
 
 
+def _report_denial(event: dict[str, Any], reporter: BuildReporter) -> None:
+    """The first denial of each destination of a step, as it happens."""
+    if event["event"] == "net.deny" and event.get("first"):
+        from buildcell.egress.audit import denial_line
+
+        reporter.message(f"[{event.get('step')}] {denial_line(event, spec=True)}")
+
+
 @dataclass
 class _BuildRun:
     """One build in progress: the context every phase needs."""
 
     loaded: LoadedSpec
     spec_dir: Path
+    source_dir: Path
     rootfs: Rootfs
     state: StateDir
     store: RecordStore
@@ -604,6 +646,7 @@ class _BuildRun:
     output_budget: int | None = None
     scope: CacheScope | None = None
     image_budget: UnpackBudget | None = None
+    missing_outputs: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.rootfs, OciRootfs):
@@ -620,7 +663,7 @@ class _BuildRun:
         spec = self.loaded.spec
         # Not the source: what buildcell itself writes (outputs, their staging, the state).
         own = (self.result.out_dir, self.out.staging, self.state.root)
-        self.source = describe_source(self.spec_dir, exclude=own)
+        self.source = describe_source(self.source_dir, exclude=own)
         self.sde = _source_date_epoch(spec, self.source)
         self.record.source = self.source.to_parameter()
         self.record.source_date_epoch = self.sde
@@ -640,15 +683,18 @@ class _BuildRun:
         # A sparse file claims what it likes: what is copied out is bounded by the budget.
         self.output_budget = disk if disk is not None else self.options.output_max_size
         with CellStorage(self.state, cell_id=self.record.id, bwrap=bwrap, disk=disk) as storage:
-            stats = storage.populate(self.spec_dir, list(own))
+            stats = storage.populate(self.source_dir, list(own))
             self.events.emit(
-                "workspace", files=stats.files, bytes=stats.bytes, source=str(self.spec_dir)
+                "workspace", files=stats.files, bytes=stats.bytes, source=str(self.source_dir)
             )
             for step, step_record in zip(spec.steps, self.record.steps, strict=True):
                 if not self._step(step, step_record, storage, binds):
                     return
             if spec.outputs:
                 self._collect(storage)
+                if self.missing_outputs:
+                    self._fail_missing_outputs()
+                    return
         if spec.archive is not None:
             self._archive(spec.archive)
         # Provenance attests artifacts: a build that publishes none has nothing to attest.
@@ -842,7 +888,7 @@ class _BuildRun:
                 for use in step.secrets
             ),
             redact=self.options.secrets,
-            network=_step_policy(step),
+            network=_step_policy(step, self.options),
             pinned_hosts=self.options.pinned_hosts,
             caches=tuple(Bind(lease.work, cache.path) for cache, lease in caches),
             image_budget=self.image_budget,
@@ -881,7 +927,7 @@ class _BuildRun:
             step_log.close()
             step_record.duration = time.time() - step_record.started
         step_record.exit_code = cell_result.exit_code
-        step_record.reason = cell_result.reason
+        step_record.reason = _failure_reason(cell_result, storage)
         step_record.egress = [row.to_dict() for row in cell_result.egress or ()]
         step_record.status = "succeeded" if cell_result.exit_code == 0 else "failed"
         self.events.check()
@@ -916,7 +962,7 @@ class _BuildRun:
         )
 
         record, events = self.record, self.events
-        patterns = validate_patterns(self.loaded.spec.outputs)
+        patterns = validate_patterns(self.loaded.spec.output_patterns)
         report = collect_outputs(
             storage.workspace, patterns, self.out, max_bytes=self.output_budget
         )
@@ -931,13 +977,29 @@ class _BuildRun:
                 path=skipped.path,
                 message=f"output {show(skipped.path)} not collected: {skipped.reason}",
             )
+        optional = self.loaded.spec.optional_outputs
         for pattern in report.unmatched:
             events.emit(
                 "output.unmatched",
                 pattern=pattern,
-                message=f"output pattern {pattern!r} matched no file",
+                optional=pattern in optional,
+                message=f"output pattern {show(pattern)} matched no file",
             )
+        self.missing_outputs = [p for p in report.unmatched if p not in optional]
         self._write_manifest()
+
+    def _fail_missing_outputs(self) -> None:
+        """A declared output the build did not make: the build failed (exit 1), and
+        publishes nothing."""
+        names = ", ".join(show(p) for p in self.missing_outputs)
+        self.record.status = "failed"
+        self.record.exit_code = 1
+        self.record.error = (
+            f"output pattern {names} matched no file (a pattern that may match nothing is "
+            "written {path: PATTERN, optional: true})"
+        )
+        self.reporter.message(f"error: {self.record.error}")
+        self.events.emit("build.finish", status="failed", exit_code=1, error=self.record.error)
 
     def _archive(self, name: str) -> None:
         from buildcell.build.repro import write_reproducible_tar_gz
@@ -995,8 +1057,14 @@ class _BuildRun:
                 "annotations": {"covers": covers},
             }
         elif isinstance(self.rootfs, DirRootfs):
-            # The same listing digest as a source tree: paths, kinds, modes, contents.
-            dependency = {"uri": self.record.rootfs, "sha256": tree_digest(self.rootfs.path)}
+            # The same listing digest as a source tree: paths, kinds, modes, contents; of
+            # the directory opened confined (a spec's rootfs is the repository's path).
+            root_fd = self.rootfs.open()
+            try:
+                digest = tree_digest_at(root_fd, label=self.rootfs.path)
+            finally:
+                os.close(root_fd)
+            dependency = {"uri": self.record.rootfs, "sha256": digest}
         else:
             assert isinstance(self.rootfs, OciRootfs)
             dependency = {
@@ -1130,12 +1198,18 @@ _DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def _step_policy(step: StepSpec) -> EgressPolicy | None:
+def _step_policy(step: StepSpec, options: BuildOptions) -> EgressPolicy | None:
+    """The step's allowlist (the spec's), with the operator's pins that the operator's own
+    grants (``--allow``, ``network.allow`` of the configuration file) allow exactly: a
+    spec can name a pinned name, never grant it."""
     if step.network is None or not step.network.allow:
         return None
     from buildcell.allowlist import EgressPolicy
 
-    return EgressPolicy.from_strings(step.network.allow)
+    policy = EgressPolicy.from_strings(step.network.allow)
+    if not options.pinned_hosts:
+        return policy
+    return policy.with_pins(options.pinned_hosts, granted=EgressPolicy.from_strings(options.allow))
 
 
 def check_reproducible(
@@ -1173,12 +1247,16 @@ def check_reproducible(
             out_dir=scratch,
             state=state,
             reporter=reporter,
-            options=dataclasses.replace(options, variation=variation, sign_key=None),
+            options=dataclasses.replace(
+                options, variation=variation, sign_key=None, twin_of=first.build_id
+            ),
         )
         report = None
         if second.exit_code == 0:
             paths = [o["path"] for o in first.record.outputs]
             report = compare_trees(out_dir, scratch, paths=paths, state=state)
+            first.record.reproducible = report.reproducible
+            RecordStore(state.root / "builds").save(first.record)
     finally:
         remove_tree(scratch)
     return first, second, report

@@ -37,6 +37,7 @@ from pydantic import (
     Discriminator,
     Field,
     GetJsonSchemaHandler,
+    StrictBool,
     StrictInt,
     StrictStr,
     Tag,
@@ -63,6 +64,7 @@ __all__ = [
     "LimitsSpec",
     "LoadedSpec",
     "OciRootfsSpec",
+    "OutputSpec",
     "SecretUse",
     "StepSpec",
     "load_spec",
@@ -531,6 +533,35 @@ def _check_cache_path(value: str) -> str:
     return path
 
 
+class OutputSpec(BaseModel):
+    """An output pattern with options: ``{path: "coverage/*", optional: true}``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: _OutputPattern = Field(description="A glob pattern, relative to /workspace.")
+    optional: StrictBool = Field(
+        default=False,
+        description="The pattern may match nothing; by default a pattern that matches no file "
+        "fails the build.",
+    )
+
+
+def _output_kind(value: object) -> str | None:
+    if isinstance(value, str):
+        return "pattern"
+    if isinstance(value, OutputSpec | dict):
+        return "entry"
+    return None
+
+
+_OUTPUT_EXPECTED = "expected a glob pattern or {path: PATTERN, optional: true}"
+
+_Output = Annotated[
+    Annotated[_OutputPattern, Tag("pattern")] | Annotated[OutputSpec, Tag("entry")],
+    Discriminator(_output_kind, custom_error_type="output", custom_error_message=_OUTPUT_EXPECTED),
+]
+
+
 class CacheSpec(BaseModel):
     """A writable directory that survives between builds of the same project.
 
@@ -722,8 +753,10 @@ class BuildSpec(BaseModel):
         default=LimitsSpec(), description="Limits of every step, unless the step overrides them."
     )
     steps: list[StepSpec] = Field(min_length=1, description="The steps, run in order.")
-    outputs: list[_OutputPattern] = Field(
-        default=[], description="Glob patterns, relative to /workspace, collected at the end."
+    outputs: list[_Output] = Field(
+        default=[],
+        description="Glob patterns, relative to /workspace, collected at the end; each must "
+        "match a file unless given as {path: PATTERN, optional: true}.",
     )
     source_date_epoch: Annotated[StrictInt, Field(ge=0)] | None = Field(
         default=None,
@@ -778,6 +811,16 @@ class BuildSpec(BaseModel):
             for ancestor in ancestors:
                 prefixes.setdefault(ancestor, index)
         return self
+
+    @property
+    def output_patterns(self) -> list[str]:
+        """Every output pattern, optional or not."""
+        return [o if isinstance(o, str) else o.path for o in self.outputs]
+
+    @property
+    def optional_outputs(self) -> frozenset[str]:
+        """The patterns that may match nothing."""
+        return frozenset(o.path for o in self.outputs if not isinstance(o, str) and o.optional)
 
     def step_limits(self, step: StepSpec) -> LimitsSpec:
         """The limits ``step`` runs with: the build's, overridden by the step's own."""
@@ -992,11 +1035,14 @@ def _at(site: Site, *, on_key: bool) -> tuple[int, int]:
 
 
 def _user_loc(raw: tuple[str | int, ...]) -> _Loc:
-    """Pydantic's ``loc`` as the user wrote the data: without the rootfs union tag (the
-    second element of ``("rootfs", "oci", "digest")``) and without ``[key]`` markers."""
+    """Pydantic's ``loc`` as the user wrote the data: without the union tags (the second
+    element of ``("rootfs", "oci", "digest")``, the third of ``("outputs", 0, "entry",
+    "path")``) and without ``[key]`` markers."""
     loc = [part for part in raw if part != "[key]"]
     if len(loc) > 1 and loc[0] == "rootfs":
         del loc[1]
+    if len(loc) > 2 and loc[0] == "outputs" and loc[2] in ("pattern", "entry"):
+        del loc[2]
     return tuple(loc)
 
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import json
 import os
 import resource
@@ -46,6 +48,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import termios
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +89,10 @@ class SpawnPlan:
     #: The program sets its own parent-death signal before it runs anything of the cell,
     #: and dies if the supervisor is already gone by then (see the module doc).
     self_guarded: bool = False
+    #: The slave of a pseudo-terminal: the program's stdin, stdout and stderr, and the
+    #: controlling terminal of the new session it starts (``stdin`` and ``capture`` are
+    #: then unused).
+    terminal: int | None = None
 
     def needs_preexec(self) -> bool:
         """Whether anything of the plan has to run in Python between fork and exec."""
@@ -96,6 +103,7 @@ class SpawnPlan:
             or self.affinity
             or self.setns_fds
             or self.in_child is not None
+            or self.terminal is not None
         )
 
 
@@ -107,8 +115,13 @@ def _preexec_for(plan: SpawnPlan, parent: int) -> Callable[[], None]:
     drop_to = plan.drop_to
     umask = plan.umask
     in_child = plan.in_child
+    ctty = plan.terminal is not None
 
     def preexec() -> None:
+        if ctty:
+            # The session subprocess started has no terminal yet: the slave (now fd 0)
+            # becomes its controlling terminal, inherited by the whole sandbox.
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         if umask is not None:
             os.umask(umask)
         for fd in cgroup_fds:
@@ -159,6 +172,12 @@ def spawn(plan: SpawnPlan) -> subprocess.Popen[bytes]:
         "env": {},
         "process_group": 0,
     }
+    if plan.terminal is not None:
+        del common["process_group"]  # a new session: also a process group of its own
+        common.update(
+            stdin=plan.terminal, stdout=plan.terminal, stderr=plan.terminal,
+            start_new_session=True,
+        )  # fmt: skip
     with reaper.tracking() as track:
         proc = _start(plan, common)
         track(proc)
@@ -317,8 +336,12 @@ def pump(
     on_status: Callable[[dict[str, object]], None],
     kill: Callable[[], None],
     started: float,
+    terminal: int | None = None,
 ) -> PumpResult:
     """Stream the sandbox's output to the sinks until it is gone, enforcing the wall clock.
+
+    With ``terminal`` (the master of the cell's pseudo-terminal) the output is read there
+    instead of from pipes: both streams arrive as one, on ``stdout``.
 
     ``kill`` must kill every process of the cell; it is called on timeout, and if output
     pipes stay open long after bubblewrap exited (which would mean something outlived it).
@@ -331,11 +354,6 @@ def pump(
     parser = _StatusParser()
     init_pids: list[int] = []
 
-    def on_err(data: bytes) -> None:
-        tail.extend(data)
-        del tail[:-4096]
-        stderr(data)
-
     def on_status_data(data: bytes) -> None:
         for obj in parser.feed(data):
             pid = obj.get("child-pid")
@@ -344,13 +362,8 @@ def pump(
                 reaper.expect_orphan(pid)
             on_status(obj)
 
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    for fd, handler in (
-        (proc.stdout.fileno(), stdout),
-        (proc.stderr.fileno(), on_err),
-        (status_fd, on_status_data),
-    ):
+    streams = _output_streams(proc, terminal, stdout, stderr, tail)
+    for fd, handler in (*streams, (status_fd, on_status_data)):
         os.set_blocking(fd, False)
         sel.register(fd, selectors.EVENT_READ)
         handlers[fd] = handler
@@ -376,9 +389,8 @@ def pump(
                 wait = min(wait, 0.05)
             for key, _ in sel.select(wait):
                 fd = int(key.fd)
-                try:
-                    data = os.read(fd, 65536)
-                except BlockingIOError:
+                data = _read_some(fd, terminal=fd == terminal)
+                if data is None:
                     continue
                 if data:
                     handlers[fd](data)
@@ -398,6 +410,41 @@ def pump(
         stderr_tail=bytes(tail),
         duration=time.monotonic() - started,
     )
+
+
+def _output_streams(
+    proc: subprocess.Popen[bytes], terminal: int | None, stdout: Sink, stderr: Sink,
+    tail: bytearray,
+) -> list[tuple[int, Sink]]:  # fmt: skip
+    """The descriptors the cell's output is read from, and their sinks; the last 4 KiB of
+    what bubblewrap's stderr says (its own errors included) is kept in ``tail``."""
+
+    def keeping_tail(sink: Sink) -> Sink:
+        def write(data: bytes) -> None:
+            tail.extend(data)
+            del tail[:-4096]
+            sink(data)
+
+        return write
+
+    if terminal is not None:
+        return [(terminal, keeping_tail(stdout))]
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    return [(proc.stdout.fileno(), stdout), (proc.stderr.fileno(), keeping_tail(stderr))]
+
+
+def _read_some(fd: int, *, terminal: bool) -> bytes | None:
+    """What ``fd`` has (``b""`` at its end), or ``None`` if nothing after all."""
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return None
+    except OSError as e:
+        # A pseudo-terminal's master reads EIO once no process holds the slave.
+        if e.errno == errno.EIO and terminal:
+            return b""
+        raise
 
 
 def fd_writer(fd: int) -> Sink:

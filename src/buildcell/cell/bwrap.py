@@ -56,6 +56,10 @@ class SandboxPlan:
     status_fd: int | None = None
     share_net: bool = False
     extra: tuple[str, ...] = field(default=())
+    #: ``--new-session``: the sandbox cannot reach the caller's terminal (TIOCSTI). Off
+    #: only for a cell whose terminal is a pseudo-terminal of its own (``CellConfig.tty``),
+    #: which must stay its controlling terminal.
+    new_session: bool = True
 
 
 def _mount_args(m: Mount) -> list[str]:
@@ -79,8 +83,9 @@ def bwrap_argv(plan: SandboxPlan, bwrap: str = "bwrap") -> list[str]:
     Namespaces: every kind bubblewrap supports is unshared (user explicitly, so that a
     supervisor running as uid 0 inside a user namespace still gets a fresh one), unless the
     plan shares the network namespace prepared for it. The sandboxed process runs in a new
-    session, without capabilities, with no_new_privs (always set by bubblewrap) and dies
-    with bubblewrap; further user namespaces are disabled inside.
+    session (unless its terminal is a pseudo-terminal of its own), without capabilities,
+    with no_new_privs (always set by bubblewrap) and dies with bubblewrap; further user
+    namespaces are disabled inside.
     """
     argv = [bwrap, "--unshare-all", "--unshare-user"]
     if plan.share_net:
@@ -88,7 +93,7 @@ def bwrap_argv(plan: SandboxPlan, bwrap: str = "bwrap") -> list[str]:
     argv += [
         "--disable-userns",
         "--die-with-parent",
-        "--new-session",
+        *(["--new-session"] if plan.new_session else []),
         "--cap-drop",
         "ALL",
         "--uid",

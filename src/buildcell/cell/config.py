@@ -212,6 +212,10 @@ class CellConfig:
         seccomp_profile: an OCI/Docker seccomp profile to use instead of the built-in one.
         seccomp: ``False`` only with ``--unsafe-no-seccomp``: no syscall filter at all.
         interactive: pass the caller's stdin instead of ``/dev/null``.
+        tty: give the cell a pseudo-terminal of its own: its stdin, stdout and stderr, and
+            its controlling terminal (for ``buildcell shell``). The supervisor relays it to
+            the caller's stdin and stdout (the caller's terminal in raw mode meanwhile);
+            both output streams arrive as one, on the cell's stdout sink.
         source_date_epoch: value of ``SOURCE_DATE_EPOCH`` inside the cell.
         exclude: host paths inside ``source`` that are not copied.
         binds: host files bound read-only into the cell (absolute ``dest``).
@@ -220,7 +224,8 @@ class CellConfig:
         redact: secret values to redact from everything the cell prints.
         network: the egress allowlist; ``None`` or an empty one means no network at all.
         pinned_hosts: ``(name, address)`` pairs the host side resolves without DNS
-            (``--add-host``); such addresses still pass the address guard.
+            (``--add-host``); such addresses still pass the address guard, unless
+            ``network`` grants the pin (``EgressPolicy.with_pins``).
         caches: host directories bound read-write (build caches), after everything else.
         output_max_size: bytes all outputs together may have.
         image_budget: what images may unpack to, shared by every cell of a build (an
@@ -238,6 +243,7 @@ class CellConfig:
     seccomp_profile: Path | None = None
     seccomp: bool = True
     interactive: bool = False
+    tty: bool = False
     source_date_epoch: int = 0
     exclude: tuple[Path, ...] = ()
     binds: tuple[Bind, ...] = ()

@@ -440,6 +440,21 @@ class CellCgroup:
             return 0
         return 0
 
+    def pids_refused(self) -> int:
+        """How many times a fork or clone was refused at the pids limit (``pids.events``,
+        in cgroup v2 and in the v1 pids controller alike)."""
+        d = self._by_ctrl.get("pids")
+        if d is None:
+            return 0
+        try:
+            for line in (d / "pids.events").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max":
+                    return int(value)
+        except (OSError, ValueError):
+            return 0
+        return 0
+
     def kill_all(self, timeout: float = 5.0) -> int:
         """SIGKILL every process in the cell's cgroups; return how many were signalled."""
         killed = 0

@@ -176,6 +176,30 @@ class CellStorage(Closing):
             durable=False,  # its processes do not outlive a reboot either
         )
 
+    def keep_workspace(self, dest: Path) -> None:
+        """Move the workspace to ``dest``, a new directory on the state directory's file
+        system, where :meth:`close` does not remove it (``build --keep-failed``).
+
+        Without a disk budget it is renamed there, at no cost; with one it lives on the
+        anchor's tmpfs, which ends with the storage, so it is copied out (as every hostile
+        tree is: never following a link, skipping fifos and devices).
+
+        Raises:
+            StateError: it cannot be moved or copied there.
+        """
+        try:
+            if self.anchor is None:
+                os.rename(self.workspace, dest)
+                return
+            dest.mkdir(mode=0o700)
+        except OSError as e:
+            raise StateError(f"cannot keep the workspace in {dest}: {e.strerror}") from e
+        try:
+            copy_tree(self.workspace, dest)
+        except (ConfigError, SandboxError) as e:
+            remove_tree(dest)
+            raise StateError(f"cannot keep the workspace in {dest}: {e.message}") from e
+
     def close(self) -> dict[str, bool | int]:
         """Remove everything; return what was checked. Idempotent."""
         workspace_removed = True

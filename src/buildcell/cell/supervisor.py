@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     import socket
 
     from buildcell.cell.netns import NetnsPlan
+    from buildcell.cell.terminal import Terminal
     from buildcell.egress.audit import EgressSummaryRow
     from buildcell.egress.service import EgressService
     from buildcell.supply.images import UnpackBudget
@@ -183,6 +184,8 @@ class CellResult:
     teardown: TeardownReport | None = None
     oom_kills: int = 0
     egress: list[EgressSummaryRow] | None = None
+    #: forks refused at the pids limit (cgroups only): why a command may have failed
+    pids_refused: int = 0
 
 
 def _etc_memfds() -> dict[str, int]:
@@ -502,6 +505,7 @@ class Cell:
         self._bpf: bytes | None = None
         self._seccomp_info: dict[str, Any] = {}
         self._egress: EgressService | None = None
+        self._terminal: Terminal | None = None
         self._tree: OpenedTree | None = None
         self._etc_fds: dict[str, int] = {}
         self._out: OutputDir | None = None
@@ -607,6 +611,7 @@ class Cell:
             uid=CELL_UID,
             gid=CELL_GID,
             share_net=cfg.has_network,
+            new_session=not cfg.tty,
         )
         self._bwrap = bwrap
 
@@ -773,6 +778,8 @@ class Cell:
 
                 channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 in_child = netns.child_setup(launch.netns, channel[1])
+        if cfg.tty:
+            self._terminal = _open_terminal()
         spawn_plan = _spawn.SpawnPlan(
             argv=self._argv,
             pass_fds=tuple(fds.passed),
@@ -786,6 +793,7 @@ class Cell:
             in_child=in_child,
             # bwrap_argv always passes --die-with-parent, and the status pipe is ours.
             self_guarded=True,
+            terminal=self._terminal.slave if self._terminal is not None else None,
         )
         try:
             with in_namespace as listeners:
@@ -796,6 +804,8 @@ class Cell:
                     # cgroup, the network namespace, the uid switch).
                     why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                     raise SandboxError(f"cannot start bubblewrap: {why}") from e
+            if self._terminal is not None:
+                self._terminal.start()
             if launch.netns is not None:
                 if channel is not None:
                     from buildcell.cell.netns import receive_listeners
@@ -836,6 +846,7 @@ class Cell:
                 on_status=on_status,
                 kill=self._kill,
                 started=started,
+                terminal=self._terminal.master if self._terminal is not None else None,
             )
         finally:
             flush()
@@ -929,6 +940,7 @@ class Cell:
             "duration": outcome.duration,
             "warnings": warnings,
             "oom_kills": oom,
+            "pids_refused": self._cgroup.pids_refused() if self._cgroup is not None else 0,
         }
         if outcome.timed_out:
             result = CellResult(exit_code=124, reason="timeout", signal=signal.SIGKILL, **base)
@@ -1093,6 +1105,9 @@ class Cell:
 
     def _release(self) -> bool:
         """Close what the cell held on the host; whether its network is released."""
+        if self._terminal is not None:
+            self._terminal.close()  # the caller's terminal gets its modes back
+            self._terminal = None
         for fd in self._etc_fds.values():
             os.close(fd)
         self._etc_fds = {}
@@ -1158,6 +1173,20 @@ class Cell:
         tb: TracebackType | None,
     ) -> None:
         self._teardown()
+
+
+def _open_terminal() -> Terminal:
+    """The cell's own pseudo-terminal (``CellConfig.tty``).
+
+    Raises:
+        SandboxError: none can be opened.
+    """
+    from buildcell.cell.terminal import Terminal
+
+    try:
+        return Terminal()
+    except OSError as e:
+        raise SandboxError(f"cannot open a pseudo-terminal for the cell: {e.strerror}") from e
 
 
 def _scrubber(config: CellConfig) -> Callable[[str], str]:

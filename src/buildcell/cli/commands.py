@@ -62,19 +62,7 @@ out-of-memory).
 """
 
 MAIN_EPILOG = """\
-commands:
-  run      run one command in a fresh cell (see `buildcell run --help`)
-  build    run the build a buildcell.yaml declares, one cell per step
-  init     write a commented starter buildcell.yaml for the current directory
-  schema   print the JSON Schema of buildcell.yaml (for editors)
-  keygen   make an Ed25519 key pair for signing provenance
-  verify   check a provenance file offline: signature, subjects, expectations
-  ls       list recent builds (of one project)
-  show     summarize one build
-  logs     print a build's logs
-  policy   check a spec against an operator policy (CEL rules) without running it
-  doctor   check what this host supports: bubblewrap, namespaces, seccomp, limits
-  gc       remove what killed supervisors left in the state directory
+`buildcell COMMAND --help` says more of each.
 
 state directory: $BUILDCELL_STATE_DIR, else /var/lib/buildcell (root) or
 $XDG_STATE_HOME/buildcell.
@@ -171,7 +159,9 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--rootfs",
         default="host",
         metavar="KIND",
-        help="'host' (a minimal read-only view of the host, default) or 'dir:PATH'",
+        help="'host' (a minimal read-only view of the host, default), 'dir:PATH' (a root "
+        "directory), or 'oci:PATH@sha256:DIGEST' (an OCI layout, OCI archive or docker-save "
+        "tarball, verified against the digest and unpacked once)",
     )
     g.add_argument(
         "--seccomp-profile",
@@ -271,7 +261,7 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
 def _add_build(sub: argparse._SubParsersAction[_Parser]) -> None:
     build = sub.add_parser(
         "build",
-        help="run the build a buildcell.yaml declares",
+        help="run the build a buildcell.yaml declares, one cell per step",
         description="Run a declared, multi-step build from pinned inputs: inputs are fetched "
         "and verified on the host, each step runs with /bin/sh -e -c in its own fresh cell "
         "over a shared workspace, outputs are collected with their sha256 into --out with an "
@@ -281,6 +271,14 @@ def _add_build(sub: argparse._SubParsersAction[_Parser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_spec_arg(build)
+    build.add_argument(
+        "--source",
+        type=Path,
+        metavar="DIR",
+        help="the directory to build: copied into the workspace and described in the "
+        "provenance (default: the spec's directory); the spec's own paths (file: inputs, "
+        "rootfs) stay relative to the spec",
+    )
     build.add_argument(
         "--out",
         type=Path,
@@ -297,6 +295,12 @@ def _add_build(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--json",
         action="store_true",
         help="print one JSON result object on stdout (logs go to stderr)",
+    )
+    build.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress and no step output: warnings, the step that failed, and one summary line",
     )
     _add_invocation_args(build)
     build.add_argument(
@@ -367,7 +371,7 @@ def _add_keygen(sub: argparse._SubParsersAction[_Parser]) -> None:
 def _add_verify(sub: argparse._SubParsersAction[_Parser]) -> None:
     verify = sub.add_parser(
         "verify",
-        help="verify a provenance file offline",
+        help="check a provenance file offline: signature, subjects, expectations",
         description="Check the DSSE signature against KEY, the statement and predicate types "
         "and fields, that every ARTIFACT's sha256 is a subject, and the optional expectations. "
         "Exit 0 when everything holds, else 1 listing every failed check.",
@@ -402,9 +406,11 @@ def _add_verify(sub: argparse._SubParsersAction[_Parser]) -> None:
 def _add_init(sub: argparse._SubParsersAction[_Parser]) -> None:
     init = sub.add_parser(
         "init",
-        help="write a starter buildcell.yaml",
+        help="write a commented starter buildcell.yaml for the current directory",
         description="Write a commented buildcell.yaml for the current directory, recognizing "
-        "Makefile, pyproject.toml and package.json projects.",
+        "autotools, CMake, Makefile, Cargo, Go, pyproject.toml and npm projects; a step that "
+        "fetches dependencies is allowed the index or registry this host's pip, npm or go "
+        "is configured with.",
     )
     init.add_argument("--force", action="store_true", help="overwrite an existing buildcell.yaml")
 
@@ -412,14 +418,16 @@ def _add_init(sub: argparse._SubParsersAction[_Parser]) -> None:
 def _add_schema(sub: argparse._SubParsersAction[_Parser]) -> None:
     sub.add_parser(
         "schema",
-        help="print the JSON Schema of buildcell.yaml",
+        help="print the JSON Schema of buildcell.yaml (for editors)",
         description="Print the JSON Schema of buildcell.yaml, for editors.",
     )
 
 
 def _add_ls(sub: argparse._SubParsersAction[_Parser]) -> None:
     ls = sub.add_parser(
-        "ls", help="list recent builds", description="List recent builds of one project."
+        "ls",
+        help="list recent builds (of one project)",
+        description="List recent builds of one project.",
     )
     ls.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
     ls.add_argument("--project", metavar="NAME", help=_PROJECT_HELP)
@@ -451,7 +459,7 @@ def _add_logs(sub: argparse._SubParsersAction[_Parser]) -> None:
 def _add_policy(sub: argparse._SubParsersAction[_Parser]) -> None:
     policy = sub.add_parser(
         "policy",
-        help="check a build against an operator policy",
+        help="check a spec against an operator policy (CEL rules) without running it",
         description="Operator policies: CEL rules every build must pass before anything runs.",
     )
     policy_sub = policy.add_subparsers(
@@ -478,7 +486,7 @@ def _add_policy(sub: argparse._SubParsersAction[_Parser]) -> None:
 def _add_doctor(sub: argparse._SubParsersAction[_Parser]) -> None:
     doctor = sub.add_parser(
         "doctor",
-        help="check what this host supports",
+        help="check what this host supports: bubblewrap, namespaces, seccomp, limits",
         description="Check bubblewrap, user namespaces, seccomp, the limits backend and the "
         "state directory, then make one real cell. Exits 1 if no cell can be made.",
     )
@@ -488,7 +496,7 @@ def _add_doctor(sub: argparse._SubParsersAction[_Parser]) -> None:
 def _add_gc(sub: argparse._SubParsersAction[_Parser]) -> None:
     gc = sub.add_parser(
         "gc",
-        help="remove what killed supervisors left behind",
+        help="remove what dead builds left in the state directory, and expired caches",
         description="Remove cells whose supervisor is gone: leftover processes are killed, "
         "their cgroups and workspaces removed. Cells still running are left alone.",
     )
@@ -643,6 +651,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with events:
         if not args.quiet:
             events.subscribe(_print_warnings)
+            events.subscribe(_print_denial)
         result = run_command(
             config,
             invocation=_run_invocation(args, config, secrets, settings.image_max_size),
@@ -704,7 +713,10 @@ def _network_options(allow: Sequence[str], add_host: Sequence[str]) -> dict[str,
         return {}
     from buildcell.allowlist import EgressPolicy
 
-    return {"network": EgressPolicy.from_strings(allow), "pinned_hosts": _pinned_hosts(add_host)}
+    policy = EgressPolicy.from_strings(allow)
+    pinned = _pinned_hosts(add_host)
+    # run's allowlist is the operator's own: a pin it also allows exactly is granted.
+    return {"network": policy.with_pins(pinned, granted=policy), "pinned_hosts": pinned}
 
 
 def _pinned_hosts(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -719,6 +731,15 @@ def _stderr_console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True, highlight=False)
+
+
+def _print_denial(event: dict[str, Any]) -> None:
+    """The first denial of each destination, as it happens (clients often retry quietly)."""
+    if event.get("event") == "net.deny" and event.get("first"):
+        from buildcell.egress.audit import denial_line
+
+        sys.stderr.write(f"{PROG}: {denial_line(event)}\n")
+        sys.stderr.flush()
 
 
 def _print_warnings(event: dict[str, Any]) -> None:
@@ -773,7 +794,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
         run_build,
     )
     from buildcell.build.spec import load_spec
-    from buildcell.cli.console import LiveReporter, PlainReporter, render_record
+    from buildcell.cli.console import (
+        LiveReporter,
+        PlainReporter,
+        QuietReporter,
+        render_record,
+        render_summary_line,
+    )
     from buildcell.settings import load_settings
     from buildcell.state import StateDir
 
@@ -791,7 +818,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     allow_fetch = _canonical_entries([*args.allow_fetch, *settings.fetch_allow])
     invocation = _invocation(
         args,
-        loaded.path,
+        args.source or loaded.path.absolute().parent,
         [s.name for s in secrets],
         allow=allow,
         allow_fetch=allow_fetch,
@@ -802,6 +829,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     policies = tuple(load_policy(p) for p in _policy_paths(args.policy, settings.policy))
     options = BuildOptions(
         sign_key=key,
+        source=args.source,
         builder_id=args.builder_id or DEFAULT_BUILDER_ID,
         secrets=secrets,
         pinned_hosts=_pinned_hosts(args.add_host),
@@ -819,10 +847,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     )
     out_dir = (args.out or Path("buildcell-out")).absolute()
     state = StateDir(host=args.host)
-    live = not args.json and sys.stderr.isatty()
+    live = not args.json and not args.quiet and sys.stderr.isatty()
     reporter: Any
     if live:
         reporter = LiveReporter(Console(stderr=True, highlight=False))
+    elif args.quiet and not args.json:
+        reporter = QuietReporter(out=sys.stdout)
     else:
         reporter = PlainReporter(out=sys.stderr if args.json else sys.stdout)
     repro = None
@@ -840,6 +870,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         if args.check_repro:
             data["reproducibility"] = repro.to_dict() if repro is not None else None
         print(json.dumps(data, indent=2))
+    elif args.quiet:
+        print(render_summary_line(result.record))
     else:
         render_record(result.record, _stdout_console(), result=result)
         if args.check_repro and repro is not None:
@@ -875,7 +907,7 @@ def _canonical_entries(items: Sequence[str]) -> tuple[str, ...]:
 
 def _invocation(
     args: argparse.Namespace,
-    spec_path: Path,
+    source: Path,
     secrets: Sequence[str],
     *,
     allow: Sequence[str] = (),
@@ -885,7 +917,7 @@ def _invocation(
     from buildcell.build.admission import invocation_for
 
     return invocation_for(
-        source=spec_path.absolute().parent,
+        source=source.absolute(),
         project=args.project,
         ref=args.ref,
         trust=args.trust,
@@ -918,7 +950,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
     loaded = load_spec(args.file)
     # Only the names: a dry check needs no secret's value.
     names = tuple(parse_binding(item).name for item in args.secret)
-    decision = check(policy, loaded.spec, _invocation(args, loaded.path, names))
+    decision = check(policy, loaded.spec, _invocation(args, loaded.path.absolute().parent, names))
     if args.json:
         print(json.dumps(decision.to_dict(), indent=2))
     else:
@@ -1017,7 +1049,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     target = Path("buildcell.yaml")
     if target.exists() and not args.force:
         raise UsageError(f"{target} already exists", hint="use --force to overwrite it")
-    text, kind = starter_spec(Path.cwd())
+    # The package clients' configuration (pip's index, npm's registry) is read from the
+    # environment they would see: this one.
+    text, kind = starter_spec(Path.cwd(), environ=os.environ)
     # The working directory is a checkout: a name made fresh, never a file (or a link) of it.
     tmp = f".buildcell.yaml.{os.urandom(6).hex()}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -1059,12 +1093,19 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     import json
 
     from buildcell.cli.console import render_records
+    from buildcell.supply.records import with_twins
 
     store = _records(args)
-    records = store.recent(args.n)
+    records = with_twins(store.recent(args.n))
     _warn_finalized(store)
     if args.json:
-        print(json.dumps([r.to_dict() for r in records], indent=2))
+        listed = []
+        for record, twin in records:
+            data = record.to_dict()
+            if twin is not None:
+                data["twin"] = twin.to_dict()  # the --check-repro rebuild, under its build
+            listed.append(data)
+        print(json.dumps(listed, indent=2))
     elif not records:
         print(
             f"no builds of project {store.project!r} yet: `buildcell build` runs the "
@@ -1112,17 +1153,27 @@ def _cmd_logs(args: argparse.Namespace) -> int:
             f"build {record.id} has no step {args.step!r}",
             hint="its steps are: " + ", ".join(names),
         )
+    from buildcell.egress.audit import denial_line
+
     out = sys.stdout
     for name in [args.step] if args.step else names:
         raw = store.read_log(record.id, name)
-        if raw is None:
-            continue
-        data = raw.decode(errors="replace")
+        data = "" if raw is None else raw.decode(errors="replace")
         if args.step:
             out.write(data)
         else:
             for line in data.splitlines():
                 out.write(f"[{name}] {line}\n")
+        # What the log cannot show: where the step was refused, and why.
+        step = next(s for s in record.steps if s.name == name)
+        for row in step.egress:
+            if row.get("verdict") == "denied":
+                note = f"{PROG}: {denial_line(row, spec=True)}"
+                if args.step:
+                    out.flush()
+                    sys.stderr.write(note + "\n")
+                else:
+                    out.write(f"[{name}] {note}\n")
     return 0
 
 

@@ -8,10 +8,12 @@ Off a TTY: plain prefixed lines, nothing redrawn.
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
 from rich.console import Console, Group, RenderableType
@@ -25,7 +27,7 @@ from buildcell._text import printable
 from buildcell.build.doctor import DoctorReport
 from buildcell.build.runner import BuildResult
 from buildcell.build.spec import BuildSpec, StepSpec
-from buildcell.egress.audit import EgressStats, EgressSummaryRow
+from buildcell.egress.audit import EgressStats, EgressSummaryRow, denial_line
 from buildcell.supply.records import BuildRecord, Listed, StepRecord, UnreadableRecord
 from buildcell.units import format_size
 
@@ -136,13 +138,41 @@ class PlainReporter:
         for stream in ("stdout", "stderr"):
             for line in self._lines.flush((step.name, stream)):
                 (self.out if stream == "stdout" else self.err).write(f"[{step.name}] {line}\n")
-        verdict = "ok" if record.exit_code == 0 else f"failed (exit {record.exit_code})"
+        if record.exit_code == 0:
+            verdict = "ok"
+        else:
+            cause = failure_cause(record)
+            verdict = f"failed (exit {record.exit_code}{': ' + cause if cause else ''})"
         self._say(f"[{step.name}] {verdict} in {record.duration or 0:.1f}s")
 
     def _say(self, text: str) -> None:
         with self._lock:
             self.err.write(f"buildcell: {text}\n")
             self.err.flush()
+
+
+class QuietReporter(PlainReporter):
+    """``build -q``: no progress and no step output; warnings, and the step that failed."""
+
+    def build_started(self, build_id: str, spec: BuildSpec) -> None:
+        pass
+
+    def step_started(self, step: StepSpec) -> None:
+        pass
+
+    def step_output(self, step: StepSpec, stream: str, data: bytes) -> None:
+        pass
+
+    def step_finished(self, step: StepSpec, record: StepRecord) -> None:
+        if record.exit_code != 0:
+            super().step_finished(step, record)
+
+
+def render_summary_line(record: BuildRecord) -> str:
+    """One line for a build: ``NAME ID: STATUS in 1.2s``."""
+    duration = f" in {record.duration:.1f}s" if record.duration is not None else ""
+    code = f" (exit {record.exit_code})" if record.exit_code not in (0, None) else ""
+    return f"{printable(record.name)} {record.id}: {record.status}{duration}{code}"
 
 
 class LiveReporter:
@@ -178,6 +208,7 @@ class LiveReporter:
                     Text.from_markup(
                         f"{mark} {escape(step.name)}  {rec.duration or 0:5.1f}s"
                         + ("" if rec.exit_code == 0 else f"  exit {rec.exit_code}")
+                        + (f"  {escape(cause)}" if (cause := failure_cause(rec)) else "")
                     )
                 )
             else:
@@ -208,6 +239,46 @@ class LiveReporter:
         self._records[step.name] = record
 
 
+def failure_cause(step: StepRecord) -> str | None:
+    """Why a step failed, in words, where a limit or the host ended it (not for a command
+    that just exited non-zero): ``timed out after 10m``, ``killed: out of memory (limit
+    2.0 GiB)``."""
+    limits = step.limits or {}
+
+    def limit(name: str, show: Callable[[Any], str]) -> str:
+        value = limits.get(name)
+        return f" (limit {show(value)})" if isinstance(value, int | float) else ""
+
+    if step.reason == "timeout":
+        value = limits.get("timeout")
+        return "timed out" + (f" after {_seconds(value)}" if isinstance(value, int | float) else "")
+    if step.reason == "oom":
+        return "killed: out of memory" + limit("memory", lambda v: format_size(int(v)))
+    if step.reason == "pids":
+        return "out of processes: forks were refused" + limit("pids", lambda v: str(int(v)))
+    if step.reason == "disk":
+        return "out of disk: the workspace is full" + limit("disk", lambda v: format_size(int(v)))
+    if step.reason == "signaled" and step.exit_code is not None and step.exit_code > 128:
+        try:
+            name = signal.Signals(step.exit_code - 128).name
+        except ValueError:
+            name = f"signal {step.exit_code - 128}"
+        return f"killed by {name}"
+    if step.reason == "state":
+        return "its log could not be written"
+    return None
+
+
+def _seconds(value: float) -> str:
+    """A duration as it is written in a spec: 45s, 10m, 1h30m."""
+    total = round(value)
+    hours, rest = divmod(total, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else ""]
+    parts.append(f"{seconds}s" if seconds or not (hours or minutes) else "")
+    return "".join(parts)
+
+
 def _status_style(status: str) -> str:
     return {"succeeded": "green", "failed": "red", "error": "red", "running": "yellow"}.get(
         status, "dim"
@@ -232,9 +303,11 @@ def render_record(
     steps.add_column("duration", justify="right")
     steps.add_column("exit", justify="right")
     for s in record.steps:
+        cause = failure_cause(s) if s.status == "failed" else None
         steps.add_row(
             s.name,
-            f"[{_status_style(s.status)}]{s.status}[/]",
+            f"[{_status_style(s.status)}]{s.status}[/]"
+            + (f" [red]({escape(cause)})[/]" if cause else ""),
             f"{s.duration:.1f}s" if s.duration is not None else "",
             "" if s.exit_code is None else str(s.exit_code),
         )
@@ -250,7 +323,7 @@ def render_record(
         if record.out_dir:
             console.print(f"outputs in {escape(record.out_dir)} (manifest: outputs.json)")
     egress = [EgressSummaryRow.from_dict(row) for step in record.steps for row in step.egress]
-    render_egress(EgressStats.merge(egress), console)
+    render_egress(EgressStats.merge(egress), console, spec=True)
     if result is not None:
         if result.provenance is not None:
             how = (
@@ -262,8 +335,12 @@ def render_record(
         console.print(f"[dim]record: {escape(str(result.record_dir))}[/]")
 
 
-def render_egress(rows: Sequence[EgressSummaryRow | Mapping[str, Any]], console: Console) -> None:
-    """The egress table: each destination, how often, how many bytes, allowed or denied."""
+def render_egress(
+    rows: Sequence[EgressSummaryRow | Mapping[str, Any]], console: Console, *, spec: bool = False
+) -> None:
+    """The egress table: each destination, how often, how many bytes, allowed or denied;
+    under it, for each denied destination, why and what would allow it (``spec``: in a
+    build's step), one line each (long reasons do not squeeze the table)."""
     if not rows:
         return
     table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
@@ -276,8 +353,8 @@ def render_egress(rows: Sequence[EgressSummaryRow | Mapping[str, Any]], console:
         ("errors", "right"),
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for row in rows:
-        data = row.to_dict() if isinstance(row, EgressSummaryRow) else row
+    datas = [row.to_dict() if isinstance(row, EgressSummaryRow) else row for row in rows]
+    for data in datas:
         verdict = str(data["verdict"])
         table.add_row(
             escape(str(data["destination"])),
@@ -288,6 +365,9 @@ def render_egress(rows: Sequence[EgressSummaryRow | Mapping[str, Any]], console:
             str(data["errors"]) if data["errors"] else "",
         )
     console.print(table)
+    for data in datas:
+        if data["verdict"] != "allowed":
+            console.print(Text(denial_line(data, spec=spec), style="red"), soft_wrap=True)
 
 
 def render_unreadable(record: UnreadableRecord, console: Console) -> None:
@@ -295,23 +375,39 @@ def render_unreadable(record: UnreadableRecord, console: Console) -> None:
     console.print(f"{record.id}: [red]unreadable[/]: {escape(record.reason)}")
 
 
-def render_records(records: Sequence[Listed], console: Console) -> None:
+def render_records(records: Sequence[tuple[Listed, BuildRecord | None]], console: Console) -> None:
+    """The ``ls`` table: one row per build (a ``--check-repro`` twin under its build)."""
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("build", "name", "status", "started", "duration", "steps"):
         table.add_column(col)
-    for r in records:
+    for r, twin in records:
         if isinstance(r, UnreadableRecord):
             table.add_row(r.id, "", f"[red]unreadable: {escape(r.reason)}[/]", "", "", "")
             continue
-        table.add_row(
-            r.id,
-            escape(r.name),
-            f"[{_status_style(r.status)}]{r.status}[/]",
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started)),
-            f"{r.duration:.1f}s" if r.duration is not None else "",
-            f"{sum(s.status == 'succeeded' for s in r.steps)}/{len(r.steps)}",
-        )
+        _record_row(table, r, name=escape(printable(r.name)) + _repro_mark(r))
+        if twin is not None:
+            _record_row(table, twin, name="  [dim]└ its --check-repro rebuild[/]")
     console.print(table)
+
+
+def _repro_mark(record: BuildRecord) -> str:
+    if record.reproducible is None:
+        return ""
+    return " [green](reproducible)[/]" if record.reproducible else " [red](not reproducible)[/]"
+
+
+def _record_row(table: Table, r: BuildRecord, *, name: str) -> None:
+    if r.kind == "run" and r.command:
+        command = printable(shlex.join(r.command))
+        name = "[dim]run[/] " + escape(command if len(command) <= 60 else command[:59] + "…")
+    table.add_row(
+        r.id,
+        name,
+        f"[{_status_style(r.status)}]{r.status}[/]",
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started)),
+        f"{r.duration:.1f}s" if r.duration is not None else "",
+        f"{sum(s.status == 'succeeded' for s in r.steps)}/{len(r.steps)}",
+    )
 
 
 def render_doctor(report: DoctorReport, *, as_json: bool) -> None:

@@ -4,7 +4,15 @@ Requests are parsed with h11 on both sides (never by hand). Every attempt is dec
 the cell's ``EgressPolicy`` *after* the host resolved the name, and the connection goes
 to the address that was checked, so a name cannot be re-resolved to somewhere else in
 between (no DNS-rebinding window). A denial is answered with 403 and a body naming the
-policy and the ``--allow`` that would permit it; every attempt becomes an ``Attempt``.
+policy and the ``--allow`` that would permit it; every attempt becomes an ``Attempt``, a
+denial as soon as it is decided (so the operator hears of it while the build still runs).
+
+A name the operator pinned to a non-public address (a ``pinned`` verdict) reaches that
+address only for itself: a forwarded request's ``Host`` must name it, and a tunnel or a
+transparent connection must start with a TLS ClientHello whose one server name is it, or
+with HTTP requests whose ``Host`` is it (each parsed here, one per connection, and
+forwarded with the checked authority); anything else is refused before a byte of it is
+relayed.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ from urllib.parse import urlsplit
 
 import h11
 
+from buildcell._text import show
 from buildcell.allowlist import EgressPolicy, Verdict, decide, normalize_host
 from buildcell.egress.audit import Attempt
+from buildcell.egress.peek import Peek, peek, sni_problem
 from buildcell.egress.relay import RelayResult, linger, relay
 from buildcell.errors import ConfigError
 
@@ -47,6 +57,9 @@ _HOP_BY_HOP = frozenset(
         b"expect",
     }
 )
+# A fatal TLS alert, unrecognized_name (RFC 6066): what a server itself says to a
+# ClientHello naming a host it does not serve.
+_UNRECOGNIZED_NAME = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70])
 
 
 class _Closed(Exception):
@@ -121,9 +134,23 @@ class EgressProxy:
         attempt.allowed = verdict.allowed
         attempt.address = verdict.address
         attempt.entry = verdict.entry.describe() if verdict.entry is not None else None
+        attempt.pinned = verdict.pinned
         if not verdict.allowed:
             attempt.reason = verdict.reason
             attempt.suggestion = verdict.suggestion
+            attempt.add_host = verdict.add_host
+
+    def _refuse(self, attempt: Attempt, started: float, problem: str, status: int | None) -> None:
+        """Turn an attempt on a pinned destination into a denial, and record it now."""
+        address = attempt.address
+        attempt.allowed = False
+        attempt.address = attempt.entry = None
+        attempt.status = status
+        attempt.reason = (
+            f"{problem}; only {attempt.host} may be reached at {address}, where the "
+            "operator pinned it"
+        )
+        self._finish(attempt, started)
 
     async def _relay(
         self, client: socket.socket, upstream: socket.socket, attempt: Attempt, pending: bytes = b""
@@ -144,6 +171,10 @@ class EgressProxy:
             attempt.error = result.error
 
     def _finish(self, attempt: Attempt, started: float) -> None:
+        """Record ``attempt`` once: a denial when it is decided, the rest when they end."""
+        if attempt.recorded:
+            return
+        attempt.recorded = True
         attempt.duration_ms = (time.monotonic() - started) * 1000
         self._record(attempt)
 
@@ -159,6 +190,9 @@ class EgressProxy:
             verdict = await self._decide(host, port)
             self._apply(attempt, verdict)
             if not verdict.allowed or verdict.address is None:
+                return
+            if verdict.pinned:
+                await self._serve_pinned(client, attempt, started, b"", None)
                 return
             try:
                 upstream = await self._open(verdict.address, port)
@@ -216,6 +250,7 @@ class EgressProxy:
             self._apply(attempt, verdict)
             if not verdict.allowed or verdict.address is None:
                 attempt.status = 403
+                self._finish(attempt, started)
                 await _send_denied(conn, client, verdict, host, port)
                 return
             try:
@@ -232,7 +267,10 @@ class EgressProxy:
                     h11.Response(status_code=200, headers=[], reason=b"Connection Established"),
                 )
                 pending, _closed = conn.trailing_data
-                await self._relay(client, upstream.sock, attempt, pending)
+                if verdict.pinned:
+                    await self._serve_pinned(client, attempt, started, pending, upstream.sock)
+                else:
+                    await self._relay(client, upstream.sock, attempt, pending)
         finally:
             self._finish(attempt, started)
 
@@ -275,8 +313,17 @@ class EgressProxy:
             self._apply(attempt, verdict)
             if not verdict.allowed or verdict.address is None:
                 attempt.status = 403
+                self._finish(attempt, started)
                 await _drain_body(conn, client)
                 return await _send_denied(conn, client, verdict, host, port)
+            problem = _host_problem(req, host, port) if verdict.pinned else None
+            if problem is not None:
+                self._refuse(attempt, started, problem, 403)
+                await _drain_body(conn, client)
+                await _send_error(
+                    conn, client, 403, f"denied by the cell's network policy: {attempt.reason}"
+                )
+                return False
             try:
                 upstream = await self._open(verdict.address, port)
             except (OSError, TimeoutError) as e:
@@ -300,7 +347,10 @@ class EgressProxy:
         path: str,
         upstream: socket.socket,
         attempt: Attempt,
+        close: bool = False,
     ) -> bool:
+        """Forward ``req`` and relay the answer; True when the client connection may be
+        reused (never with ``close``: the answer then tells the client so)."""
         up = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
         # The upstream is asked for exactly the checked authority: the cell's own Host
         # header never travels (a shared front end would route by it), nor any header
@@ -355,19 +405,12 @@ class EgressProxy:
                     continue
                 if isinstance(reply, h11.Response):
                     attempt.status = reply.status_code
-                    headers = [(k, v) for k, v in reply.headers if k.lower() not in _HOP_BY_HOP]
-                    await _send(
-                        conn,
-                        client,
-                        h11.Response(
-                            status_code=reply.status_code, headers=headers, reason=reply.reason
-                        ),
-                    )
+                    await _send(conn, client, _response(reply, close=close))
                 elif isinstance(reply, h11.Data):
                     await _send(conn, client, reply)
                 elif isinstance(reply, h11.EndOfMessage):
                     await _send(conn, client, h11.EndOfMessage())
-                    return conn.our_state is h11.DONE
+                    return not close and conn.our_state is h11.DONE
                 else:
                     raise _Closed
         except h11.RemoteProtocolError as e:
@@ -375,6 +418,211 @@ class EgressProxy:
             if conn.our_state is h11.SEND_RESPONSE:
                 await _send_error(conn, client, 502, f"the upstream server broke HTTP: {e}")
             return False
+
+    # -- a pinned destination --------------------------------------------------------
+
+    async def _serve_pinned(
+        self,
+        client: socket.socket,
+        attempt: Attempt,
+        started: float,
+        pending: bytes,
+        upstream: socket.socket | None,
+    ) -> None:
+        """A tunnel or transparent connection to a name pinned to a non-public address:
+        relayed only once its first bytes name that name (TLS) or parsed as HTTP.
+
+        ``upstream`` is the connection a tunnel already opened (the caller closes it);
+        without one, it is opened here once the client's first bytes pass.
+        """
+        try:
+            async with asyncio.timeout(_HEAD_TIMEOUT):
+                head = await _read_head(client, pending)
+        except (OSError, TimeoutError) as e:
+            attempt.error = f"no request arrived: {_why(e)}"
+            return
+        if head is None:
+            return  # the client left without sending anything
+        seen, data = head
+        if seen.kind == "http":
+            await self._serve_pinned_http(client, attempt, started, data, upstream)
+            return
+        problem = (
+            sni_problem(seen, attempt.host)
+            if seen.kind == "tls"
+            else "the connection is neither TLS nor HTTP, so what it is for cannot be checked"
+        )
+        if problem is not None:
+            self._refuse(attempt, started, problem, None)
+            if seen.kind == "tls":
+                await _tls_alert(client)
+            return
+        opened = await self._open_for(attempt, upstream)
+        if opened is None:
+            return
+        try:
+            await self._relay(client, opened, attempt, data)
+        finally:
+            if opened is not upstream:
+                opened.close()
+
+    async def _open_for(
+        self, attempt: Attempt, upstream: socket.socket | None
+    ) -> socket.socket | None:
+        if upstream is not None:
+            return upstream
+        assert attempt.address is not None
+        try:
+            return (await self._open(attempt.address, attempt.port)).sock
+        except (OSError, TimeoutError) as e:
+            attempt.error = _why(e)
+            return None
+
+    async def _serve_pinned_http(
+        self,
+        client: socket.socket,
+        attempt: Attempt,
+        started: float,
+        data: bytes,
+        upstream: socket.socket | None,
+    ) -> None:
+        """One HTTP request (the connection then closes), its target and ``Host`` checked
+        against the pinned name, forwarded with the checked authority."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        conn.receive_data(data)
+        try:
+            async with asyncio.timeout(_HEAD_TIMEOUT):
+                req = await _next_event(conn, client, timeout=_HEAD_TIMEOUT)
+            if not isinstance(req, h11.Request):
+                return
+            attempt.method = req.method.decode("ascii", "replace")
+            path, problem = _pinned_target(req, attempt.host, attempt.port)
+            problem = problem or _host_problem(req, attempt.host, attempt.port)
+            if problem is not None:
+                self._refuse(attempt, started, problem, 403)
+                await _drain_body(conn, client)
+                await _send_error(
+                    conn, client, 403, f"denied by the cell's network policy: {attempt.reason}"
+                )
+                return
+            attempt.path = path.partition("?")[0]
+            names = {k.lower() for k, _v in req.headers}
+            if b"transfer-encoding" in names and b"content-length" in names:
+                await _send_error(conn, client, 400, "both Content-Length and Transfer-Encoding")
+                return
+            opened = await self._open_for(attempt, upstream)
+            if opened is None:
+                attempt.status = 502
+                await _drain_body(conn, client)
+                await _send_error(conn, client, 502, f"cannot connect to {attempt.host}")
+                return
+            try:
+                await self._exchange(
+                    conn, client, req, path=path, upstream=opened, attempt=attempt, close=True
+                )
+            finally:
+                if opened is not upstream:
+                    opened.close()
+            await linger(client)
+        except h11.RemoteProtocolError as e:
+            attempt.error = f"malformed request: {e}"
+            await _send_error(conn, client, e.error_status_hint, f"malformed request: {e}")
+        except h11.LocalProtocolError as e:
+            attempt.error = f"cannot forward this request: {e}"
+            await _send_error(conn, client, 400, f"cannot forward this request: {e}")
+        except (_Closed, OSError, TimeoutError):
+            return
+
+
+def _response(reply: h11.Response, *, close: bool) -> h11.Response:
+    """The upstream's response as the client gets it: no hop-by-hop headers, and with
+    ``close``, ``Connection: close``."""
+    headers = [(k, v) for k, v in reply.headers if k.lower() not in _HOP_BY_HOP]
+    if close:
+        headers.append((b"connection", b"close"))
+    return h11.Response(status_code=reply.status_code, headers=headers, reason=reply.reason)
+
+
+async def _read_head(client: socket.socket, pending: bytes) -> tuple[Peek, bytes] | None:
+    """Read until :func:`peek` can tell what the connection is; None if it closes first."""
+    loop = asyncio.get_running_loop()
+    data = bytearray(pending)
+    while True:
+        seen = peek(bytes(data))
+        if seen is not None:
+            return seen, bytes(data)
+        chunk = await loop.sock_recv(client, _READ)
+        if not chunk:
+            return None
+        data += chunk
+
+
+async def _tls_alert(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(5.0):
+            await asyncio.get_running_loop().sock_sendall(sock, _UNRECOGNIZED_NAME)
+        await linger(sock)
+
+
+def _host_header(text: str) -> tuple[str, int] | None:
+    """``HOST[:PORT]`` of a ``Host`` header (port 80 when absent or empty), normalized."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            return None
+        host, rest = text[1:close], text[close + 1 :]
+        if rest and not rest.startswith(":"):
+            return None
+        port_text = rest[1:]
+    elif text.count(":") > 1:
+        return None
+    else:
+        host, _, port_text = text.partition(":")
+    if port_text and not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
+        return None
+    port = int(port_text) if port_text else 80
+    name = _host(host) if host else None
+    if name is None or not 0 < port < 65536:
+        return None
+    return name, port
+
+
+def _host_problem(req: h11.Request, host: str, port: int) -> str | None:
+    """Why a request's ``Host`` does not name ``host:port``; None if it does (or, in
+    HTTP/1.0, is absent: the forwarded request names the checked authority anyway)."""
+    values = [v for k, v in req.headers if k.lower() == b"host"]
+    if len(values) > 1:
+        return "the request has more than one Host header"
+    if not values:
+        return None if req.http_version == b"1.0" else "the request has no Host header"
+    text = values[0].decode("ascii", "replace")
+    named = _host_header(text)
+    if named is None:
+        return f"its Host header {show(text, 80)} is not HOST[:PORT]"
+    if named != (host, port):
+        return f"its Host header names {_hostport(named[0], named[1], default=0)}"
+    return None
+
+
+def _pinned_target(req: h11.Request, host: str, port: int) -> tuple[str, str | None]:
+    """(the path to forward, why the request target does not fit ``host:port``)."""
+    target = req.target.decode("ascii", "replace")
+    if req.method == b"CONNECT":
+        return "", f"the request is a CONNECT to {show(target, 80)}"
+    if target.startswith("/"):
+        return target, None
+    if target == "*" and req.method == b"OPTIONS":
+        return target, None
+    try:
+        url = urlsplit(target)
+        named = (_host(url.hostname or ""), url.port or 80)
+    except ValueError:
+        return "", f"the request target {show(target, 80)} is not a path or an http URL"
+    if url.scheme.lower() != "http":
+        return "", f"the request target {show(target, 80)} is not a path or an http URL"
+    if named != (host, port):
+        return "", f"the request target names {show(target, 80)}"
+    return (url.path or "/") + (f"?{url.query}" if url.query else ""), None
 
 
 # -- h11 plumbing ----------------------------------------------------------------------
@@ -445,7 +693,7 @@ async def _send_error(conn: h11.Connection, sock: socket.socket, status: int, me
 async def _send_denied(
     conn: h11.Connection, sock: socket.socket, verdict: Verdict, host: str, port: int
 ) -> bool:
-    hint = f"; to permit it: --allow {verdict.suggestion}" if verdict.suggestion else ""
+    hint = f"; to permit it: {verdict.hint}" if verdict.hint else ""
     await _send_error(
         conn, sock, 403, f"denied by the cell's network policy: {verdict.reason}{hint}"
     )

@@ -75,7 +75,8 @@ class EgressService(Closing):
         listeners: each ``Listener`` with its socket, as ``receive_listeners`` returned.
         emit: ``emit(event, **fields)`` for ``net.allow``, ``net.deny`` and ``dns.query``.
         pinned: names the operator pinned to addresses (``--add-host``), resolved without
-            asking the host's resolver. They still pass the address guard.
+            asking the host's resolver. They still pass the address guard, unless the
+            policy grants the pin (:meth:`EgressPolicy.with_pins`).
         scrub: applied to every name and path before it is recorded (secret redaction).
         idle_timeout: tunnels with no traffic for this long are closed.
 
@@ -135,13 +136,19 @@ class EgressService(Closing):
         # Everything the cell chose (names, paths, and the reasons quoting them) is text
         # a hostile build controls: it is scrubbed of secret values before it is kept.
         attempt.host = self._text(attempt.host)
-        for name in ("path", "reason", "suggestion", "error"):
+        for name in ("path", "reason", "suggestion", "add_host", "error"):
             value = getattr(attempt, name)
             if value is not None:
                 setattr(attempt, name, self._text(value))
-        self.stats.add(attempt)
-        if attempt.allowed or self._budget.take():
-            self._emit("net.allow" if attempt.allowed else "net.deny", **attempt.event_fields())
+        first = self.stats.add(attempt)
+        if attempt.allowed:
+            self._emit("net.allow", **attempt.event_fields())
+        elif first:
+            # The first denial of each destination is always recorded (and shown live by
+            # the CLI): at most one per row of the summary, which is bounded itself.
+            self._emit("net.deny", **attempt.event_fields(), first=True)
+        elif self._budget.take():
+            self._emit("net.deny", **attempt.event_fields())
 
     def _record_dns(self, answer: DnsAnswer) -> None:
         self.stats.add_dns(refused=not answer.allowed)

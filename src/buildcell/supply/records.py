@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from buildcell.errors import ConfigError, Error
+from buildcell.errors import ConfigError, Error, StateError
 from buildcell.state import fsync_dir, process_start_time, write_atomic, write_failure
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ __all__ = [
     "UnreadableRecord",
     "parse_record",
     "project_name",
+    "with_twins",
 ]
 
 BUILD_STATUSES = frozenset({"running", "succeeded", "failed", "error", "denied", "interrupted"})
@@ -131,6 +132,13 @@ class BuildRecord:
     rootfs_dependency: dict[str, Any] | None = None  # uri, sha256, annotations
     platform: dict[str, Any] | None = None  # buildcell, bubblewrap, kernel, seccomp
     byproducts: list[dict[str, Any]] = field(default_factory=list)  # logs, events: digests
+    # --keep-failed: the failed step's workspace, kept for `buildcell shell` (build.kept):
+    # path, step, kept and expires (times), removed (a time, once gc or --discard removed it)
+    kept_workspace: dict[str, Any] | None = None
+    kind: str = "build"  # or "run": one command, `buildcell run`
+    command: list[str] | None = None  # what `buildcell run` ran
+    twin_of: str | None = None  # the build a --check-repro twin rebuilt
+    reproducible: bool | None = None  # what --check-repro found (on the first build)
 
     @property
     def duration(self) -> float | None:
@@ -213,6 +221,10 @@ def _record_problem(record: BuildRecord, build_id: str) -> str | None:
         return "id: not the id of its directory"
     if _PROJECT.fullmatch(record.project) is None:
         return "project: not a project name"
+    if record.kind not in ("build", "run"):
+        return "kind: not 'build' or 'run'"
+    if record.twin_of is not None and _BUILD_ID.fullmatch(record.twin_of) is None:
+        return "twin_of: not a build id"
     if record.status not in BUILD_STATUSES:
         return f"status: not one of {', '.join(sorted(BUILD_STATUSES))}"
     for name, value in (("started", record.started), ("finished", record.finished)):
@@ -291,6 +303,21 @@ class RecordStore:
         write_atomic(
             self.root / record.id / "record.json", _encode(record), what="the build record"
         )
+
+    def finish(self, record: BuildRecord, *, failing: bool) -> None:
+        """Write the record's last state: finished now, steps that never ran ``skipped``,
+        a step still running ``interrupted``. If even that cannot be written (a full disk)
+        while an error is ``failing`` the build, the previous record stays whole and that
+        error is the one the caller raises."""
+        record.finished = time.time()
+        for step in record.steps:
+            if step.status in ("pending", "running"):
+                step.status = "skipped" if step.status == "pending" else "interrupted"
+        try:
+            self.save(record)
+        except StateError:
+            if not failing:
+                raise
 
     def load(self, build_id: str) -> Listed:
         """Load one record by id or unique id prefix (an unreadable one says why).
@@ -403,6 +430,21 @@ class RecordStore:
         if data is None and problem is not None and "missing" not in problem:
             raise Error(f"the log of step {step!r} of build {build_id} is unreadable: {problem}")
         return data
+
+
+def with_twins(records: list[Listed]) -> list[tuple[Listed, BuildRecord | None]]:
+    """Each record with the ``--check-repro`` twin that rebuilt it (if listed too); the
+    twins themselves are not listed on their own."""
+    twins = {r.twin_of: r for r in records if isinstance(r, BuildRecord) and r.twin_of is not None}
+    return [
+        (r, twins.get(r.id))
+        for r in records
+        if not (isinstance(r, BuildRecord) and r.twin_of is not None and r.twin_of in _ids(records))
+    ]
+
+
+def _ids(records: list[Listed]) -> set[str]:
+    return {r.id for r in records}
 
 
 def _encode(record: BuildRecord) -> bytes:

@@ -24,7 +24,7 @@ from buildcell.confined import open_root
 from buildcell.errors import ConfigError
 from buildcell.supply.gitread import GitReadError, read_head
 
-__all__ = ["SourceInfo", "describe_source", "tree_digest"]
+__all__ = ["SourceInfo", "describe_source", "tree_digest", "tree_digest_at"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,12 +251,18 @@ def tree_digest(root: Path, *, exclude: tuple[Path, ...] = ()) -> str:
     Raises:
         ConfigError: ``root`` is not a directory, or an entry cannot be read.
     """
-    walker = _Digest(root, _identities(exclude))
     root_fd = open_root(root, what="source directory")
     try:
-        walker.walk(root_fd)
+        return tree_digest_at(root_fd, label=root, exclude=exclude)
     finally:
         os.close(root_fd)
+
+
+def tree_digest_at(root_fd: int, *, label: Path, exclude: tuple[Path, ...] = ()) -> str:
+    """:func:`tree_digest` of the directory ``root_fd`` holds (opened confined by the
+    caller: a repository's rootfs); ``label`` names it in errors."""
+    walker = _Digest(label, _identities(exclude))
+    walker.walk(root_fd)
     lines = sorted(walker.lines)
     return hashlib.sha256(b"\n".join(lines) + b"\n").hexdigest()
 

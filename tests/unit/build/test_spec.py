@@ -1155,3 +1155,23 @@ def test_cache_paths_cannot_hide_each_other_or_the_workspace(caches: str, words:
     with pytest.raises(SpecError) as info:
         parse_spec(text, path=Path("buildcell.yaml"))
     assert words in info.value.message
+
+
+def test_an_output_may_be_marked_optional() -> None:
+    spec = parse(MINIMAL + "outputs: ['dist/*', {path: 'cov/*', optional: true}, {path: 'x/*'}]\n")
+    assert spec.output_patterns == ["dist/*", "cov/*", "x/*"]
+    assert spec.optional_outputs == frozenset({"cov/*"})
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{path: '../x'}", "outputs[0].path"),
+        ("{path: 'a/*', optional: 'yes'}", "outputs[0].optional"),
+        ("{path: 'a/*', optinal: true}", "optinal"),
+        ("{optional: true}", "outputs[0].path"),
+    ],
+)
+def test_a_malformed_output_entry_names_its_field(entry: str, message: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse(MINIMAL + f"outputs: [{entry}]\n")

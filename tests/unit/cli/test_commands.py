@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_main_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> No
         cli.main(["--help"])
     out = capsys.readouterr().out
     for name in cli._COMMANDS:
-        assert f"\n  {name} " in out
+        assert f"\n    {name} " in out  # argparse's list of commands, with their help
 
 
 def test_every_error_of_a_spec_is_printed_one_per_line(
@@ -74,3 +75,19 @@ def test_every_error_of_a_spec_is_printed_one_per_line(
     assert run.startswith(f"{tmp_path / 'buildcell.yaml'}:4: steps[0].run: expected a string")
     assert timeout.startswith(f"{tmp_path / 'buildcell.yaml'}:4: steps[0].limits.timeout: ")
     assert not (tmp_path / "state").exists()
+
+
+def test_main_help_lists_each_command_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for name in cli._COMMANDS:
+        assert len(re.findall(rf"^ +{name} ", out, re.MULTILINE)) == 1, name
+
+
+def test_run_help_names_every_rootfs_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for kind in ("'host'", "'dir:PATH'", "'oci:PATH@sha256:DIGEST'"):
+        assert kind in out
