@@ -32,7 +32,12 @@ if TYPE_CHECKING:
     from buildcell.supply.images import UnpackBudget
 
 REPO = Path(__file__).resolve().parents[1]
+#: Real-world inputs no one on this project wrote (Docker's seccomp profiles), when the
+#: checkout sits next to them; a standalone clone has none of them.
 ASSETS = REPO.parent / "shared" / "assets"
+#: Podman's default seccomp profile (Docker's format, from golang-github-containers-common,
+#: which ``scripts/system-deps.sh --test`` installs): Docker's default where ASSETS is absent.
+PODMAN_SECCOMP = Path("/usr/share/containers/seccomp.json")
 IS_ROOT = os.geteuid() == 0
 
 #: A test that needs buildcell to run as root (cgroups, the host uid drop); skipped otherwise.
@@ -53,6 +58,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="runs only as an unprivileged user"))
         if _CLI_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def seccomp_asset(name: str = "docker-seccomp-default.json", *, stand_in: bool = False) -> Path:
+    """A real-world seccomp profile: ``ASSETS / name``; with ``stand_in``, for a test that
+    needs any real profile in Docker's format rather than moby's own rules, podman's
+    default where ASSETS is absent. Skips, saying what is missing, when there is none."""
+    path = ASSETS / name
+    if path.is_file():
+        return path
+    if stand_in and PODMAN_SECCOMP.is_file():
+        return PODMAN_SECCOMP
+    if stand_in:
+        pytest.skip(
+            f"no Docker-format seccomp profile: neither {path} nor {PODMAN_SECCOMP}"
+            " (apt-get install golang-github-containers-common)"
+        )
+    pytest.skip(f"{path} is missing (only the development tree's ../shared/assets has it)")
 
 
 def _userns_available() -> bool:

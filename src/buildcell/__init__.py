@@ -47,7 +47,8 @@ __all__ = [
 if TYPE_CHECKING:
     from buildcell.build.admission import check_policy
     from buildcell.build.command import run_command
-    from buildcell.build.policy import Invocation, load_policy
+    from buildcell.build.invocation import Invocation
+    from buildcell.build.policy import load_policy
     from buildcell.build.runner import BuildOptions, BuildResult, run_build
     from buildcell.build.spec import load_spec
     from buildcell.cell import (
@@ -78,7 +79,7 @@ _LAZY = {
     "run_build": "buildcell.build.runner",
     "check_policy": "buildcell.build.admission",
     "run_command": "buildcell.build.command",
-    "Invocation": "buildcell.build.policy",
+    "Invocation": "buildcell.build.invocation",
     "load_policy": "buildcell.build.policy",
     "load_spec": "buildcell.build.spec",
     "verify": "buildcell.supply.provenance",

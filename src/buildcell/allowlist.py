@@ -270,6 +270,17 @@ def _guard(addr: _IPAddress) -> str | None:
     return reason
 
 
+#: Guard reasons no operator pin grants: no mirror lives there.
+_NEVER_PINNED = ("cloud metadata", "unspecified", "multicast")
+
+
+def _pinnable(address: str | _IPAddress) -> bool:
+    """Whether a granted pin may reach ``address`` (a private or loopback mirror may; the
+    metadata service, an unspecified or a multicast address never, however reached)."""
+    why = guarded_reason(address)
+    return why is None or not why.startswith(_NEVER_PINNED)
+
+
 def guarded_reason(address: str | _IPAddress) -> str | None:
     """Why a name entry must not reach ``address``, or None for a public unicast address.
 
@@ -884,6 +895,8 @@ class EgressPolicy:
             by_name[parsed] = canonical
         pins = []
         for name, address in by_name.items():
+            if not _pinnable(address):
+                continue  # the guard keeps denying it, and says why
             ports = frozenset(
                 p for e in granted.entries if e.kind == "host" and e.host == name for p in e.ports
             )
@@ -959,6 +972,24 @@ def suggest_allow(host: str, port: int) -> str:
     return f"{normalize_host(host)}:{port}"
 
 
+def _decide_literal(policy: EgressPolicy, literal: _IPAddress, port: int) -> Verdict:
+    """An IP literal: allowed when an IP entry covers it. Denied, the hint is that entry,
+    unless the operator pinned a name to this non-public address: allowing the address
+    would open every name behind it (the pinned one's neighbours too), so the way there
+    is by the pinned name, and no hint offers the address."""
+    entry = policy.literal_entry(literal, port)
+    if entry is not None:
+        return _allow(entry, literal)
+    target = _hostport(str(literal), port)
+    pinned = [p.name for p in policy.pins if _address(p.address) == literal]
+    if pinned and _guard(literal) is not None:
+        return _deny(
+            f"{target} is not on the allowlist; the operator pinned "
+            f"{', '.join(pinned)} to it: connect by that name"
+        )
+    return _deny(f"{target} is not on the allowlist", suggest_allow(str(literal), port))
+
+
 def decide(policy: EgressPolicy, host: str, port: int, addresses: Sequence[str]) -> Verdict:
     """Decide a connection attempt to ``host:port``, once the host side has resolved it.
 
@@ -982,11 +1013,7 @@ def decide(policy: EgressPolicy, host: str, port: int, addresses: Sequence[str])
         return _deny(f"port {port} is out of range 1-65535")
     literal = _address(host)
     if literal is not None:
-        entry = policy.literal_entry(literal, port)
-        if entry is None:
-            target = _hostport(str(literal), port)
-            return _deny(f"{target} is not on the allowlist", suggest_allow(str(literal), port))
-        return _allow(entry, literal)
+        return _decide_literal(policy, literal, port)
 
     name = _try_name(host)
     if name is None:
@@ -1031,8 +1058,9 @@ def decide(policy: EgressPolicy, host: str, port: int, addresses: Sequence[str])
         resolved_text = str(resolved)
     why = _guard(first)
     reason = f"{name} resolves to {resolved_text} ({why}); a name entry never reaches it"
-    if why == "cloud metadata":
-        # No name needs the metadata service: asking for it is no mistake to help with.
+    if not _pinnable(first):
+        # No name needs the metadata service (or an unspecified or multicast address):
+        # asking for it is no mistake to help with, and no pin grants it.
         return _deny(reason)
     # The pin, not the address: an address entry would open every name behind it.
     return _deny(reason, suggest_allow(name, port), f"{name}:{first}")

@@ -23,6 +23,10 @@ outputs:
   max_size: 16GiB                    # all outputs of one build or run together
 images:
   max_size: 16GiB                    # bytes all images of one build may unpack to
+  max_age: 720h                      # `buildcell gc` removes unpacked images unused for longer
+records:                             # `buildcell gc` removes build records (never running ones)
+  max_age: 720h                      #   older than this (30 days)
+  keep: 200                          #   beyond the newest this many
 ```
 
 Relative paths are relative to the file. Unknown keys are errors (fail closed), and so are
@@ -48,11 +52,14 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CACHE_MAX_AGE",
     "DEFAULT_CACHE_MAX_SIZE",
+    "DEFAULT_IMAGE_MAX_AGE",
     "DEFAULT_IMAGE_MAX_SIZE",
     "DEFAULT_LOG_MAX_SIZE",
     "DEFAULT_MEMORY",
     "DEFAULT_OUTPUT_MAX_SIZE",
     "DEFAULT_PIDS",
+    "DEFAULT_RECORDS_KEEP",
+    "DEFAULT_RECORDS_MAX_AGE",
     "DefaultLimits",
     "Settings",
     "load_settings",
@@ -65,6 +72,9 @@ DEFAULT_PIDS = 4096
 DEFAULT_LOG_MAX_SIZE = 64 << 20
 DEFAULT_OUTPUT_MAX_SIZE = 16 << 30
 DEFAULT_IMAGE_MAX_SIZE = 16 << 30
+DEFAULT_IMAGE_MAX_AGE = 30 * 86400.0
+DEFAULT_RECORDS_MAX_AGE = 30 * 86400.0
+DEFAULT_RECORDS_KEEP = 200
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,9 @@ class Settings:
     log_max_size: int = DEFAULT_LOG_MAX_SIZE
     output_max_size: int = DEFAULT_OUTPUT_MAX_SIZE
     image_max_size: int = DEFAULT_IMAGE_MAX_SIZE
+    image_max_age: float = DEFAULT_IMAGE_MAX_AGE
+    records_max_age: float = DEFAULT_RECORDS_MAX_AGE
+    records_keep: int = DEFAULT_RECORDS_KEEP
 
 
 def _read_yaml(target: Path, text: str) -> Document:
@@ -121,7 +134,8 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "limits": ("memory", "pids", "cpus", "disk", "timeout"),
     "logs": ("max_size",),
     "outputs": ("max_size",),
-    "images": ("max_size",),
+    "images": ("max_size", "max_age"),
+    "records": ("max_age", "keep"),
 }
 
 
@@ -233,6 +247,17 @@ class _File:
         return list(value)
 
 
+def parse_keep(text: str, *, what: str = "records.keep") -> int:
+    """A count of records to keep: a whole number, 0 or more.
+
+    Raises:
+        ConfigError: it is anything else.
+    """
+    if not text.strip().isdigit():
+        raise ConfigError(f"invalid {what} {text!r}: expected a whole number such as 200")
+    return int(text)
+
+
 def _pids(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise ConfigError(f"invalid pids {text!r}: expected a whole number such as 4096")
@@ -313,7 +338,18 @@ def _settings(f: _File, target: Path) -> Settings:
         log_max_size=size("logs", DEFAULT_LOG_MAX_SIZE),
         output_max_size=size("outputs", DEFAULT_OUTPUT_MAX_SIZE),
         image_max_size=size("images", DEFAULT_IMAGE_MAX_SIZE),
+        image_max_age=_or(
+            f.unit("images", "max_age", _age("images.max_age"), "720h"), DEFAULT_IMAGE_MAX_AGE
+        ),
+        records_max_age=_or(
+            f.unit("records", "max_age", _age("records.max_age"), "720h"), DEFAULT_RECORDS_MAX_AGE
+        ),
+        records_keep=_or(f.unit("records", "keep", parse_keep, "200"), DEFAULT_RECORDS_KEEP),
     )
+
+
+def _age(what: str) -> Callable[[str], float]:
+    return lambda text: parse_duration(text, what=what)
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -176,9 +176,27 @@ def test_name_never_reaches_loopback_unless_allowed_literally(cell: RunCell) -> 
     assert origin.hits == []
     assert "403" not in ran.stderr
     assert "loopback" in ran.stdout
-    assert f"--allow 127.0.0.1:{port}" in ran.stdout
+    # The hint is the pin of the name, not the bare address.
+    assert f"--add-host api.test:127.0.0.1 --allow api.test:{port}" in ran.stdout
+    assert f"--allow 127.0.0.1:{port}" not in ran.stdout
     (deny,) = ran.of("net.deny")
-    assert deny["allow_hint"] == f"127.0.0.1:{port}"
+    assert (deny["allow_hint"], deny["add_host_hint"]) == (f"api.test:{port}", "api.test:127.0.0.1")
+
+
+def test_a_granted_pin_reaches_its_name_at_a_loopback_address(cell: RunCell) -> None:
+    with http_origin("a") as origin:
+        port = origin.port
+        net = _net(f"api.test:{port}")
+        policy = net["network"].with_pins(net["pinned_hosts"], granted=net["network"])
+        ran = cell(
+            [*CURL, f"http://api.test:{port}/pinned"],
+            network=policy,
+            pinned_hosts=net["pinned_hosts"],
+        )
+    assert ran.stdout == "hello from a /pinned\n", ran.stderr
+    assert origin.hosts == [f"api.test:{port}"]
+    (allow,) = ran.of("net.allow")
+    assert allow["pinned"] is True and allow["address"] == "127.0.0.1"
 
 
 @pytest.mark.parametrize(
@@ -193,7 +211,15 @@ def test_metadata_and_private_addresses_are_refused(cell: RunCell, address: str,
     )
     assert why in ran.stdout
     (deny,) = ran.of("net.deny")
-    assert deny["allow_hint"] == f"{address}:80"
+    if why == "cloud metadata":
+        # No name needs the metadata service: nothing is offered to reach it.
+        assert "allow_hint" not in deny and "add_host_hint" not in deny
+    else:
+        # The pin of the name, never the bare address (it would open every name there).
+        assert deny["allow_hint"] == "internal.test:80"
+        assert deny["add_host_hint"] == f"internal.test:{address}"
+        assert f"--add-host internal.test:{address} --allow internal.test:80" in ran.stdout
+    assert f"--allow {address}" not in ran.stdout
     assert "address" not in deny or deny["address"] is None
 
 

@@ -43,10 +43,16 @@ def test_run_allow_prints_the_egress_table(bc: RunCLI, tmp_path: Path) -> None:
         )
     assert res.returncode == 0, res.stderr
     assert res.stdout == "hello from a /one\n"
-    table = [line.split() for line in res.stderr.splitlines()]
-    assert ["egress", "verdict", "requests", "sent", "received", "errors"] in table
-    assert [f"api.test:{origin.port}", "allowed", "1"] == table[-2][:3]
-    assert table[-1][:3] == ["nope.test:80", "denied", "1"]
+    lines = res.stderr.splitlines()
+    table = [line.split() for line in lines]
+    head = table.index(["egress", "verdict", "requests", "sent", "received", "errors"])
+    assert [f"api.test:{origin.port}", "allowed", "1"] == table[head + 1][:3]
+    assert table[head + 2][:3] == ["nope.test:80", "denied", "1"]
+    # Under the table, why it was denied and what would allow it.
+    assert lines[head + 3] == (
+        "egress denied: nope.test:80 — nope.test:80 is not on the allowlist; "
+        "to allow: --allow nope.test:80"
+    )
     names = [e["event"] for e in read_events(tmp_path / "ev.jsonl")]
     assert "net.allow" in names and "net.deny" in names
 

@@ -351,7 +351,7 @@ def test_a_cache_holding_a_secret_is_not_saved(bc: RunCLI, tmp_path: Path) -> No
 
 
 def test_run_policy_sees_env_custom_seccomp_and_pinned_hosts(bc: RunCLI, tmp_path: Path) -> None:
-    from tests.conftest import ASSETS
+    from tests.conftest import seccomp_asset
 
     policy = _policy(
         tmp_path,
@@ -367,7 +367,7 @@ def test_run_policy_sees_env_custom_seccomp_and_pinned_hosts(bc: RunCLI, tmp_pat
         "--env",
         "LD_PRELOAD=/tmp/x.so",
         "--seccomp-profile",
-        str(ASSETS / "docker-seccomp-default.json"),
+        str(seccomp_asset(stand_in=True)),
         "--add-host",
         "a.test:127.0.0.1",
         "--",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -293,3 +294,33 @@ def test_dir_rootfs_is_recorded_with_its_digest(
     from buildcell.supply.source import tree_digest
 
     assert rootfs["digest"]["sha256"] == tree_digest(root)
+
+
+def test_check_repro_names_the_tarball_member_and_its_mtime(bc: RunCLI, tmp_path: Path) -> None:
+    """A step that stamps a tarball's members with the time it ran: the report names each
+    member and says that its mtime differs, not only a byte offset."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "buildcell.yaml").write_text(
+        "version: 1\nname: stamped\nsteps:\n  - name: pack\n    run: |\n"
+        "      mkdir -p d dist && echo one > d/a && echo two > d/b\n"
+        "      sleep 1.1\n"  # the two builds' seconds differ
+        "      tar --format=gnu --sort=name --owner=0 --group=0 --numeric-owner --mode=u=rw,go=r"
+        ' --mtime="@$(date +%s)" -cf dist/out.tar -C d a b\n'
+        'outputs: ["dist/out.tar"]\n'
+    )
+    spec = str(proj / "buildcell.yaml")
+    res = bc("build", "-f", spec, "--out", str(tmp_path / "o1"), "--check-repro", cwd=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "dist/out.tar: 10240 bytes vs 10240 bytes, first difference at byte" in res.stdout
+    lines = [line.strip() for line in res.stdout.splitlines()]
+    for member in ("a", "b"):
+        (line,) = [x for x in lines if x.startswith(f"member '{member}': ")]
+        assert re.fullmatch(rf"member '{member}': mtime \d+ vs \d+", line), line
+    res = bc(
+        "build", "-f", spec, "--out", str(tmp_path / "o2"), "--check-repro", "--json", cwd=tmp_path
+    )
+    (diff,) = json.loads(res.stdout)["reproducibility"]["differences"]
+    assert diff["archive"]["kind"] == "tar"
+    assert [m["name"] for m in diff["archive"]["members"]] == ["a", "b"]
+    assert all(m["differs"][0].startswith("mtime ") for m in diff["archive"]["members"])

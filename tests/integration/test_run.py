@@ -347,11 +347,9 @@ def test_cli_unsafe_no_seccomp_warns_and_is_recorded(bc: RunCLI, tmp_path: Path)
 
 
 def test_cli_docker_seccomp_profile(bc: RunCLI, tmp_path: Path) -> None:
-    from tests.conftest import ASSETS
+    from tests.conftest import seccomp_asset
 
-    profile = ASSETS / "docker-seccomp-default.json"
-    if not profile.exists():
-        pytest.skip(f"{profile} is not present")
+    profile = seccomp_asset()
     res = bc(
         "run",
         "--seccomp-profile",
@@ -364,6 +362,21 @@ def test_cli_docker_seccomp_profile(bc: RunCLI, tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["Seccomp:", "2", "denied"]
+
+
+def test_cli_podman_default_seccomp_profile(bc: RunCLI, tmp_path: Path) -> None:
+    from tests.conftest import PODMAN_SECCOMP
+
+    if not PODMAN_SECCOMP.is_file():
+        pytest.skip(
+            f"{PODMAN_SECCOMP} is missing (apt-get install golang-github-containers-common)"
+        )
+    res = bc(
+        "run", "--seccomp-profile", str(PODMAN_SECCOMP), "--", "grep", "^Seccomp:",
+        "/proc/self/status", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["Seccomp:", "2"]
 
 
 def test_doctor(bc: RunCLI) -> None:

@@ -649,7 +649,7 @@ def test_a_full_disk_is_an_error_and_leaves_nothing_half_done(
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
     rootfs = unpack_image(image, digest, cache_dir=small_disk)
     assert len(os.listdir(rootfs / "data")) == 12
-    assert json.loads((rootfs.parent / "complete").read_text())["version"] == 3
+    assert json.loads((rootfs.parent / "complete").read_text())["version"] == 4
 
 
 @root_only
@@ -712,3 +712,52 @@ def test_the_build_s_image_budget_comes_from_the_configuration(
     res = bc("build", "--policy", str(policy), cwd=proj, env={"BUILDCELL_CONFIG": str(config)})
     assert res.returncode == 125
     assert "small-images" in res.stderr
+
+
+# --- the layer cache: one image's layer replayed on another's -----------------------------
+
+
+@root_only
+def test_a_cached_layer_replayed_on_a_symlinked_lower_layer_writes_nothing_outside(
+    bc: RunCLI, images: Path, oci_cache: Path, tmp_path: Path
+) -> None:
+    """An honest image puts ``usr/bin/tool`` in the layer cache; a second image reuses that
+    layer on top of its own ``usr -> /host/dir``. Replaying must walk the tree it is
+    composing, not trust the cached layer: refused, and nothing lands on the host."""
+    host = tmp_path / "host-dir"
+    host.mkdir()
+    upper = [
+        TarEntry("usr/bin/tool", "file", b"#!/bin/sh\n"),
+        TarEntry("usr/bin/again", "hardlink", linkname="usr/bin/tool"),
+    ]
+    honest = images / "honest"
+    digest = make_host_tools_layout(honest, [upper])
+    assert run_image(bc, honest, digest).returncode == 0
+    evil = images / "evil"
+    evil_digest = make_oci_layout(evil, [[TarEntry("usr", "symlink", linkname=str(host))], upper])
+    res = run_image(bc, evil, evil_digest)
+    assert res.returncode == 125 and "Traceback" not in res.stderr
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("buildcell: error:")]
+    assert "entry 'usr/bin/tool' is below 'usr', which is a symlink" in line
+    assert list(host.iterdir()) == []
+    assert not_locks(oci_cache) == sorted(["layers", digest[7:]])
+
+
+@root_only
+def test_files_shared_through_the_layer_cache_are_not_writable_in_a_cell(
+    bc: RunCLI, images: Path, oci_cache: Path
+) -> None:
+    """One inode serves the layer cache and every image made from it: a cell (uid 1000,
+    read-only root) must not be able to change it for the next image."""
+    layer = [TarEntry("data/shared", "file", b"original", mode=0o777)]
+    first, second = images / "first", images / "second"
+    one = make_host_tools_layout(first, [layer])
+    two = make_host_tools_layout(second, [layer, [TarEntry("x", "file")]])
+    res = run_image(bc, first, one, "/bin/sh", "-c", "echo evil > /data/shared; echo $?")
+    assert run_image(bc, second, two).returncode == 0
+    assert res.stdout.strip() != "0"
+    for digest in (one, two):
+        shared = oci_cache / digest[7:] / "rootfs" / "data" / "shared"
+        assert shared.read_bytes() == b"original"
+        st = shared.stat()
+        assert st.st_nlink >= 3 and st.st_mode & 0o022 == 0 and st.st_uid == 0

@@ -705,7 +705,6 @@ def test_decide_denies_a_name_resolving_only_to_guarded_addresses() -> None:
     [
         ("::ffff:127.0.0.1", "::ffff:127.0.0.1", "loopback", "127.0.0.1"),
         ("::1", "::1", "loopback", "::1"),
-        ("0.0.0.0", "0.0.0.0", "unspecified", "0.0.0.0"),
         ("fe80::1", "fe80::1", "link-local", "fe80::1"),
         ("100.64.0.1", "100.64.0.1", "carrier-grade NAT", "100.64.0.1"),
         ("203.0.113.80", "203.0.113.80", "reserved", "203.0.113.80"),
@@ -732,11 +731,21 @@ def test_decide_names_the_guard_and_suggests_the_pin(
     assert allowed.address == pinned
 
 
-def test_decide_gives_no_hint_towards_cloud_metadata() -> None:
-    verdict = decide(POLICY, "api.example.org", 443, ["169.254.169.254"])
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [("169.254.169.254", "cloud metadata"), ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+     ("224.0.0.1", "multicast"), ("64:ff9b::a9fe:a9fe", "cloud metadata")],
+)  # fmt: skip
+def test_decide_gives_no_hint_where_no_pin_may_lead(address: str, why: str) -> None:
+    verdict = decide(POLICY, "api.example.org", 443, [address])
     assert not verdict.allowed
-    assert "(cloud metadata)" in verdict.reason
+    assert f"({why}" in verdict.reason
     assert verdict.suggestion is None and verdict.add_host is None and verdict.hint is None
+    # Pinned and allowed by the operator all the same, it stays denied.
+    granted = EgressPolicy.from_strings(["api.example.org:443"])
+    after = POLICY.with_pins([("api.example.org", address)], granted=granted)
+    assert after.pins == ()
+    assert not decide(after, "api.example.org", 443, [address]).allowed
 
 
 def test_decide_reaches_a_guarded_address_an_ip_entry_covers() -> None:
@@ -898,7 +907,16 @@ def test_a_pin_opens_neither_the_bare_address_nor_other_names() -> None:
     )
     bare = decide(policy, "10.0.0.5", 443, ["10.0.0.5"])
     assert not bare.allowed
-    assert bare.reason == "10.0.0.5:443 is not on the allowlist"
+    assert bare.reason == (
+        "10.0.0.5:443 is not on the allowlist; the operator pinned mirror.example.internal"
+        " to it: connect by that name"
+    )
+    # Allowing the address would open every name behind it: no hint offers it.
+    assert bare.suggestion is None and bare.hint is None
+    # An address nobody pinned is still the operator's to allow literally.
+    other = decide(policy, "10.0.0.6", 443, ["10.0.0.6"])
+    assert other.reason == "10.0.0.6:443 is not on the allowlist"
+    assert other.hint == "--allow 10.0.0.6:443"
     # Another name that resolves there (or is pinned there without a grant) is guarded.
     sibling = decide(policy, "admin.example.internal", 443, ["10.0.0.5"])
     assert not sibling.allowed

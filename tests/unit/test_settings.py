@@ -272,7 +272,8 @@ def test_errors_name_the_file_line_and_setting(
 
 def test_unknown_settings_hint_at_the_known_ones(tmp_path: Path) -> None:
     assert error_of(tmp_path, "polcy: x\n").hint == (
-        "known settings: policy, caches, fetch, network, rootfs, limits, logs, outputs, images"
+        "known settings: policy, caches, fetch, network, rootfs, limits, logs, outputs, images, "
+        "records"
     )
     assert error_of(tmp_path, "limits: {swap: 1G}\n").hint == (
         "limits has memory, pids, cpus, disk, timeout"
@@ -322,3 +323,42 @@ def test_any_file_gives_settings_or_a_config_error(tmp_path: Path, text: str) ->
     message = _outcome(path)
     assert "\n" not in message
     assert not message or message.startswith((str(path), "configuration file"))
+
+
+def test_what_gc_keeps(tmp_path: Path) -> None:
+    from buildcell.settings import (
+        DEFAULT_IMAGE_MAX_AGE,
+        DEFAULT_RECORDS_KEEP,
+        DEFAULT_RECORDS_MAX_AGE,
+    )
+
+    defaults = Settings()
+    assert defaults.records_max_age == DEFAULT_RECORDS_MAX_AGE == 30 * 86400
+    assert defaults.records_keep == DEFAULT_RECORDS_KEEP == 200
+    assert defaults.image_max_age == DEFAULT_IMAGE_MAX_AGE == 30 * 86400
+    path = config(
+        tmp_path,
+        """\
+        images: {max_size: 1GiB, max_age: 48h}
+        records:
+          max_age: 90m
+          keep: 0
+        """,
+    )
+    got = load_settings(path)
+    assert (got.image_max_age, got.records_max_age, got.records_keep) == (48 * 3600, 5400, 0)
+    assert got.image_max_size == GiB
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("records: {keep: -1}\n", ":1: records.keep: invalid records.keep '-1'"),
+        ("records: {keep: many}\n", "expected a whole number such as 200"),
+        ("records: {max_age: soon}\n", ":1: records.max_age: invalid records.max_age 'soon'"),
+        ("images: {max_age: 0}\n", "images.max_age: invalid images.max_age '0'"),
+        ("records: {kept: 3}\n", "records: unknown setting 'kept' (did you mean 'keep'?)"),
+    ],
+)
+def test_what_gc_keeps_is_checked(tmp_path: Path, text: str, words: str) -> None:
+    assert words in error_of(tmp_path, text).message

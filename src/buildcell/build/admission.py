@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from buildcell.build.policy import Invocation, check, require_allowed
+from buildcell.build.invocation import Invocation
 
 if TYPE_CHECKING:
     from buildcell.build.policy import Decision, Policy
@@ -124,6 +124,8 @@ def check_policy(
     Raises:
         PolicyError: a policy denies it (exit 125), naming every rule that failed.
     """
+    from buildcell.build.policy import check, require_allowed  # only when policies apply
+
     admission = Admission([(policy, check(policy, spec, invocation)) for policy in policies])
     if record is not None:
         record(admission)

@@ -18,7 +18,8 @@ from buildcell.events import EventLog
 from buildcell.settings import DEFAULT_LOG_MAX_SIZE
 
 if TYPE_CHECKING:
-    from buildcell.build.policy import Invocation, Policy
+    from buildcell.build.invocation import Invocation
+    from buildcell.build.policy import Policy
     from buildcell.cell.config import CellConfig
     from buildcell.cell.supervisor import CellResult
     from buildcell.state import StateDir

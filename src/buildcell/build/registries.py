@@ -285,29 +285,44 @@ def pip_sources(
 # --- npm ---------------------------------------------------------------------------------
 
 
-def _npmrc(text: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """The registry settings of an ``.npmrc`` (``registry``, ``@scope:registry``).
+def _npmrc(
+    text: str, environ: Mapping[str, str] | None, origin: str
+) -> tuple[dict[str, str], list[str]]:
+    """The registry settings of an ``.npmrc`` (``registry``, ``@scope:registry``), and notes.
 
     npm's ini format: ``key = value`` lines, ``;`` and ``#`` comments, quoted values,
     ``${VAR}`` replaced from the environment. Every other key (tokens among them) is
-    skipped unread.
+    skipped unread. With ``environ`` None (a project's file, which its author wrote) a
+    value that names a variable is left out: replacing it would carry this host's
+    environment (a token, say) into the host name or path the spec is written with.
     """
     settings: dict[str, str] = {}
+    notes: list[str] = []
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line[0] in ";#[":
             continue
         written, sep, value = line.partition("=")
-        key = _expand(written.strip(), environ)
+        key = written.strip() if environ is None else _expand(written.strip(), environ)
         if not sep or key is None or not _registry_key(key):
             continue
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
+        if environ is None:
+            if "${" in value:
+                notes.append(
+                    f"{key} ({origin}) names an environment variable, which is not "
+                    "replaced from this host; left out"
+                )
+                settings.pop(key, None)
+            else:
+                settings[key] = value
+            continue
         expanded = _expand(value, environ)
         if expanded is not None:
             settings[key] = expanded
-    return settings
+    return settings, notes
 
 
 def _registry_key(key: str) -> bool:
@@ -332,7 +347,11 @@ def _expand(text: str, environ: Mapping[str, str]) -> str | None:
 def _npm_system_files(environ: Mapping[str, str]) -> list[Path]:
     """npm's builtin and global configuration files, lowest precedence first."""
     files: list[Path] = []
-    search = environ.get("PATH")
+    # Absolute entries only: a relative one is looked up in the working directory, which
+    # is the project, and a project's `npm` would pick which npmrc is read.
+    search = os.pathsep.join(
+        d for d in environ.get("PATH", "").split(os.pathsep) if os.path.isabs(d)
+    )
     npm = shutil.which("npm", path=search) if search else None
     if npm is not None:
         real = Path(os.path.realpath(npm))
@@ -381,19 +400,23 @@ def npm_sources(
     elif home is not None:
         layers.append(home / ".npmrc")
     settings: dict[str, tuple[str, str]] = {}
+    notes: list[str] = []
     for path in layers:
         text = _read_config(path)
         if text is not None:
-            settings.update((k, (v, str(path))) for k, v in _npmrc(text, environ).items())
+            found, _ = _npmrc(text, environ, str(path))
+            settings.update((k, (v, str(path))) for k, v in found.items())
     if project_npmrc is not None:
         origin = ".npmrc of this project"
-        settings.update((k, (v, origin)) for k, v in _npmrc(project_npmrc, environ).items())
+        found, notes = _npmrc(project_npmrc, None, origin)
+        settings.update((k, (v, origin)) for k, v in found.items())
     for key, value in environ.items():
         lower = key.lower()
         if lower.startswith("npm_config_") and _registry_key(lower[11:]) and value:
             settings[lower[11:]] = (value, key)
     ordered = sorted(settings.items(), key=lambda item: (item[0] != "registry", item[0]))
-    return _collect((value, key, origin) for key, (value, origin) in ordered)
+    collected = _collect((value, key, origin) for key, (value, origin) in ordered)
+    return Sources(collected.found, (*notes, *collected.notes))
 
 
 # --- go ----------------------------------------------------------------------------------

@@ -16,31 +16,40 @@ creation order, mtimes, owners, umask and hard links in the source tree do not s
 
 from __future__ import annotations
 
+import bz2
 import errno
 import gzip
 import hashlib
 import io
 import logging
+import lzma
+import math
 import os
 import shutil
 import stat
 import tarfile
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from buildcell._fs import file_kind
+from buildcell._text import show
 from buildcell.errors import ConfigError, OutputError
 
 if TYPE_CHECKING:
     from buildcell.state import StateDir
 
 __all__ = [
+    "ArchiveDiff",
     "FileDiff",
+    "MemberDiff",
     "ReproReport",
+    "archive_kind",
     "clamp_mtimes",
     "compare_trees",
     "first_difference",
@@ -94,6 +103,8 @@ class FileDiff:
             prefix of the other, the shorter length; ``None`` when a side is missing.
         summary: diffoscope's text report (at most about 4 KiB), when diffoscope is
             installed, was asked for, and succeeded; else ``None``.
+        archive: for a tar (plain, .gz, .xz, .bz2), zip or wheel on both sides, which of
+            its members differ and how; else ``None``.
     """
 
     path: str
@@ -101,6 +112,7 @@ class FileDiff:
     size_b: int | None
     first_difference: int | None
     summary: str | None = None
+    archive: ArchiveDiff | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,7 @@ class ReproReport:
                     "size_b": d.size_b,
                     "first_difference": d.first_difference,
                     "summary": d.summary,
+                    **({} if d.archive is None else {"archive": d.archive.to_dict()}),
                 }
                 for d in self.differences
             ],
@@ -541,6 +554,299 @@ def _diffoscope_summary(
     return text + "\n[... truncated]" if len(data) > _SUMMARY_LIMIT else text
 
 
+# --- archives: which member differs, and how ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemberDiff:
+    """One member of an archive that differs between build A and build B.
+
+    Attributes:
+        name: the member's name in the archive (the archive's author chose it: escape it
+            before showing it).
+        differs: what differs, each as ``"WHAT A vs B"`` (``mode 0644 vs 0755``,
+            ``mtime 1700000000 vs 1700000060``, ``size 3 vs 4``, ``content``,
+            ``uid/gid 0/0 vs 1000/1000``, ``position 1 vs 2``), or ``only in A``/``only in B``.
+    """
+
+    name: str
+    differs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ArchiveDiff:
+    """How two archives with the same name differ, member by member.
+
+    Attributes:
+        kind: ``tar``, ``tar.gz``, ``tar.xz``, ``tar.bz2`` or ``zip``.
+        members: the members that differ, in the order of archive A (then B's own), at
+            most :data:`_MAX_MEMBER_DIFFS` of them.
+        note: why the comparison is incomplete (a limit was reached, a side could not be
+            read as an archive, more members differ than are listed), else ``None``.
+    """
+
+    kind: str
+    members: tuple[MemberDiff, ...]
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "members": [{"name": m.name, "differs": list(m.differs)} for m in self.members],
+            "note": self.note,
+        }
+
+
+# The archives are a build's outputs, so an attacker's: members are read from the two files
+# as streams (never extracted), and both the number of members and the bytes decompressed
+# are bounded, so an archive bomb ends the comparison with a note instead of a full disk
+# or memory.
+_MAX_ARCHIVE_MEMBERS = 100_000
+_MAX_ARCHIVE_BYTES = 1 << 30
+_MAX_MEMBER_DIFFS = 50
+_ARCHIVE_SUFFIXES = (
+    (".tar", "tar"),
+    (".tar.gz", "tar.gz"),
+    (".tgz", "tar.gz"),
+    (".tar.xz", "tar.xz"),
+    (".txz", "tar.xz"),
+    (".tar.bz2", "tar.bz2"),
+    (".tbz2", "tar.bz2"),
+    (".zip", "zip"),
+    (".whl", "zip"),
+    (".jar", "zip"),
+)
+
+
+class _ArchiveLimit(Exception):
+    """A bound on what is read from an archive was reached."""
+
+
+@dataclass(frozen=True)
+class _Member:
+    """What an archive says about one member: its attributes, and its content's digest."""
+
+    position: int
+    attributes: tuple[tuple[str, str], ...]  # (what, value) in a fixed order
+    digest: str
+
+
+@dataclass
+class _Listing:
+    members: dict[str, _Member]
+    note: str | None = None
+
+
+class _Budget:
+    """Bytes of decompressed data still allowed, shared by the reads of one archive."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise _ArchiveLimit(f"stopped after {_MAX_ARCHIVE_BYTES >> 20} MiB of its data")
+
+
+class _Bounded(io.RawIOBase):
+    """A read-only stream over ``raw`` that stops the read once ``budget`` is spent."""
+
+    def __init__(self, raw: IO[bytes], budget: _Budget) -> None:
+        self._raw = raw
+        self._budget = budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._raw.read(len(buffer))
+        self._budget.take(len(data))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def archive_kind(path: str) -> str | None:
+    """The kind of archive the name ``path`` says it is (``tar.gz``, ``zip``...), or None."""
+    lower = path.lower()
+    return next((kind for suffix, kind in _ARCHIVE_SUFFIXES if lower.endswith(suffix)), None)
+
+
+def _decompressed(f: IO[bytes], kind: str) -> IO[bytes]:
+    if kind == "tar.gz":
+        return cast(IO[bytes], gzip.GzipFile(fileobj=f, mode="rb"))
+    if kind == "tar.xz":
+        return lzma.LZMAFile(f, mode="rb")
+    if kind == "tar.bz2":
+        return bz2.BZ2File(f, mode="rb")
+    return f
+
+
+def _digest(stream: IO[bytes] | None, budget: _Budget | None) -> str:
+    """The sha256 of what ``stream`` holds (of nothing, for None), counted on ``budget``."""
+    h = hashlib.sha256()
+    while stream is not None and (chunk := stream.read(_CHUNK)):
+        if budget is not None:
+            budget.take(len(chunk))
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _key(members: dict[str, _Member], name: str) -> str:
+    """``name``, or ``name (#N)`` for its N-th occurrence: an archive may repeat a name."""
+    if name not in members:
+        return name
+    n = 2
+    while f"{name} (#{n})" in members:
+        n += 1
+    return f"{name} (#{n})"
+
+
+def _tar_listing(f: IO[bytes], kind: str, listing: _Listing) -> None:
+    budget = _Budget(_MAX_ARCHIVE_BYTES)
+    stream = io.BufferedReader(_Bounded(_decompressed(f, kind), budget), _CHUNK)
+    # "r|": a stream, read once from the front; nothing is ever seeked or extracted.
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for info in tar:
+            if len(listing.members) >= _MAX_ARCHIVE_MEMBERS:
+                raise _ArchiveLimit(f"stopped after {_MAX_ARCHIVE_MEMBERS} members")
+            attributes = (
+                ("type", _TAR_TYPES.get(info.type, repr(info.type))),
+                ("mode", f"{info.mode:04o}"),
+                ("mtime", _seconds(info.mtime)),
+                ("size", str(info.size)),
+                ("uid/gid", f"{info.uid}/{info.gid}"),
+                ("owner", f"{show(info.uname, 40)}/{show(info.gname, 40)}"),
+                ("link target", show(info.linkname)),
+            )
+            # Counted by the stream below tarfile already: no budget of its own.
+            digest = _digest(tar.extractfile(info) if info.isreg() else None, None)
+            position = len(listing.members)
+            listing.members[_key(listing.members, info.name)] = _Member(
+                position, attributes, digest
+            )
+
+
+def _seconds(mtime: float) -> str:
+    """A tar mtime as written: whole seconds, or with the fraction a PAX header gives."""
+    # A hostile PAX header can say inf or nan, which int() refuses.
+    if not math.isfinite(mtime) or mtime != int(mtime):
+        return repr(float(mtime))
+    return str(int(mtime))
+
+
+_TAR_TYPES = {
+    tarfile.REGTYPE: "file",
+    tarfile.AREGTYPE: "file",
+    tarfile.DIRTYPE: "directory",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "fifo",
+}
+
+
+def _zip_listing(f: IO[bytes], listing: _Listing) -> None:
+    budget = _Budget(_MAX_ARCHIVE_BYTES)
+    with zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            if len(listing.members) >= _MAX_ARCHIVE_MEMBERS:
+                raise _ArchiveLimit(f"stopped after {_MAX_ARCHIVE_MEMBERS} members")
+            attributes = (
+                ("mode", f"{info.external_attr >> 16:06o}"),
+                ("mtime", "{:04d}-{:02d}-{:02d} {:02d}:{:02d}:{:02d}".format(*info.date_time)),
+                ("size", str(info.file_size)),
+                ("compression", str(info.compress_type)),
+                ("extra field", info.extra.hex()[:64]),
+                ("comment", show(info.comment)),
+            )
+            if info.filename.endswith("/"):  # a directory entry (ZipInfo.is_dir)
+                digest = _digest(None, budget)
+            else:
+                with zf.open(info) as member:
+                    digest = _digest(member, budget)
+            position = len(listing.members)
+            listing.members[_key(listing.members, info.filename)] = _Member(
+                position, attributes, digest
+            )
+
+
+def _listing(fd: int, kind: str) -> _Listing:
+    """The members of the archive open at ``fd``, as far as they can be read within bounds."""
+    listing = _Listing({})
+    os.lseek(fd, 0, os.SEEK_SET)
+    with os.fdopen(fd, "rb", closefd=False) as f:
+        try:
+            if kind == "zip":
+                _zip_listing(f, listing)
+            else:
+                _tar_listing(f, kind, listing)
+        except _ArchiveLimit as e:
+            listing.note = str(e)
+        except (
+            tarfile.TarError,
+            zipfile.BadZipFile,
+            zlib.error,
+            lzma.LZMAError,
+            EOFError,
+            OSError,
+            ValueError,
+            NotImplementedError,
+            RuntimeError,
+        ) as e:
+            # RuntimeError: zipfile's "encrypted, password required"; NotImplementedError:
+            # a compression method it lacks.
+            listing.note = (
+                f"cannot be read as a {kind} archive after {len(listing.members)} members: "
+                f"{_reason_of(e)}"
+            )
+    return listing
+
+
+def _reason_of(e: BaseException) -> str:
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return show(text or type(e).__name__, 120)
+
+
+def _member_diffs(a: _Listing, b: _Listing) -> list[MemberDiff]:
+    """The members that differ, in A's order and then B's."""
+    common = [n for n in a.members if n in b.members]
+    rank_a = {n: i for i, n in enumerate(common)}
+    rank_b = {n: i for i, n in enumerate(sorted(common, key=lambda n: b.members[n].position))}
+    diffs: list[MemberDiff] = []
+    for name, member in a.members.items():
+        other = b.members.get(name)
+        if other is None:
+            diffs.append(MemberDiff(name, ("only in A",)))
+            continue
+        differs = [
+            f"{what} {x} vs {y}"
+            for (what, x), (_, y) in zip(member.attributes, other.attributes, strict=True)
+            if x != y
+        ]
+        if member.digest != other.digest:
+            differs.append("content")
+        if rank_a[name] != rank_b[name]:
+            differs.append(f"position {rank_a[name] + 1} vs {rank_b[name] + 1}")
+        if differs:
+            diffs.append(MemberDiff(name, tuple(differs)))
+    diffs += [MemberDiff(n, ("only in B",)) for n in b.members if n not in a.members]
+    return diffs
+
+
+def _compare_archives(kind: str, fd_a: int, fd_b: int) -> ArchiveDiff:
+    """Compare two archives of ``kind`` member by member, reading each file once."""
+    a, b = _listing(fd_a, kind), _listing(fd_b, kind)
+    diffs = _member_diffs(a, b)
+    notes = [f"{side}: {x.note}" for side, x in (("A", a), ("B", b)) if x.note]
+    if not diffs and not notes:
+        notes.append("every member is the same: the archives differ in their headers or padding")
+    if len(diffs) > _MAX_MEMBER_DIFFS:
+        notes.append(f"{len(diffs) - _MAX_MEMBER_DIFFS} more differing members not listed")
+    return ArchiveDiff(kind, tuple(diffs[:_MAX_MEMBER_DIFFS]), "; ".join(notes) or None)
+
+
 # --- public API -------------------------------------------------------------------------
 
 
@@ -660,7 +966,11 @@ def _compare_one(
             offset = _first_difference_fds(*side_a, *side_b)
         except OSError as e:
             raise OutputError(f"cannot compare {path!r}: {_reason(e)}") from e
-        return None if offset is None else FileDiff(path, side_a[1], side_b[1], offset)
+        if offset is None:
+            return None
+        kind = archive_kind(path)
+        archive = None if kind is None else _compare_archives(kind, side_a[0], side_b[0])
+        return FileDiff(path, side_a[1], side_b[1], offset, archive=archive)
     finally:
         for side in opened:
             if side is not None:
@@ -676,7 +986,9 @@ def _with_summary(
         logger.info("%s is too large for a diffoscope summary", diff.path)
         return diff
     summary = _diffoscope_summary(tool, a, b, tuple(diff.path.split("/")), state)
-    return FileDiff(diff.path, diff.size_a, diff.size_b, diff.first_difference, summary)
+    return FileDiff(
+        diff.path, diff.size_a, diff.size_b, diff.first_difference, summary, diff.archive
+    )
 
 
 def write_reproducible_tar_gz(

@@ -65,7 +65,8 @@ from buildcell.units import format_size
 if TYPE_CHECKING:
     from buildcell.allowlist import AllowEntry, EgressPolicy
     from buildcell.build.admission import Admission
-    from buildcell.build.policy import Invocation, Policy
+    from buildcell.build.invocation import Invocation
+    from buildcell.build.policy import Policy
     from buildcell.build.repro import ReproReport
     from buildcell.egress.audit import EgressSummaryRow
     from buildcell.redact import Scanner, Secret
@@ -93,6 +94,9 @@ class BuildReporter(Protocol):
 
     def message(self, text: str) -> None: ...
 
+    def progress(self, text: str) -> None:
+        """How far long host-side work has come (an image unpacking); not for ``-q``."""
+
     def step_started(self, step: StepSpec) -> None: ...
 
     def step_output(self, step: StepSpec, stream: str, data: bytes) -> None: ...
@@ -105,6 +109,9 @@ class _Silent:
         pass
 
     def message(self, text: str) -> None:
+        pass
+
+    def progress(self, text: str) -> None:
         pass
 
     def step_started(self, step: StepSpec) -> None:
@@ -138,11 +145,9 @@ class BuildResult:
 
     def egress(self) -> list[EgressSummaryRow]:
         """What every step reached or tried to reach, summed per destination."""
-        from buildcell.egress.audit import EgressStats, EgressSummaryRow
+        from buildcell.egress.audit import EgressStats
 
-        return EgressStats.merge(
-            [EgressSummaryRow.from_dict(row) for step in self.record.steps for row in step.egress]
-        )
+        return EgressStats.from_records(row for step in self.record.steps for row in step.egress)
 
     def to_dict(self) -> dict[str, Any]:
         data = self.record.to_dict()
@@ -316,6 +321,9 @@ class BuildOptions:
             (``--allow``, ``network.allow`` of the configuration file).
         allow_fetch: the operator's grants of non-public destinations for the host's input
             fetches (``--allow-fetch``, ``fetch.allow``).
+        keep_failed: keep the workspace of a build that fails (its failing step, or outputs
+            that matched nothing) for ``buildcell shell``; the record's ``kept_workspace``
+            says where (see :mod:`buildcell.build.kept`).
     """
 
     sign_key: SigningKey | KeyFile | None = None
@@ -337,6 +345,7 @@ class BuildOptions:
     wait_for_out_dir: bool = True
     allow: tuple[str, ...] = ()
     allow_fetch: tuple[str, ...] = ()
+    keep_failed: bool = False
 
 
 class _StepLog:
@@ -434,6 +443,7 @@ def run_build(
     events = EventLog(record_dir / "events.jsonl", build=record.id)
     events.subscribe(lambda e: _collect_warning(e, result, reporter))
     events.subscribe(lambda e: _report_denial(e, reporter))
+    events.subscribe(lambda e: _report_unpack(e, reporter))
     out: OutputDir | None = None
     try:
         with events:
@@ -617,6 +627,13 @@ def _collect_warning(event: dict[str, Any], result: BuildResult, reporter: Build
             reporter.message(f"warning: {message}")
 
 
+def _report_unpack(event: dict[str, Any], reporter: BuildReporter) -> None:
+    if event["event"] == "image.unpack":
+        from buildcell.supply.images import unpack_line
+
+        reporter.progress(f"[{event.get('step')}] {unpack_line(event)}")
+
+
 def _report_denial(event: dict[str, Any], reporter: BuildReporter) -> None:
     """The first denial of each destination of a step, as it happens."""
     if event["event"] == "net.deny" and event.get("first"):
@@ -689,11 +706,13 @@ class _BuildRun:
             )
             for step, step_record in zip(spec.steps, self.record.steps, strict=True):
                 if not self._step(step, step_record, storage, binds):
+                    self._keep_failed(storage, step.name)
                     return
             if spec.outputs:
                 self._collect(storage)
                 if self.missing_outputs:
                     self._fail_missing_outputs()
+                    self._keep_failed(storage, spec.steps[-1].name)
                     return
         if spec.archive is not None:
             self._archive(spec.archive)
@@ -708,6 +727,25 @@ class _BuildRun:
         self.record.status = "succeeded"
         self.record.exit_code = 0
         self.events.emit("build.finish", status="succeeded", exit_code=0)
+
+    def _keep_failed(self, storage: CellStorage, step: str) -> None:
+        """With ``keep_failed``, move the workspace of this failed build out of the storage
+        before it is removed, and name it in the record; a workspace that cannot be kept is
+        a warning, not a second failure."""
+        if not self.options.keep_failed:
+            return
+        from buildcell.build.kept import keep_workspace
+
+        try:
+            kept = keep_workspace(storage, self.state, self.record.id, step)
+        except StateError as e:
+            self._warn(f"the workspace of step {step} was not kept: {e.message}")
+            return
+        self.record.kept_workspace = kept.to_record()
+        self.store.save(self.record)
+        self.events.emit(
+            "workspace.kept", step=step, path=str(kept.path), expires=round(kept.expires)
+        )
 
     def _inputs(self) -> tuple[Bind, ...]:
         from buildcell.supply.inputs import ContentStore, FetchPolicy, InputRequest, resolve_inputs

@@ -43,7 +43,6 @@ _MAX_READ = 1 << 20  # of a file looked at to recognize the project
 # Where a fetching step leaves what the next steps build from: inside /workspace (a cell's
 # home is a fresh tmpfs per step), in a directory `./...` patterns and outputs skip.
 _FETCHED = "/workspace/.buildcell"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -111,8 +110,12 @@ class _Plan:
 
 
 def _safe(text: str) -> str:
-    """One line of a comment: no control character can end it or hide what follows."""
-    return _CONTROL.sub("?", text)
+    """One line of a comment: no character can end it or hide what follows.
+
+    YAML 1.1 (PyYAML) also ends a line at NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR;
+    every character Python does not call printable is replaced.
+    """
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _quoted(value: str) -> str:
@@ -161,9 +164,11 @@ def _render(plan: _Plan, name: str) -> str:
 
 
 def _name(directory: Path) -> str:
-    raw = "".join(c if c.isalnum() or c in "._-" else "-" for c in directory.name.lower())
-    raw = raw.strip("-._") or "project"
-    return raw if raw[0].isalnum() else f"p{raw}"
+    """A spec name from the directory's: ASCII letters, digits, ``._-``, at most 63."""
+    raw = "".join(
+        c if (c.isascii() and c.isalnum()) or c in "._-" else "-" for c in directory.name.lower()
+    )
+    return raw.strip("-._")[:63].rstrip("-._") or "project"
 
 
 def _allow(sources: Sequence[registries.Source]) -> tuple[tuple[str, str], ...]:

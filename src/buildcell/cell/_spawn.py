@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import resource
@@ -48,7 +47,6 @@ import selectors
 import shutil
 import signal
 import subprocess
-import termios
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -89,9 +87,10 @@ class SpawnPlan:
     #: The program sets its own parent-death signal before it runs anything of the cell,
     #: and dies if the supervisor is already gone by then (see the module doc).
     self_guarded: bool = False
-    #: The slave of a pseudo-terminal: the program's stdin, stdout and stderr, and the
-    #: controlling terminal of the new session it starts (``stdin`` and ``capture`` are
-    #: then unused).
+    #: The slave of a pseudo-terminal: the program's stdin, stdout and stderr (``stdin``
+    #: and ``capture`` are then unused). The program starts a new session without a
+    #: controlling terminal: the session the cell's command starts inside the sandbox
+    #: takes it (see ``supervisor``), so that its process groups are ones it can see.
     terminal: int | None = None
 
     def needs_preexec(self) -> bool:
@@ -103,7 +102,6 @@ class SpawnPlan:
             or self.affinity
             or self.setns_fds
             or self.in_child is not None
-            or self.terminal is not None
         )
 
 
@@ -115,13 +113,8 @@ def _preexec_for(plan: SpawnPlan, parent: int) -> Callable[[], None]:
     drop_to = plan.drop_to
     umask = plan.umask
     in_child = plan.in_child
-    ctty = plan.terminal is not None
 
     def preexec() -> None:
-        if ctty:
-            # The session subprocess started has no terminal yet: the slave (now fd 0)
-            # becomes its controlling terminal, inherited by the whole sandbox.
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         if umask is not None:
             os.umask(umask)
         for fd in cgroup_fds:

@@ -56,10 +56,6 @@ class SandboxPlan:
     status_fd: int | None = None
     share_net: bool = False
     extra: tuple[str, ...] = field(default=())
-    #: ``--new-session``: the sandbox cannot reach the caller's terminal (TIOCSTI). Off
-    #: only for a cell whose terminal is a pseudo-terminal of its own (``CellConfig.tty``),
-    #: which must stay its controlling terminal.
-    new_session: bool = True
 
 
 def _mount_args(m: Mount) -> list[str]:
@@ -83,7 +79,8 @@ def bwrap_argv(plan: SandboxPlan, bwrap: str = "bwrap") -> list[str]:
     Namespaces: every kind bubblewrap supports is unshared (user explicitly, so that a
     supervisor running as uid 0 inside a user namespace still gets a fresh one), unless the
     plan shares the network namespace prepared for it. The sandboxed process runs in a new
-    session (unless its terminal is a pseudo-terminal of its own), without capabilities,
+    session (it cannot reach the caller's terminal: TIOCSTI; a tty cell's own session,
+    inside the sandbox, takes its pseudo-terminal), without capabilities,
     with no_new_privs (always set by bubblewrap) and dies with bubblewrap; further user
     namespaces are disabled inside.
     """
@@ -93,7 +90,7 @@ def bwrap_argv(plan: SandboxPlan, bwrap: str = "bwrap") -> list[str]:
     argv += [
         "--disable-userns",
         "--die-with-parent",
-        *(["--new-session"] if plan.new_session else []),
+        "--new-session",
         "--cap-drop",
         "ALL",
         "--uid",

@@ -774,6 +774,7 @@ _TOP_KEYS: Final = frozenset(
     {
         "defaultAction",
         "defaultErrnoRet",
+        "defaultErrno",
         "architectures",
         "archMap",
         "syscalls",
@@ -783,7 +784,7 @@ _TOP_KEYS: Final = frozenset(
     }
 )
 _SYSCALL_KEYS: Final = frozenset(
-    {"names", "name", "action", "errnoRet", "args", "comment", "includes", "excludes"}
+    {"names", "name", "action", "errnoRet", "errno", "args", "comment", "includes", "excludes"}
 )
 _ARG_KEYS: Final = frozenset({"index", "value", "valueTwo", "op"})
 _FILTER_KEYS: Final = frozenset({"caps", "arches", "minKernel"})
@@ -870,13 +871,28 @@ class _Parser:
             self.expect(path, f"an integer from 0 to {maximum}", value)
         return value
 
+    def errno_ret(self, obj: dict[str, Any], number: str, name: str, prefix: str) -> int | None:
+        """The errno of ``obj`` as a number (``errnoRet``) or a name (``errno``: podman's
+        profiles give both, ``"ENOSYS"`` beside 38); both must agree."""
+        value = obj.get(number)
+        if value is not None:
+            value = self.uint(value, prefix + number, _MAX_RET_DATA)
+        if name not in obj:
+            return value
+        text = self.string(obj[name], prefix + name)
+        named = getattr(errno, text, None) if text.isupper() and text.startswith("E") else None
+        if not isinstance(named, int):
+            self.expect(prefix + name, "an errno name such as EPERM", text)
+        assert isinstance(named, int)
+        if value is not None and value != named:
+            self.fail(prefix + name, f"{text} is {named}, but {number} says {value}")
+        return named
+
     def profile(self, document: object) -> SeccompProfile:
         top = self.obj(document, "", _TOP_KEYS)
         if "defaultAction" not in top:
             self.fail("defaultAction", "missing (every profile needs a default action)")
-        default_errno_ret = top.get("defaultErrnoRet")
-        if default_errno_ret is not None:
-            default_errno_ret = self.uint(default_errno_ret, "defaultErrnoRet", _MAX_RET_DATA)
+        default_errno_ret = self.errno_ret(top, "defaultErrnoRet", "defaultErrno", "")
         default_action = self.action(top["defaultAction"], "defaultAction")
         default_data = (
             _ret_data(None, default_errno_ret) if default_action in _ACTIONS_WITH_DATA else None
@@ -964,9 +980,7 @@ class _Parser:
         if "action" not in entry:
             self.fail(f"{path}.action", "missing")
         action = self.action(entry["action"], f"{path}.action")
-        errno_ret = entry.get("errnoRet")
-        if errno_ret is not None:
-            errno_ret = self.uint(errno_ret, f"{path}.errnoRet", _MAX_RET_DATA)
+        errno_ret = self.errno_ret(entry, "errnoRet", "errno", f"{path}.")
         conditions = tuple(
             self.condition(arg, f"{path}.args[{i}]")
             for i, arg in enumerate(self.optional_list(entry.get("args"), f"{path}.args"))

@@ -29,8 +29,15 @@ __all__ = ["CellStorage", "Scratch", "new_cell_id"]
 
 
 def new_cell_id() -> str:
-    """A sortable, unique id: UTC time plus randomness (``20261128T170501-3f9a2c1d``)."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(4).hex()
+    """A sortable, unique id: UTC time plus randomness (``20261128T170501-1f3a2c1d``).
+
+    The first three hex digits after the dash are the millisecond, so ids made within one
+    second still sort in the order they were made (``ls`` lists the newest first); five
+    random ones follow."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    millis = min(int((now % 1) * 1000), 999)
+    return f"{stamp}-{millis:03x}{os.urandom(3).hex()[:5]}"
 
 
 @dataclass(frozen=True)

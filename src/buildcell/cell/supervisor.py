@@ -232,6 +232,7 @@ def _open_rootfs(
     state: StateDir,
     budget: UnpackBudget | None,
     warn: Callable[[str], None],
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[OpenedTree, Path]:
     """Open a directory or image rootfs as a tree: every entry by descriptor, no host path
     resolved through anything the rootfs holds.
@@ -249,7 +250,12 @@ def _open_rootfs(
         what = f"image {rootfs.digest}"
         if rootfs.beneath is None:
             path = unpack_image(
-                rootfs.path, rootfs.digest, cache_dir=state.cache, budget=budget, warn=warn
+                rootfs.path,
+                rootfs.digest,
+                cache_dir=state.cache,
+                budget=budget,
+                warn=warn,
+                progress=progress,
             )
         else:
             # A spec's image: opened below the spec's directory, never through a link out.
@@ -264,6 +270,7 @@ def _open_rootfs(
                     budget=budget,
                     label=rel,
                     warn=warn,
+                    progress=progress,
                 )
             finally:
                 os.close(image_fd)
@@ -554,7 +561,9 @@ class Cell:
         if isinstance(rootfs, HostRootfs):
             root = [*_host_root_mounts(), *etc_mounts(self._etc_fds)]
         else:
-            self._tree, where = _open_rootfs(rootfs, state, cfg.image_budget, self._warn)
+            self._tree, where = _open_rootfs(
+                rootfs, state, cfg.image_budget, self._warn, progress=self._unpack_progress
+            )
             root = tree_mounts(self._tree, etc_files=self._etc_fds)
             if storage.identity.drop:
                 _check_reachable(where)
@@ -602,16 +611,28 @@ class Cell:
         if variation is not None and variation.cpus is not None:
             available = sorted(self._affinity or os.sched_getaffinity(0))
             self._affinity = frozenset(available[: max(1, variation.cpus)])
+        argv = (argv0, *cfg.argv[1:])
+        if cfg.tty:
+            shell = resolve_command(
+                TERMINAL_SESSION[0],
+                mounts=[_reachable(m, storage) for m in mounts],
+                path_env=CELL_PATH,
+                cwd=CELL_WORKSPACE,
+                host_uid=storage.identity.uid,
+                host_gid=storage.identity.gid,
+            )
+            argv = (shell, *TERMINAL_SESSION[1:], *argv)
         self._plan = SandboxPlan(
             mounts=mounts,
-            argv=(argv0, *cfg.argv[1:]),
+            argv=argv,
             env=tuple(ordered),
             cwd=CELL_WORKSPACE,
             hostname=CELL_HOSTNAME,
             uid=CELL_UID,
             gid=CELL_GID,
             share_net=cfg.has_network,
-            new_session=not cfg.tty,
+            # With a terminal too: the command's session, inside the sandbox, takes it.
+            extra=("--as-pid-1",) if cfg.tty else (),
         )
         self._bwrap = bwrap
 
@@ -664,6 +685,10 @@ class Cell:
 
     def _cache_dir(self) -> Path | None:
         return self._state.cache if self._state is not None else None
+
+    def _unpack_progress(self, report: dict[str, Any]) -> None:
+        """An image unpack that takes a while says how far it is (``image.unpack``)."""
+        self.events.emit("image.unpack", step=self.step, cell=self.cell_id, **report)
 
     def _warn(self, message: str, *, event: str = "warning") -> None:
         self._warnings.append(message)
@@ -779,7 +804,7 @@ class Cell:
                 channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 in_child = netns.child_setup(launch.netns, channel[1])
         if cfg.tty:
-            self._terminal = _open_terminal()
+            self._terminal = _open_terminal((identity.uid, identity.gid) if identity.drop else None)
         spawn_plan = _spawn.SpawnPlan(
             argv=self._argv,
             pass_fds=tuple(fds.passed),
@@ -1175,8 +1200,18 @@ class Cell:
         self._teardown()
 
 
-def _open_terminal() -> Terminal:
-    """The cell's own pseudo-terminal (``CellConfig.tty``).
+#: How a cell with a terminal starts its command (``CellConfig.tty``). bubblewrap starts
+#: it as the sandbox's pid 1 (``--as-pid-1``) in a new session it leads (``--new-session``:
+#: a session outside the sandbox would have process groups the cell cannot name, and a
+#: shell could not give the terminal back to the group it started in), and binds the
+#: terminal at ``/dev/console``; opening it there makes it that session's controlling
+#: terminal, then the command replaces the opener, keeping its pid, session and group.
+TERMINAL_SESSION = ("/bin/sh", "-c", 'exec "$@" <>/dev/console >&0 2>&0', "sh")
+
+
+def _open_terminal(owner: tuple[int, int] | None) -> Terminal:
+    """The cell's own pseudo-terminal (``CellConfig.tty``), its slave owned by the cell's
+    host uid (``owner``) when the cell runs as one: the cell opens it by name.
 
     Raises:
         SandboxError: none can be opened.
@@ -1184,9 +1219,16 @@ def _open_terminal() -> Terminal:
     from buildcell.cell.terminal import Terminal
 
     try:
-        return Terminal()
+        terminal = Terminal()
     except OSError as e:
         raise SandboxError(f"cannot open a pseudo-terminal for the cell: {e.strerror}") from e
+    if owner is not None and terminal.slave is not None:
+        try:
+            os.fchown(terminal.slave, *owner)
+        except OSError as e:
+            terminal.close()
+            raise SandboxError(f"cannot give the cell its pseudo-terminal: {e.strerror}") from e
+    return terminal
 
 
 def _scrubber(config: CellConfig) -> Callable[[str], str]:

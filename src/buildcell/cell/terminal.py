@@ -1,13 +1,14 @@
 """A cell's own pseudo-terminal, relayed to the caller's (``CellConfig.tty``).
 
 The cell gets the slave side as its stdin, stdout and stderr, and as the controlling
-terminal of its session (its first process starts a new session and takes the slave, see
-``_spawn``); the supervisor keeps the master side. Output is read from the master by the
-supervision loop (``_spawn.pump``) like the pipes of a cell without a terminal, so it goes
-through the same redaction and sinks. Input is copied from the caller's stdin to the master
-by a thread of its own, which alone waits when the cell does not read; the caller's
-terminal is in raw mode meanwhile (keys such as Ctrl-C reach the cell's line discipline,
-which signals the cell's foreground job), and its window size follows the caller's.
+terminal of the session its command leads inside the sandbox (it opens the slave there,
+see ``supervisor.TERMINAL_SESSION``); the supervisor keeps the master side. Output is
+read from the master by the supervision loop (``_spawn.pump``) like the pipes of a cell
+without a terminal, so it goes through the same redaction and sinks. Input is copied from
+the caller's stdin to the master by a thread of its own, which alone waits when the cell
+does not read; the caller's terminal is in raw mode meanwhile (keys such as Ctrl-C reach
+the cell's line discipline, which signals the cell's foreground job), and its window size
+follows the caller's.
 
 The cell never holds a descriptor of the caller's terminal: what it does to its
 terminal (TIOCSTI, job control, changing modes) happens to its own pseudo-terminal only.

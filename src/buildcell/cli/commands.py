@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
-    from buildcell.build.policy import Invocation
+    from buildcell.build.invocation import Invocation
+    from buildcell.build.policy import Policy
     from buildcell.build.repro import ReproReport
     from buildcell.cell.config import CellConfig
     from buildcell.redact import Secret
@@ -354,6 +355,12 @@ def _add_build(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="build twice in fresh cells, varying start time, build id, environment order, "
         "umask and CPU count; compare the outputs bit for bit; exit 0 only when reproducible",
     )
+    build.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="if the build fails, keep its workspace as the failing step left it (for 7 "
+        "days, or until `buildcell gc` expires it) to open with `buildcell shell ID`",
+    )
 
 
 def _add_keygen(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -456,6 +463,40 @@ def _add_logs(sub: argparse._SubParsersAction[_Parser]) -> None:
     logs.add_argument("--project", metavar="NAME", help=_PROJECT_HELP)
 
 
+def _add_shell(sub: argparse._SubParsersAction[_Parser]) -> None:
+    shell = sub.add_parser(
+        "shell",
+        help="open an interactive shell on a failed build's kept workspace",
+        description="Open /bin/sh on a pseudo-terminal in the cell of a failed step: the "
+        "step's rootfs, environment, inputs, limits (not its wall clock) and network "
+        "allowlist, on a copy of the workspace `build --keep-failed` kept. What the shell "
+        "changes is discarded when it exits; the kept workspace stays as the build left "
+        "it. A secret the step declares is given only when bound again with --secret.",
+        epilog="examples:\n  buildcell build --keep-failed\n  buildcell shell ID\n  "
+        "buildcell shell ID --step test --secret TOKEN=env:TOKEN\n  buildcell shell ID "
+        "--discard",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    shell.add_argument("build_id", metavar="ID", help="a build id or a unique prefix of one")
+    shell.add_argument(
+        "--step", metavar="NAME", help="the step whose cell to open (default: the one that failed)"
+    )
+    shell.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME[=env:VAR|file:PATH]",
+        help="bind a secret the step declares (default env:NAME); without it the shell has "
+        "none (repeatable)",
+    )
+    shell.add_argument(
+        "--discard",
+        action="store_true",
+        help="remove the kept workspace now instead of opening a shell",
+    )
+    shell.add_argument("--project", metavar="NAME", help=_PROJECT_HELP)
+
+
 def _add_policy(sub: argparse._SubParsersAction[_Parser]) -> None:
     policy = sub.add_parser(
         "policy",
@@ -498,7 +539,9 @@ def _add_gc(sub: argparse._SubParsersAction[_Parser]) -> None:
         "gc",
         help="remove what dead builds left in the state directory, and expired caches",
         description="Remove cells whose supervisor is gone: leftover processes are killed, "
-        "their cgroups and workspaces removed. Cells still running are left alone.",
+        "their cgroups and workspaces removed. Cells still running are left alone. Then "
+        "remove old build records, unused images and their layers, and content store "
+        "entries no remaining record lists as an input.",
     )
     gc.add_argument("--json", action="store_true", help="print one JSON object")
     gc.add_argument(
@@ -506,6 +549,29 @@ def _add_gc(sub: argparse._SubParsersAction[_Parser]) -> None:
         metavar="DURATION",
         help="remove build caches unused for longer (default: the configuration file's "
         "caches.max_age, else 336h)",
+    )
+    gc.add_argument(
+        "--records-max-age",
+        metavar="DURATION",
+        help="remove build records that finished longer ago (default: records.max_age, "
+        "else 720h); running builds are never removed",
+    )
+    gc.add_argument(
+        "--records-keep",
+        metavar="N",
+        help="keep at most the N newest build records (default: records.keep, else 200)",
+    )
+    gc.add_argument(
+        "--images-max-age",
+        metavar="DURATION",
+        help="remove unpacked images unused for longer (default: images.max_age, else 720h); "
+        "then layers and content store entries nothing uses any more",
+    )
+    gc.add_argument(
+        "--kept-max-age",
+        metavar="DURATION",
+        help="remove workspaces kept by `build --keep-failed` this long after their build "
+        "(they go 7 days after it in any case, and with their build's record)",
     )
 
 
@@ -575,7 +641,6 @@ def _warn(message: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from buildcell.build.command import run_command
-    from buildcell.build.policy import load_policy
     from buildcell.cell import CellConfig, Limits, parse_rootfs
     from buildcell.errors import UsageError
     from buildcell.events import EventLog
@@ -652,10 +717,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.quiet:
             events.subscribe(_print_warnings)
             events.subscribe(_print_denial)
+            events.subscribe(_print_unpack)
         result = run_command(
             config,
             invocation=_run_invocation(args, config, secrets, settings.image_max_size),
-            policies=[load_policy(p) for p in _policy_paths(args.policy, settings.policy)],
+            policies=list(_policies(args.policy, settings.policy)),
             state=state,
             events=events,
         )
@@ -697,6 +763,20 @@ def _run_invocation(
     )
 
 
+def _policies(given: Path | None, configured: Path | None) -> tuple[Policy, ...]:
+    """The policies that apply, loaded (the policy engine only when there is one).
+
+    Raises:
+        PolicyError: one cannot be loaded.
+    """
+    paths = _policy_paths(given, configured)
+    if not paths:
+        return ()
+    from buildcell.build.policy import load_policy
+
+    return tuple(load_policy(p) for p in paths)
+
+
 def _policy_paths(given: Path | None, configured: Path | None) -> list[Path]:
     """The configured policy always applies; ``--policy`` adds one, never replaces it."""
     paths = [p.absolute() for p in (configured, given) if p is not None]
@@ -733,6 +813,15 @@ def _stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
+def _print_unpack(event: dict[str, Any]) -> None:
+    """How far an image unpack that takes a while has come."""
+    if event.get("event") == "image.unpack":
+        from buildcell.supply.images import unpack_line
+
+        sys.stderr.write(f"{PROG}: {unpack_line(event)}\n")
+        sys.stderr.flush()
+
+
 def _print_denial(event: dict[str, Any]) -> None:
     """The first denial of each destination, as it happens (clients often retry quietly)."""
     if event.get("event") == "net.deny" and event.get("first"):
@@ -761,14 +850,24 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_gc(args: argparse.Namespace) -> int:
     import json
 
-    from buildcell.build.gc import collect_garbage
+    from buildcell.build.gc import Retention, collect_garbage
+    from buildcell.settings import parse_keep
     from buildcell.state import StateDir
     from buildcell.units import parse_duration
 
-    max_age = (
-        parse_duration(args.cache_max_age, what="--cache-max-age") if args.cache_max_age else None
+    def age(value: str | None, flag: str) -> float | None:
+        return parse_duration(value, what=flag) if value else None
+
+    retention = Retention(
+        cache_max_age=age(args.cache_max_age, "--cache-max-age"),
+        records_max_age=age(args.records_max_age, "--records-max-age"),
+        records_keep=None
+        if args.records_keep is None
+        else parse_keep(args.records_keep, what="--records-keep"),
+        images_max_age=age(args.images_max_age, "--images-max-age"),
+        kept_max_age=age(args.kept_max_age, "--kept-max-age"),
     )
-    report = collect_garbage(StateDir(host=args.host), cache_max_age=max_age)
+    report = collect_garbage(StateDir(host=args.host), retention=retention)
     for build_id in report.finalized:
         sys.stderr.write(
             f"{PROG}: warning: build {build_id}: its supervisor is gone; recorded as interrupted\n"
@@ -824,9 +923,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         allow_fetch=allow_fetch,
         image_budget=settings.image_max_size,
     )
-    from buildcell.build.policy import load_policy
-
-    policies = tuple(load_policy(p) for p in _policy_paths(args.policy, settings.policy))
+    policies = _policies(args.policy, settings.policy)
     options = BuildOptions(
         sign_key=key,
         source=args.source,
@@ -844,6 +941,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         wait_for_out_dir=not args.no_wait,
         allow=allow,
         allow_fetch=allow_fetch,
+        keep_failed=args.keep_failed,
     )
     out_dir = (args.out or Path("buildcell-out")).absolute()
     state = StateDir(host=args.host)
@@ -876,11 +974,25 @@ def _cmd_build(args: argparse.Namespace) -> int:
         render_record(result.record, _stdout_console(), result=result)
         if args.check_repro and repro is not None:
             _render_repro(repro)
+    if not args.json:
+        _print_kept(result.record)
     if result.exit_code != 0:
         return result.exit_code
     if args.check_repro and (repro is None or not repro.reproducible):
         return 1
     return 0
+
+
+def _print_kept(record: Any) -> None:
+    """Where a failed build's workspace was kept, and how to open it."""
+    from buildcell.build.kept import KeptWorkspace
+
+    kept = KeptWorkspace.from_record(record.kept_workspace)
+    if kept is not None:
+        print(
+            f"kept the workspace of step {kept.step} in {kept.path}: "
+            f"`{PROG} shell {record.id}` opens a shell on it"
+        )
 
 
 def _image_budget(rootfs: str, limit: int) -> Any:
@@ -979,6 +1091,14 @@ def _render_repro(repro: ReproReport) -> None:
             "" if d.first_difference is None else f", first difference at byte {d.first_difference}"
         )
         out.write(f"  {d.path}: {size_a} vs {size_b}{where}\n")
+        if d.archive is not None:
+            from buildcell._text import show
+
+            # Member names and link targets are the archive author's: escaped, one line.
+            for m in d.archive.members:
+                out.write(f"    member {show(m.name, 200)}: {'; '.join(m.differs)}\n")
+            if d.archive.note:
+                out.write(f"    ({d.archive.kind}: {d.archive.note})\n")
         if d.summary:
             out.write("    " + d.summary.rstrip().replace("\n", "\n    ") + "\n")
 
@@ -1133,7 +1253,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     record = store.load(args.build_id)
     _warn_finalized(store)
     if args.json:
-        print(json.dumps(record.to_dict(), indent=2))
+        data = record.to_dict()
+        if not isinstance(record, UnreadableRecord):
+            from buildcell.egress.audit import EgressStats
+
+            # As `build --json` has it: every step's destinations summed, with reasons.
+            rows = EgressStats.from_records(r for step in record.steps for r in step.egress)
+            data["egress"] = [row.to_dict() for row in rows]
+        print(json.dumps(data, indent=2))
     elif isinstance(record, UnreadableRecord):
         render_unreadable(record, _stdout_console())
     else:
@@ -1177,6 +1304,45 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shell(args: argparse.Namespace) -> int:
+    from buildcell.build.kept import discard_kept, using_kept
+    from buildcell.build.shell import open_shell
+    from buildcell.errors import UsageError
+    from buildcell.settings import load_settings
+    from buildcell.state import StateDir
+
+    store = _records(args)
+    record = store.load_record(args.build_id)
+    _warn_finalized(store)
+    state = StateDir(host=args.host)
+    with using_kept(state, record):
+        pass  # says so (exit 125) when there is none to open or discard
+    if args.discard:
+        if not discard_kept(state, store, record):
+            raise UsageError(
+                f"the kept workspace of build {record.id} is in use by a shell",
+                hint="exit that shell first; `buildcell gc` removes it once it expires",
+            )
+        print(f"removed the kept workspace of build {record.id}")
+        return 0
+    if not (os.isatty(0) and os.isatty(1)):
+        raise UsageError(
+            "buildcell shell needs a terminal on its stdin and stdout",
+            hint="run it from an interactive terminal (or under tmux or script)",
+        )
+    # Closing the terminal (its window, the ssh session) unwinds too: the cell goes.
+    signal.signal(signal.SIGHUP, _on_sigterm)
+    return open_shell(
+        state,
+        store,
+        record,
+        step=args.step,
+        secrets=_secrets(args.secret),
+        settings=load_settings(host=args.host),
+        warn=_warn,
+    )
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     # Unwind through the context managers so the cell is torn down.
     raise SystemExit(128 + signum)
@@ -1193,6 +1359,7 @@ _COMMANDS: dict[str, tuple[_AddParser, _Handler]] = {
     "ls": (_add_ls, _cmd_ls),
     "show": (_add_show, _cmd_show),
     "logs": (_add_logs, _cmd_logs),
+    "shell": (_add_shell, _cmd_shell),
     "policy": (_add_policy, _cmd_policy),
     "doctor": (_add_doctor, _cmd_doctor),
     "gc": (_add_gc, _cmd_gc),

@@ -124,6 +124,9 @@ class PlainReporter:
     def message(self, text: str) -> None:
         self._say(text)
 
+    def progress(self, text: str) -> None:
+        self._say(text)
+
     def step_started(self, step: StepSpec) -> None:
         self._say(f"[{step.name}] started")
 
@@ -161,6 +164,9 @@ class QuietReporter(PlainReporter):
         pass
 
     def step_output(self, step: StepSpec, stream: str, data: bytes) -> None:
+        pass
+
+    def progress(self, text: str) -> None:
         pass
 
     def step_finished(self, step: StepSpec, record: StepRecord) -> None:
@@ -221,6 +227,9 @@ class LiveReporter:
 
     def message(self, text: str) -> None:
         self.console.print(f"[dim]{escape(text)}[/]")
+
+    def progress(self, text: str) -> None:
+        self.message(text)
 
     def step_started(self, step: StepSpec) -> None:
         self._started[step.name] = time.monotonic()
@@ -285,6 +294,24 @@ def _status_style(status: str) -> str:
     )
 
 
+def _render_kept(record: BuildRecord, console: Console) -> None:
+    """Where ``build --keep-failed`` kept the failed step's workspace, or what became of it."""
+    from buildcell.build.kept import KeptWorkspace
+
+    kept = KeptWorkspace.from_record(record.kept_workspace)
+    if kept is None:
+        return
+    if kept.removed is not None:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(kept.removed))
+        console.print(f"[dim]kept workspace of step {escape(kept.step)}: removed {when}[/]")
+        return
+    until = time.strftime("%Y-%m-%d %H:%M", time.localtime(kept.expires))
+    console.print(
+        f"kept workspace of step {escape(kept.step)}: {escape(str(kept.path))} (until {until}; "
+        f"`buildcell shell {record.id}` opens a shell on it)"
+    )
+
+
 def render_record(
     record: BuildRecord, console: Console, *, result: BuildResult | None = None
 ) -> None:
@@ -322,8 +349,10 @@ def render_record(
         console.print(outputs)
         if record.out_dir:
             console.print(f"outputs in {escape(record.out_dir)} (manifest: outputs.json)")
-    egress = [EgressSummaryRow.from_dict(row) for step in record.steps for row in step.egress]
-    render_egress(EgressStats.merge(egress), console, spec=True)
+    egress = EgressStats.from_records(row for step in record.steps for row in step.egress)
+    render_egress(egress, console, spec=True)
+    if result is None:  # `show`; a build that just ended says it in its last line
+        _render_kept(record, console)
     if result is not None:
         if result.provenance is not None:
             how = (

@@ -7,8 +7,9 @@ all say it the same way.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -105,19 +106,33 @@ class EgressSummaryRow:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EgressSummaryRow:
         """The inverse of ``to_dict`` (rows kept in build records; older rows have no
-        reason or hints)."""
+        reason or hints).
+
+        Raises:
+            ValueError: ``data`` is not such a row (a damaged record).
+        """
 
         def text(key: str) -> str | None:
             value = data.get(key)
             return None if value is None else str(value)
 
+        def count(key: str) -> int:
+            value = data.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"egress row: {key}: not a count")
+            return value
+
+        if not isinstance(data, Mapping) or not isinstance(data.get("destination"), str):
+            raise ValueError("egress row: destination: not a string")
+        if data.get("verdict") not in ("allowed", "denied"):
+            raise ValueError("egress row: verdict: not 'allowed' or 'denied'")
         return cls(
-            str(data["destination"]),
+            data["destination"],
             data["verdict"] == "allowed",
-            int(data["requests"]),
-            int(data["bytes_up"]),
-            int(data["bytes_down"]),
-            int(data["errors"]),
+            count("requests"),
+            count("bytes_up"),
+            count("bytes_down"),
+            count("errors"),
             text("reason"),
             text("allow_hint"),
             text("add_host_hint"),
@@ -185,6 +200,17 @@ class EgressStats:
         """Allowed destinations first, then denied, each by name."""
         with self._lock:
             return sorted(self._rows.values(), key=lambda r: (not r.allowed, r.destination))
+
+    @staticmethod
+    def from_records(rows: Iterable[Any]) -> list[EgressSummaryRow]:
+        """Rows kept in a build record (its steps' ``egress``), summed per destination
+        (:meth:`merge`). A row that is not one (a damaged record) is left out rather
+        than failing what only reads the record."""
+        parsed = []
+        for row in rows:
+            with contextlib.suppress(ValueError):
+                parsed.append(EgressSummaryRow.from_dict(row))
+        return EgressStats.merge(parsed)
 
     @staticmethod
     def merge(rows: list[EgressSummaryRow]) -> list[EgressSummaryRow]:

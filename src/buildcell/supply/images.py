@@ -73,10 +73,25 @@ much as its streams, so the work of decompressing and hashing is bounded per bui
 A cached image costs what its unpack cost, as its marker records; an image that a budget
 has already paid for costs nothing more when the build asks for it again.
 
+**Layer cache.** A layer is read from its tar once: its files are written to
+``CACHE/oci/layers/KEY/files/N`` (KEY is the layer's diff_id, or its blob digest and
+compression where the config has none) and its entries are recorded, in order, in
+``layer.json``. An image is composed by replaying its layers' entries into its own tree
+with the very same code and checks as reading the tar (whiteouts, entries below a lower
+layer's symlink, hard links resolved in the tree being made, the same charges), each file
+a hard link to the layer's copy, or a copy (holes kept) where the file system refuses the
+link. Shared files are never written again: they belong to the unpacking user with at most
+``0o755``. A layer's files are checked against the digest ``layer.json`` records before a
+replay (once per process); a damaged layer is read from the image again and replaced.
+Layers read for the first time are staged in the image's temporary directory and published
+with it; a replay holds a shared lock on ``layers/KEY.lock``, which ``gc`` takes
+exclusively before it removes a layer.
+
 **Cache.** The result lives in ``CACHE/oci/HEX/rootfs`` next to a ``complete`` marker (format
-version, cost, bytes). It is built in a temporary directory beside it and renamed into place
-under an exclusive lock (``CACHE/oci/HEX.lock``), so it is unpacked once and never seen
-half-done: when the budget, the disk or the image gives out partway, the temporary tree is
+version, cost, bytes, layer keys) and a ``used`` file touched at every use. It is built in
+a temporary directory beside it and renamed into place under an exclusive lock
+(``CACHE/oci/HEX.lock``), so it is unpacked once and never seen half-done: when the
+budget, the disk or the image gives out partway, the temporary tree is
 removed and nothing is published. Later calls only re-verify that the source still holds the
 digest (index, manifest and config, not layers). A marker without the current version (an
 unpack by an older buildcell, with other modes and no recorded cost) counts as no marker:
@@ -91,6 +106,7 @@ import abc
 import contextlib
 import errno
 import fcntl
+import functools
 import gzip
 import hashlib
 import io
@@ -104,6 +120,7 @@ import stat
 import tarfile
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -123,9 +140,14 @@ __all__ = [
     "MAX_ENTRIES",
     "MAX_JSON_SIZE",
     "MAX_UNPACKED_SIZE",
+    "PROGRESS_AFTER",
+    "USED_FILE",
+    "ImageSweep",
     "UnpackBudget",
     "parse_digest",
+    "sweep_images",
     "unpack_image",
+    "unpack_line",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,6 +159,8 @@ MAX_JSON_SIZE = 4 << 20
 MAX_UNPACKED_SIZE = 16 << 30
 #: Most tar entries, over all layers, that an image may have.
 MAX_ENTRIES = 1_000_000
+#: An unpack that has taken this many seconds reports its progress (see unpack_image).
+PROGRESS_AFTER = 1.0
 
 _MAX_LAYERS = 1024
 _MAX_DEPTH = 256  # path components of one entry; also bounds recursion and open descriptors
@@ -152,8 +176,9 @@ _CHUNK = 1 << 20
 # entry, a symlink's target, a directory's first block. File data is charged in these
 # blocks too, so the charge bounds st_blocks as well as st_size.
 _BLOCK = 4096
-_MARKER_VERSION = 3  # of the "complete" marker; other versions are unpacked again
+_MARKER_VERSION = 4  # of the "complete" marker; other versions are unpacked again
 _MAX_MARKER_SIZE = 1 << 20
+_MAX_LAYER_JOURNAL = 1 << 30  # layer.json: about 100 bytes per entry, MAX_ENTRIES of them
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _COALESCE_GAP = 64 << 10  # sparse pieces closer than this are written in one go
 
@@ -319,6 +344,7 @@ def unpack_image(
     budget: UnpackBudget | None = None,
     label: str | None = None,
     warn: Callable[[str], None] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Verify the image ``digest`` in ``source`` and unpack it once into ``cache_dir``.
 
@@ -344,6 +370,10 @@ def unpack_image(
             one, a budget of :data:`MAX_UNPACKED_SIZE` for this image alone. A cached
             image is charged what its unpack cost.
         label: how messages name the image (``images/debian``); by default the path.
+        progress: called, once an unpack has taken :data:`PROGRESS_AFTER` seconds, after
+            each layer with ``digest``, ``elapsed`` (seconds), ``layer``, ``layers``,
+            ``layer_digest``, ``cached`` (replayed from the layer cache) and ``bytes`` (of
+            files so far), and at the end with ``done: True``; never for a cached image.
 
     Returns:
         ``cache_dir/oci/<hex>/rootfs``.
@@ -379,8 +409,11 @@ def unpack_image(
                 if cost is None:
                     _discard_leftovers(oci_dir, hexdigest)
                     account = _Account(budget, f"{image.label}@{digest}")
-                    _unpack(image, plan, oci_dir, final, account)
+                    report = _Progress(progress, digest)
+                    _unpack(image, plan, oci_dir, final, account, report)
                     budget._paid(digest, account.charged)
+                    _mark_used(final)
+                    report.finished(_read_bytes_unpacked(final))
                     return final / "rootfs"
         if not budget._take_cached(digest, cost):
             raise ImageError(
@@ -388,7 +421,34 @@ def unpack_image(
                 f"{format_size(budget.limit)}: the cached image takes {format_size(cost)}, "
                 f"{format_size(budget.remaining)} is left"
             )
+        _mark_used(final)
     return final / "rootfs"
+
+
+#: In an unpacked image's directory: touched at every use, for ``buildcell gc``.
+USED_FILE = "used"
+
+
+def _mark_used(final: Path) -> None:
+    """Note that the image in ``final`` was just used (its ``used`` file's mtime)."""
+    try:
+        fd = os.open(
+            final / USED_FILE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.utime(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        logger.warning("cannot note the use of %s: %s", final, e.strerror)
+
+
+def _read_bytes_unpacked(final: Path) -> int:
+    try:
+        doc = json.loads((final / "complete").read_bytes())
+        return int(doc.get("bytes", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 class _Account:
@@ -1326,6 +1386,9 @@ class _Unpacker(Closing):
 
     def __init__(self, rootfs: Path, account: _Account) -> None:
         self._root = os.open(rootfs, _DIR_FLAGS)
+        # Where the layer being read from its tar is recorded (None while replaying one).
+        self._journal: _LayerWriter | None = None
+        self._last_stream = 0  # bytes of the uncompressed stream of the last layer read
         # Final (mode, mtime) of every directory made, applied after the last layer.
         self._dirs: dict[tuple[str, ...], tuple[int, int]] = {}
         self._account = account
@@ -1337,6 +1400,10 @@ class _Unpacker(Closing):
         # together, and walking from the root for each costs most of the time. Every
         # removal drops it, since only a removal can unlink or replace a directory on it.
         self._last_parent: tuple[tuple[str, ...], int] | None = None
+
+    @property
+    def account(self) -> _Account:
+        return self._account
 
     def close(self) -> None:
         self._forget_parent()
@@ -1368,8 +1435,19 @@ class _Unpacker(Closing):
 
     # -- one layer
 
-    def apply(self, image: _Image, layer: _LayerRef, where: str) -> None:
-        """Apply one layer, verifying its digest (and diff_id) in the same pass."""
+    def apply(self, image: _Image, layer: _LayerRef, where: str, journal: _LayerWriter) -> None:
+        """Apply one layer, verifying its digest (and diff_id) in the same pass, and record
+        it in ``journal`` (its files' data is written there and linked into the tree)."""
+        self._journal = journal
+        before = self.stats.entries
+        try:
+            self._apply(image, layer, where)
+        finally:
+            self._journal = None
+        journal.stream_bytes = self._last_stream
+        journal.entries = self.stats.entries - before
+
+    def _apply(self, image: _Image, layer: _LayerRef, where: str) -> None:
         compression = layer.compression
         if compression == "detect":
             compression = self._detect(image, layer, where)
@@ -1412,9 +1490,63 @@ class _Unpacker(Closing):
             raise _mismatch(f"layer blob {layer.label}", layer.digest, raw.digest())
         if layer.diff_id is not None and stream.digest() != layer.diff_id:
             raise _mismatch(f"uncompressed layer {layer.label}", layer.diff_id, stream.digest())
+        self._last_stream = stream.count
         self._stream_left -= stream.count
         self.stats.stream_bytes += stream.count
         self.stats.layers += 1
+
+    def replay(self, layer: _CachedLayer, where: str) -> None:
+        """Apply a layer unpacked before from its journal: the same entries in the same
+        order, charged the same, each file a hard link to the layer's copy."""
+        self._where = where
+        if layer.stream_bytes > self._stream_left:
+            raise ImageError(self._account.stream_refusal(where))
+        self.stats.entries += layer.entries
+        if self.stats.entries > self._max_entries:
+            raise ImageError(f"the image has more than {self._max_entries} entries")
+        touched: set[tuple[str, ...]] = set()
+        for op in layer.ops:
+            parts = tuple(op[1].split("/"))
+            self._guarded(
+                parts, where, functools.partial(self._replay_op, layer, op, parts, touched)
+            )
+        self._stream_left -= layer.stream_bytes
+        self.stats.stream_bytes += layer.stream_bytes
+        self.stats.layers += 1
+
+    def _replay_op(
+        self,
+        layer: _CachedLayer,
+        op: list[Any],
+        parts: tuple[str, ...],
+        touched: set[tuple[str, ...]],
+    ) -> None:
+        kind, mtime = op[0], op[2]
+        if kind == "w":
+            self._whiteout(parts, touched, self._where)
+            return
+        _touch(touched, parts)
+        parent = self._open_parent(parts[:-1], mtime)
+        name, shown = parts[-1], _show(parts)
+        try:
+            if kind == "d":
+                self._make_dir(parent, name, parts, op[3], mtime)
+            elif kind == "f":
+                _, _, _, index, size, sparse = op
+                self._charge(_BLOCK + _blocks(size), "sparse file" if sparse else "file", parts)
+                self._make_room(parent, name, keep_dir=False)
+                _place(layer.files_fd, str(index), parent, name)
+                self.stats.files += 1
+                self.stats.bytes += size
+                self.stats.sparse += 1 if sparse else 0
+            elif kind == "l":
+                self._make_symlink(parent, name, parts, op[3], mtime)
+            elif kind == "h":
+                self._make_hardlink(parent, name, parts, op[3], shown)
+            else:
+                self.stats.skip(op[3], shown, op[4])
+        finally:
+            os.close(parent)
 
     @staticmethod
     def _find_mismatch(layer: _LayerRef, raw: _Reader, stream: _Reader) -> ImageError | None:
@@ -1494,25 +1626,46 @@ class _Unpacker(Closing):
                 continue  # the root itself: its mode is ours to choose
             if len(parts) > _MAX_DEPTH:
                 raise ImageError(f"{where}: entry {_show(parts[:8])}... is nested too deep")
-            try:
-                if parts[-1].startswith(_WHITEOUT):
-                    self._whiteout(parts, touched, where)
-                else:
-                    _touch(touched, parts)
-                    self._entry(tar, member, parts, where)
-            except _Blocked as e:
-                raise ImageError(
-                    f"{where}: entry {_show(parts)} is below {_show(e.parts)}, which is a "
-                    f"{e.kind}; refusing to follow it",
-                    hint="the image is malformed or hostile; nothing was unpacked",
-                ) from None
-            except OSError as e:
-                if e.errno in _NO_SPACE:
-                    raise StateError(
-                        f"the image cache is full: cannot unpack image {self._account.name}: "
-                        f"{where}: {_show(parts)}: {e.strerror}"
-                    ) from e
-                raise ImageError(f"{where}: cannot unpack {_show(parts)}: {e.strerror or e}") from e
+            self._guarded(
+                parts, where, functools.partial(self._member, tar, member, parts, touched)
+            )
+
+    def _member(
+        self,
+        tar: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        parts: tuple[str, ...],
+        touched: set[tuple[str, ...]],
+    ) -> None:
+        where = self._where
+        if parts[-1].startswith(_WHITEOUT):
+            self._record("w", parts, 0)
+            self._whiteout(parts, touched, where)
+        else:
+            _touch(touched, parts)
+            self._entry(tar, member, parts, where)
+
+    def _record(self, kind: str, parts: tuple[str, ...], mtime: int, *extra: Any) -> None:
+        if self._journal is not None:
+            self._journal.ops.append([kind, "/".join(parts), mtime, *extra])
+
+    def _guarded(self, parts: tuple[str, ...], where: str, action: Callable[[], None]) -> None:
+        """Do what one entry says; say which entry failed, and how, if it does."""
+        try:
+            action()
+        except _Blocked as e:
+            raise ImageError(
+                f"{where}: entry {_show(parts)} is below {_show(e.parts)}, which is a "
+                f"{e.kind}; refusing to follow it",
+                hint="the image is malformed or hostile; nothing was unpacked",
+            ) from None
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise StateError(
+                    f"the image cache is full: cannot unpack image {self._account.name}: "
+                    f"{where}: {_show(parts)}: {e.strerror}"
+                ) from e
+            raise ImageError(f"{where}: cannot unpack {_show(parts)}: {e.strerror or e}") from e
 
     def _whiteout(self, parts: tuple[str, ...], touched: set[tuple[str, ...]], where: str) -> None:
         parent, name = parts[:-1], parts[-1]
@@ -1571,19 +1724,25 @@ class _Unpacker(Closing):
         name, shown = parts[-1], _show(parts)
         try:
             if member.isdir():
+                self._record("d", parts, mtime, member.mode)
                 self._make_dir(parent, name, parts, member.mode, mtime)
             elif member.isreg():
                 self._make_file(tar, member, parent, name, parts, where=where, mtime=mtime)
             elif member.issym():
+                self._record("l", parts, mtime, member.linkname)
                 self._make_symlink(parent, name, parts, member.linkname, mtime)
             elif member.islnk():
+                self._record("h", parts, mtime, member.linkname)
                 self._make_hardlink(parent, name, parts, member.linkname, shown)
-            elif member.isfifo():  # before isdev(), which is true for fifos too
-                self.stats.skip("fifos", shown, "fifo")
-            elif member.isdev():
-                self.stats.skip("devices", shown, "device node")
             else:
-                self.stats.skip("unknown entries", shown, f"tar entry type {member.type!r}")
+                if member.isfifo():  # before isdev(), which is true for fifos too
+                    what, reason = "fifos", "fifo"
+                elif member.isdev():
+                    what, reason = "devices", "device node"
+                else:
+                    what, reason = "unknown entries", f"tar entry type {member.type!r}"
+                self._record("x", parts, mtime, what, reason)
+                self.stats.skip(what, shown, reason)
         finally:
             os.close(parent)
 
@@ -1676,7 +1835,10 @@ class _Unpacker(Closing):
             stored.size = sum(size for _, size in pieces)
             src = tar.extractfile(stored)
         assert src is not None  # regular members always have a stream
-        fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=parent)
+        journal = self._journal
+        assert journal is not None  # files are only read from a tar while recording
+        index = journal.next_file()
+        fd = os.open(str(index), _CREATE_FLAGS, 0o600, dir_fd=journal.files_fd)
         try:
             if pieces is None:
                 while chunk := src.read(_CHUNK):
@@ -1690,6 +1852,8 @@ class _Unpacker(Closing):
             os.utime(fd, ns=(mtime, mtime))
         finally:
             os.close(fd)
+        _place(journal.files_fd, str(index), parent, name)
+        self._record("f", parts, mtime, index, member.size, pieces is not None)
         self.stats.files += 1
         self.stats.bytes += member.size
 
@@ -1769,7 +1933,373 @@ class _Unpacker(Closing):
         os.fchmod(self._root, 0o755)
 
 
+def _place(src_dir: int, src: str, parent: int, name: str) -> None:
+    """Give the layer's copy of a file the name ``name`` in the tree: a hard link, or a
+    copy (holes kept) where the file system refuses one (too many links, another device).
+    """
+    try:
+        os.link(src, name, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EMLINK, errno.EXDEV, errno.EPERM):
+            raise
+        logger.debug("cannot hard-link %s (%s); copying it", name, e.strerror)
+    _copy_file(src_dir, src, parent, name)
+
+
+def _copy_file(src_dir: int, src: str, parent: int, name: str) -> None:
+    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        st = os.fstat(fd_in)
+        fd_out = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=parent)
+        try:
+            offset = 0
+            while offset < st.st_size:
+                try:
+                    start = os.lseek(fd_in, offset, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:
+                        break  # only a hole is left
+                    raise
+                end = os.lseek(fd_in, start, os.SEEK_HOLE)
+                while start < end:
+                    data = os.pread(fd_in, min(_CHUNK, end - start), start)
+                    if not data:
+                        break
+                    _pwrite_all(fd_out, data, start)
+                    start += len(data)
+                offset = end
+            os.ftruncate(fd_out, st.st_size)
+            os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
+            os.utime(fd_out, ns=(st.st_mtime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+
+
+class _LayerWriter(Closing):
+    """A layer being read from its tar for the first time, recorded as it is applied: the
+    data of its files (``files/N``, linked into the image's tree) and its entries in
+    order (``layer.json``), so that another image with this layer only replays it."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path = path
+        self.key = key
+        self.ops: list[list[Any]] = []
+        self.stream_bytes = 0
+        self.entries = 0
+        self._files = 0
+        os.mkdir(path, 0o700)
+        os.mkdir(path / "files", 0o700)
+        self.files_fd = os.open(path / "files", _DIR_FLAGS)
+
+    def next_file(self) -> int:
+        self._files += 1
+        return self._files
+
+    def close(self) -> None:
+        if self.files_fd >= 0:
+            os.close(self.files_fd)
+            self.files_fd = -1
+
+    def finish(self) -> _CachedLayer:
+        """Write ``layer.json`` (with the digest of the files) and return the layer as a
+        cached one, for a second use within the same image."""
+        files = _files_digest(self.files_fd)
+        if files is None:
+            raise StateError(f"cannot read back the unpacked layer in {self.path}")
+        doc = {
+            "version": _MARKER_VERSION,
+            "key": self.key,
+            "entries": self.entries,
+            "stream_bytes": self.stream_bytes,
+            "files": files,
+            "ops": self.ops,
+        }
+        fd = os.open(self.path / "layer.json", _CREATE_FLAGS, 0o644)
+        try:
+            _write_all(fd, json.dumps(doc, separators=(",", ":")).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return _CachedLayer(self.key, self.ops, self.entries, self.stream_bytes, self.files_fd)
+
+
+@dataclass
+class _CachedLayer:
+    """A layer unpacked before: its entries in order, and its files' directory (open)."""
+
+    key: str
+    ops: list[list[Any]]
+    entries: int
+    stream_bytes: int
+    files_fd: int
+
+
+_OP_ARITY = {"d": 4, "f": 6, "l": 4, "h": 4, "w": 3, "x": 5}
+
+
+def _layer_key(layer: _LayerRef) -> str:
+    """The name of a layer in the layer cache: its diff_id where the config gives one (the
+    same tree however it is compressed), else its blob digest and compression."""
+    if layer.diff_id is not None:
+        return layer.diff_id.removeprefix("sha256:")
+    assert layer.digest is not None  # a docker-archive always has diff_ids
+    return f"{layer.digest.removeprefix('sha256:')}.{layer.compression}"
+
+
+def _read_layer(path: Path, key: str) -> tuple[int, int, list[list[Any]], str] | None:
+    """(entries, stream bytes, ops, files digest) from ``layer.json``; None if it is
+    missing, from another version, or malformed."""
+    try:
+        fd = os.open(
+            path / "layer.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        )
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            doc = json.loads(f.read(_MAX_LAYER_JOURNAL + 1))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("version") != _MARKER_VERSION or doc.get("key") != key:
+        return None
+    entries, streamed, ops, files = (
+        doc.get(k) for k in ("entries", "stream_bytes", "ops", "files")
+    )
+    if not (_count(entries) and _count(streamed) and isinstance(ops, list)):
+        return None
+    if not isinstance(files, str) or not _DIGEST.fullmatch(files):
+        return None
+    for op in ops:
+        if not (
+            isinstance(op, list)
+            and op
+            and _OP_ARITY.get(op[0]) == len(op)
+            and isinstance(op[1], str)
+            and op[1]
+            and all(part not in ("", ".", "..") for part in op[1].split("/"))
+            and _count(op[2], signed=True)
+        ):
+            return None
+    return cast(int, entries), cast(int, streamed), ops, files
+
+
+def _count(value: Any, *, signed: bool = False) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (signed or value >= 0)
+
+
+def _open_cached_layer(
+    layers_dir: Path, key: str, locks: contextlib.ExitStack
+) -> _CachedLayer | None:
+    """The layer ``key`` from the cache, held by a shared lock until ``locks`` closes, if it
+    is there and its files still have the digest recorded (checked once per process)."""
+    path = layers_dir / key
+    if not os.path.isdir(layers_dir) or not os.path.lexists(path):
+        return None
+    with contextlib.ExitStack() as mine:
+        mine.enter_context(_lock(layers_dir / f"{key}.lock", shared=True))
+        found = _read_layer(path, key)
+        if found is None:
+            return None
+        entries, streamed, ops, files = found
+        try:
+            files_fd = os.open(path / "files", _DIR_FLAGS)
+        except OSError:
+            return None
+        mine.callback(os.close, files_fd)
+        if not _layer_intact(path, files_fd, files):
+            logger.warning("the cached layer %s was damaged; reading it from the image again", path)
+            return None
+        locks.enter_context(mine.pop_all())  # kept locked and open until the image is done
+        return _CachedLayer(key, ops, entries, streamed, files_fd)
+
+
+def _hash_extents(fd: int, size: int, digest: Any) -> None:
+    """Feed ``digest`` the data extents of the file ``fd``, each with its offset. Holes are
+    skipped, not read: a sparse file of gigabytes costs what it stores, and data written
+    into a hole changes the digest as any other change does."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        digest.update(f"@{start}\0".encode())
+        while start < end:
+            data = os.pread(fd, min(_CHUNK, end - start), start)
+            if not data:
+                break
+            digest.update(data)
+            start += len(data)
+        offset = end
+
+
+def _files_digest(dir_fd: int) -> str | None:
+    """The sha256 of a layer's ``files`` directory: each file's name, mode, size and the
+    data of its data extents with their offsets. Holes are skipped, not read: a sparse
+    file of gigabytes costs what it stores. None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        for name in sorted(os.listdir(dir_fd)):
+            fd = os.open(
+                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return None
+                digest.update(os.fsencode(f"{name}\0{stat.S_IMODE(st.st_mode):o}\0{st.st_size}\0"))
+                _hash_extents(fd, st.st_size, digest)
+                digest.update(b"\n")
+            finally:
+                os.close(fd)
+    except OSError:
+        return None
+    return "sha256:" + digest.hexdigest()
+
+
+def _layer_intact(path: Path, files_fd: int, files: str) -> bool:
+    """Whether the files of the cached layer in ``path`` have the digest ``files``
+    (checked once per process and version of its ``layer.json``)."""
+    try:
+        st = os.fstat(files_fd)
+        mark = os.stat(path / "layer.json", follow_symlinks=False)
+    except OSError:
+        return False
+    seen = (st.st_dev, st.st_ino, mark.st_mtime_ns)
+    with _verified_lock:
+        intact = _verified.get(seen)
+        if intact is None:
+            intact = _files_digest(files_fd) == files
+            _verified[seen] = intact
+    return intact
+
+
+def _replace_damaged(layers_dir: Path, staging: Path, key: str) -> None:
+    """Put our copy of layer ``key`` in place of a published one that does not verify."""
+    path = layers_dir / key
+    with _lock(layers_dir / f"{key}.lock", what=f"layer {key}"):
+        found = _read_layer(path, key)
+        try:
+            files_fd = os.open(path / "files", _DIR_FLAGS)
+        except OSError:
+            files_fd = -1
+        try:
+            if found is not None and files_fd >= 0 and _layer_intact(path, files_fd, found[3]):
+                return  # another unpack replaced it already
+        finally:
+            if files_fd >= 0:
+                os.close(files_fd)
+        logger.warning("replacing the damaged cached layer %s", path)
+        os.rename(path, staging / f"{key}.damaged")
+        os.rename(staging / key, path)
+
+
 # --- the cache --------------------------------------------------------------------------
+
+
+def _apply_layers(  # noqa: PLR0917 (internal: one caller)
+    image: _Image,
+    plan: _Plan,
+    layers_dir: Path,
+    tmp: Path,
+    unpacker: _Unpacker,
+    held: contextlib.ExitStack,
+    progress: _Progress,
+) -> list[str]:
+    """Apply the plan's layers: replayed from the layer cache where it has them, read from
+    the image (and recorded in ``tmp/layers``) where not. Returns the keys recorded."""
+    staged: dict[str, _CachedLayer] = {}
+    account = unpacker.account
+    account.charge(_BLOCK, "before layer 1", "the root directory")  # the root is an entry
+    total = len(plan.layers)
+    for n, layer in enumerate(plan.layers, 1):
+        where = f"layer {n}/{total} ({layer.label})"
+        key = _layer_key(layer)
+        cached = staged.get(key) or _open_cached_layer(layers_dir, key, held)
+        if cached is not None:
+            logger.debug("applying layer %d/%d from the layer cache: %s", n, total, key)
+            unpacker.replay(cached, where)
+        else:
+            logger.debug("applying layer %d/%d: %s", n, total, layer.label)
+            try:
+                writer = held.enter_context(_LayerWriter(tmp / "layers" / key, key))
+            except OSError as e:
+                raise StateError(f"cannot prepare {tmp}: {e.strerror}") from e
+            unpacker.apply(image, layer, where, writer)
+            try:
+                staged[key] = writer.finish()
+            except OSError as e:
+                full = " (the disk is full)" if e.errno in _NO_SPACE else ""
+                raise StateError(f"cannot record layer {key}{full}: {e.strerror}") from e
+        progress.layer(n, total, layer.label, cached=cached is not None, done=unpacker.stats.bytes)
+    return list(staged)
+
+
+def _publish_layers(oci_dir: Path, staging: Path, keys: list[str]) -> None:
+    """Move the layers read for the first time into the layer cache. One that another
+    unpack published meanwhile is kept, and ours dropped (the tree keeps its files),
+    unless it does not verify: then ours replaces it."""
+    if keys:
+        _ensure_dir(oci_dir / "layers", _dir_mode())
+    for key in keys:
+        try:
+            os.rename(staging / key, oci_dir / "layers" / key)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            _replace_damaged(oci_dir / "layers", staging, key)
+    try:
+        remove_tree(staging)
+    except SandboxError as e:
+        raise OSError(errno.EIO, e.message) from e
+
+
+def unpack_line(report: dict[str, Any]) -> str:
+    """One line of an ``image.unpack`` report (what ``progress`` of :func:`unpack_image`
+    is given), as the command line prints it."""
+    digest = str(report.get("digest", ""))
+    short = digest.split(":", 1)[-1][:12]
+    size = format_size(int(report.get("bytes", 0) or 0))
+    if report.get("done"):
+        return f"unpacked image {short}: {size} in {float(report.get('elapsed', 0)):.1f}s"
+    cached = " (cached)" if report.get("cached") else ""
+    return (
+        f"unpacking image {short}: layer {report.get('layer')}/{report.get('layers')}"
+        f"{cached}, {size} so far"
+    )
+
+
+class _Progress:
+    """Tells the caller how an unpack goes, once it has taken longer than
+    :data:`PROGRESS_AFTER` seconds: one report per layer, and one at the end."""
+
+    def __init__(self, report: Callable[[dict[str, Any]], None] | None, digest: str) -> None:
+        self._report = report
+        self._digest = digest
+        self._started = time.monotonic()
+        self._spoke = False
+
+    def _send(self, **fields: Any) -> None:
+        elapsed = time.monotonic() - self._started
+        if self._report is None or (not self._spoke and elapsed < PROGRESS_AFTER):
+            return
+        self._spoke = True
+        self._report({"digest": self._digest, "elapsed": round(elapsed, 3), **fields})
+
+    def layer(self, n: int, total: int, label: str, *, cached: bool, done: int) -> None:
+        self._send(layer=n, layers=total, layer_digest=label, cached=cached, bytes=done)
+
+    def finished(self, done: int) -> None:
+        if self._spoke:
+            self._send(done=True, bytes=done)
 
 
 def _dir_mode() -> int:
@@ -1853,7 +2383,8 @@ def _intact_cost(final: Path) -> int | None:
 
 def _tree_digest(root: Path) -> str | None:
     """The sha256 of every entry below ``root``: its path, kind, mode, size and content (a
-    file's bytes, a link's target). None if the tree cannot be walked."""
+    file's data extents, holes skipped; a link's target). None if the tree cannot be
+    walked."""
     digest = hashlib.sha256()
     try:
         for top, dirs, files, top_fd in os.fwalk(root, follow_symlinks=False):
@@ -1877,8 +2408,12 @@ def _entry_line(rel: str, name: str, dir_fd: int) -> bytes:
         except PermissionError:
             content = "unreadable"  # a mode-000 file, as an unprivileged user: the same each time
         else:
-            with os.fdopen(fd, "rb") as f:
-                content = hashlib.file_digest(f, "sha256").hexdigest()
+            try:
+                extents = hashlib.sha256()
+                _hash_extents(fd, os.fstat(fd).st_size, extents)
+                content = extents.hexdigest()
+            finally:
+                os.close(fd)
     elif stat.S_ISLNK(st.st_mode):
         content = os.readlink(name, dir_fd=dir_fd)
     kind, mode = stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode)
@@ -1916,8 +2451,14 @@ def _read_marker(final: Path) -> tuple[int, str] | None:
     return cost, tree
 
 
+def _exclusive_lock(path: Path, digest: str) -> contextlib.AbstractContextManager[None]:
+    return _lock(path, what=f"image {digest}")
+
+
 @contextlib.contextmanager
-def _exclusive_lock(path: Path, digest: str) -> Iterator[None]:
+def _lock(path: Path, *, shared: bool = False, what: str = "") -> Iterator[None]:
+    """Hold ``path`` locked: exclusively to unpack or remove what it guards, shared to use
+    it (a layer being linked from); waits for the other kind."""
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)
@@ -1929,11 +2470,12 @@ def _exclusive_lock(path: Path, digest: str) -> Iterator[None]:
             raise StateError(f"lock file {path} is not a regular file of buildcell's user")
         if st.st_mode & 0o077:
             os.fchmod(fd, 0o600)
+        kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("waiting for another process unpacking image %s", digest)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            logger.info("waiting for another process using %s", what or path)
+            fcntl.flock(fd, kind)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -1953,7 +2495,14 @@ def _discard_leftovers(oci_dir: Path, hexdigest: str) -> None:
                 raise StateError(f"cannot remove {path}: {e.message}") from e
 
 
-def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path, account: _Account) -> None:
+def _unpack(  # noqa: PLR0917 (internal: one caller)
+    image: _Image,
+    plan: _Plan,
+    oci_dir: Path,
+    final: Path,
+    account: _Account,
+    progress: _Progress,
+) -> None:
     hexdigest = plan.digest.removeprefix("sha256:")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{hexdigest}.tmp-", dir=oci_dir))
@@ -1963,15 +2512,12 @@ def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path, account: _Ac
         try:
             os.chmod(tmp, _dir_mode())
             os.mkdir(tmp / "rootfs", 0o700)
+            os.mkdir(tmp / "layers", 0o700)
             unpacker = _Unpacker(tmp / "rootfs", account)
         except OSError as e:
             raise StateError(f"cannot prepare {tmp}: {e.strerror}") from e
-        with unpacker:
-            # The root directory itself is an entry too.
-            account.charge(_BLOCK, "before layer 1", "the root directory")
-            for n, layer in enumerate(plan.layers, 1):
-                logger.debug("applying layer %d/%d: %s", n, len(plan.layers), layer.label)
-                unpacker.apply(image, layer, f"layer {n}/{len(plan.layers)} ({layer.label})")
+        with unpacker, contextlib.ExitStack() as held:
+            new = _apply_layers(image, plan, oci_dir / "layers", tmp, unpacker, held, progress)
             account.settle(unpacker.stats.stream_bytes)
             try:
                 unpacker.finish()
@@ -1987,10 +2533,12 @@ def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path, account: _Ac
             "tree": tree,
             "manifest": plan.manifest,
             "layers": [layer.label for layer in plan.layers],
+            "layer_cache": [_layer_key(layer) for layer in plan.layers],
             "charged": account.charged,
             **{k: v for k, v in asdict(stats).items() if k != "layers"},
         }
         try:
+            _publish_layers(oci_dir, tmp / "layers", new)
             # Inside the temporary directory: the rename publishes tree and marker at once.
             fd = os.open(tmp / "complete", _CREATE_FLAGS, 0o644)
             try:
@@ -2016,3 +2564,152 @@ def _unpack(image: _Image, plan: _Plan, oci_dir: Path, final: Path, account: _Ac
         stats.summary(),
         format_size(account.charged),
     )
+
+
+# --- removing what is no longer used (buildcell gc) ------------------------------------
+
+#: Layers and temporary trees younger than this are left alone: an unpack may be
+#: publishing them right now.
+_SWEEP_GRACE = 60.0
+_IMAGE_DIR = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class ImageSweep:
+    """What :func:`sweep_images` removed, and what it left because it was in use."""
+
+    images: list[str] = field(default_factory=list)  # digests of the trees removed
+    layers: int = 0
+    leftovers: int = 0
+    busy: list[str] = field(default_factory=list)  # digests: an unpack or a build holds it
+    freed: int = 0  # bytes of disk given back
+    failed: list[str] = field(default_factory=list)
+
+
+def sweep_images(
+    cache_dir: Path, *, max_age: float, in_use: set[str], now: float | None = None
+) -> ImageSweep:
+    """Remove unpacked images not used for ``max_age`` seconds, then layers no remaining
+    image was composed from, and what interrupted unpacks left.
+
+    An image counts as used when :func:`unpack_image` last returned it (its ``used``
+    file). One in ``in_use`` (the digests that running builds name) or locked by an unpack
+    is kept whatever its age. Nothing is ever removed through a symlink.
+
+    Returns:
+        what was removed; nothing, if the cache was never made.
+    """
+    now = time.time() if now is None else now
+    sweep = ImageSweep()
+    oci_dir = cache_dir / "oci"
+    if not oci_dir.is_dir() or oci_dir.is_symlink():
+        return sweep
+    before = _disk_use(oci_dir)
+    referenced: set[str] = set()
+    for entry in sorted(oci_dir.iterdir()):
+        name = entry.name
+        if _IMAGE_DIR.fullmatch(name):
+            keys = _sweep_image(entry, max_age=max_age, in_use=in_use, now=now, sweep=sweep)
+            referenced.update(keys)
+        elif name.startswith(".") and ".tmp-" in name:
+            hexdigest = name[1:].split(".tmp-", 1)[0]
+            if _age(entry, now) > _SWEEP_GRACE and _remove_locked(
+                oci_dir / f"{hexdigest}.lock", entry, sweep
+            ):
+                sweep.leftovers += 1
+    layers_dir = oci_dir / "layers"
+    if layers_dir.is_dir() and not layers_dir.is_symlink():
+        for layer in sorted(layers_dir.iterdir()):
+            if layer.name.endswith(".lock") or layer.name in referenced:
+                continue
+            if _age(layer, now) > _SWEEP_GRACE and _remove_locked(
+                layers_dir / f"{layer.name}.lock", layer, sweep
+            ):
+                sweep.layers += 1
+    sweep.freed = max(0, before - _disk_use(oci_dir))
+    return sweep
+
+
+def _sweep_image(
+    entry: Path, *, max_age: float, in_use: set[str], now: float, sweep: ImageSweep
+) -> list[str]:
+    """Remove the image in ``entry`` if it is unused and old; the layer keys it keeps."""
+    digest = "sha256:" + entry.name
+    keys = _marker_layers(entry)
+    try:
+        used = os.stat(entry / USED_FILE, follow_symlinks=False).st_mtime
+    except OSError:
+        used = _age_mtime(entry / "complete") or _age_mtime(entry) or now
+    if digest in in_use or now - used <= max_age:
+        if digest in in_use:
+            sweep.busy.append(digest)
+        return keys
+    if _remove_locked(entry.parent / f"{entry.name}.lock", entry, sweep):
+        sweep.images.append(digest)
+        return []
+    sweep.busy.append(digest)
+    return keys
+
+
+def _marker_layers(final: Path) -> list[str]:
+    try:
+        fd = os.open(final / "complete", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            doc = json.loads(f.read(_MAX_MARKER_SIZE))
+    except (OSError, ValueError):
+        return []
+    keys = doc.get("layer_cache") if isinstance(doc, dict) else None
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+
+
+def _age_mtime(path: Path) -> float | None:
+    try:
+        return os.stat(path, follow_symlinks=False).st_mtime
+    except OSError:
+        return None
+
+
+def _age(path: Path, now: float) -> float:
+    mtime = _age_mtime(path)
+    return 0.0 if mtime is None else now - mtime
+
+
+def _remove_locked(lock: Path, path: Path, sweep: ImageSweep) -> bool:
+    """Remove ``path`` if its lock can be had at once (no unpack or use holds it)."""
+    try:
+        fd = os.open(
+            lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600
+        )
+    except OSError as e:
+        sweep.failed.append(f"{path}: {e.strerror}")
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            remove_tree(path)
+        except SandboxError as e:
+            sweep.failed.append(f"{path}: {e.message}")
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
+def _disk_use(root: Path) -> int:
+    """Bytes of disk below ``root``, each file counted once however many links it has."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    with contextlib.suppress(OSError):
+        for _top, dirs, files, top_fd in os.fwalk(root, follow_symlinks=False):
+            for name in [*dirs, *files]:
+                try:
+                    st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total

@@ -431,6 +431,30 @@ class RecordStore:
             raise Error(f"the log of step {step!r} of build {build_id} is unreadable: {problem}")
         return data
 
+    def remove(self, build_id: str) -> None:
+        """Delete the record of ``build_id`` and all its build directory holds (logs,
+        events, kept outputs): renamed out of sight first (``.gone-ID``), so that a
+        removal cut short is never read as a record; ``buildcell gc`` finishes it.
+
+        Raises:
+            StateError: it cannot be removed.
+        """
+        from buildcell.trees import remove_tree
+
+        if not _BUILD_ID.fullmatch(build_id):
+            raise StateError(f"refusing to remove {build_id!r}: not a build id")
+        gone = self.root / f".gone-{build_id}"
+        try:
+            os.rename(self.root / build_id, gone)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StateError(f"cannot remove build {build_id}: {e.strerror}") from e
+        try:
+            remove_tree(gone)
+        except Error as e:
+            raise StateError(f"cannot remove build {build_id}: {e.message}") from e
+
 
 def with_twins(records: list[Listed]) -> list[tuple[Listed, BuildRecord | None]]:
     """Each record with the ``--check-repro`` twin that rebuilt it (if listed too); the

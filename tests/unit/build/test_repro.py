@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 from unittest import mock
 
 import pytest
@@ -680,3 +681,244 @@ def test_clamp_mtimes_refuses_a_symlinked_root(tmp_path: Path) -> None:
         clamp_mtimes(tmp_path / "link", EPOCH)
     with pytest.raises(ConfigError):
         clamp_mtimes(real, -5)
+
+
+# --- archives: the differing member and what differs -----------------------------------------
+
+Member = tuple[str, bytes, int, int]  # name, content, mode, mtime
+BASE: list[Member] = [
+    ("pkg/", b"", 0o755, 1000),
+    ("pkg/a.txt", b"alpha\n", 0o644, 1000),
+    ("pkg/b.bin", b"\x00\x01" * 50, 0o644, 1000),
+    ("pkg/run.sh", b"#!/bin/sh\n", 0o755, 1000),
+]
+
+
+TAR_MODES: dict[str, Literal["w", "w:gz", "w:xz", "w:bz2"]] = {
+    "": "w",
+    "gz": "w:gz",
+    "xz": "w:xz",
+    "bz2": "w:bz2",
+}
+
+
+def tar_bytes(members: list[Member], compression: str = "", uid: int = 0) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=TAR_MODES[compression], format=tarfile.PAX_FORMAT) as tar:
+        for name, data, mode, mtime in members:
+            info = tarfile.TarInfo(name.rstrip("/"))
+            info.mode, info.mtime, info.uid, info.gid = mode, mtime, uid, uid
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def zip_bytes(members: list[Member]) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data, mode, mtime in members:
+            info = zipfile.ZipInfo(name, time.gmtime(mtime + 315532800)[:6])
+            info.external_attr = ((0o040000 if name.endswith("/") else 0o100000) | mode) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def changed(index: int, **what: object) -> list[Member]:
+    members = list(BASE)
+    name, data, mode, mtime = members[index]
+    members[index] = (
+        name,
+        bytes(what.get("data", data)),  # type: ignore[call-overload]
+        int(what.get("mode", mode)),  # type: ignore[call-overload]
+        int(what.get("mtime", mtime)),  # type: ignore[call-overload]
+    )
+    return members
+
+
+def archive_diff(tmp_path: Path, name: str, a: bytes, b: bytes) -> FileDiff:
+    write(tmp_path / "A" / name, a)
+    write(tmp_path / "B" / name, b)
+    report = compare_trees(tmp_path / "A", tmp_path / "B", diffoscope=False)
+    (diff,) = report.differences
+    assert diff.first_difference is not None  # the byte offset is still given
+    return diff
+
+
+def member_diffs(diff: FileDiff) -> dict[str, tuple[str, ...]]:
+    assert diff.archive is not None
+    return {m.name: m.differs for m in diff.archive.members}
+
+
+@pytest.mark.parametrize(
+    ("name", "compression"),
+    [
+        ("out.tar", ""),
+        ("out.tar.gz", "gz"),
+        ("out.tgz", "gz"),
+        ("out.tar.xz", "xz"),
+        ("out.tar.bz2", "bz2"),
+    ],
+)
+def test_tar_members_that_differ_by_mtime_mode_and_content(
+    tmp_path: Path, name: str, compression: str
+) -> None:
+    a = tar_bytes(BASE, compression)
+    diff = archive_diff(tmp_path / "mtime", name, a, tar_bytes(changed(1, mtime=2000), compression))
+    assert diff.archive is not None and diff.archive.kind == name.split(".", 1)[1].replace(
+        "tgz", "tar.gz"
+    )
+    assert member_diffs(diff) == {"pkg/a.txt": ("mtime 1000 vs 2000",)}
+    assert diff.archive.note is None
+
+    diff = archive_diff(tmp_path / "mode", name, a, tar_bytes(changed(3, mode=0o700), compression))
+    assert member_diffs(diff) == {"pkg/run.sh": ("mode 0755 vs 0700",)}
+
+    diff = archive_diff(
+        tmp_path / "content", name, a, tar_bytes(changed(2, data=b"\x00\x02" * 50), compression)
+    )
+    assert member_diffs(diff) == {"pkg/b.bin": ("content",)}
+
+    diff = archive_diff(
+        tmp_path / "size", name, a, tar_bytes(changed(1, data=b"alpha!\n"), compression)
+    )
+    assert member_diffs(diff) == {"pkg/a.txt": ("size 6 vs 7", "content")}
+
+    diff = archive_diff(tmp_path / "owner", name, a, tar_bytes(BASE, compression, uid=1000))
+    assert set(member_diffs(diff)) == {m[0].rstrip("/") for m in BASE}
+    assert all(d == ("uid/gid 0/0 vs 1000/1000",) for d in member_diffs(diff).values())
+
+
+def test_tar_member_order_and_an_added_member(tmp_path: Path) -> None:
+    swapped = [BASE[0], BASE[2], BASE[1], BASE[3]]
+    diff = archive_diff(
+        tmp_path / "order", "x.tar.gz", tar_bytes(BASE, "gz"), tar_bytes(swapped, "gz")
+    )
+    assert member_diffs(diff) == {
+        "pkg/a.txt": ("position 2 vs 3",),
+        "pkg/b.bin": ("position 3 vs 2",),
+    }
+
+    added = [*BASE, ("pkg/new.txt", b"new", 0o644, 1000)]
+    diff = archive_diff(
+        tmp_path / "added", "x.tar.gz", tar_bytes(BASE, "gz"), tar_bytes(added, "gz")
+    )
+    assert member_diffs(diff) == {"pkg/new.txt": ("only in B",)}
+    diff = archive_diff(
+        tmp_path / "removed", "x.tar.gz", tar_bytes(added, "gz"), tar_bytes(BASE, "gz")
+    )
+    assert member_diffs(diff) == {"pkg/new.txt": ("only in A",)}
+
+
+@pytest.mark.parametrize("name", ["out.zip", "demo-1.0-py3-none-any.whl"])
+def test_zip_and_wheel_members(tmp_path: Path, name: str) -> None:
+    a = zip_bytes(BASE)
+    diff = archive_diff(tmp_path / "mtime", name, a, zip_bytes(changed(1, mtime=1000 + 3600)))
+    assert diff.archive is not None and diff.archive.kind == "zip"
+    ((member, (what,)),) = member_diffs(diff).items()
+    assert member == "pkg/a.txt" and what.startswith("mtime 1980-01-01 00:16:")
+    diff = archive_diff(tmp_path / "mode", name, a, zip_bytes(changed(3, mode=0o700)))
+    assert member_diffs(diff) == {"pkg/run.sh": ("mode 100755 vs 100700",)}
+    diff = archive_diff(tmp_path / "content", name, a, zip_bytes(changed(2, data=b"\x00\x02" * 50)))
+    assert member_diffs(diff) == {"pkg/b.bin": ("content",)}
+    swapped = [BASE[0], BASE[2], BASE[1], BASE[3]]
+    diff = archive_diff(tmp_path / "order", name, a, zip_bytes(swapped))
+    assert member_diffs(diff) == {
+        "pkg/a.txt": ("position 2 vs 3",),
+        "pkg/b.bin": ("position 3 vs 2",),
+    }
+    added = [*BASE, ("pkg/new.txt", b"new", 0o644, 1000)]
+    diff = archive_diff(tmp_path / "added", name, a, zip_bytes(added))
+    assert member_diffs(diff) == {"pkg/new.txt": ("only in B",)}
+
+
+def test_archive_differences_are_serialized(tmp_path: Path) -> None:
+    write(tmp_path / "A/x.tar", tar_bytes(BASE))
+    write(tmp_path / "B/x.tar", tar_bytes(changed(1, mtime=5)))
+    data = compare_trees(tmp_path / "A", tmp_path / "B", diffoscope=False).to_dict()
+    assert json.loads(json.dumps(data))["differences"][0]["archive"] == {
+        "kind": "tar",
+        "members": [{"name": "pkg/a.txt", "differs": ["mtime 1000 vs 5"]}],
+        "note": None,
+    }
+
+
+def test_same_members_different_bytes(tmp_path: Path) -> None:
+    """Only the container differs (here gzip's header time): said so, no member named."""
+    raw = tar_bytes(BASE)
+    a = gzip.compress(raw, mtime=1)
+    b = gzip.compress(raw, mtime=2)
+    diff = archive_diff(tmp_path, "x.tar.gz", a, b)
+    assert diff.archive is not None and diff.archive.members == ()
+    assert diff.archive.note is not None and "headers or padding" in diff.archive.note
+
+
+def test_a_corrupt_archive_is_a_note_not_an_error(tmp_path: Path) -> None:
+    good = tar_bytes(BASE, "gz")
+    diff = archive_diff(tmp_path / "garbage", "x.tar.gz", good, b"not gzip at all")
+    assert diff.archive is not None and diff.archive.note is not None
+    assert diff.archive.note.startswith("B: cannot be read as a tar.gz archive after 0 members")
+    diff = archive_diff(tmp_path / "cut", "x.zip", zip_bytes(BASE), zip_bytes(BASE)[:-30])
+    assert diff.archive is not None and diff.archive.note is not None
+    assert "B: cannot be read as a zip archive" in diff.archive.note
+
+
+def test_nothing_is_extracted_and_links_are_not_followed(tmp_path: Path) -> None:
+    evil = [("../../escape.txt", b"x", 0o644, 1), ("/abs.txt", b"y", 0o644, 1)]
+    diff = archive_diff(tmp_path, "x.tar", tar_bytes(evil), tar_bytes(evil[:1]))
+    assert member_diffs(diff) == {"/abs.txt": ("only in A",)}
+    assert not (tmp_path.parent / "escape.txt").exists() and not Path("/abs.txt").exists()
+
+
+def test_an_archive_bomb_stops_at_the_byte_cap(tmp_path: Path) -> None:
+    """A tar.gz of a few KiB that decompresses to more than the cap is read up to the cap."""
+    big = [("zeros", bytes(8 * MiB), 0o644, 1), ("after", b"x", 0o644, 1)]
+    other = [("zeros", bytes(8 * MiB), 0o644, 2), ("after", b"y", 0o644, 1)]
+    with mock.patch.object(repro, "_MAX_ARCHIVE_BYTES", 4 * MiB):
+        diff = archive_diff(tmp_path, "bomb.tar.gz", tar_bytes(big, "gz"), tar_bytes(other, "gz"))
+    assert diff.archive is not None and diff.archive.note is not None
+    assert "A: stopped after 4 MiB of its data" in diff.archive.note
+    assert "B: stopped after 4 MiB of its data" in diff.archive.note
+    assert "after" not in member_diffs(diff)  # past the cap: not read
+
+
+def test_the_member_count_cap(tmp_path: Path) -> None:
+    many = [(f"f{i:03d}", b"", 0o644, 1) for i in range(50)]
+    with mock.patch.object(repro, "_MAX_ARCHIVE_MEMBERS", 10):
+        diff = archive_diff(tmp_path, "many.zip", zip_bytes(many), zip_bytes(many[:-1]))
+    assert diff.archive is not None and diff.archive.note is not None
+    assert "A: stopped after 10 members" in diff.archive.note
+    assert member_diffs(diff) == {}  # the one difference is past the cap
+
+
+def test_at_most_so_many_members_are_listed(tmp_path: Path) -> None:
+    a = [(f"f{i:03d}", b"a", 0o644, 1) for i in range(80)]
+    b = [(n, b"b", m, t) for n, _, m, t in a]
+    diff = archive_diff(tmp_path, "x.tar", tar_bytes(a), tar_bytes(b))
+    assert diff.archive is not None
+    assert len(diff.archive.members) == 50
+    assert diff.archive.note == "30 more differing members not listed"
+
+
+def test_a_non_archive_name_gets_no_member_comparison(tmp_path: Path) -> None:
+    diff = archive_diff(tmp_path, "x.bin", tar_bytes(BASE), tar_bytes(changed(1, mtime=2)))
+    assert diff.archive is None
+
+
+def test_hostile_pax_times_are_shown_not_fatal(tmp_path: Path) -> None:
+    def one(mtime: str) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo("t")
+            info.pax_headers = {"mtime": mtime}
+            tar.addfile(info)
+        return buf.getvalue()
+
+    diff = archive_diff(tmp_path / "inf", "x.tar", one("inf"), one("1.5"))
+    assert member_diffs(diff) == {"t": ("mtime inf vs 1.5",)}

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.conftest import PODMAN_SECCOMP, seccomp_asset
 
 from buildcell.cell import seccomp
 from buildcell.cell.seccomp import (
@@ -37,7 +38,6 @@ from buildcell.cell.seccomp import (
 )
 from buildcell.errors import SeccompError
 
-ASSETS = Path(__file__).resolve().parents[3].parent / "shared" / "assets"
 DOCKER_DEFAULT = "docker-seccomp-default.json"
 DOCKER_OLD = "docker-seccomp-default-old-format.json"
 DOCKER_EXAMPLE = "docker-seccomp-example.json"
@@ -48,10 +48,8 @@ ARCH = "x86_64"
 
 
 def _asset(name: str) -> Path:
-    path = ASSETS / name
-    if not path.is_file():
-        pytest.skip(f"shared test asset {path} is missing (the ../shared/assets checkout)")
-    return path
+    """Moby's own profile ``name`` (these tests check its rules): skips where it is absent."""
+    return seccomp_asset(name)
 
 
 def _parse(
@@ -324,6 +322,44 @@ def test_load_profile_reads_a_file() -> None:
     profile = load_profile(_asset(DOCKER_DEFAULT))
     assert profile.name == DOCKER_DEFAULT
     assert len(_allowed(profile)) > 300
+
+
+def test_podman_default_profile_loads() -> None:
+    if not PODMAN_SECCOMP.is_file():
+        pytest.skip(
+            f"{PODMAN_SECCOMP} is missing (apt-get install golang-github-containers-common)"
+        )
+    profile = load_profile(PODMAN_SECCOMP)
+    assert profile.default_action == "errno"
+    assert profile.default_errno == errno.ENOSYS
+    assert len(_allowed(profile)) > 300
+    assert "bpf" not in _allowed(profile)
+    assert len(compile_bpf(profile)) // 8 <= 4096
+
+
+def test_errno_by_name_as_podman_writes_it() -> None:
+    profile = _parse(json.dumps(
+        {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrno": "ENOSYS", "defaultErrnoRet": 38,
+         "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errno": "EACCES"},
+                      {"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}
+    ))  # fmt: skip
+    assert profile.default_errno == errno.ENOSYS
+    assert next(r for r in profile.rules if "mkdir" in r.names).errno == errno.EACCES
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"defaultErrno": "ENOSYS", "defaultErrnoRet": 1}, "defaultErrno: ENOSYS is 38, but"),
+        ({"defaultErrno": "ENOTANERRNO"}, "defaultErrno: expected an errno name"),
+        ({"defaultErrno": "errorcode"}, "defaultErrno: expected an errno name"),
+        ({"defaultErrno": 38}, "defaultErrno: expected a string"),
+    ],
+)
+def test_errno_names_that_do_not_hold_are_refused(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(SeccompError) as info:
+        _parse(json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [], **fields}))
+    assert message in str(info.value)
 
 
 def test_load_profile_reports_a_missing_file(tmp_path: Path) -> None:

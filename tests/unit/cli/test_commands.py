@@ -35,7 +35,8 @@ def test_one_command_parser_parses_like_the_whole_one(name: str) -> None:
         "show": ["show", "abc", "--json"],
         "logs": ["logs", "abc", "--step", "test"],
         "policy": ["policy", "check", "--json"],
-        "gc": ["gc", "--cache-max-age", "1h"],
+        "gc": ["gc", "--cache-max-age", "1h", "--kept-max-age", "2h"],
+        "shell": ["shell", "abc", "--step", "test"],
     }.get(name, [name])
     assert cli._build_parser(name).parse_args(argv) == cli._build_parser().parse_args(argv)
 

@@ -6,6 +6,8 @@ directory outside the cache and asserts it is exactly as it was.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import io
 import json
 import os
@@ -92,11 +94,13 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
 
 
 def leftovers(cache: Path) -> list[str]:
-    """What the cache holds besides lock files."""
+    """What the cache holds besides lock files and the layer cache."""
     oci_dir = cache / "oci"
     if not oci_dir.exists():
         return []
-    return sorted(p.name for p in oci_dir.iterdir() if not p.name.endswith(".lock"))
+    return sorted(
+        p.name for p in oci_dir.iterdir() if not p.name.endswith(".lock") and p.name != "layers"
+    )
 
 
 @pytest.fixture
@@ -235,7 +239,7 @@ def test_oci_layout(tmp_path: Path, cache: Path, compress: bool) -> None:
     marker = json.loads((rootfs.parent / "complete").read_text())
     assert marker["digest"] == digest
     assert marker["hardlinks"] == 1
-    assert marker["version"] == 3 and marker["charged"] > marker["bytes"] > 0
+    assert marker["version"] == 4 and marker["charged"] > marker["bytes"] > 0
     # Search-only for the cells' uids when root; private otherwise.
     expected = 0o711 if os.geteuid() == 0 else 0o700
     for directory in (cache, cache / "oci", rootfs.parent):
@@ -417,11 +421,11 @@ def count_applies(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[s
     applied: list[str] = []
     original = oci._Unpacker.apply
 
-    def spy(self: Any, image: Any, layer: Any, where: str) -> None:
+    def spy(self: Any, image: Any, layer: Any, where: str, journal: Any) -> None:
         applied.append(layer.label)
         if delay:
             threading.Event().wait(delay)
-        original(self, image, layer, where)
+        original(self, image, layer, where, journal)
 
     monkeypatch.setattr(oci._Unpacker, "apply", spy)
     return applied
@@ -1566,7 +1570,7 @@ def test_an_unpack_by_an_older_version_is_done_again(tmp_path: Path, cache: Path
     rootfs = unpack_image(image, digest, cache_dir=cache)
     assert not (rootfs / "ww" / "planted").exists()
     assert stat.S_IMODE((rootfs / "ww").stat().st_mode) == 0o755
-    assert json.loads(marker.read_text())["version"] == 3
+    assert json.loads(marker.read_text())["version"] == 4
 
 
 # --- the source, opened confined ----------------------------------------------------------
@@ -1899,6 +1903,34 @@ def test_a_damaged_unpacked_image_is_unpacked_again_with_a_warning(
     assert quiet == []  # the new tree verifies
 
 
+@pytest.mark.parametrize("where", ["in a hole", "at the end", "hole punched"])
+def test_a_sparse_file_changed_in_its_holes_is_damage_too(tmp_path: Path, where: str) -> None:
+    """The tree digest skips holes rather than reading them; data written into one, or a
+    hole punched into data, still tells a damaged cache from an intact one."""
+    digest = make_oci_layout(
+        tmp_path / "img", [[F("tag", b"t"), sparse("big", 64 * MiB), F("data", b"x" * 65536)]]
+    )
+    cache = tmp_path / "cache"
+    rootfs = unpack_image(tmp_path / "img", digest, cache_dir=cache)
+    recorded = json.loads((rootfs.parent / "complete").read_text())["tree"]
+    assert oci._tree_digest(rootfs) == recorded
+    if where == "hole punched":
+        fd = os.open(rootfs / "data", os.O_WRONLY)
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            mode = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+            assert libc.fallocate(fd, mode, ctypes.c_long(0), ctypes.c_long(4096)) == 0
+        finally:
+            os.close(fd)
+        assert (rootfs / "data").read_bytes()[:4096] == bytes(4096)
+    else:
+        offset = 32 * MiB if where == "in a hole" else 64 * MiB - 1
+        with open(rootfs / "big", "r+b") as f:
+            f.seek(offset)
+            f.write(b"\0")  # a zero, as the hole read: only the extent map tells
+    assert oci._tree_digest(rootfs) != recorded
+
+
 def test_an_intact_unpacked_image_is_verified_once_per_process(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1919,3 +1951,250 @@ def test_an_intact_unpacked_image_is_verified_once_per_process(
     for _ in range(3):
         unpack_image(image, digest, cache_dir=cache)
     assert len(walks) == 1
+
+
+# --- the layer cache: a layer unpacked once, shared by every image made from it ------------
+
+
+def _digest_of(layout: Path) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    return str(index["manifests"][0]["digest"])
+
+
+def test_images_sharing_a_layer_store_it_once(tmp_path: Path) -> None:
+    """The issue: three images with one big layer in common took three times its size."""
+    shared = [F(f"usr/lib/big{i}", os.urandom(MiB)) for i in range(4)]
+    cache = tmp_path / "cache"
+    rootfs = []
+    for n in range(3):
+        digest = make_oci_layout(tmp_path / f"i{n}", [shared, [F(f"etc/own{n}", b"x")]])
+        rootfs.append(unpack_image(tmp_path / f"i{n}", digest, cache_dir=cache))
+    blocks, _ = disk_use(cache / "oci")
+    assert 4 * MiB <= blocks < 5 * MiB
+    inodes = {(r / "usr/lib/big0").stat().st_ino for r in rootfs}
+    assert len(inodes) == 1
+    for n, r in enumerate(rootfs):
+        assert sorted(os.listdir(r / "etc")) == [f"own{n}"]
+        marker = json.loads((r.parent / "complete").read_text())
+        assert oci._tree_digest(r) == marker["tree"]
+    keys = sorted(p.name for p in (cache / "oci" / "layers").iterdir() if p.is_dir())
+    assert len(keys) == 4  # one shared, three own
+
+
+def test_shared_files_cannot_be_written_by_the_cell_s_uid(tmp_path: Path) -> None:
+    """A file is one inode in the layer cache and in every image made from it: it belongs
+    to the unpacking user and nobody else may write it (the root is bound read-only too)."""
+    layer = [F("bin/tool", b"#!/bin/sh\n", mode=0o777), F("etc/conf", b"c", mode=0o666)]
+    digest = make_oci_layout(tmp_path / "img", [layer])
+    rootfs = unpack_image(tmp_path / "img", digest, cache_dir=tmp_path / "cache")
+    for name in ("bin/tool", "etc/conf"):
+        st_ = (rootfs / name).stat()
+        assert st_.st_nlink == 2 and st_.st_uid == os.geteuid()
+        assert st_.st_mode & 0o022 == 0
+    if os.geteuid() == 0:
+        os.chmod(tmp_path, 0o711)
+        code = (
+            "import os,sys\nos.setgid(1000); os.setuid(1000)\n"
+            "try:\n    os.open(sys.argv[1], os.O_WRONLY)\nexcept PermissionError:\n"
+            "    sys.exit(0)\nsys.exit(1)\n"
+        )
+        for name in ("bin/tool", "etc/conf"):
+            done = subprocess.run([sys.executable, "-c", code, str(rootfs / name)], check=False)
+            assert done.returncode == 0, name
+
+
+# Pairs of images whose upper layers are the same layer on different lower ones: what the
+# cache replays must be what unpacking from the tar gives, whiteouts and links included.
+_UPPER = [
+    F("etc/.wh.os-release"),
+    F("opt/.wh..wh..opq"),
+    F("opt/new", b"n"),
+    H("usr/bin/again", "usr/bin/lower"),
+    H("usr/bin/self", "opt/new"),
+    L("usr/bin/sh", "/bin/busybox"),
+    D("var/", mode=0o700),
+    TarEntry("dev/null", "char"),
+    TarEntry("run/fifo", "fifo"),
+]
+_LOWERS: list[list[Any]] = [
+    [*BASE, F("usr/bin/lower", b"l"), D("opt/"), F("opt/old", b"o")],
+    [*BASE, D("opt/"), F("opt/x/y", b"y"), F("var", b"a file, not a directory")],
+    [D("etc/", mode=0o555), F("usr/bin/lower", b"other")],
+]
+
+
+@pytest.mark.parametrize("lower", range(len(_LOWERS)))
+def test_a_replayed_layer_gives_the_tree_unpacking_gives(tmp_path: Path, lower: int) -> None:
+    warm = tmp_path / "warm"
+    seed = make_oci_layout(tmp_path / "seed", [[F("seed", b"s")], _UPPER])
+    unpack_image(tmp_path / "seed", seed, cache_dir=warm)
+    digest = make_oci_layout(tmp_path / "img", [_LOWERS[lower], _UPPER])
+    fresh_budget, warm_budget = UnpackBudget(GiB), UnpackBudget(GiB)
+    fresh = unpack_image(
+        tmp_path / "img", digest, cache_dir=tmp_path / "fresh", budget=fresh_budget
+    )
+    applied: list[str] = []
+    original = oci._Unpacker.apply
+
+    def spy(self: Any, image: Any, layer: Any, where: str, journal: Any) -> None:
+        applied.append(layer.label)
+        original(self, image, layer, where, journal)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(oci._Unpacker, "apply", spy)
+        replayed = unpack_image(tmp_path / "img", digest, cache_dir=warm, budget=warm_budget)
+    assert len(applied) == 1  # only the lower layer was read from its tar
+    assert oci._tree_digest(replayed) == oci._tree_digest(fresh)
+    assert snapshot(replayed).keys() == snapshot(fresh).keys()
+    assert warm_budget.used == fresh_budget.used  # a replayed layer costs what it did
+    fresh_marker = json.loads((fresh.parent / "complete").read_text())
+    warm_marker = json.loads((replayed.parent / "complete").read_text())
+    for key in ("files", "hardlinks", "symlinks", "whiteouts", "entries", "bytes", "skipped"):
+        assert warm_marker[key] == fresh_marker[key], key
+
+
+def test_a_replayed_layer_never_writes_through_a_lower_symlink(
+    tmp_path: Path, outside: Path
+) -> None:
+    cache = tmp_path / "cache"
+    upper = [F("usr/bin/tool", b"t"), H("usr/bin/again", "usr/bin/tool")]
+    seed = make_oci_layout(tmp_path / "seed", [BASE, upper])
+    unpack_image(tmp_path / "seed", seed, cache_dir=cache)
+    before = snapshot(outside)
+    digest = make_oci_layout(tmp_path / "evil", [[L("usr", str(outside))], upper])
+    with pytest.raises(ImageError, match="which is a symlink; refusing to follow it"):
+        unpack_image(tmp_path / "evil", digest, cache_dir=cache)
+    assert snapshot(outside) == before
+    assert leftovers(cache) == [seed[7:]]
+
+
+def test_a_damaged_cached_layer_is_read_again_and_replaced(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    layer = [F("data", b"good" * 1000)]
+    first = make_oci_layout(tmp_path / "one", [layer])
+    unpack_image(tmp_path / "one", first, cache_dir=cache)
+    (layer_dir,) = [p for p in (cache / "oci" / "layers").iterdir() if p.is_dir()]
+    stored = layer_dir / "files" / "1"
+    os.chmod(stored, 0o644)
+    stored.write_bytes(b"evil" * 1000)
+    oci._verified.clear()  # as a new process would
+    second = make_oci_layout(tmp_path / "two", [layer, [F("more", b"m")]])
+    rootfs = unpack_image(tmp_path / "two", second, cache_dir=cache)
+    assert (rootfs / "data").read_bytes() == b"good" * 1000
+    assert (layer_dir / "files" / "1").read_bytes() == b"good" * 1000
+    oci._verified.clear()
+    again = unpack_image(tmp_path / "one", first, cache_dir=cache)  # its tree was damaged too
+    assert (again / "data").read_bytes() == b"good" * 1000
+
+
+def test_a_layer_repeated_in_one_image_is_read_once(tmp_path: Path) -> None:
+    layer = [F("f", b"x" * 5000)]
+    digest = make_oci_layout(tmp_path / "img", [layer, [F(".wh.f")], layer])
+    rootfs = unpack_image(tmp_path / "img", digest, cache_dir=tmp_path / "cache")
+    assert (rootfs / "f").read_bytes() == b"x" * 5000
+
+
+def test_a_file_is_copied_when_it_cannot_be_linked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMLINK (a file with as many links as the file system allows) or EXDEV: a copy,
+    holes kept."""
+    real_link = os.link
+
+    def no_links(*args: Any, **kwargs: Any) -> None:
+        if kwargs.get("dst_dir_fd") is not None:
+            raise OSError(errno.EMLINK, "Too many links")
+        real_link(*args, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_links)
+    layers: list[Any] = [
+        [sparse("s", 64 * MiB, [(0, b"head"), (32 * MiB, b"mid")]), F("p", b"plain")]
+    ]
+    digest = make_oci_layout(tmp_path / "img", layers)
+    rootfs = unpack_image(tmp_path / "img", digest, cache_dir=tmp_path / "cache")
+    st_ = (rootfs / "s").stat()
+    assert st_.st_nlink == 1 and st_.st_size == 64 * MiB
+    assert st_.st_blocks * 512 <= 1 * MiB
+    with open(rootfs / "s", "rb") as f:
+        assert f.read(4) == b"head"
+        f.seek(32 * MiB)
+        assert f.read(3) == b"mid"
+    assert (rootfs / "p").read_bytes() == b"plain"
+
+
+# --- progress ------------------------------------------------------------------------------
+
+
+def test_progress_is_reported_per_layer_once_an_unpack_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    digest = make_oci_layout(tmp_path / "img", [BASE, [F("a", b"a")]])
+    events: list[dict[str, Any]] = []
+    unpack_image(tmp_path / "img", digest, cache_dir=tmp_path / "c0", progress=events.append)
+    assert events == []  # fast: silent
+    monkeypatch.setattr(oci, "PROGRESS_AFTER", 0.0)
+    unpack_image(tmp_path / "img", digest, cache_dir=tmp_path / "c1", progress=events.append)
+    assert [e.get("layer") for e in events] == [1, 2, None]
+    assert all(e["digest"] == digest for e in events)
+    assert events[0]["layers"] == 2 and events[-1]["done"] is True
+    assert events[0]["cached"] is False
+    events.clear()
+    unpack_image(tmp_path / "img", digest, cache_dir=tmp_path / "c1", progress=events.append)
+    assert events == []  # a cached image is not unpacked
+
+
+# --- sweep_images (buildcell gc) ------------------------------------------------------------
+
+
+def test_sweep_removes_unused_images_and_the_layers_only_they_used(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shared = [F("big", os.urandom(MiB))]
+    digests = []
+    for n in range(3):
+        digest = make_oci_layout(tmp_path / f"i{n}", [shared, [F(f"own{n}", os.urandom(MiB))]])
+        unpack_image(tmp_path / f"i{n}", digest, cache_dir=cache)
+        digests.append(digest)
+    now = time.time()
+    old = now - 40 * 86400
+    for digest in digests[:2]:
+        os.utime(cache / "oci" / digest[7:] / "used", (old, old))
+    layers = cache / "oci" / "layers"
+    for p in layers.iterdir():
+        os.utime(p, (old, old), follow_symlinks=False)
+    sweep = oci.sweep_images(cache, max_age=30 * 86400, in_use={digests[1]}, now=now)
+    assert sweep.images == [digests[0]]
+    assert sweep.busy == [digests[1]]
+    assert sweep.layers == 1  # digests[0]'s own layer; the shared one is still used
+    assert sweep.freed >= MiB
+    assert leftovers(cache) == sorted(d[7:] for d in digests[1:])
+    # What is left still verifies, and the removed image unpacks again.
+    oci._verified.clear()
+    for n in (1, 2):
+        assert (unpack_image(tmp_path / f"i{n}", digests[n], cache_dir=cache) / "big").exists()
+    rootfs = unpack_image(tmp_path / "i0", digests[0], cache_dir=cache)
+    assert (rootfs / "own0").stat().st_size == MiB
+
+
+def test_sweep_leaves_an_image_an_unpack_holds(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    digest = make_oci_layout(tmp_path / "img", [[F("a", b"a")]])
+    unpack_image(tmp_path / "img", digest, cache_dir=cache)
+    old = time.time() - 40 * 86400
+    os.utime(cache / "oci" / digest[7:] / "used", (old, old))
+    with oci._exclusive_lock(cache / "oci" / f"{digest[7:]}.lock", digest):
+        sweep = oci.sweep_images(cache, max_age=86400, in_use=set())
+    assert sweep.images == [] and sweep.busy == [digest]
+    assert oci.sweep_images(cache, max_age=86400, in_use=set()).images == [digest]
+
+
+def test_sweep_never_follows_a_symlink(tmp_path: Path, outside: Path) -> None:
+    cache = tmp_path / "cache"
+    (cache / "oci" / "layers").mkdir(parents=True)
+    before = snapshot(outside)
+    os.symlink(outside, cache / "oci" / ("a" * 64))
+    os.symlink(outside, cache / "oci" / "layers" / "b")
+    old = time.time() - 40 * 86400
+    for link in (cache / "oci" / ("a" * 64), cache / "oci" / "layers" / "b"):
+        os.utime(link, (old, old), follow_symlinks=False)
+    oci.sweep_images(cache, max_age=1, in_use=set())
+    assert snapshot(outside) == before
