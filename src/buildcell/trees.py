@@ -287,11 +287,33 @@ class _TreeCopier:
                 else:
                     self.reflink = True
                     return size
+            if os.fstat(src_fd).st_blocks * 512 < size:
+                return self._copy_sparse(src_fd, dst_fd, size)
             return self._copy_bulk(src_fd, dst_fd, size)
         except OSError as e:
             if e.errno in _DEST_FULL:
                 raise self._dest_error(rel, e) from e
             raise self._source_error(rel, e) from e
+
+    def _copy_sparse(self, src_fd: int, dst_fd: int, size: int) -> int:
+        """Copy a sparse file's data extents only, so that its holes stay holes: a file of a
+        terabyte that stores nothing costs nothing to copy (written out, it would fill the
+        disk). Returns the bytes of data copied."""
+        copied = offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(src_fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break  # only a hole is left
+                raise
+            end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+            os.lseek(src_fd, start, os.SEEK_SET)  # finding the hole moved it there
+            os.lseek(dst_fd, start, os.SEEK_SET)
+            copied += self._copy_bulk(src_fd, dst_fd, end - start)
+            offset = end
+        os.ftruncate(dst_fd, size)
+        return copied
 
     def _copy_bulk(self, src_fd: int, dst_fd: int, size: int) -> int:
         copied = 0

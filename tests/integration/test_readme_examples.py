@@ -336,12 +336,41 @@ def test_fenced_example_parses(example: Example) -> None:
         pytest.fail(f"README.md:{example.line}: {example.command} does not parse (exit {exc.code})")
 
 
+#: The documentation's examples: each parses, and each synopsis names real options.
+DOCS = sorted((REPO / "docs").glob("*.md"))
+DOC_EXAMPLES = [(d.name, e) for d in DOCS for e in fenced_examples(d.read_text())]
+DOC_SYNOPSES = [(d.name, line, span) for d in DOCS for line, span in synopses(d.read_text())]
+
+
+def test_the_docs_have_examples() -> None:
+    assert len(DOC_EXAMPLES) >= 5 and len(DOC_SYNOPSES) >= 10, (DOC_EXAMPLES, DOC_SYNOPSES)
+
+
+@pytest.mark.parametrize(("doc", "example"), DOC_EXAMPLES, ids=lambda v: str(v)[:40])
+def test_docs_example_parses(doc: str, example: Example) -> None:
+    try:
+        _build_parser().parse_args(example.argv[1:])
+    except SystemExit as exc:
+        pytest.fail(
+            f"docs/{doc}:{example.line}: {example.command} does not parse (exit {exc.code})"
+        )
+
+
+@pytest.mark.parametrize(("doc", "line", "span"), DOC_SYNOPSES, ids=lambda v: str(v)[:40])
+def test_docs_synopsis_names_a_command_and_its_options(doc: str, line: int, span: str) -> None:
+    _check_synopsis(f"docs/{doc}", line, span)
+
+
 @pytest.mark.parametrize(("line", "span"), synopses(README.read_text()), ids=lambda v: str(v)[:40])
 def test_synopsis_names_a_command_and_its_options(line: int, span: str) -> None:
+    _check_synopsis("README.md", line, span)
+
+
+def _check_synopsis(where: str, line: int, span: str) -> None:
     parser = _build_parser()
     words = span.replace("[", " ").replace("]", " ").replace("|", " ").split()
     commands = _subparsers(parser)
-    assert words[1] in commands, f"README.md:{line}: `{span}`: no command {words[1]}"
+    assert words[1] in commands, f"{where}:{line}: `{span}`: no command {words[1]}"
     sub = commands[words[1]]
     known = {opt for action in sub._actions for opt in action.option_strings}
     known |= {
@@ -352,7 +381,7 @@ def test_synopsis_names_a_command_and_its_options(line: int, span: str) -> None:
     }
     flags = [w.split("=")[0] for w in words[2:] if w.startswith("-") and w != "--"]
     unknown = [f for f in flags if f not in known]
-    assert not unknown, f"README.md:{line}: `{span}`: {words[1]} has no {unknown}"
+    assert not unknown, f"{where}:{line}: `{span}`: {words[1]} has no {unknown}"
 
 
 @pytest.mark.parametrize(

@@ -447,3 +447,65 @@ def test_with_a_disk_budget_the_shell_gets_it_too(
     assert "broken" in term.run("cat state.txt")
     screen = term.run("head -c 40000000 /dev/zero 2>&1 >big; echo rc=$?")
     assert "rc=0" not in screen and "No space left" in screen
+
+
+# -- what a hostile build tries through its kept workspace -------------------------------------
+
+
+def test_a_sparse_file_is_kept_and_copied_at_what_it_stores(
+    bc: RunCLI, term: Tmux, tmp_path: Path, state_root: Path
+) -> None:
+    """Written out, a ``truncate -s 1T`` file would fill the host disk when kept (a disk
+    budget's workspace is copied out of its tmpfs) or copied for a shell."""
+    spec = (
+        "version: 1\nname: n\nlimits: {disk: 64MiB}\nsteps:\n  - name: test\n"
+        "    run: truncate -s 4G sparse.bin; echo tail >> sparse.bin; exit 3\n"
+    )
+    _, data = _build(bc, tmp_path / "p", spec, "--keep-failed")
+    kept = Path(data["kept_workspace"]["path"])
+    st = (kept / "sparse.bin").stat()
+    assert st.st_size == (4 << 30) + 5 and st.st_blocks * 512 < 1 << 20
+    failed = Failed(tmp_path / "p", state_root / "state", data["id"], kept)
+    _shell(term, failed)
+    assert "blocks=[" in term.run("echo blocks=[$(stat -c %b sparse.bin)]")
+    blocks = int(term.run("stat -c %b sparse.bin").split()[0])
+    assert blocks * 512 < 1 << 20
+    assert "tail" in term.run("tail -c 5 sparse.bin")
+
+
+def test_the_build_cannot_script_or_disguise_the_shell(
+    bc: RunCLI, term: Tmux, tmp_path: Path, state_root: Path
+) -> None:
+    """The spec's environment names a start-up file the build wrote (``ENV``), a prompt
+    like the host's and a command for each prompt; the start-up file sets the window
+    title, writes the clipboard (OSC 52) and switches to the alternate screen. None of it
+    runs or reaches the operator's terminal, and buildcell says where the shell starts
+    and ends."""
+    spec = (
+        "version: 1\nname: n\nenv: {ENV: /workspace/.rc, PS1: 'root@host:~# ', "
+        "PROMPT_COMMAND: 'touch /workspace/prompted', BASH_ENV: /workspace/.rc}\n"
+        "steps:\n  - name: test\n"
+        "    run: |\n"
+        "      printf 'touch /workspace/sourced; printf \"\\\\033]0;PWNED\\\\007\"\\n' > .rc\n"
+        "      exit 3\n"
+    )
+    _, data = _build(bc, tmp_path / "p", spec, "--keep-failed")
+    failed = Failed(
+        tmp_path / "p", state_root / "state", data["id"], Path(data["kept_workspace"]["path"])
+    )
+    _shell(term, failed)  # waits for buildcell's own prompt, `[test] $ `
+    screen = term.screen()
+    assert f"a shell in the cell of step 'test' of build {failed.build_id}" in screen
+    assert "root@host" not in screen
+    assert "sourced=[no]" in term.run("test -e sourced && echo sourced=[yes] || echo sourced=[no]")
+    assert "prompted=[no]" in term.run(
+        "test -e prompted && echo prompted=[yes] || echo prompted=[no]"
+    )
+    # What the cell prints: colours pass, the title and the clipboard do not.
+    term.type("printf '\\033]0;PWNED\\007\\033]52;c;cm0K\\007T=[%s]\\n' ok")
+    term.wait_for("T=[ok]")
+    title = term.tmux("display-message", "-p", "-t", term.session, "#{pane_title}")
+    assert "PWNED" not in title
+    term.type("exit")
+    screen = term.wait_for("EXITED=")
+    assert f"left the shell of build {failed.build_id} (exit 0): back on the host" in screen

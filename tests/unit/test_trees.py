@@ -509,3 +509,27 @@ def test_remove_refuses_dot_paths(tmp_path: Path) -> None:
         remove_tree(tmp_path / "..")
     with pytest.raises(SandboxError):
         remove_tree(Path("/"))
+
+
+@pytest.mark.parametrize("size", [1 << 40, (1 << 30) + 4097])
+def test_sparse_files_keep_their_holes(src: Path, dest: Path, size: int) -> None:
+    """A workspace holding a terabyte that stores nothing (``truncate -s 1T``) is copied
+    (kept, or given to a shell) at what it stores: written out, it would fill the disk."""
+    with open(src / "sparse.bin", "wb") as f:
+        f.truncate(size)
+        f.seek(size // 2)
+        f.write(b"middle")
+        f.seek(size - 3)
+        f.write(b"end")
+    copy_tree(src, dest)
+    copied = dest / "sparse.bin"
+    st = copied.stat()
+    assert st.st_size == size
+    assert st.st_blocks * 512 < 1 << 20  # the data extents only
+    with open(copied, "rb") as f:
+        f.seek(size // 2)
+        assert f.read(6) == b"middle"
+        f.seek(size - 3)
+        assert f.read() == b"end"
+        f.seek(4096)
+        assert f.read(4096) == bytes(4096)

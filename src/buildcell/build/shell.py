@@ -18,6 +18,7 @@ The cell is the failed step's, rebuilt from the build's record and the spec as i
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,59 @@ if TYPE_CHECKING:
     from buildcell.state import StateDir
     from buildcell.supply.records import BuildRecord, RecordStore, StepRecord
 
-__all__ = ["SHELL_ARGV", "ShellPlan", "open_shell", "plan_shell"]
+__all__ = ["SHELL_ARGV", "ShellPlan", "TerminalFilter", "open_shell", "plan_shell"]
 
 log = logging.getLogger(__name__)
 
 #: What the shell cell runs: the shell every step runs in, interactive.
 SHELL_ARGV = ("/bin/sh", "-i")
+
+#: What the build's environment may not set for the shell: a file the shell runs before
+#: anyone types (``ENV``, ``BASH_ENV``), commands run at each prompt, and the prompts (a
+#: build could make its shell look like the host's).
+_SHELL_OWNED = frozenset({"ENV", "BASH_ENV", "PROMPT_COMMAND", "PS0", "PS1", "PS2", "PS3", "PS4"})
+
+#: Terminal escape strings that do more than draw: OSC (window title, clipboard with
+#: OSC 52, hyperlinks, palette), DCS, APC, PM and SOS. What the cell prints is relayed
+#: without them; cursor movement and colours (CSI) pass.
+_STRING_INTRODUCERS = frozenset(b"]P_^X")
+_ESC, _BEL, _BACKSLASH = 0x1B, 0x07, 0x5C
+
+
+class TerminalFilter:
+    """A sink that drops escape strings (:data:`_STRING_INTRODUCERS`) from what the cell
+    prints, even split across reads; everything else passes as it came. A string ends at
+    BEL or ST (ESC backslash)."""
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+        self._state = "text"  # "text", "esc" (after ESC), "string", "string-esc"
+
+    def __call__(self, data: bytes) -> None:
+        out = bytearray()
+        for byte in data:
+            if self._state == "text":
+                if byte == _ESC:
+                    self._state = "esc"
+                else:
+                    out.append(byte)
+            elif self._state == "esc":
+                if byte in _STRING_INTRODUCERS:
+                    self._state = "string"
+                elif byte == _ESC:
+                    out.append(_ESC)  # the first of two: the second may start a string
+                else:
+                    out += bytes((_ESC, byte))
+                    self._state = "text"
+            elif self._state == "string":
+                if byte == _BEL:
+                    self._state = "text"
+                elif byte == _ESC:
+                    self._state = "string-esc"
+            else:  # "string-esc": ESC backslash ends the string
+                self._state = "text" if byte == _BACKSLASH else "string"
+        if out:
+            self._sink(bytes(out))
 
 
 @dataclass(frozen=True)
@@ -130,7 +178,10 @@ def plan_shell(
     config = CellConfig(
         argv=SHELL_ARGV,
         rootfs=rootfs,
-        env={"PS1": f"[{step}] $ ", **spec.env, **step_spec.env},
+        env={
+            **{k: v for k, v in {**spec.env, **step_spec.env}.items() if k not in _SHELL_OWNED},
+            "PS1": f"[{step}] $ ",
+        },
         limits=dataclasses.replace(limits, timeout=None),
         tty=True,
         source_date_epoch=record.source_date_epoch or 0,
@@ -220,6 +271,7 @@ def open_shell(
     secrets: Sequence[Secret] = (),
     settings: Settings,
     warn: Callable[[str], None] = log.warning,
+    say: Callable[[str], None] = log.info,
 ) -> int:
     """Run an interactive shell in the cell of ``step`` (default: the step that failed) of
     ``record``'s build, on a copy of its kept workspace, relaying the caller's terminal;
@@ -230,6 +282,7 @@ def open_shell(
             was removed, the step does not exist, or the cell cannot be set up.
     """
     from buildcell.build.kept import using_kept
+    from buildcell.cell._spawn import fd_writer
     from buildcell.cell.limits import with_defaults
     from buildcell.cell.storage import CellStorage, new_cell_id
     from buildcell.cell.supervisor import Cell, find_bwrap, limits_backend
@@ -255,8 +308,18 @@ def open_shell(
         # Held against gc only while it is copied: the shell works on its own copy.
         with using_kept(state, record) as kept:
             _copy_in(storage, kept.path)
-        with Cell(plan.config, state=state, step=step, storage=storage) as cell:
-            result = cell.run()
+        say(
+            f"a shell in the cell of step {step!r} of build {record.id}, on a copy of its "
+            "kept workspace: `exit` ends it, and nothing of it is kept"
+        )
+        sink = TerminalFilter(fd_writer(1))
+        try:
+            with Cell(plan.config, state=state, step=step, storage=storage, stdout=sink) as cell:
+                result = cell.run()
+        finally:
+            # Whatever the cell left the terminal in: the main screen, plain text, a cursor.
+            os.write(1, b"\x1b[?1049l\x1b[0m\x1b[?25h")
+    say(f"left the shell of build {record.id} (exit {result.exit_code}): back on the host")
     return result.exit_code
 
 

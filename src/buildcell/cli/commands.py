@@ -1340,6 +1340,7 @@ def _cmd_shell(args: argparse.Namespace) -> int:
         secrets=_secrets(args.secret),
         settings=load_settings(host=args.host),
         warn=_warn,
+        say=lambda text: print(f"{PROG}: {text}", file=sys.stderr, flush=True),
     )
 
 

@@ -224,3 +224,32 @@ def test_a_pin_the_operator_did_not_grant_grants_the_shell_nothing() -> None:
     the shell only with the operator's own grant of its name, as the build recorded it."""
     plan = _plan(invocation={"pinnedHosts": ["mirror.corp.internal:10.1.2.3"], "allow": []})
     assert plan.config.network is not None and plan.config.network.pins == ()
+
+
+# -- the shell's terminal ----------------------------------------------------------------------
+
+
+def _filtered(*chunks: bytes) -> bytes:
+    from buildcell.build.shell import TerminalFilter
+
+    out: list[bytes] = []
+    sink = TerminalFilter(out.append)
+    for chunk in chunks:
+        sink(chunk)
+    return b"".join(out)
+
+
+def test_the_shell_relays_text_and_colours_but_no_escape_strings() -> None:
+    osc52 = b"\x1b]52;c;cm0gLXJmIH4K\x07"  # the clipboard: 'rm -rf ~'
+    title = b"\x1b]0;root@host: ~\x1b\\"
+    dcs = b"\x1bP+q544e\x1b\\"
+    colour = b"\x1b[31mred\x1b[0m"
+    assert _filtered(b"a" + osc52 + b"b" + title + colour + dcs + b"c") == b"ab" + colour + b"c"
+
+
+def test_escape_strings_split_across_reads_are_dropped_whole() -> None:
+    data = b"x\x1b]0;fake title\x07y\x1b_apc\x1b\\z\x1b\x1b[1mbold"
+    for cut in range(1, len(data)):
+        assert _filtered(data[:cut], data[cut:]) == b"xyz\x1b\x1b[1mbold", cut
+    one_by_one = [bytes((b,)) for b in data]
+    assert _filtered(*one_by_one) == b"xyz\x1b\x1b[1mbold"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -92,3 +93,24 @@ def test_run_help_names_every_rootfs_kind(capsys: pytest.CaptureFixture[str]) ->
     out = " ".join(capsys.readouterr().out.split())
     for kind in ("'host'", "'dir:PATH'", "'oci:PATH@sha256:DIGEST'"):
         assert kind in out
+
+
+def test_unpack_progress_is_printed_by_run_and_by_a_build(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from buildcell.build.runner import _report_unpack
+    from buildcell.cli.console import PlainReporter, QuietReporter
+
+    event = {"event": "image.unpack", "step": "compile", "digest": "sha256:" + "ab" * 32,
+             "layer": 2, "layers": 3, "cached": True, "bytes": 3 << 20, "elapsed": 1.5}  # fmt: skip
+    cli._print_unpack(event)
+    err = capsys.readouterr().err
+    assert err == "buildcell: unpacking image abababababab: layer 2/3 (cached), 3.0 MiB so far\n"
+    plain = io.StringIO()
+    _report_unpack(event, PlainReporter(err=plain))
+    assert "[compile] unpacking image abababababab: layer 2/3" in plain.getvalue()
+    quiet = io.StringIO()
+    _report_unpack({**event, "done": True}, QuietReporter(err=quiet))
+    assert quiet.getvalue() == ""  # -q: no progress
+    cli._print_unpack({"event": "warning", "message": "x"})
+    assert capsys.readouterr().err == ""
