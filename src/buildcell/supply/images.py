@@ -1396,6 +1396,8 @@ class _Unpacker(Closing):
         self._where = ""  # the layer being applied, for messages
         self._max_entries = MAX_ENTRIES
         self.stats = _Stats()
+        #: called after each file written (an unpack's progress within a layer)
+        self.on_file: Callable[[], None] | None = None
         # The parent directory of the last entry, open: tars list a directory's entries
         # together, and walking from the root for each costs most of the time. Every
         # removal drops it, since only a removal can unlink or replace a directory on it.
@@ -1539,6 +1541,8 @@ class _Unpacker(Closing):
                 self.stats.files += 1
                 self.stats.bytes += size
                 self.stats.sparse += 1 if sparse else 0
+                if self.on_file is not None:
+                    self.on_file()
             elif kind == "l":
                 self._make_symlink(parent, name, parts, op[3], mtime)
             elif kind == "h":
@@ -1856,6 +1860,8 @@ class _Unpacker(Closing):
         self._record("f", parts, mtime, index, member.size, pieces is not None)
         self.stats.files += 1
         self.stats.bytes += member.size
+        if self.on_file is not None:
+            self.on_file()
 
     def _make_symlink(
         self, parent: int, name: str, parts: tuple[str, ...], target: str, mtime: int
@@ -2224,6 +2230,9 @@ def _apply_layers(  # noqa: PLR0917 (internal: one caller)
         where = f"layer {n}/{total} ({layer.label})"
         key = _layer_key(layer)
         cached = staged.get(key) or _open_cached_layer(layers_dir, key, held)
+        unpacker.on_file = functools.partial(
+            progress.within, n, total, layer.label, cached is not None, unpacker.stats
+        )
         if cached is not None:
             logger.debug("applying layer %d/%d from the layer cache: %s", n, total, key)
             unpacker.replay(cached, where)
@@ -2271,9 +2280,10 @@ def unpack_line(report: dict[str, Any]) -> str:
     if report.get("done"):
         return f"unpacked image {short}: {size} in {float(report.get('elapsed', 0)):.1f}s"
     cached = " (cached)" if report.get("cached") else ""
+    doing = ", unpacking" if report.get("partial") else ""
     return (
         f"unpacking image {short}: layer {report.get('layer')}/{report.get('layers')}"
-        f"{cached}, {size} so far"
+        f"{cached}{doing}, {size} so far"
     )
 
 
@@ -2284,7 +2294,7 @@ class _Progress:
     def __init__(self, report: Callable[[dict[str, Any]], None] | None, digest: str) -> None:
         self._report = report
         self._digest = digest
-        self._started = time.monotonic()
+        self._started = self._last = time.monotonic()
         self._spoke = False
 
     def _send(self, **fields: Any) -> None:
@@ -2295,7 +2305,18 @@ class _Progress:
         self._report({"digest": self._digest, "elapsed": round(elapsed, 3), **fields})
 
     def layer(self, n: int, total: int, label: str, *, cached: bool, done: int) -> None:
+        self._last = time.monotonic()
         self._send(layer=n, layers=total, layer_digest=label, cached=cached, bytes=done)
+
+    def within(self, n: int, total: int, label: str, cached: bool, stats: _Stats) -> None:
+        """During layer ``n``: a report at most every :data:`PROGRESS_AFTER` seconds, so a
+        large layer is not silence either (``partial: True``)."""
+        now = time.monotonic()
+        if now - self._last < PROGRESS_AFTER:
+            return
+        self._last = now
+        self._send(layer=n, layers=total, layer_digest=label, cached=cached, bytes=stats.bytes,
+                   partial=True)  # fmt: skip
 
     def finished(self, done: int) -> None:
         if self._spoke:
