@@ -213,6 +213,16 @@ def cell(state: StateDir, tmp_path: Path) -> RunCell:
     return run
 
 
+def one_error(res: subprocess.CompletedProcess[str]) -> str:
+    """The single error line of a refusal: exit 125, one line, no traceback."""
+    out = res.stdout + res.stderr
+    assert "Traceback" not in out, out[-3000:]
+    assert res.returncode == 125, (res.returncode, out[-3000:])
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("buildcell: error:")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    return errors[0]
+
+
 def cli_env(state_dir: Path, **extra: str) -> dict[str, str]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

@@ -37,13 +37,3 @@ def cli(
         timeout=timeout,
         check=False,
     )
-
-
-def one_error(res: subprocess.CompletedProcess[str]) -> str:
-    """The single error line of a refusal: exit 125, one line, no traceback."""
-    out = res.stdout + res.stderr
-    assert "Traceback" not in out, out[-3000:]
-    assert res.returncode == 125, (res.returncode, out[-3000:])
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("buildcell: error:")]
-    assert len(errors) == 1, res.stderr[-3000:]
-    return errors[0]

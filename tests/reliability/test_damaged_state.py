@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from tests.reliability.conftest import cli, one_error
+from tests.conftest import one_error
+from tests.reliability.conftest import cli
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from tests.conftest import root_only
-from tests.reliability.conftest import cli, one_error
+from tests.conftest import one_error, root_only
+from tests.reliability.conftest import cli
 
 pytestmark = [root_only, pytest.mark.slow]
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import one_error
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 BUSYBOX = Path("/bin/busybox")
@@ -103,16 +104,6 @@ def bc(
         check=False,
         preexec_fn=_nofile(nofile) if nofile else None,
     )
-
-
-def one_error(res: subprocess.CompletedProcess[str]) -> str:
-    """The single error line of a refusal: exit 125, one line, no traceback."""
-    out = res.stdout + res.stderr
-    assert "Traceback" not in out, out[-3000:]
-    assert res.returncode == 125, (res.returncode, out[-3000:])
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("buildcell: error:")]
-    assert len(errors) == 1, res.stderr[-3000:]
-    return errors[0]
 
 
 def project(directory: Path, spec: str) -> Path:

@@ -2180,11 +2180,17 @@ def _layer_intact(path: Path, files_fd: int, files: str) -> bool:
     except OSError:
         return False
     seen = (st.st_dev, st.st_ino, mark.st_mtime_ns)
+    return _verified_once(seen, lambda: _files_digest(files_fd) == files)
+
+
+def _verified_once(key: tuple[int, int, int], check: Callable[[], bool]) -> bool:
+    """``check()``, remembered for this process under ``key`` (the device and inode of a
+    tree, and the mtime of the marker that recorded its digest)."""
     with _verified_lock:
-        intact = _verified.get(seen)
+        intact = _verified.get(key)
         if intact is None:
-            intact = _files_digest(files_fd) == files
-            _verified[seen] = intact
+            intact = check()
+            _verified[key] = intact
     return intact
 
 
@@ -2394,11 +2400,7 @@ def _intact_cost(final: Path) -> int | None:
     except OSError:
         return None
     key = (root.st_dev, root.st_ino, st.st_mtime_ns)
-    with _verified_lock:
-        intact = _verified.get(key)
-        if intact is None:
-            intact = _tree_digest(final / "rootfs") == recorded
-            _verified[key] = intact
+    intact = _verified_once(key, lambda: _tree_digest(final / "rootfs") == recorded)
     return cost if intact else None
 
 
