@@ -50,6 +50,27 @@ rootless_only = pytest.mark.rootless
 _CLI_FIXTURES = frozenset({"bc", "bc_rootless"})
 
 
+#: Tests of what a workspace holds and how the host side treats it: each runs with the
+#: copy and with the copy-on-write overlay (``BUILDCELL_WORKSPACE``), whatever ``auto``
+#: would choose for its (mostly small) sources.
+workspaces = pytest.mark.workspaces
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("workspaces") is not None:
+        metafunc.parametrize("workspace_mode", ["copy", "overlay"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def workspace_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The ``BUILDCELL_WORKSPACE`` of this test (set for ``workspaces`` tests), which the
+    CLI fixtures pass on and a :class:`StateDir` made here reads."""
+    mode = getattr(request, "param", None)
+    if mode is not None:
+        monkeypatch.setenv("BUILDCELL_WORKSPACE", mode)
+    return mode or os.environ.get("BUILDCELL_WORKSPACE") or "auto"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("root") is not None and not IS_ROOT:
@@ -176,7 +197,13 @@ class RunCLI(Protocol):
 
 
 class _RunRootless(Protocol):
-    def __call__(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> CLIResult: ...
+    def __call__(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        timeout: float = 120,
+        env: Mapping[str, str] | None = None,
+    ) -> CLIResult: ...
 
 
 @dataclass(frozen=True)
@@ -187,8 +214,15 @@ class RootlessCLI:
     run: _RunRootless
     home: Path
 
-    def __call__(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> CLIResult:
-        return self.run(*args, cwd=cwd, timeout=timeout)
+    def __call__(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        timeout: float = 120,
+        env: Mapping[str, str] | None = None,
+    ) -> CLIResult:
+        """Run the CLI with ``args``; ``env`` is added to its environment."""
+        return self.run(*args, cwd=cwd, timeout=timeout, env=env)
 
 
 @pytest.fixture
@@ -230,6 +264,8 @@ def cli_env(state_dir: Path, **extra: str) -> dict[str, str]:
         "PYTHONPATH": str(REPO / "src"),
         "HOME": os.environ.get("HOME", "/tmp"),
     }
+    if "BUILDCELL_WORKSPACE" in os.environ:
+        env["BUILDCELL_WORKSPACE"] = os.environ["BUILDCELL_WORKSPACE"]
     env.update(extra)
     return env
 
@@ -280,11 +316,16 @@ def bc_rootless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RootlessCL
     if not IS_ROOT:
         base = tmp_path_factory.mktemp("rootless")
 
-        def direct(*args: str, cwd: Path | None = None, timeout: float = 120) -> CLIResult:
+        def direct(
+            *args: str,
+            cwd: Path | None = None,
+            timeout: float = 120,
+            env: Mapping[str, str] | None = None,
+        ) -> CLIResult:
             return subprocess.run(
                 [sys.executable, "-m", "buildcell", *args],
                 cwd=cwd or base,
-                env=cli_env(base / "state"),
+                env=cli_env(base / "state", **(env or {})),
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -306,8 +347,15 @@ def bc_rootless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RootlessCL
     ):
         pytest.skip(f"{site} is not readable by an unprivileged user")
 
-    def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> CLIResult:
-        env = cli_env(home / "state", HOME=str(home), PYTHONPATH=f"{REPO / 'src'}:{site}")
+    def run(
+        *args: str,
+        cwd: Path | None = None,
+        timeout: float = 120,
+        env: Mapping[str, str] | None = None,
+    ) -> CLIResult:
+        env = cli_env(
+            home / "state", HOME=str(home), PYTHONPATH=f"{REPO / 'src'}:{site}", **(env or {})
+        )
         return subprocess.run(
             [
                 setpriv,

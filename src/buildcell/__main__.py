@@ -1,3 +1,3 @@
-from buildcell.cli.commands import main
+from buildcell.cli.commands import entry
 
-raise SystemExit(main())
+entry()

@@ -16,6 +16,8 @@ every build and cell receives. A program that calls the library does the same wi
 ``BUILDCELL_BWRAP``        the bubblewrap to run (else ``bwrap`` on ``PATH``)
 ``BUILDCELL_CGROUP_PARENT`` a cgroup v2 directory delegated to buildcell
 ``SOURCE_DATE_EPOCH``      the timestamp ``run`` gives its cell (reproducible-builds.org)
+``BUILDCELL_WORKSPACE``    ``auto`` (a copy-on-write overlay of the source where the host
+                           allows one, else a copy), ``overlay`` or ``copy``
 ========================== ==========================================================
 
 The secrets a step binds with ``env:VAR`` are not settings: they are read where the
@@ -34,12 +36,16 @@ from pathlib import Path
 from buildcell._text import show
 from buildcell.errors import ConfigError
 
-__all__ = ["DEFAULT_UID_BASE", "DEFAULT_UID_COUNT", "HostEnv"]
+__all__ = ["DEFAULT_UID_BASE", "DEFAULT_UID_COUNT", "WORKSPACE_MODES", "HostEnv"]
 
 DEFAULT_UID_BASE = 0x70000000
 DEFAULT_UID_COUNT = 65536
 #: The highest uid the kernel takes is 2**32 - 2 (-1 means "unchanged").
 _MAX_UID = 2**32 - 2
+
+
+#: How a source becomes a workspace (``BUILDCELL_WORKSPACE``).
+WORKSPACE_MODES = ("auto", "overlay", "copy")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class HostEnv:
         xdg_state_home / xdg_config_home / home: where the per-user defaults live.
         path: the ``PATH`` bubblewrap is looked up on.
         source_date_epoch: ``SOURCE_DATE_EPOCH``, seconds since 1970.
+        workspace: ``BUILDCELL_WORKSPACE``: how a source becomes a workspace.
     """
 
     state_dir: Path | None = None
@@ -69,8 +76,14 @@ class HostEnv:
     home: Path | None = None
     path: str | None = None
     source_date_epoch: int | None = None
+    workspace: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.workspace not in WORKSPACE_MODES:
+            raise ConfigError(
+                f"BUILDCELL_WORKSPACE={self.workspace} is not one of " + ", ".join(WORKSPACE_MODES),
+                hint="auto (the default) uses a copy-on-write overlay where it can",
+            )
         if self.uid_base < 1000 or self.uid_base > _MAX_UID:
             raise ConfigError(
                 f"BUILDCELL_UID_BASE={self.uid_base} is not a uid from 1000 to {_MAX_UID}",
@@ -110,6 +123,7 @@ class HostEnv:
             home=_xdg(get("HOME")),
             path=get("PATH"),
             source_date_epoch=_epoch(get("SOURCE_DATE_EPOCH")),
+            workspace=get("BUILDCELL_WORKSPACE") or "auto",
         )
 
     def replace(self, **changes: object) -> HostEnv:

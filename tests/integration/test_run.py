@@ -265,7 +265,11 @@ def test_cli_outputs_and_events(bc: RunCLI, tmp_path: Path) -> None:
     assert os.access(tmp_path / "out" / "prog", os.X_OK)
     assert "collected 1 output" in res.stderr
     names = [e["event"] for e in read_events(events)]
-    assert names == ["cell.start", "cell.exit", "output", "teardown"]
+    assert names == ["workspace", "cell.start", "cell.exit", "output", "teardown"]
+    # A one-file source is copied (quicker than an overlay), and the event says so.
+    assert read_events(events)[0] == {
+        **read_events(events)[0], "mode": "copy", "files": 1, "source": str(src),
+    }  # fmt: skip
     assert len({e["build"] for e in read_events(events)}) == 1
     assert not (src / "prog").exists()
 
@@ -640,10 +644,15 @@ def test_rootless_pids_limit_counts_only_the_cell(bc_rootless: RootlessCLI) -> N
 
 
 def test_source_larger_than_the_disk_budget_is_a_clear_error(bc: RunCLI, tmp_path: Path) -> None:
+    """A copied source is in the budget (an overlaid one is not: only what the build
+    writes is, see test_overlay_workspace)."""
     (tmp_path / "big").write_bytes(b"\0" * (6 << 20))
-    res = bc("run", "--disk", "4M", "--", "true", cwd=tmp_path)
+    res = bc("run", "--disk", "4M", "--", "true", cwd=tmp_path,
+             env={"BUILDCELL_WORKSPACE": "copy"})  # fmt: skip
     assert res.returncode == 125
     assert "does not fit in the cell's disk budget (4.0 MiB)" in res.stderr
+    res = bc("run", "--disk", "4M", "--", "true", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr  # auto: 6 MiB is large enough to overlay
 
 
 def test_gc_removes_leftovers_of_interrupted_builds(bc: RunCLI, state_root: Path) -> None:

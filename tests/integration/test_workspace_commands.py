@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from tests.conftest import IS_ROOT, UNPRIVILEGED, RootlessCLI, RunCLI
 
+#: Each test runs with the copy and with the copy-on-write overlay.
+pytestmark = pytest.mark.workspaces
+
 SCRIPT = '#!/bin/sh\necho "ci.sh ran in $(pwd) as $(id -u)"\n'
 RAN = "ci.sh ran in /workspace as 1000"
 

@@ -8,6 +8,7 @@ contained, and the host must show no effect.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,9 @@ from tests.conftest import IS_ROOT, UNPRIVILEGED, RunCell, RunCLI, cli_env, root
 
 from buildcell.cell import CellConfig, DirRootfs
 from buildcell.errors import ConfigError
+
+#: Each test runs with the copy and with the copy-on-write overlay.
+pytestmark = pytest.mark.workspaces
 
 BUSYBOX = Path("/bin/busybox")
 needs_busybox = pytest.mark.skipif(
@@ -347,25 +351,29 @@ def test_bwrap_argv_and_pid1_carry_no_host_path(
 def test_another_user_cannot_read_a_running_workspace(
     bc: RunCLI, tmp_path: Path, state_root: Path
 ) -> None:
+    """What a build has in its workspace, copied from the source or written by it, is out
+    of other users' reach wherever it lives: the copy, the overlay's upper layer, or the
+    merged view through the anchor's /proc root."""
     proj = tmp_path / "p"
     proj.mkdir()
     os.chmod(tmp_path, 0o755)
-    os.chmod(proj, 0o755)
+    os.chmod(proj, 0o700)  # the operator keeps the checkout private
     (proj / "secret.txt").write_text("workspace content\n")
-    os.chmod(proj / "secret.txt", 0o644)
     env = cli_env(state_root / "state")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "buildcell", "run", "--", "sh", "-c", "sleep 3"],
+        [sys.executable, "-m", "buildcell", "run", "--", "sh", "-c",
+         "echo written content > made.txt; sleep 3"],
         cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         cells = state_root / "state" / "cells"
         deadline = time.monotonic() + 10
-        workspaces: list[Path] = []
-        while time.monotonic() < deadline and not workspaces:
-            workspaces = [p / "workspace" for p in cells.glob("*") if (p / "workspace").exists()]
+        targets: list[Path] = []
+        while time.monotonic() < deadline and not targets:
+            targets = [t for t in _workspace_files(cells) if t.name == "made.txt"]
             time.sleep(0.05)
-        assert workspaces
+        assert targets, "the running workspace was not found"
+        targets = [t.with_name(n) for t in targets for n in ("made.txt", "secret.txt")]
         probe = (
             "import sys\n"
             "for p in sys.argv[1:]:\n"
@@ -374,16 +382,34 @@ def test_another_user_cannot_read_a_running_workspace(
             "    except OSError as e:\n"
             "        print('denied', e.errno)\n"
         )
-        targets = [str(w / "secret.txt") for w in workspaces]
         res = subprocess.run(
             ["setpriv", f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}", "--clear-groups",
-             "/usr/bin/python3", "-c", probe, *targets],
+             "/usr/bin/python3", "-c", probe, *map(str, targets)],
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
-        assert "workspace content" not in res.stdout
-        assert "denied" in res.stdout
+        assert "content" not in res.stdout
+        assert res.stdout.count("denied") == len(targets), res.stdout
     finally:
         proc.communicate(timeout=30)
+
+
+def _workspace_files(cells: Path) -> list[Path]:
+    """Where a running cell's workspace files are reachable on the host (as root sees it)."""
+    found: list[Path] = []
+    for cell_dir in cells.glob("*"):
+        places = [cell_dir / "workspace", cell_dir / "overlay" / "upper"]
+        try:
+            record = json.loads((cell_dir / "cell.json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        for p in record.get("processes", []):
+            if p.get("role") == "anchor":
+                root = Path(f"/proc/{p['pid']}/root")
+                places.append(root / cell_dir.relative_to("/") / "rw" / "workspace")
+        for place in places:
+            with contextlib.suppress(OSError):
+                found += [place / n for n in os.listdir(place)]
+    return found
 
 
 # -- bounded by default --------------------------------------------------------------------

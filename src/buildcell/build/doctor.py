@@ -196,5 +196,56 @@ def run_checks(host: HostEnv | None = None) -> DoctorReport:
 
     _probe_cell(report, state)
     if report.cell_ok:
+        _probe_workspace(report, state)
         _probe_egress(report, state)
     return report
+
+
+def _probe_workspace(report: DoctorReport, state: StateDir) -> None:
+    """Which workspace mode this host gives a source: a cell writes into an overlaid one,
+    and the source must be left as it was."""
+    import tempfile
+
+    from buildcell.cell import CellConfig, Limits
+    from buildcell.cell.supervisor import run_cell
+    from buildcell.trees import remove_tree
+
+    setting = state.host.workspace
+    if setting == "copy":
+        report.checks.append(Check("workspace", True, "copy (BUILDCELL_WORKSPACE=copy)"))
+        return
+    probe = Path(tempfile.mkdtemp(prefix="doctor-", dir=state.root))
+    try:
+        source = probe / "source"
+        source.mkdir(mode=0o755)
+        (source / "file").write_text("source\n")
+        forced = StateDir(state.root, host=state.host.replace(workspace="overlay"))
+        err = bytearray()
+        try:
+            result = run_cell(
+                CellConfig(
+                    argv=("/bin/sh", "-c", "echo cell > file && cat file"),
+                    source=source,
+                    limits=Limits(timeout=20),
+                ),
+                state=forced,
+                stdout=lambda _: None,
+                stderr=err.extend,
+            )
+            ok = result.exit_code == 0 and (source / "file").read_text() == "source\n"
+            why = err.decode(errors="replace").strip() or f"exit {result.exit_code}"
+        except Exception as e:  # doctor reports every failure instead of crashing
+            ok, why = False, str(e)
+    finally:
+        remove_tree(probe)
+    if ok:
+        detail = (
+            "copy-on-write overlay of the source (checked on the state directory's file "
+            "system; a source where the host refuses one is copied)"
+        )
+    else:
+        detail = f"copy: no copy-on-write overlay here ({why})"
+    # A copy still works: the check fails only when the overlay was asked for.
+    usable = ok or setting == "auto"
+    report.checks.append(Check("workspace", usable, detail))
+    report.cell_ok = report.cell_ok and usable

@@ -247,6 +247,8 @@ def _guard_key(key: object, places: Sequence[Path], rootfs: Rootfs) -> None:
     Raises:
         ProvenanceError: it does, or it cannot be used at all.
     """
+    if key is None:  # nothing to guard: and no need to load the signing code
+        return
     from buildcell.errors import ProvenanceError
     from buildcell.supply.provenance import KeyFile
 
@@ -294,7 +296,7 @@ class BuildOptions:
             is gone, and refused if it lies where a build can reach it.
         twin_of: the build a ``--check-repro`` twin rebuilds (recorded, so that ``ls``
             groups the two).
-        source: the directory the build runs on, copied into its workspace and described
+        source: the directory the build runs on, its workspace's contents, and described
             in its provenance (default: the spec's directory). Paths the spec names
             (``file:`` inputs, a ``rootfs:``) stay relative to the spec's own directory.
         builder_id: ``runDetails.builder.id`` of the provenance.
@@ -701,9 +703,7 @@ class _BuildRun:
         self.output_budget = disk if disk is not None else self.options.output_max_size
         with CellStorage(self.state, cell_id=self.record.id, bwrap=bwrap, disk=disk) as storage:
             stats = storage.populate(self.source_dir, list(own))
-            self.events.emit(
-                "workspace", files=stats.files, bytes=stats.bytes, source=str(self.source_dir)
-            )
+            self.events.emit("workspace", **storage.describe(stats), source=str(self.source_dir))
             for step, step_record in zip(spec.steps, self.record.steps, strict=True):
                 if not self._step(step, step_record, storage, binds):
                     self._keep_failed(storage, step.name)

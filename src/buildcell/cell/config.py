@@ -203,7 +203,8 @@ class CellConfig:
 
     Attributes:
         argv: the command and its arguments, run with ``/workspace`` as working directory.
-        source: directory copied into ``/workspace``; ``None`` for an empty workspace.
+        source: what ``/workspace`` starts as (an overlay of it, or a copy); ``None``
+            for an empty workspace.
         outputs: glob patterns, relative to ``/workspace``, collected after the command.
         out_dir: where outputs are copied; ``./buildcell-out`` by default.
         rootfs: ``HostRootfs()`` or ``DirRootfs(path)``.

@@ -5,13 +5,20 @@ workspace carries over between the cells that share it; /tmp and home are fresh 
 Without a disk budget the workspace is a directory under the state directory and /tmp
 and home are tmpfs mounts inside each sandbox. With one, all three live on the anchor's
 size-capped tmpfs (see ``anchor``).
+
+A workspace made from a source is a copy-on-write overlay of it where the host allows one
+(see ``overlay``): mounted in the anchor's namespace (an anchor with a tiny tmpfs for its
+mount points is started for it when the cell has no disk budget), with the upper layer on
+the budget's tmpfs or, without a budget, in the cell's directory. Elsewhere it is a copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,7 @@ from typing import Any
 from buildcell._fs import Closing
 from buildcell.cell.anchor import StorageAnchor
 from buildcell.cell.identity import HostIdentity, acquire_identity
+from buildcell.cell.overlay import OverlayPlan, Unavailable, mount_overlay, whiteout_paths
 from buildcell.errors import ConfigError, SandboxError, StateError
 from buildcell.state import StateDir, process_start_time, write_atomic
 from buildcell.trees import CopyStats, copy_tree, remove_tree
@@ -74,6 +82,10 @@ class CellStorage(Closing):
         self.dir = state.cells / cell_id
         self.anchor: StorageAnchor | None = None
         self.disk = disk
+        self._bwrap = bwrap
+        #: ``copy`` or ``overlay`` once populated; why an overlay was not used.
+        self.workspace_mode: str | None = None
+        self.copy_reason: str | None = None
         self._scratch_n = 0
         self._record: dict[str, Any] = {
             "id": cell_id,
@@ -124,19 +136,42 @@ class CellStorage(Closing):
         """The workspace as the supervisor reaches it."""
         return self.host_path(self.workspace_bind)
 
-    def populate(self, source: Path, exclude: list[Path]) -> CopyStats:
-        """Copy ``source`` into the (empty) workspace.
+    def populate(self, source: Path, exclude: list[Path]) -> CopyStats | None:
+        """Make the (empty) workspace from ``source``: a copy-on-write overlay of it, or a
+        copy (``BUILDCELL_WORKSPACE``, default ``auto``: the overlay where it works). Returns
+        what was copied, None for an overlay; ``workspace_mode`` and ``copy_reason`` say
+        which it was and why.
 
         Raises:
-            ConfigError: the source does not fit in the disk budget.
+            ConfigError: the source does not fit in the disk budget, or
+                ``BUILDCELL_WORKSPACE=overlay`` and the host cannot give one.
             SandboxError: the copy failed for another reason.
         """
+        mode = self.state.host.workspace
+        why = _survey(source) if mode == "auto" else None
+        if why is not None:
+            self.copy_reason = why
+        elif mode != "copy":
+            try:
+                self._overlay(source, exclude)
+                self.workspace_mode = "overlay"
+                return None
+            except Unavailable as e:
+                if mode == "overlay":
+                    raise ConfigError(
+                        f"no copy-on-write workspace for {source}: {e}",
+                        hint="unset BUILDCELL_WORKSPACE (or set it to auto) to copy instead",
+                    ) from e
+                self.copy_reason = str(e)
+        else:
+            self.copy_reason = "BUILDCELL_WORKSPACE=copy"
+        self.workspace_mode = "copy"
         try:
             return copy_tree(source, self.workspace, exclude=exclude, owner=self._owner())
         except (SandboxError, StateError) as e:
             cause = e.__cause__
             if (
-                self.anchor is not None
+                self.disk is not None
                 and isinstance(cause, OSError)
                 and (cause.errno == errno.ENOSPC)
             ):
@@ -147,9 +182,96 @@ class CellStorage(Closing):
                 ) from e
             raise
 
+    def describe(self, stats: CopyStats | None) -> dict[str, Any]:
+        """The ``workspace`` event's fields for what :meth:`populate` made."""
+        if stats is None:
+            return {"mode": self.workspace_mode}
+        return {
+            "mode": self.workspace_mode,
+            "why": self.copy_reason,
+            "files": stats.files,
+            "bytes": stats.bytes,
+        }
+
+    def _overlay(self, source: Path, exclude: list[Path]) -> None:
+        """Mount the overlay of ``source`` as the workspace, or leave everything as it was.
+
+        Raises:
+            Unavailable: the host cannot, or the source is not the caller's (rootless).
+        """
+        try:
+            st = os.stat(source)
+        except OSError as e:
+            raise Unavailable(f"cannot inspect the source: {e.strerror}") from e
+        if not stat.S_ISDIR(st.st_mode):
+            raise Unavailable("the source is not a directory")
+        rootless = os.geteuid() != 0
+        if rootless and st.st_uid != os.getuid():
+            raise Unavailable(
+                f"the source belongs to uid {st.st_uid}, not to this user: the build could "
+                "not change its files"
+            )
+        whiteouts = whiteout_paths(source, exclude)
+        rw = self.dir / "rw"
+        started = self.anchor is None
+        try:
+            if self.anchor is None:
+                rw.mkdir(mode=0o711)
+                # Only mount points live on it: the upper layer is in the cell's directory.
+                self.anchor = StorageAnchor(bwrap=self._bwrap, mountpoint=rw, size=1 << 20)
+                self.note_process("anchor", self.anchor.pid)
+                base = self.dir / "overlay"
+                self._mkdir(rw / "workspace", 0o700, None)
+            else:
+                base = rw / "overlay"
+            owner = self._owner()
+            self._mkdir(base, 0o700, None)
+            self._mkdir(base / "upper", 0o700, owner)
+            self._mkdir(base / "work", 0o700, None)
+            if not rootless:
+                self._mkdir(rw / "lower", 0o700, None)
+            upper = self.host_path(str(base / "upper"))
+            for rel in whiteouts:
+                _whiteout(source, upper, rel, owner)
+            mount_overlay(
+                OverlayPlan(
+                    base=base,
+                    mounts=rw,
+                    source=Path(os.path.abspath(source)),
+                    source_id=(st.st_dev, st.st_ino),
+                    idmap=None
+                    if rootless
+                    else (st.st_uid, st.st_gid, self.identity.uid, self.identity.gid),
+                ),
+                self.anchor.setns_fds,
+            )
+        except (Unavailable, OSError, SandboxError) as e:
+            self._undo_overlay(started)
+            if isinstance(e, Unavailable):
+                raise
+            raise Unavailable(
+                e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            ) from e
+        if started:
+            (self.dir / "workspace").rmdir()  # the copy's, empty and unused
+        self.workspace_bind = str(rw / "workspace")
+
+    def _undo_overlay(self, started: bool) -> None:
+        if started:
+            if self.anchor is not None:
+                self.anchor.close()
+                self.anchor = None
+            remove_tree(self.dir / "overlay")
+            remove_tree(self.dir / "rw")
+        else:
+            remove_tree(self.host_path(str(self.dir / "rw" / "overlay")))
+            lower = self.host_path(str(self.dir / "rw" / "lower"))
+            with contextlib.suppress(OSError):
+                lower.rmdir()
+
     def new_scratch(self) -> Scratch:
         """Fresh /tmp and home for the next cell (on the anchor's tmpfs when it has one)."""
-        if self.anchor is None:
+        if self.disk is None:
             return Scratch(None, None)
         self._scratch_n += 1
         base = self.dir / "rw" / "scratch" / str(self._scratch_n)
@@ -224,6 +346,63 @@ class CellStorage(Closing):
             "anchor_stopped": anchor_stopped,
             "mounts_left": mounts_under(self.dir),
         }
+
+
+#: ``auto`` copies a source of at most this many entries and bytes (its copy costs less
+#: than mounting an overlay, a few milliseconds), and looks at no more entries than that.
+SMALL_SOURCE = (256, 4 << 20)
+
+
+def _survey(source: Path) -> str | None:
+    """Why ``auto`` copies ``source`` rather than overlay it, or None.
+
+    A walk that stops after :data:`SMALL_SOURCE` entries, so it costs the same for any
+    larger tree: a tree within it is small (quicker to copy); one whose entries seen so
+    far have owners other than the source directory's would show those files read-only
+    in an overlay (only the source's owner becomes the cell's). Symlinks are not
+    followed; a tree that cannot be read is left to the copy to report."""
+    entries, size = SMALL_SOURCE
+    try:
+        owner = os.stat(source).st_uid
+        pending = [str(source)]
+        while pending:
+            with os.scandir(pending.pop()) as it:
+                for entry in it:
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_uid != owner:
+                        return (
+                            f"{entry.path} belongs to uid {st.st_uid}, the source to uid "
+                            f"{owner}: copied, so that the build may change every file"
+                        )
+                    entries -= 1
+                    if stat.S_ISREG(st.st_mode):
+                        size -= st.st_size
+                    if entries < 0 or size < 0:
+                        return None
+                    if stat.S_ISDIR(st.st_mode):
+                        pending.append(entry.path)
+    except OSError:
+        return "the source cannot be read: copied (the copy says what it could not read)"
+    return "a small source: copied, which is quicker than an overlay"
+
+
+def _whiteout(
+    source: Path, upper: Path, rel: tuple[str, ...], owner: tuple[int, int] | None
+) -> None:
+    """Hide ``source/rel`` from the overlay: a whiteout at ``upper/rel``, under directories
+    made with the lower ones' modes (the merged view shows the upper directory's)."""
+    lower = source
+    where = upper
+    for name in rel[:-1]:
+        lower = lower / name
+        where = where / name
+        if not where.exists():
+            mode = stat.S_IMODE(os.lstat(lower).st_mode)
+            where.mkdir(mode=0o700)
+            os.chmod(where, mode)
+            if owner is not None:
+                os.chown(where, *owner)
+    os.mknod(where / rel[-1], stat.S_IFCHR | 0o600, os.makedev(0, 0))
 
 
 def mounts_under(path: Path) -> int:

@@ -551,7 +551,8 @@ class Cell:
                 if self._out is not None:
                     exclude.append(self._out.staging)
                 stats = self.storage.populate(source, exclude)
-                for rel, why in stats.skipped:
+                self.events.emit("workspace", **self.storage.describe(stats), source=str(source))
+                for rel, why in stats.skipped if stats is not None else ():
                     self._warn(f"source entry {rel} not copied into the workspace: {why}")
         storage = self.storage
         self._scratch = storage.new_scratch()

@@ -1,5 +1,5 @@
 """The command line: parse, call the library, render. No decisions are made here."""
 
-from buildcell.cli.commands import main
+from buildcell.cli.commands import entry, main
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
