@@ -312,6 +312,11 @@ def _fmt(s: dict[str, float], unit: str = "ms") -> str:
     return f"{s['median']:.2f} ms ({s['min']:.2f}–{s['max']:.2f})"
 
 
+def _ratio(r: float) -> str:
+    """Two decimals, or two significant digits below 0.01 (so that 0.0016 does not show as 0.00)."""
+    return f"{r:.2f}×" if r >= 0.01 else f"{r:.2g}×"
+
+
 def render(results: dict[str, object]) -> str:
     lines = [
         f"Measured {results['date']} on {results['machine']}; {results['bwrap']}, "
@@ -329,7 +334,7 @@ def render(results: dict[str, object]) -> str:
             continue
         lines.append(
             f"| {f['figure']} | {_fmt(f['ours'], f.get('unit', 'ms'))} | {f['baseline_name']} | "
-            f"{_fmt(f['baseline'], f.get('unit', 'ms'))} | {f['ratio']:.2f}× | {f['target']} |"
+            f"{_fmt(f['baseline'], f.get('unit', 'ms'))} | {_ratio(f['ratio'])} | {f['target']} |"
         )
     return "\n".join(lines) + "\n"
 

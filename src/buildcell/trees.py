@@ -21,6 +21,7 @@ from pathlib import Path
 from buildcell._fs import file_kind
 from buildcell._text import show
 from buildcell.errors import ConfigError, Error, SandboxError
+from buildcell.units import format_size
 
 __all__ = ["CopyStats", "copy_tree", "remove_entry", "remove_tree"]
 
@@ -87,6 +88,7 @@ class _TreeCopier:
     excluded: frozenset[tuple[int, int]]
     owner: tuple[int, int] | None
     progress: Callable[[int, int], None] | None
+    max_bytes: int | None = None
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
@@ -250,6 +252,12 @@ class _TreeCopier:
                 return
             if (st.st_dev, st.st_ino) in self.excluded:
                 return
+            # What the copy will store: holes stay holes (see _copy_sparse).
+            stored = min(st.st_size, st.st_blocks * 512)
+            if self.max_bytes is not None and self.bytes + stored > self.max_bytes:
+                raise SandboxError(
+                    f"the copy would exceed {format_size(self.max_bytes)} at {_show('/'.join(rel))}"
+                )
             try:
                 dst_fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=frame.dst_fd)
             except OSError as e:
@@ -364,6 +372,7 @@ def copy_tree(
     exclude: Sequence[Path] = (),
     owner: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    max_bytes: int | None = None,
 ) -> CopyStats:
     """Copy the contents of ``source`` into the existing, empty directory ``dest``.
 
@@ -382,6 +391,9 @@ def copy_tree(
         owner: ``(uid, gid)`` given to every created entry (needs root).
         progress: called with ``(files_done, bytes_done)`` at most every 0.2 s while
             copying, and once at the end.
+        max_bytes: the most file content the copy may store (a file whose allocated data
+            would pass it is a :class:`SandboxError`, before it is written); None for no
+            bound.
 
     Raises:
         ConfigError: ``source`` is not a readable directory, an entry in it cannot be
@@ -414,7 +426,7 @@ def copy_tree(
             with os.scandir(dst_fd) as it:
                 if next(it, None) is not None:
                     raise SandboxError(f"workspace {_show(dest)} is not empty")
-            copier = _TreeCopier(source, dest, frozenset(excluded), owner, progress)
+            copier = _TreeCopier(source, dest, frozenset(excluded), owner, progress, max_bytes)
             copier.run(src_fd, dst_fd)
         finally:
             os.close(dst_fd)

@@ -314,3 +314,99 @@ def test_doctor_reports_the_workspace_mode(bc: RunCLI) -> None:
     res = bc("doctor", "--json", env={"BUILDCELL_WORKSPACE": "copy"})
     (check,) = [c for c in json.loads(res.stdout)["checks"] if c["name"] == "workspace"]
     assert check["detail"] == "copy (BUILDCELL_WORKSPACE=copy)"
+
+
+# -- regressions: what a red-team of the overlay found -------------------------------------
+
+
+def test_a_kept_overlay_workspace_stays_within_the_budget(
+    bc: RunCLI, tmp_path: Path, state_root: Path
+) -> None:
+    """An overlay's merged view holds the whole source, and a hard link is copied as often
+    as it is linked: keeping it copies at most the build's budget, or keeps nothing."""
+    src = _tree(tmp_path / "src")
+    (src / "blob").write_bytes(os.urandom(2 << 20))
+    for i in range(10):
+        os.link(src / "blob", src / f"link{i}")
+    spec_dir = tmp_path / "spec"
+    spec_dir.mkdir()
+    (spec_dir / "buildcell.yaml").write_text(
+        "version: 1\nname: kept\nrootfs: host\nlimits: {disk: 8MiB}\n"
+        "steps:\n  - {name: fail, run: 'false'}\n"
+    )
+    res = bc("build", "-f", str(spec_dir / "buildcell.yaml"), "--source", str(src),
+             "--keep-failed", "--out", str(tmp_path / "out"),
+             env={"BUILDCELL_WORKSPACE": "overlay"})  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert "was not kept" in res.stderr and "would exceed 8.0 MiB" in res.stderr, res.stderr
+    kept = state_root / "state" / "kept"
+    assert not kept.exists() or not list(kept.iterdir()), list(kept.rglob("*"))[:5]
+
+
+def test_a_shell_works_on_a_copy_of_the_kept_workspace(
+    state_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kept directory may be removed (gc, --discard) while a shell runs: the shell's
+    workspace must be a copy, never an overlay of it."""
+    from buildcell.build.shell import _copy_in
+    from buildcell.cell.storage import CellStorage, new_cell_id
+    from buildcell.cell.supervisor import find_bwrap
+    from buildcell.state import StateDir
+
+    monkeypatch.setenv("BUILDCELL_WORKSPACE", "overlay")
+    state = StateDir(state_root / "state")
+    kept = _tree(tmp_path / "kept")
+    with CellStorage(state, cell_id=new_cell_id(), bwrap=find_bwrap(state.host), disk=None) as st:
+        _copy_in(st, kept)
+        assert st.workspace_mode == "copy"
+        for p in sorted(kept.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        assert (st.workspace / "d0" / "f0").read_text() == "file 0\n"
+
+
+def test_a_state_path_with_commas_and_colons_still_overlays(
+    bc: RunCLI, state_root: Path, tmp_path: Path
+) -> None:
+    """Overlay options are split at "," and ":": no path of the state directory is in them."""
+    src = _tree(tmp_path / "src")
+    events = tmp_path / "ev.jsonl"
+    state = state_root / "st,a:te"
+    res = bc("run", "--source", str(src), "--events", str(events), "--", "sh", "-c",
+             "echo x >> d0/f0 && grep ' /workspace ' /proc/self/mountinfo",
+             env={"BUILDCELL_WORKSPACE": "overlay", "BUILDCELL_STATE_DIR": str(state)})  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert _workspace_event(events)["mode"] == "overlay"
+    assert "lowerdir=/proc/self/fd/" in res.stdout and str(state_root) not in res.stdout
+
+
+def test_an_unopenable_source_is_one_error(bc: RunCLI, tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for mode in ("auto", "overlay", "copy"):
+        res = bc("run", "--source", str(loop), "--", "true", env={"BUILDCELL_WORKSPACE": mode})
+        assert "loop" in one_error(res), mode
+
+
+@root_only
+def test_a_mount_inside_the_source_makes_auto_copy(bc: RunCLI, tmp_path: Path) -> None:
+    """An overlay's lower layer is one mount: it would show what a mount inside the source
+    covers, and not the mount. So such a source is copied, as a copy sees it."""
+    import subprocess
+
+    src = _tree(tmp_path / "src")
+    (src / "m").mkdir()
+    (src / "m" / "covered").write_text("covered\n")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(src / "m")], check=True)
+    try:
+        (src / "m" / "mounted").write_text("mounted\n")
+        events = tmp_path / "ev.jsonl"
+        res = bc("run", "--source", str(src), "--events", str(events), "--", "ls", "m")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == ["mounted"]
+        event = _workspace_event(events)
+        assert event["mode"] == "copy" and "mount point inside the source" in event["why"]
+        forced = bc("run", "--source", str(src), "--", "true",
+                    env={"BUILDCELL_WORKSPACE": "overlay"})  # fmt: skip
+        assert "mount point inside the source" in one_error(forced)
+    finally:
+        subprocess.run(["umount", str(src / "m")], check=True)

@@ -134,9 +134,11 @@ def keep_workspace(
     step: str,
     *,
     keep_for: float = DEFAULT_KEEP,
+    max_bytes: int | None = None,
 ) -> KeptWorkspace:
     """Keep the workspace of ``storage`` (whose step ``step`` failed) for ``keep_for``
-    seconds; the caller records it in the build's record.
+    seconds, copying at most ``max_bytes`` where it must be copied; the caller records it
+    in the build's record.
 
     Raises:
         StateError: it cannot be kept (nothing is then left in ``kept/``).
@@ -147,7 +149,7 @@ def keep_workspace(
     except OSError as e:
         raise StateError(f"cannot keep the workspace in {where}: {e.strerror}") from e
     try:
-        storage.keep_workspace(where / "workspace")
+        storage.keep_workspace(where / "workspace", max_bytes=max_bytes)
     except BaseException:
         remove_tree(where)
         raise

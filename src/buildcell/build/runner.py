@@ -737,7 +737,9 @@ class _BuildRun:
         from buildcell.build.kept import keep_workspace
 
         try:
-            kept = keep_workspace(storage, self.state, self.record.id, step)
+            kept = keep_workspace(
+                storage, self.state, self.record.id, step, max_bytes=self.output_budget
+            )
         except StateError as e:
             self._warn(f"the workspace of step {step} was not kept: {e.message}")
             return

@@ -325,7 +325,9 @@ def open_shell(
 
 def _copy_in(storage: CellStorage, kept: Path) -> None:
     try:
-        storage.populate(kept, [])
+        # A copy, never an overlay: the kept directory may be removed (gc, --discard)
+        # while the shell runs.
+        storage.populate(kept, [], mode="copy")
     except ConfigError as e:
         raise ConfigError(
             f"the kept workspace does not fit in the build's disk budget: {e.message}",

@@ -9,6 +9,10 @@ then sleeps. Each cell's bubblewrap starts inside the anchor's namespaces (``set
 the same files through ``/proc/<anchor>/root``. When the anchor dies (stopped, or killed
 with the supervisor by its death signal) the kernel frees the tmpfs: nothing is left on
 the host's disk.
+
+A copy-on-write workspace (see ``overlay``) is mounted in the same namespace: with a disk
+budget on that tmpfs, without one on an anchor whose tmpfs (1 MiB) holds only its mount
+points.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ The overlay is ``nosuid,nodev``, follows no redirects and keeps no index: a host
 tree cannot steer it with overlay xattrs of its own.
 
 Where any of this is missing (an old kernel, a file system without idmapped mounts such
-as NFS, a source inside the state directory's file system tree that overlay refuses), the
-workspace is copied as before and ``doctor`` says why.
+as NFS), or the source has a mount point inside it (the lower layer is one mount: it would
+show what the mount covers), the workspace is copied as before and ``doctor`` says why.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from pathlib import Path
 from buildcell.cell import _spawn
 from buildcell.errors import SandboxError
 
-__all__ = ["OverlayPlan", "Unavailable", "mount_overlay", "whiteout_paths"]
+__all__ = ["OverlayPlan", "Unavailable", "mount_overlay", "mounts_below", "whiteout_paths"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -101,53 +101,70 @@ class OverlayPlan:
         return self.mounts / "workspace"
 
 
-def whiteout_paths(source: Path, exclude: Sequence[Path]) -> list[tuple[str, ...]]:
-    """The paths, relative to ``source``, at which the overlay must hide ``exclude``.
+def whiteout_paths(
+    source_fd: int, real_source: Path, exclude: Sequence[Path]
+) -> list[tuple[str, ...]]:
+    """The paths, relative to the source (the directory ``source_fd``, whose path is
+    ``real_source``), at which the overlay must hide ``exclude``.
 
-    Only what the lower layer really holds at that path: each component is looked up
-    without following a symlink, and the last one must be the excluded directory or file
-    itself (same device and inode). A path reached only through a symlink in the source is
-    not in the lower layer there: the cell sees the symlink, which leads nowhere outside.
+    Only what the lower layer really holds at that path: each component is looked up from
+    the descriptor without following a symlink, and the last one must be the excluded
+    directory or file itself (same device and inode). A path reached only through a
+    symlink in the source is not in the lower layer there: the cell sees the symlink,
+    which leads nowhere outside.
 
     Raises:
         Unavailable: an excluded path cannot be inspected.
     """
-    real_source = Path(os.path.realpath(source))
     found: list[tuple[str, ...]] = []
     for path in exclude:
         try:
             want = os.stat(path)
+            rel = Path(os.path.realpath(path)).relative_to(real_source).parts
         except FileNotFoundError:
+            continue
+        except ValueError:
             continue
         except OSError as e:
             raise Unavailable(f"cannot inspect {path}: {e.strerror}") from e
-        try:
-            rel = Path(os.path.realpath(path)).relative_to(real_source).parts
-        except ValueError:
-            continue
         if not rel:
-            raise Unavailable(f"the source {source} is itself excluded ({path})")
-        if _lower_holds(real_source, rel, (want.st_dev, want.st_ino)):
+            raise Unavailable(f"the source is itself excluded ({path})")
+        if _lower_holds(source_fd, rel, (want.st_dev, want.st_ino)):
             found.append(rel)
     return found
 
 
-def _lower_holds(source: Path, rel: tuple[str, ...], want: tuple[int, int]) -> bool:
-    fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+def mounts_below(real_source: Path) -> list[str]:
+    """Mount points strictly inside ``real_source`` (of this process's namespace): an
+    overlay's lower layer is one mount, so it would show what they cover, not them."""
+    prefix = str(real_source).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point.startswith(prefix):
+                found.append(point)
+    return found
+
+
+def _lower_holds(source_fd: int, rel: tuple[str, ...], want: tuple[int, int]) -> bool:
+    fd = source_fd
     try:
         for name in rel:
             try:
                 nfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError:
                 return False
-            os.close(fd)
+            if fd != source_fd:
+                os.close(fd)
             fd = nfd
             if stat.S_ISLNK(os.fstat(fd).st_mode):
                 return False
         st = os.fstat(fd)
         return (st.st_dev, st.st_ino) == want
     finally:
-        os.close(fd)
+        if fd != source_fd:
+            os.close(fd)
 
 
 def mount_overlay(plan: OverlayPlan, setns_fds: tuple[tuple[int, int], ...]) -> None:
@@ -191,7 +208,7 @@ def _explain(said: str) -> str:
     hint = {
         "mount_setattr": "this file system or kernel has no idmapped mounts (Linux 5.12+; not NFS)",
         "overlay": "the kernel refused the overlay (Linux 5.11+ unprivileged, 5.19+ over "
-        "an idmapped layer; a state directory inside the source overlaps it)",
+        "an idmapped layer)",
         "source": "the source changed while the workspace was set up",
     }.get(call, "")
     text = f"{call}: {os.strerror(code) if code else 'failed'}"
@@ -242,7 +259,15 @@ def _mount_child(plan: OverlayPlan, userns: int | None, report: int) -> Callable
                 _MOVE_MOUNT_F_EMPTY_PATH,
             ) != 0:  # fmt: skip
                 fail("move_mount", ctypes.get_errno())
-            lowerdir = lower
+            # Named by a descriptor, as rootless: the state directory's path may hold a
+            # "," or ":" that the options would split at, and the cell's mount table
+            # shows no host path.
+            try:
+                moved = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                fail("move_mount", e.errno or 0)
+                return
+            lowerdir = f"/proc/self/fd/{moved}".encode()
         else:
             # The descriptor opened here, in the anchor's namespace: overlay takes only
             # layers of the mounter's own namespace.

@@ -27,7 +27,13 @@ from typing import Any
 from buildcell._fs import Closing
 from buildcell.cell.anchor import StorageAnchor
 from buildcell.cell.identity import HostIdentity, acquire_identity
-from buildcell.cell.overlay import OverlayPlan, Unavailable, mount_overlay, whiteout_paths
+from buildcell.cell.overlay import (
+    OverlayPlan,
+    Unavailable,
+    mount_overlay,
+    mounts_below,
+    whiteout_paths,
+)
 from buildcell.errors import ConfigError, SandboxError, StateError
 from buildcell.state import StateDir, process_start_time, write_atomic
 from buildcell.trees import CopyStats, copy_tree, remove_tree
@@ -136,18 +142,22 @@ class CellStorage(Closing):
         """The workspace as the supervisor reaches it."""
         return self.host_path(self.workspace_bind)
 
-    def populate(self, source: Path, exclude: list[Path]) -> CopyStats | None:
+    def populate(
+        self, source: Path, exclude: list[Path], *, mode: str | None = None
+    ) -> CopyStats | None:
         """Make the (empty) workspace from ``source``: a copy-on-write overlay of it, or a
         copy (``BUILDCELL_WORKSPACE``, default ``auto``: the overlay where it works). Returns
         what was copied, None for an overlay; ``workspace_mode`` and ``copy_reason`` say
-        which it was and why.
+        which it was and why. ``mode`` overrides the setting (``copy`` for a copy that
+        must not depend on ``source`` once made).
 
         Raises:
             ConfigError: the source does not fit in the disk budget, or
                 ``BUILDCELL_WORKSPACE=overlay`` and the host cannot give one.
             SandboxError: the copy failed for another reason.
         """
-        mode = self.state.host.workspace
+        asked = mode
+        mode = mode or self.state.host.workspace
         why = _survey(source) if mode == "auto" else None
         if why is not None:
             self.copy_reason = why
@@ -164,7 +174,7 @@ class CellStorage(Closing):
                     ) from e
                 self.copy_reason = str(e)
         else:
-            self.copy_reason = "BUILDCELL_WORKSPACE=copy"
+            self.copy_reason = "asked for a copy" if asked else "BUILDCELL_WORKSPACE=copy"
         self.workspace_mode = "copy"
         try:
             return copy_tree(source, self.workspace, exclude=exclude, owner=self._owner())
@@ -196,22 +206,39 @@ class CellStorage(Closing):
     def _overlay(self, source: Path, exclude: list[Path]) -> None:
         """Mount the overlay of ``source`` as the workspace, or leave everything as it was.
 
+        The source is pinned by a descriptor first: its identity, the whiteouts and the
+        check the mount helper makes inside the namespace all refer to that directory.
+
         Raises:
             Unavailable: the host cannot, or the source is not the caller's (rootless).
         """
         try:
-            st = os.stat(source)
+            src_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise Unavailable(f"cannot open the source: {e.strerror}") from e
+        try:
+            self._overlay_of(src_fd, exclude)
+        finally:
+            os.close(src_fd)
+
+    def _overlay_of(self, src_fd: int, exclude: list[Path]) -> None:
+        try:
+            st = os.fstat(src_fd)
+            real = Path(os.readlink(f"/proc/self/fd/{src_fd}"))
+            below = mounts_below(real)
         except OSError as e:
             raise Unavailable(f"cannot inspect the source: {e.strerror}") from e
-        if not stat.S_ISDIR(st.st_mode):
-            raise Unavailable("the source is not a directory")
+        if below:
+            raise Unavailable(
+                f"{below[0]} is a mount point inside the source: copied, as a copy sees it"
+            )
         rootless = os.geteuid() != 0
         if rootless and st.st_uid != os.getuid():
             raise Unavailable(
                 f"the source belongs to uid {st.st_uid}, not to this user: the build could "
                 "not change its files"
             )
-        whiteouts = whiteout_paths(source, exclude)
+        whiteouts = whiteout_paths(src_fd, real, exclude)
         rw = self.dir / "rw"
         started = self.anchor is None
         try:
@@ -232,12 +259,12 @@ class CellStorage(Closing):
                 self._mkdir(rw / "lower", 0o700, None)
             upper = self.host_path(str(base / "upper"))
             for rel in whiteouts:
-                _whiteout(source, upper, rel, owner)
+                _whiteout(Path(f"/proc/self/fd/{src_fd}"), upper, rel, owner)
             mount_overlay(
                 OverlayPlan(
                     base=base,
                     mounts=rw,
-                    source=Path(os.path.abspath(source)),
+                    source=real,
                     source_id=(st.st_dev, st.st_ino),
                     idmap=None
                     if rootless
@@ -305,13 +332,15 @@ class CellStorage(Closing):
             durable=False,  # its processes do not outlive a reboot either
         )
 
-    def keep_workspace(self, dest: Path) -> None:
+    def keep_workspace(self, dest: Path, *, max_bytes: int | None = None) -> None:
         """Move the workspace to ``dest``, a new directory on the state directory's file
         system, where :meth:`close` does not remove it (``build --keep-failed``).
 
-        Without a disk budget it is renamed there, at no cost; with one it lives on the
-        anchor's tmpfs, which ends with the storage, so it is copied out (as every hostile
-        tree is: never following a link, skipping fifos and devices).
+        A copied workspace without a disk budget is renamed there, at no cost; one on the
+        anchor's tmpfs or an overlay (which end with the storage) is copied out as every
+        hostile tree is: never following a link, skipping fifos and devices, and at most
+        ``max_bytes`` of content (an overlay's view holds the whole source, a hard link
+        is copied as often as it is linked).
 
         Raises:
             StateError: it cannot be moved or copied there.
@@ -324,7 +353,7 @@ class CellStorage(Closing):
         except OSError as e:
             raise StateError(f"cannot keep the workspace in {dest}: {e.strerror}") from e
         try:
-            copy_tree(self.workspace, dest)
+            copy_tree(self.workspace, dest, max_bytes=max_bytes)
         except (ConfigError, SandboxError) as e:
             remove_tree(dest)
             raise StateError(f"cannot keep the workspace in {dest}: {e.message}") from e
