@@ -36,7 +36,7 @@ from buildcell.cell.overlay import (
 )
 from buildcell.errors import ConfigError, SandboxError, StateError
 from buildcell.state import StateDir, process_start_time, write_atomic
-from buildcell.trees import CopyStats, copy_tree, remove_tree
+from buildcell.trees import CopyStats, copy_tree, remove_entry, remove_tree
 from buildcell.units import format_size
 
 __all__ = ["CellStorage", "Scratch", "new_cell_id"]
@@ -366,7 +366,7 @@ class CellStorage(Closing):
             self.anchor.close()
             anchor_stopped = not self.anchor.alive()
         if self.dir.exists():
-            remove_tree(self.dir)
+            _remove_record_last(self.dir)
             workspace_removed = not self.dir.exists()
         if self._owns_identity:
             self.identity.close()
@@ -432,6 +432,23 @@ def _whiteout(
             if owner is not None:
                 os.chown(where, *owner)
     os.mknod(where / rel[-1], stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+
+def _remove_record_last(cell_dir: Path) -> None:
+    """Remove the cell's directory, its ``cell.json`` last: a supervisor killed midway
+    leaves the record that tells ``gc`` the rest is its to remove (a directory without one
+    is taken for a cell still being made)."""
+    try:
+        fd = os.open(cell_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise SandboxError(f"cannot remove {cell_dir}: {e.strerror}") from e
+    try:
+        for name in os.listdir(fd):
+            if name != "cell.json":
+                remove_entry(fd, name, shown=cell_dir / name)
+    finally:
+        os.close(fd)
+    remove_tree(cell_dir)
 
 
 def mounts_under(path: Path) -> int:
