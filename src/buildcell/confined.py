@@ -591,9 +591,13 @@ def operator_path(path: Path, *, what: str) -> Path:
                 f"{what}: cannot inspect {_show(str(current))}: {e.strerror}"
             ) from e
         if stat.S_ISLNK(st.st_mode):
+            try:
+                leads = os.path.realpath(current)
+            except OSError:  # changed again since: the path it leads to is not known
+                leads = "(it keeps changing)"
             raise UnsafePathError(
                 f"{what}: {_show(str(current.relative_to(cwd)))} is a symlink in the working "
                 "directory; buildcell follows none there",
-                hint=f"give the path it leads to, if that is meant: {os.path.realpath(current)}",
+                hint=f"give the path it leads to, if that is meant: {leads}",
             )
     return absolute

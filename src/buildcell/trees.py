@@ -81,6 +81,10 @@ class _Frame:
     pending: list[str] | None = None
 
 
+#: The unit ``copy_tree``'s ``max_bytes`` counts in: a file system block.
+_BLOCK = 4096
+
+
 @dataclass
 class _TreeCopier:
     source: Path
@@ -89,6 +93,9 @@ class _TreeCopier:
     owner: tuple[int, int] | None
     progress: Callable[[int, int], None] | None
     max_bytes: int | None = None
+    #: What the copy has stored, as ``max_bytes`` counts it: whole blocks, and one block
+    #: for every entry (a directory or a symlink takes space too).
+    charged: int = 0
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
@@ -110,6 +117,17 @@ class _TreeCopier:
             # The copy is the state directory's (a workspace, a cache): a full disk says so.
             return write_failure(self.dest / "x", e, what=f"{_show('/'.join(rel) or '.')} (a copy)")
         return SandboxError(f"cannot write {_show(self.dest.joinpath(*rel))}: {e.strerror}")
+
+    def _charge(self, size: int, rel: tuple[str, ...]) -> None:
+        """Count ``size`` bytes (rounded up to blocks) plus one block for the entry against
+        ``max_bytes``; past it is a :class:`SandboxError`."""
+        if self.max_bytes is None:
+            return
+        self.charged += _BLOCK + -(-size // _BLOCK) * _BLOCK
+        if self.charged > self.max_bytes:
+            raise SandboxError(
+                f"the copy would exceed {format_size(self.max_bytes)} at {_show('/'.join(rel))}"
+            )
 
     def _tick(self) -> None:
         if self.progress is not None:
@@ -197,6 +215,7 @@ class _TreeCopier:
                 os.chown(name, *self.owner, dir_fd=frame.dst_fd, follow_symlinks=False)
         except OSError as e:
             raise self._dest_error(rel, e) from e
+        self._charge(len(target), rel)
         self.symlinks += 1
 
     def _enter(self, frame: _Frame, name: str) -> _Frame | None:
@@ -227,6 +246,7 @@ class _TreeCopier:
         except BaseException:
             os.close(src_fd)
             raise
+        self._charge(0, rel)
         self.dirs += 1
         # Special bits are dropped everywhere: nothing in the cell is setuid or setgid.
         return _Frame(src_fd, dst_fd, rel, stat.S_IMODE(st.st_mode) & 0o777)
@@ -253,11 +273,7 @@ class _TreeCopier:
             if (st.st_dev, st.st_ino) in self.excluded:
                 return
             # What the copy will store: holes stay holes (see _copy_sparse).
-            stored = min(st.st_size, st.st_blocks * 512)
-            if self.max_bytes is not None and self.bytes + stored > self.max_bytes:
-                raise SandboxError(
-                    f"the copy would exceed {format_size(self.max_bytes)} at {_show('/'.join(rel))}"
-                )
+            self._charge(min(st.st_size, st.st_blocks * 512), rel)
             try:
                 dst_fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=frame.dst_fd)
             except OSError as e:
@@ -275,6 +291,10 @@ class _TreeCopier:
                 os.close(dst_fd)
         finally:
             os.close(src_fd)
+        # A file that grew holes into data while it was copied: counted as it came out.
+        if self.max_bytes is not None:
+            self.charged += max(0, copied - min(st.st_size, st.st_blocks * 512))
+            self._charge(0, rel)
         self.files += 1
         self.bytes += copied
         self._tick()

@@ -410,3 +410,31 @@ def test_a_mount_inside_the_source_makes_auto_copy(bc: RunCLI, tmp_path: Path) -
         assert "mount point inside the source" in one_error(forced)
     finally:
         subprocess.run(["umount", str(src / "m")], check=True)
+
+
+def test_a_kept_workspace_counts_directories_and_links_too(
+    bc: RunCLI, tmp_path: Path, state_root: Path
+) -> None:
+    """Entries without content take space as well: 3,000 empty directories the build made
+    are past an 8 MiB budget (a block each), and the workspace is not kept."""
+    src = _tree(tmp_path / "src")
+    spec_dir = tmp_path / "spec"
+    spec_dir.mkdir()
+    (spec_dir / "buildcell.yaml").write_text(
+        "version: 1\nname: kept\nrootfs: host\nlimits: {disk: 8MiB}\nsteps:\n"
+        "  - {name: fail, run: 'mkdir m && cd m && seq 1 3000 | xargs mkdir && false'}\n"
+    )
+    res = bc("build", "-f", str(spec_dir / "buildcell.yaml"), "--source", str(src),
+             "--keep-failed", "--out", str(tmp_path / "out"),
+             env={"BUILDCELL_WORKSPACE": "overlay"})  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert "was not kept" in res.stderr and "would exceed 8.0 MiB" in res.stderr, res.stderr
+    kept = state_root / "state" / "kept"
+    assert not kept.exists() or not list(kept.iterdir())
+
+
+def test_mountinfo_paths_are_unescaped() -> None:
+    from buildcell.cell.overlay import unescape_mountinfo
+
+    assert unescape_mountinfo(r"/a\134b/s\040c\011d\012e") == "/a\\b/s c\td\ne"
+    assert unescape_mountinfo("/plain/path") == "/plain/path"

@@ -533,3 +533,20 @@ def test_sparse_files_keep_their_holes(src: Path, dest: Path, size: int) -> None
         assert f.read() == b"end"
         f.seek(4096)
         assert f.read(4096) == bytes(4096)
+
+
+def test_copy_bound_counts_every_entry_a_block(tmp_path: Path) -> None:
+    """``max_bytes`` bounds what the copy stores: empty directories and symlinks take a
+    block each, so 100 of them do not fit in 50 blocks."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(100):
+        (src / f"d{i}").mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(SandboxError, match="would exceed"):
+        copy_tree(src, dest, max_bytes=50 * 4096)
+    dest2 = tmp_path / "dest2"
+    dest2.mkdir()
+    copy_tree(src, dest2, max_bytes=101 * 4096)
+    assert len(list(dest2.iterdir())) == 100

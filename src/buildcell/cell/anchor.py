@@ -132,12 +132,17 @@ class StorageAnchor(Closing):
         )
 
     def _wait_mounted(self) -> None:
-        # The tmpfs is mounted before bubblewrap execs ``sleep``; wait for that exec.
+        # The tmpfs is mounted before bubblewrap execs ``sleep``; wait for that exec. The
+        # mount alone is not enough: until bubblewrap's last pivot_root, a process entering
+        # the namespace would find a root other than the host's (a cell's paths missing).
         target = self.path(self.mountpoint)
+        comm = f"/proc/{self.pid}/comm"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                if os.stat(target).st_dev != os.stat(self.mountpoint).st_dev:
+                with open(comm) as f:
+                    execed = f.read().strip() == "sleep"
+                if execed and os.stat(target).st_dev != os.stat(self.mountpoint).st_dev:
                     return
             except OSError:
                 pass

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import shutil
 import signal
 import stat
@@ -45,7 +46,14 @@ from pathlib import Path
 from buildcell.cell import _spawn
 from buildcell.errors import SandboxError
 
-__all__ = ["OverlayPlan", "Unavailable", "mount_overlay", "mounts_below", "whiteout_paths"]
+__all__ = [
+    "OverlayPlan",
+    "Unavailable",
+    "mount_overlay",
+    "mounts_below",
+    "unescape_mountinfo",
+    "whiteout_paths",
+]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -141,10 +149,17 @@ def mounts_below(real_source: Path) -> list[str]:
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            point = line.split()[4].replace("\\040", " ")
+            point = unescape_mountinfo(line.split()[4])
             if point.startswith(prefix):
                 found.append(point)
     return found
+
+
+def unescape_mountinfo(field: str) -> str:
+    """A path as ``/proc/*/mountinfo`` writes it: space, tab, newline and backslash are
+    octal escapes (``\\040``, ``\\011``, ``\\012``, ``\\134``)."""
+    raw = os.fsencode(field)
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), raw))
 
 
 def _lower_holds(source_fd: int, rel: tuple[str, ...], want: tuple[int, int]) -> bool:

@@ -32,6 +32,7 @@ from buildcell.cell.overlay import (
     Unavailable,
     mount_overlay,
     mounts_below,
+    unescape_mountinfo,
     whiteout_paths,
 )
 from buildcell.errors import ConfigError, SandboxError, StateError
@@ -280,7 +281,8 @@ class CellStorage(Closing):
                 e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             ) from e
         if started:
-            (self.dir / "workspace").rmdir()  # the copy's, empty and unused
+            with contextlib.suppress(OSError):
+                (self.dir / "workspace").rmdir()  # the copy's, empty and unused
         self.workspace_bind = str(rw / "workspace")
 
     def _undo_overlay(self, started: bool) -> None:
@@ -457,7 +459,7 @@ def mounts_under(path: Path) -> int:
     count = 0
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            mountpoint = line.split()[4].replace("\\040", " ")
+            mountpoint = unescape_mountinfo(line.split()[4])
             if mountpoint == prefix or mountpoint.startswith(prefix + "/"):
                 count += 1
     return count
