@@ -118,12 +118,12 @@ class _TreeCopier:
             return write_failure(self.dest / "x", e, what=f"{_show('/'.join(rel) or '.')} (a copy)")
         return SandboxError(f"cannot write {_show(self.dest.joinpath(*rel))}: {e.strerror}")
 
-    def _charge(self, size: int, rel: tuple[str, ...]) -> None:
-        """Count ``size`` bytes (rounded up to blocks) plus one block for the entry against
-        ``max_bytes``; past it is a :class:`SandboxError`."""
+    def _charge(self, size: int, rel: tuple[str, ...], *, entry: bool = True) -> None:
+        """Count ``size`` bytes (rounded up to blocks), plus one block for the entry unless
+        it was counted already, against ``max_bytes``; past it is a :class:`SandboxError`."""
         if self.max_bytes is None:
             return
-        self.charged += _BLOCK + -(-size // _BLOCK) * _BLOCK
+        self.charged += (_BLOCK if entry else 0) + -(-size // _BLOCK) * _BLOCK
         if self.charged > self.max_bytes:
             raise SandboxError(
                 f"the copy would exceed {format_size(self.max_bytes)} at {_show('/'.join(rel))}"
@@ -292,9 +292,7 @@ class _TreeCopier:
         finally:
             os.close(src_fd)
         # A file that grew holes into data while it was copied: counted as it came out.
-        if self.max_bytes is not None:
-            self.charged += max(0, copied - min(st.st_size, st.st_blocks * 512))
-            self._charge(0, rel)
+        self._charge(max(0, copied - min(st.st_size, st.st_blocks * 512)), rel, entry=False)
         self.files += 1
         self.bytes += copied
         self._tick()

@@ -50,6 +50,7 @@ __all__ = [
     "OverlayPlan",
     "Unavailable",
     "mount_overlay",
+    "mount_points",
     "mounts_below",
     "unescape_mountinfo",
     "whiteout_paths",
@@ -129,9 +130,7 @@ def whiteout_paths(
         try:
             want = os.stat(path)
             rel = Path(os.path.realpath(path)).relative_to(real_source).parts
-        except FileNotFoundError:
-            continue
-        except ValueError:
+        except (FileNotFoundError, ValueError):  # not there, or not inside the source
             continue
         except OSError as e:
             raise Unavailable(f"cannot inspect {path}: {e.strerror}") from e
@@ -142,17 +141,17 @@ def whiteout_paths(
     return found
 
 
+def mount_points() -> list[str]:
+    """The mount points of this process's mount namespace, as paths."""
+    with open("/proc/self/mountinfo") as f:
+        return [unescape_mountinfo(line.split()[4]) for line in f]
+
+
 def mounts_below(real_source: Path) -> list[str]:
     """Mount points strictly inside ``real_source`` (of this process's namespace): an
     overlay's lower layer is one mount, so it would show what they cover, not them."""
     prefix = str(real_source).rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = unescape_mountinfo(line.split()[4])
-            if point.startswith(prefix):
-                found.append(point)
-    return found
+    return [point for point in mount_points() if point.startswith(prefix)]
 
 
 def unescape_mountinfo(field: str) -> str:
@@ -234,6 +233,7 @@ def _mount_child(plan: OverlayPlan, userns: int | None, report: int) -> Callable
     """What the child runs inside the anchor's namespaces: system calls only, prepared
     here (the paths as bytes, the options string), then it exits without an exec."""
     mounts = os.fsencode(plan.mounts)
+    merged = os.fsencode(plan.merged)
     base = os.fsencode(plan.base)
     source = os.fsencode(plan.source)
     source_id = plan.source_id
@@ -293,7 +293,7 @@ def _mount_child(plan: OverlayPlan, userns: int | None, report: int) -> Callable
             fail("chdir", e.errno or 0)
         options = b"lowerdir=" + lowerdir + b",upperdir=upper,workdir=work,"
         options += (_SAFE_OPTIONS + extra).encode()
-        if _mount(b"overlay", mounts + b"/workspace", b"overlay", _MS_NOSUID | _MS_NODEV,
+        if _mount(b"overlay", merged, b"overlay", _MS_NOSUID | _MS_NODEV,
                   options) != 0:  # fmt: skip
             fail("overlay", ctypes.get_errno())
         os.write(report, b"ok")

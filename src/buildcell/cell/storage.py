@@ -31,8 +31,8 @@ from buildcell.cell.overlay import (
     OverlayPlan,
     Unavailable,
     mount_overlay,
+    mount_points,
     mounts_below,
-    unescape_mountinfo,
     whiteout_paths,
 )
 from buildcell.errors import ConfigError, SandboxError, StateError
@@ -456,10 +456,4 @@ def _remove_record_last(cell_dir: Path) -> None:
 def mounts_under(path: Path) -> int:
     """How many mounts of our mount namespace lie at or under ``path``."""
     prefix = str(path)
-    count = 0
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mountpoint = unescape_mountinfo(line.split()[4])
-            if mountpoint == prefix or mountpoint.startswith(prefix + "/"):
-                count += 1
-    return count
+    return sum(1 for p in mount_points() if p == prefix or p.startswith(prefix + "/"))
