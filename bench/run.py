@@ -34,9 +34,10 @@ sys.path.insert(0, str(REPO / "src"))
 from buildcell.cell import CellConfig  # noqa: E402
 from buildcell.cell.bwrap import SandboxPlan, bwrap_argv  # noqa: E402
 from buildcell.cell.config import HostRootfs  # noqa: E402
-from buildcell.cell.rootfs import WritableAreas, cell_mounts, etc_mounts, rootfs_mounts  # noqa: E402
+from buildcell.cell.etcdir import prepared_etc  # noqa: E402
+from buildcell.cell.rootfs import WritableAreas, cell_mounts, rootfs_mounts  # noqa: E402
 from buildcell.cell.seccomp import compile_bpf, default_profile  # noqa: E402
-from buildcell.cell.supervisor import _etc_memfds, find_bwrap, run_cell  # noqa: E402
+from buildcell.cell.supervisor import find_bwrap, run_cell  # noqa: E402
 from buildcell.state import StateDir  # noqa: E402
 
 N = int(os.environ.get("BENCH_N", "200"))
@@ -80,10 +81,10 @@ def main() -> int:
         bpf = compile_bpf(default_profile())
         workspace = base / "ws"
         workspace.mkdir()
-        etc_fds = _etc_memfds()  # bubblewrap copies them; the same ones serve every run
+        etc = prepared_etc(state.etc)  # the copy every cell binds, held for the whole run
         plan = SandboxPlan(
             mounts=cell_mounts(
-                [*rootfs_mounts(HostRootfs()), *etc_mounts(etc_fds)],
+                [*rootfs_mounts(HostRootfs(), etc=False), *etc.mounts()],
                 WritableAreas(str(workspace)),
             ),
             argv=("/bin/true",),
@@ -100,7 +101,7 @@ def main() -> int:
             os.lseek(seccomp, 0, 0)
             r, w = os.pipe()
             argv = bwrap_argv(dataclasses.replace(plan, seccomp_fd=seccomp, status_fd=w), bwrap)
-            subprocess.run(argv, pass_fds=(seccomp, w, *etc_fds.values()), check=True)
+            subprocess.run(argv, pass_fds=(seccomp, w), check=True)
             for fd in (seccomp, r, w):
                 os.close(fd)
 
@@ -234,7 +235,7 @@ def cell_figures(
             "target": "≤ 1.3×",
         },
         {
-            "figure": "bubblewrap with buildcell's own flags (synthesized /etc, ~25 binds)",
+            "figure": "bubblewrap with buildcell's own flags (the prepared /etc bound once)",
             "ours": summary(cell["raw bwrap"]),
             "baseline": summary(cell["plain bwrap"]),
             "baseline_name": "plain bwrap",

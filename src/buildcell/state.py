@@ -67,6 +67,7 @@ class StateDir:
         self.root = (root or self.host.default_state_dir()).absolute()
         # Traversable by the cells' host uid when we are root; private otherwise.
         self.traverse_mode = 0o711 if os.geteuid() == 0 else 0o700
+        self._ensured: set[Path] = set()
         self._ensure(self.root, self.traverse_mode)
         if os.geteuid() == 0:
             self._check_reachable()
@@ -94,6 +95,12 @@ class StateDir:
         return self._ensure(self.root / "cache", self.traverse_mode)
 
     @property
+    def etc(self) -> Path:
+        """Prepared copies of the cells' /etc (:mod:`buildcell.cell.etcdir`); created
+        there when first needed."""
+        return self.root / "etc"
+
+    @property
     def caches(self) -> Path:
         """Build caches (``caches:`` of steps), per project, trust level and key."""
         return self._ensure(self.root / "caches", self.traverse_mode)
@@ -109,6 +116,8 @@ class StateDir:
             )
 
     def _ensure(self, path: Path, mode: int) -> Path:
+        if path in self._ensured:
+            return path  # checked once: a state directory's parts are not removed under us
         try:
             path.mkdir(mode=mode, parents=True, exist_ok=True)
             st = path.lstat()
@@ -126,6 +135,7 @@ class StateDir:
             )
         if st.st_mode & 0o7777 != mode:
             os.chmod(path, mode)
+        self._ensured.add(path)
         return path
 
 
@@ -202,8 +212,18 @@ def write_atomic(
 
 def process_start_time(pid: int) -> int | None:
     """Start time (clock ticks since boot) of ``pid``, to tell it from a reused pid."""
+    own = pid == os.getpid()
+    if own and pid in _own_start:
+        return _own_start[pid]
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rpartition(")")[2].split()[19])
+    start = int(stat.rpartition(")")[2].split()[19])
+    if own:
+        _own_start[pid] = start  # asked for every cell: read once (a fork asks again)
+    return start
+
+
+#: The supervisor's own start time, by pid.
+_own_start: dict[int, int] = {}

@@ -5,6 +5,7 @@ keeps working, says what it found, and repairs what it can, with a warning."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -180,3 +181,33 @@ def test_a_damaged_unpacked_image_is_unpacked_again(work: Path, damage: str) -> 
     assert f"the unpacked image {tree.parent} was damaged" in res.stderr, res.stderr
     again = cli(state, "run", "--rootfs", rootfs, "--", "/bin/sh", "-c", "echo ok", cwd=src)
     assert "damaged" not in again.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove", "kind", "manifest", "no-manifest"])
+def test_a_damaged_etc_copy_is_made_again(work: Path, damage: str) -> None:
+    """The cells' /etc is a copy in the state directory: one damaged (a crash before its
+    data reached the disk, a file lost or replaced, a broken manifest) is never bound; the
+    next run makes it again and says which it was."""
+    src, state = _project(work)
+    first = cli(state, "run", "--", "cat", "/etc/passwd", cwd=src)
+    assert first.returncode == 0, first.stderr
+    copy = state / "etc" / os.readlink(state / "etc" / "current")
+    if damage == "truncate":
+        os.truncate(copy / "etc" / "ld.so.cache", 0)
+    elif damage == "remove":
+        (copy / "etc" / "passwd").unlink()
+    elif damage == "kind":
+        (copy / "etc" / "hosts").unlink()
+        (copy / "etc" / "hosts").mkdir()
+    elif damage == "manifest":
+        body = (copy / "manifest").read_bytes()
+        (copy / "manifest").write_bytes(body[: len(body) // 2])
+    else:
+        (copy / "manifest").unlink()
+    res = cli(state, "run", "--", "sh", "-c", "cat /etc/passwd; ldd /bin/true >/dev/null", cwd=src)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == first.stdout
+    assert f"the prepared /etc {copy} is damaged" in res.stderr, res.stderr
+    assert "made it again" in res.stderr
+    quiet = cli(state, "run", "--", "true", cwd=src)
+    assert quiet.returncode == 0 and "/etc" not in quiet.stderr, quiet.stderr

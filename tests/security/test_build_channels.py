@@ -1600,7 +1600,8 @@ done()
 INOTIFY = (
     "the host's /usr is bound into every cell as the same inodes, and inotify is allowed: "
     "a cell watching it learns which programs a concurrent build of another project runs, "
-    "and when (the host's own accesses too); the synthesized /etc files are each cell's own"
+    "and when (the host's own accesses too); the cells' /etc is one prepared copy, bound "
+    "into every cell the same way, so a read of /etc/passwd is seen too"
 )
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from buildcell.cell.etcdir import sweep as sweep_etc
 from buildcell.cell.limits import remove_stale_cgroup
 from buildcell.errors import Error
 from buildcell.state import StateDir, process_start_time
@@ -73,6 +74,8 @@ class GcReport:
     #: kept workspaces (``build --keep-failed``) removed, and those a shell was copying
     kept_removed: list[str] = field(default_factory=list)
     kept_busy: list[str] = field(default_factory=list)
+    #: prepared /etc copies of a host /etc that has changed since, no cell using them
+    etc_removed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +85,7 @@ class GcReport:
             "cgroups_removed": self.cgroups_removed,
             "failed": self.failed,
             "leftovers": self.leftovers,
+            "etc_removed": self.etc_removed,
             "caches_expired": self.caches_expired,
             "finalized": self.finalized,
             "warnings": self.warnings,
@@ -116,6 +120,9 @@ class GcReport:
             )
         if self.cas_removed:
             parts.append(f"removed {self.cas_removed} unreferenced input(s) from the store")
+        if self.etc_removed:
+            copies = "copy" if self.etc_removed == 1 else "copies"
+            parts.append(f"removed {self.etc_removed} outdated /etc {copies}")
         if self.kept_removed:
             parts.append(f"removed {len(self.kept_removed)} kept workspace(s)")
         if self.freed:
@@ -288,6 +295,7 @@ def _sweep_state(state: StateDir, keep: _Kept, report: GcReport, now: float) -> 
     report.leftovers += sweep.leftovers
     report.failed.extend(sweep.failed)
     report.freed += sweep.freed
+    report.etc_removed = sweep_etc(state.etc)
     if len(readable) < len(listed):
         # (Its own warning already says gc leaves it alone.)
         report.cas_skipped = "a build record is unreadable: the inputs it lists are unknown"

@@ -144,7 +144,8 @@ def whiteout_paths(
 def mount_points() -> list[str]:
     """The mount points of this process's mount namespace, as paths."""
     with open("/proc/self/mountinfo") as f:
-        return [unescape_mountinfo(line.split()[4]) for line in f]
+        fields = [line.split(" ", 5)[4] for line in f]
+    return [unescape_mountinfo(p) if "\\" in p else p for p in fields]
 
 
 def mounts_below(real_source: Path) -> list[str]:

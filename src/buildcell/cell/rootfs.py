@@ -249,7 +249,9 @@ def tree_mounts(tree: OpenedTree, *, etc_files: Mapping[str, int]) -> list[Mount
     return mounts + etc_mounts(etc_files)
 
 
-def rootfs_mounts(rootfs: HostRootfs, *, host_root: Path = Path("/")) -> list[Mount]:
+def rootfs_mounts(
+    rootfs: HostRootfs, *, host_root: Path = Path("/"), etc: bool = True
+) -> list[Mount]:
     """The read-only root of a cell on the host's ``/usr``, before the synthesized /etc
     files (:func:`etc_mounts`), proc, dev and the writable areas (a directory rootfs is
     planned by :func:`tree_mounts`).
@@ -257,6 +259,8 @@ def rootfs_mounts(rootfs: HostRootfs, *, host_root: Path = Path("/")) -> list[Mo
     Args:
         rootfs: the host rootfs.
         host_root: the host's ``/``, replaceable in tests.
+        etc: with the host's /etc entries bound one by one; without, the caller binds a
+            prepared /etc (:mod:`buildcell.cell.etcdir`).
     """
     assert isinstance(rootfs, HostRootfs)
     mounts: list[Mount] = []
@@ -266,6 +270,8 @@ def rootfs_mounts(rootfs: HostRootfs, *, host_root: Path = Path("/")) -> list[Mo
             mounts.append(m)
     mounts.append(Mount("dir", "/var", mode=0o755))
     mounts.append(Mount("symlink", "/var/tmp", src="../tmp"))
+    if not etc:
+        return mounts
     etc_base = host_root / "etc"
     for name in HOST_ETC_ENTRIES:
         m = _entry_mount(etc_base / name, f"/etc/{name}")

@@ -480,10 +480,14 @@ class SeccompProfile:
         named files has one digest. Keys are sorted and separators fixed, so the digest is
         stable across runs and Python versions.
         """
-        return _digest(self)
+        cached: str | None = self.__dict__.get("_digest")
+        if cached is None:
+            # Once per profile: hashing a frozen profile walks every rule, each time.
+            cached = _digest(self)
+            object.__setattr__(self, "_digest", cached)
+        return cached
 
 
-@functools.lru_cache(maxsize=64)
 def _digest(profile: SeccompProfile) -> str:
     content = profile.to_dict()
     del content["name"]

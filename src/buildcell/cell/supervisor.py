@@ -37,6 +37,7 @@ from buildcell.cell.config import (
     OciRootfs,
     Rootfs,
 )
+from buildcell.cell.etcdir import EtcNotPrepared, PreparedEtc, prepared_etc
 from buildcell.cell.limits import (
     CellCgroup,
     LimitsBackend,
@@ -205,10 +206,10 @@ def _etc_memfds() -> dict[str, int]:
 
 
 @functools.cache
-def _host_root_mounts() -> tuple[Mount, ...]:
+def _host_root_mounts(*, etc: bool) -> tuple[Mount, ...]:
     # The host's top-level layout does not change while a supervisor runs; each bind is
     # still resolved afresh by bubblewrap when a cell starts.
-    return tuple(rootfs_mounts(HostRootfs()))
+    return tuple(rootfs_mounts(HostRootfs(), etc=etc))
 
 
 def _check_reachable(where: Path) -> None:
@@ -515,6 +516,7 @@ class Cell:
         self._terminal: Terminal | None = None
         self._tree: OpenedTree | None = None
         self._etc_fds: dict[str, int] = {}
+        self._etc: PreparedEtc | None = None
         self._out: OutputDir | None = None
         self._backend_mode = "rlimit"
         self.result: CellResult | None = None
@@ -558,10 +560,16 @@ class Cell:
         self._scratch = storage.new_scratch()
         root: list[Mount]
         rootfs: Rootfs = cfg.rootfs
-        self._etc_fds = _etc_memfds()
         if isinstance(rootfs, HostRootfs):
-            root = [*_host_root_mounts(), *etc_mounts(self._etc_fds)]
+            try:
+                self._etc = prepared_etc(state.etc, warn=self._warn)
+                root = [*_host_root_mounts(etc=False), *self._etc.mounts()]
+            except EtcNotPrepared as e:
+                self.events.emit("etc.unprepared", why=str(e))
+                self._etc_fds = _etc_memfds()
+                root = [*_host_root_mounts(etc=True), *etc_mounts(self._etc_fds)]
         else:
+            self._etc_fds = _etc_memfds()
             self._tree, where = _open_rootfs(
                 rootfs, state, cfg.image_budget, self._warn, progress=self._unpack_progress
             )
@@ -1137,7 +1145,7 @@ class Cell:
         for fd in self._etc_fds.values():
             os.close(fd)
         self._etc_fds = {}
-        for attr in ("_tree", "_out"):
+        for attr in ("_tree", "_out", "_etc"):
             held = getattr(self, attr)
             if held is not None:
                 held.close()
