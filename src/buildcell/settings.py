@@ -35,7 +35,6 @@ a key given twice, merge keys (``<<``) and YAML tags; every error names the file
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -167,6 +166,8 @@ class _File:
         name = loc[-1]
         if name in known:
             return
+        import difflib  # only for a mistake: not on every start
+
         close = difflib.get_close_matches(str(name), known, n=1)
         guess = f" (did you mean {close[0]!r}?)" if close else ""
         within = f"{loc[0]}: " if len(loc) > 1 else ""

@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -368,7 +367,7 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def _make(root: Path, host_etc: Path, files: Mapping[str, bytes], now: float) -> str:
     """Make a copy in a new directory, publish it (unless racy) and return its name."""
-    new = root / f".new-{secrets.token_hex(8)}"
+    new = root / f".new-{os.urandom(8).hex()}"
     tree = new / "etc"
     try:
         os.mkdir(new, 0o755)
@@ -408,7 +407,7 @@ def _make(root: Path, host_etc: Path, files: Mapping[str, bytes], now: float) ->
                 raise EtcNotPrepared(
                     f"the prepared /etc {root / name} is damaged and in use"
                 ) from None
-        link = root / f".new-{secrets.token_hex(8)}"
+        link = root / f".new-{os.urandom(8).hex()}"
         os.symlink(name, link)
         os.rename(link, root / "current")
         fsync_dir(root)
@@ -448,7 +447,7 @@ def _retire(root: Path, name: str) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         gone = path
         if not name.startswith(".gone-"):
-            gone = root / f".gone-{name}-{secrets.token_hex(4)}"
+            gone = root / f".gone-{name}-{os.urandom(4).hex()}"
             os.rename(path, gone)
         _remove(gone)
         return True

@@ -1,0 +1,107 @@
+"""On cgroup v1 the spawning thread alone joins the cell's cgroups for the instant of a
+vfork (buildcell.cell._spawn._thread_cgroups): bubblewrap is born in them, the supervisor
+is never left in them, and the limits hold. Real cgroups, real sandbox."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tests.conftest import RunCell
+
+from buildcell.cell import CellConfig, Limits
+from buildcell.cell.supervisor import Cell, limits_backend
+from buildcell.state import StateDir
+
+
+@pytest.fixture
+def v1(state: StateDir) -> None:
+    if limits_backend(state.host).mode != "cgroup1":
+        pytest.skip("this host's limits are not on cgroup v1")
+
+
+def _own_cgroups() -> str:
+    return Path("/proc/thread-self/cgroup").read_text()
+
+
+def _threads_cgroups() -> set[str]:
+    lines: set[str] = set()
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            lines.update((task / "cgroup").read_text().splitlines())
+    return lines
+
+
+@pytest.mark.usefixtures("v1")
+def test_bubblewrap_is_born_in_the_cell_and_the_supervisor_goes_back(state: StateDir) -> None:
+    before = _own_cgroups()
+    limits = Limits(memory=256 << 20, pids=64, cpus=1)
+    with Cell(CellConfig(argv=("/bin/sleep", "1"), limits=limits), state=state) as cell:
+        runner = threading.Thread(target=cell.run)
+        runner.start()
+        try:
+            deadline = time.monotonic() + 10
+            assert cell._cgroup is not None
+            dirs = cell._cgroup.dirs
+            while time.monotonic() < deadline and (
+                cell._proc is None or not (dirs[0] / "tasks").read_text().split()
+            ):
+                time.sleep(0.01)
+            for d in dirs:
+                members = {int(p) for p in (d / "tasks").read_text().split()}
+                assert cell._proc is not None and cell._proc.pid in members, d
+            # No thread of the supervisor is in a cell's cgroup.
+            names = {str(d).split("/buildcell/", 1)[1] for d in dirs}
+            assert not [ln for ln in _threads_cgroups() if any(n in ln for n in names)]
+            assert _own_cgroups() == before
+        finally:
+            runner.join(timeout=30)
+    assert cell.result is not None and cell.result.exit_code == 0
+
+
+#: Forks until refused, prints how many it had.
+FORKS = """
+import os, time
+children = []
+for _ in range(40):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(2)
+        os._exit(0)
+    children.append(pid)
+print(len(children))
+"""
+
+
+@pytest.mark.usefixtures("v1")
+def test_cells_started_from_many_threads_at_once_each_get_their_limits(
+    cell: RunCell, state: StateDir
+) -> None:
+    """Eight threads start a cell each: every cell is held to its own pids limit, and
+    every thread ends where it began."""
+    results: dict[int, tuple[str, str, int]] = {}
+
+    def one(i: int) -> None:
+        before = _own_cgroups()
+        ran = cell(
+            ["/usr/bin/python3", "-c", FORKS],
+            limits=Limits(pids=8 + i, memory=128 << 20),
+        )
+        results[i] = (before, _own_cgroups(), int(ran.stdout.split()[-1]))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 8
+    for i, (before, after, started) in results.items():
+        assert before == after, i
+        # bubblewrap, its init and python count too: fewer children than the limit.
+        assert 0 < started < 8 + i, (i, started)

@@ -1,0 +1,136 @@
+"""Dataclass methods compiled once and kept (buildcell._dccache): the same classes as
+without it, and a cache that is not ours never runs. Each case is its own interpreter,
+as the command is."""
+
+from __future__ import annotations
+
+import json
+import marshal
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+#: Classes of every kind the generated methods take: defaults, factories, frozen, order,
+#: keyword-only, slots, InitVar, post-init; what each does is printed as JSON.
+PROBE = r"""
+from __future__ import annotations
+import dataclasses, inspect, json, sys
+from pathlib import Path
+from buildcell import _dccache
+if sys.argv[2] == "cached":
+    _dccache.install(Path(sys.argv[1]))
+from dataclasses import dataclass, field, InitVar, KW_ONLY
+
+@dataclass(frozen=True, order=True)
+class A:
+    x: int
+    y: str = "y"
+    z: tuple[int, ...] = ()
+
+@dataclass
+class B:
+    a: list[int] = field(default_factory=list)
+    _: KW_ONLY
+    k: int = 3
+    seed: InitVar[int] = 0
+    def __post_init__(self, seed: int) -> None:
+        self.a.append(seed)
+
+@dataclass(slots=True, eq=False)
+class C:
+    p: float
+    q: dict[str, int] = field(default_factory=dict, repr=False)
+
+out = {}
+a = A(1)
+try:
+    a.x = 2
+    out["frozen"] = False
+except dataclasses.FrozenInstanceError:
+    out["frozen"] = True
+out["a"] = [repr(a), a == A(1), a < A(2), hash(a) == hash(A(1))]
+b = B(k=5, seed=7)
+out["b"] = [repr(b), b.a, B() == B(), B().a is not B().a]
+c = C(1.5)
+out["c"] = [repr(c), c == C(1.5), hasattr(c, "__dict__")]
+for cls in (A, B, C):
+    out[cls.__name__ + ".sig"] = str(inspect.signature(cls))
+    out[cls.__name__ + ".ann"] = repr(cls.__init__.__annotations__)
+out["new"] = len(_dccache._new)
+out["cached"] = len(_dccache._codes)
+print(json.dumps(out))
+"""
+
+
+def _probe(cache: Path, mode: str) -> dict[str, Any]:
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, str(cache), mode],
+        env=dict(os.environ, PYTHONPATH=SRC),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out: dict[str, Any] = json.loads(run.stdout)
+    return out
+
+
+def _same(x: dict[str, Any], y: dict[str, Any]) -> bool:
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in ("new", "cached")}
+
+    return strip(x) == strip(y)
+
+
+def test_classes_are_the_same_with_the_cache_cold_and_warm(tmp_path: Path) -> None:
+    cache = tmp_path / "methods.marshal"
+    plain = _probe(cache, "plain")
+    assert plain["frozen"] is True and plain["new"] == 0
+    cold = _probe(cache, "cached")
+    assert cold["new"] > 0 and cache.exists()
+    warm = _probe(cache, "cached")
+    assert warm["new"] == 0 and warm["cached"] == cold["new"]  # nothing compiled again
+    assert _same(plain, cold) and _same(plain, warm), (plain, cold, warm)
+
+
+@pytest.mark.parametrize("how", ["writable by others", "another owner", "garbage", "not a dict"])
+def test_a_cache_that_is_not_ours_or_is_damaged_is_not_used(tmp_path: Path, how: str) -> None:
+    """Code in a cache anyone could have written never runs: each of its entries would
+    replace a method of buildcell's classes."""
+    cache = tmp_path / "methods.marshal"
+    _probe(cache, "cached")
+    entries = marshal.loads(cache.read_bytes())  # noqa: S302 - the one just written
+    flag = tmp_path / "pwned"
+    evil = compile(f"open({str(flag)!r}, 'w').close()\ndef __create_fn__(**kw): pass", "x", "exec")
+    if how == "writable by others":
+        cache.write_bytes(marshal.dumps(dict.fromkeys(entries, evil)))
+        os.chmod(cache, 0o666)
+    elif how == "another owner":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the file away")
+        cache.write_bytes(marshal.dumps(dict.fromkeys(entries, evil)))
+        os.chown(cache, 12345, 12345)
+    elif how == "garbage":
+        cache.write_bytes(os.urandom(4096))
+    else:
+        cache.write_bytes(marshal.dumps([evil]))
+    again = _probe(cache, "cached")
+    assert not flag.exists()
+    assert again["frozen"] is True and again["new"] == len(entries)
+
+
+def test_the_command_installs_it() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", "import dataclasses, buildcell.cli; "
+         "print(getattr(dataclasses._create_fn, '_buildcell_cached', False))"],
+        env=dict(os.environ, PYTHONPATH=SRC),
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    assert run.stdout.strip() == str(sys.version_info[:2] == (3, 11))
