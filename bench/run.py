@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -107,13 +108,17 @@ def main() -> int:
 
         plain = _plain_bwrap_argv(bwrap, workspace)
 
-        def plain_bwrap() -> None:
+        def plain_bwrap(**as_user: Any) -> None:
             seccomp = os.memfd_create("bpf")
             os.write(seccomp, bpf)
             os.lseek(seccomp, 0, 0)
             argv = [*plain, "--seccomp", str(seccomp), "/bin/true"]
-            subprocess.run(argv, pass_fds=(seccomp,), check=True)
+            subprocess.run(argv, pass_fds=(seccomp,), check=True, **as_user)
             os.close(seccomp)
+
+        def plain_bwrap_unprivileged() -> None:
+            # As root every cell's bubblewrap runs as an unprivileged host uid (nobody here).
+            plain_bwrap(user=65534, group=65534, extra_groups=[])
 
         def buildcell_run_cell() -> None:
             run_cell(
@@ -143,8 +148,11 @@ def main() -> int:
             subprocess.run([sys.executable, "-c", "pass"], check=True)
 
         results = _header(bwrap)
+        unprivileged = plain_bwrap_unprivileged if os.geteuid() == 0 else None
         figures = _figures(
-            state, (plain_bwrap, raw_bwrap, buildcell_run_cell, buildcell_cli, python_startup)
+            state,
+            (plain_bwrap, raw_bwrap, buildcell_run_cell, buildcell_cli, python_startup),
+            unprivileged,
         )
         podman = shutil.which("podman")
         results["figures"] = figures
@@ -160,11 +168,15 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _figures(state: StateDir, cell: tuple[Callable[[], object], ...]) -> list[dict[str, object]]:
+def _figures(
+    state: StateDir,
+    cell: tuple[Callable[[], object], ...],
+    unprivileged: Callable[[], object] | None,
+) -> list[dict[str, object]]:
     """The figures of the groups asked for (``BENCH_ONLY``), each with its ratio."""
     figures: list[dict[str, object]] = []
     if "cell" in ONLY:
-        figures += cell_figures(*cell)
+        figures += cell_figures(*cell, unprivileged=unprivileged)
     if "redaction" in ONLY:
         print("redaction throughput ...", flush=True)
         figures += redaction_figures()
@@ -216,17 +228,23 @@ def cell_figures(
     run_cell: Callable[[], object],
     cli: Callable[[], object],
     python_startup: Callable[[], object],
+    *,
+    unprivileged: Callable[[], object] | None = None,
 ) -> list[dict[str, object]]:
     """``run_cell`` and the whole CLI against bubblewrap: with plain flags (what one would
-    write by hand for the same isolation) and with buildcell's own flags (what those cost)."""
+    write by hand for the same isolation), with buildcell's own flags (what those cost),
+    and, as root, with the plain flags as an unprivileged uid (what that costs)."""
     print(f"per-cell overhead, {N} rounds ...", flush=True)
-    cell = measure({"plain bwrap": plain_bwrap, "raw bwrap": raw_bwrap, "run_cell": run_cell}, N)
+    contenders = {"plain bwrap": plain_bwrap, "raw bwrap": raw_bwrap, "run_cell": run_cell}
+    if unprivileged is not None:
+        contenders["unprivileged"] = unprivileged
+    cell = measure(contenders, N)
     print(f"whole CLI process, {N // 2} rounds ...", flush=True)
     whole = measure(
         {"plain bwrap": plain_bwrap, "buildcell run": cli, "python -c pass": python_startup},
         max(20, N // 2),
     )
-    return [
+    figures: list[dict[str, object]] = [
         {
             "figure": "per-cell overhead: `run_cell` of /bin/true",
             "ours": summary(cell["run_cell"]),
@@ -235,7 +253,7 @@ def cell_figures(
             "target": "≤ 1.3×",
         },
         {
-            "figure": "bubblewrap with buildcell's own flags (the prepared /etc bound once)",
+            "figure": "bubblewrap with buildcell's own flags (the prepared /etc: 3 mounts)",
             "ours": summary(cell["raw bwrap"]),
             "baseline": summary(cell["plain bwrap"]),
             "baseline_name": "plain bwrap",
@@ -250,6 +268,19 @@ def cell_figures(
             f"{statistics.median(whole['python -c pass']):.1f} ms)",
         },
     ]
+    if "unprivileged" in cell:
+        figures.insert(
+            1,
+            {
+                "figure": "plain bwrap as an unprivileged host uid (as root, every cell's "
+                "bubblewrap runs as one)",
+                "ours": summary(cell["unprivileged"]),
+                "baseline": summary(cell["plain bwrap"]),
+                "baseline_name": "plain bwrap as root",
+                "target": "(report: what the uid costs)",
+            },
+        )
+    return figures
 
 
 def redaction_figures() -> list[dict[str, object]]:

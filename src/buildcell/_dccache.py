@@ -4,8 +4,10 @@ The ``dataclass`` decorator writes each class's ``__init__``, ``__repr__``, ``__
 more for frozen ones) as source text and compiles it when the class is created: some
 40 classes on the way to a cell, about a millisecond each, most of it in ``compile``,
 every time the command starts. :func:`install` makes the ``buildcell`` command keep the
-compiled code of that text next to the package's bytecode (``__pycache__``), keyed by the
-text itself, so a later start executes it without compiling.
+compiled code of that text beside each of its modules' bytecode
+(``__pycache__/<module>.<tag>.dataclasses``), keyed by the text itself, so a later start
+executes it without compiling. Only buildcell's own modules are kept, each read when its
+first class is made.
 
 The generated functions are the standard library's own, from the same text; nothing
 changes but where their code object comes from. The cache is read only when it belongs
@@ -30,16 +32,58 @@ from typing import Any
 __all__ = ["install"]
 
 _EXPECTED = ("name", "args", "body", "globals", "locals", "return_type")
-#: Entries beyond this (texts of classes since changed) start the cache afresh.
-_MAX_ENTRIES = 4096
-
-_codes: dict[str, CodeType] = {}
-_new: dict[str, CodeType] = {}
+#: Entries of one module beyond this (texts of classes since changed) start it afresh.
+_MAX_ENTRIES = 512
 
 
-def _path() -> Path:
-    tag = sys.implementation.cache_tag or "none"
-    return Path(__file__).parent / "__pycache__" / f"_dataclass_methods.{tag}.marshal"
+class _ModuleCache:
+    """The kept methods of one of buildcell's modules, read when its first class is made."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.codes = _load(path)
+        self.new: dict[str, CodeType] = {}
+
+    def save(self) -> None:
+        if not self.new:
+            return
+        merged = {**_load(self.path), **self.codes, **self.new}
+        if len(merged) > _MAX_ENTRIES:
+            merged = {**self.codes, **self.new}
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(mode=0o755, exist_ok=True)  # as bytecode's is made
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                marshal.dump(merged, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self.new.clear()
+
+
+#: By module name; None for a module whose classes are not kept (not ours, no file).
+_modules: dict[str, _ModuleCache | None] = {}
+
+
+def _cache_for(module_globals: dict[str, Any] | None) -> _ModuleCache | None:
+    if not module_globals:
+        return None
+    name = module_globals.get("__name__")
+    if not isinstance(name, str):
+        return None
+    if name in _modules:
+        return _modules[name]
+    source = module_globals.get("__file__")
+    cache = None
+    if (name == "buildcell" or name.startswith("buildcell.")) and isinstance(source, str):
+        tag = sys.implementation.cache_tag or "none"
+        where = Path(source).parent / "__pycache__" / f"{Path(source).stem}.{tag}.dataclasses"
+        cache = _ModuleCache(where)
+    _modules[name] = cache
+    return cache
 
 
 def _load(path: Path) -> dict[str, CodeType]:
@@ -51,8 +95,8 @@ def _load(path: Path) -> dict[str, CodeType]:
         st = os.fstat(fd)
         if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
             return {}  # someone else's code: compile instead
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            loaded = marshal.load(f)  # noqa: S302 - ours, as trusted as __pycache__
+        data = os.read(fd, st.st_size + 1)  # whole: marshal.load(file) reads piecemeal
+        loaded = marshal.loads(data)  # noqa: S302 - ours, as trusted as __pycache__
     except (OSError, EOFError, ValueError, TypeError):
         return {}
     finally:
@@ -62,28 +106,15 @@ def _load(path: Path) -> dict[str, CodeType]:
     return {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, CodeType)}
 
 
-def _save(path: Path) -> None:
-    if not _new:
-        return
-    merged = {**_load(path), **_codes, **_new}
-    if len(merged) > _MAX_ENTRIES:
-        merged = {**_codes, **_new}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            marshal.dump(merged, f)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    _new.clear()
+def _save() -> None:
+    for cache in _modules.values():
+        if cache is not None:
+            cache.save()
 
 
-def install(path: Path | None = None) -> None:
-    """Use (and fill, at exit) the cache for the dataclasses created from now on: the
-    package's ``__pycache__`` unless ``path`` names another file. Idempotent."""
+def install() -> None:
+    """Use (and fill, at exit) the kept methods of buildcell's dataclasses created from now
+    on, each module's beside its bytecode. Idempotent."""
     original = getattr(dataclasses, "_create_fn", None)
     if original is None or getattr(original, "_buildcell_cached", False):
         return
@@ -91,8 +122,6 @@ def install(path: Path | None = None) -> None:
         return
     if original.__code__.co_varnames[:6] != _EXPECTED:
         return
-    where = _path() if path is None else path
-    _codes.update(_load(where))
     missing: Any = dataclasses.MISSING
 
     def _create_fn(
@@ -116,16 +145,18 @@ def install(path: Path | None = None) -> None:
         txt = f" def {name}({joined}){return_annotation}:\n{lines}"
         local_vars = ", ".join(locals.keys())
         txt = f"def __create_fn__({local_vars}):\n{txt}\n return {name}"
-        code = _codes.get(txt)
+        cache = _cache_for(globals)
+        code = cache.codes.get(txt) if cache is not None else None
         if code is None:
             # As exec(txt) in dataclasses.py would: no __future__ flags of ours.
             code = compile(txt, "<string>", "exec", dont_inherit=True)
-            _new[txt] = code
-            _codes[txt] = code
+            if cache is not None:
+                cache.new[txt] = code
+                cache.codes[txt] = code
         ns: dict[str, Any] = {}
         exec(code, globals, ns)  # noqa: S102 - the standard library's own generated text
         return ns["__create_fn__"](**locals)
 
     _create_fn._buildcell_cached = True  # type: ignore[attr-defined]
     setattr(dataclasses, "_create_fn", _create_fn)  # noqa: B010 - private to the stdlib
-    atexit.register(_save, where)
+    atexit.register(_save)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import stat
 import time
@@ -18,6 +17,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from buildcell import _log
 from buildcell._fs import file_kind
 from buildcell._text import show
 from buildcell.errors import ConfigError, Error, SandboxError
@@ -25,7 +25,7 @@ from buildcell.units import format_size
 
 __all__ = ["CopyStats", "copy_tree", "remove_entry", "remove_tree"]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK and O_NOCTTY: if a file is swapped for a fifo or a tty after it was listed,

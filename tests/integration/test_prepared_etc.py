@@ -5,13 +5,14 @@ while a cell runs."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.conftest import RunCell
+from tests.conftest import RootlessCLI, RunCell
 
 from buildcell.build.gc import collect_garbage
 from buildcell.state import StateDir
@@ -99,7 +100,7 @@ def test_a_cell_cannot_change_the_copy_other_cells_get(cell: RunCell, state: Sta
     copy = state.etc / os.readlink(state.etc / "current")
     before = _tree_digest(copy)
     attack = r"""
-import os, errno
+import os, errno, fcntl
 tries = {
     "write passwd": lambda: open("/etc/passwd", "a").write("evil::0:0::/:/bin/sh\n"),
     "truncate hosts": lambda: os.truncate("/etc/hosts", 0),
@@ -114,6 +115,8 @@ tries = {
     "xattr": lambda: os.setxattr("/etc/passwd", "user.evil", b"1"),
     "write in a bound dir": lambda: os.symlink("/tmp/cc", "/etc/alternatives/evil"),
     "read a private key": lambda: os.listdir("/etc/ssl/private"),
+    "read lease": lambda: fcntl.fcntl(os.open("/etc/passwd", os.O_RDONLY), 1024, 0),
+    "write lease": lambda: fcntl.fcntl(os.open("/etc/ld.so.cache", os.O_RDONLY), 1024, 1),
 }
 for name, act in tries.items():
     try:
@@ -125,7 +128,7 @@ for name, act in tries.items():
     ran = cell(["/usr/bin/python3", "-c", attack])
     assert ran.result.exit_code == 0, ran.stderr
     assert "DONE" not in ran.stdout, ran.stdout
-    assert ran.stdout.count("refused") == 13, ran.stdout
+    assert ran.stdout.count("refused") == 15, ran.stdout
     assert _tree_digest(copy) == before
     again = cell(["/bin/cat", "/etc/passwd"])
     assert "evil" not in again.stdout and "builder:x:1000" in again.stdout
@@ -160,3 +163,36 @@ def test_a_running_cell_keeps_its_copy_through_gc(state: StateDir) -> None:
         proc.wait(timeout=30)
     assert collect_garbage(state).etc_removed == 1
     assert sorted(os.listdir(state.etc)) == ["current", "newer"]
+
+
+LEASE = r"""
+import fcntl, os, errno
+for path in ("/etc/passwd", "/etc/ld.so.cache", "/etc/nsswitch.conf"):
+    fd = os.open(path, os.O_RDONLY)
+    for kind in (0, 1):  # F_RDLCK, F_WRLCK
+        try:
+            fcntl.fcntl(fd, 1024, kind)
+            print("LEASED", path, kind)
+        except OSError as e:
+            print("refused", path, errno.errorcode[e.errno])
+"""
+
+
+def test_a_rootless_cell_cannot_lease_the_shared_etc(bc_rootless: RootlessCLI) -> None:
+    """Rootless, the copy belongs to the invoking user, which the cell runs as: a lease
+    on it would stall every other cell's open of /etc/ld.so.cache for 45 s. The built-in
+    filter refuses leases; without it (another profile, none) the cell does not share
+    the copy at all."""
+    ran = bc_rootless("run", "--", "python3", "-c", LEASE)
+    assert ran.returncode == 0, ran.stderr
+    assert "LEASED" not in ran.stdout and ran.stdout.count("refused") == 6, ran.stdout
+    assert ran.stdout.count("EPERM") == 6
+    log = bc_rootless.home / "ev.jsonl"
+    own = bc_rootless(
+        "run", "--unsafe-no-seccomp", "--events", str(log), "--", "python3", "-c", LEASE
+    )
+    assert own.returncode == 0, own.stderr
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any(
+        e.get("event") == "etc.unprepared" and "seccomp" in e.get("why", "") for e in events
+    ), own.stdout[-3000:]

@@ -19,12 +19,27 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 #: Classes of every kind the generated methods take: defaults, factories, frozen, order,
 #: keyword-only, slots, InitVar, post-init; what each does is printed as JSON.
 PROBE = r"""
-from __future__ import annotations
-import dataclasses, inspect, json, sys
+import json, sys, types
 from pathlib import Path
 from buildcell import _dccache
 if sys.argv[2] == "cached":
-    _dccache.install(Path(sys.argv[1]))
+    _dccache.install()
+# The classes live in a module of buildcell's (only those are kept), whose file is in the
+# test's directory: its kept methods go to that directory's __pycache__.
+module = types.ModuleType("buildcell._dcprobe")
+module.__file__ = sys.argv[1]
+sys.modules[module.__name__] = module
+exec(compile(CLASSES, sys.argv[1], "exec"), module.__dict__)
+cache = _dccache._modules.get(module.__name__)
+out = module.out
+out["new"] = len(cache.new) if cache else 0
+out["cached"] = len(cache.codes) if cache else 0
+print(json.dumps(out))
+"""
+
+CLASSES = r"""
+from __future__ import annotations
+import dataclasses, inspect
 from dataclasses import dataclass, field, InitVar, KW_ONLY
 
 @dataclass(frozen=True, order=True)
@@ -62,15 +77,19 @@ out["c"] = [repr(c), c == C(1.5), hasattr(c, "__dict__")]
 for cls in (A, B, C):
     out[cls.__name__ + ".sig"] = str(inspect.signature(cls))
     out[cls.__name__ + ".ann"] = repr(cls.__init__.__annotations__)
-out["new"] = len(_dccache._new)
-out["cached"] = len(_dccache._codes)
-print(json.dumps(out))
 """
 
 
 def _probe(cache: Path, mode: str) -> dict[str, Any]:
+    """Make the classes with the cache installed (or not, ``plain``); ``cache`` is the
+    file its methods are kept in."""
+    source = cache.parent.parent / "dcprobe.py"
+    assert (
+        cache
+        == source.parent / "__pycache__" / f"dcprobe.{sys.implementation.cache_tag}.dataclasses"
+    )
     run = subprocess.run(
-        [sys.executable, "-c", PROBE, str(cache), mode],
+        [sys.executable, "-c", f"CLASSES = {CLASSES!r}\n" + PROBE, str(source), mode],
         env=dict(os.environ, PYTHONPATH=SRC),
         capture_output=True,
         text=True,
@@ -88,7 +107,7 @@ def _same(x: dict[str, Any], y: dict[str, Any]) -> bool:
 
 
 def test_classes_are_the_same_with_the_cache_cold_and_warm(tmp_path: Path) -> None:
-    cache = tmp_path / "methods.marshal"
+    cache = tmp_path / "__pycache__" / f"dcprobe.{sys.implementation.cache_tag}.dataclasses"
     plain = _probe(cache, "plain")
     assert plain["frozen"] is True and plain["new"] == 0
     cold = _probe(cache, "cached")
@@ -102,7 +121,7 @@ def test_classes_are_the_same_with_the_cache_cold_and_warm(tmp_path: Path) -> No
 def test_a_cache_that_is_not_ours_or_is_damaged_is_not_used(tmp_path: Path, how: str) -> None:
     """Code in a cache anyone could have written never runs: each of its entries would
     replace a method of buildcell's classes."""
-    cache = tmp_path / "methods.marshal"
+    cache = tmp_path / "__pycache__" / f"dcprobe.{sys.implementation.cache_tag}.dataclasses"
     _probe(cache, "cached")
     entries = marshal.loads(cache.read_bytes())  # noqa: S302 - the one just written
     flag = tmp_path / "pwned"

@@ -120,7 +120,6 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
-import logging
 import posixpath
 import re
 import sys
@@ -129,6 +128,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from buildcell import _log
 from buildcell._text import show
 from buildcell.build.invocation import Invocation
 from buildcell.errors import PolicyError
@@ -150,7 +150,7 @@ __all__ = [
     "require_allowed",
 ]
 
-_log = logging.getLogger(__name__)
+log = _log.get(__name__)
 
 #: The policy format version this buildcell reads.
 POLICY_VERSION = 1
@@ -252,7 +252,7 @@ def load_policy(path: Path) -> Policy:
         programs.append(program)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     rules = tuple(rule for rule, _ in parsed)
-    _log.debug("loaded policy %s (%s): %d rules", path, digest, len(rules))
+    log.debug("loaded policy %s (%s): %d rules", path, digest, len(rules))
     return Policy(path=path, rules=rules, digest=digest, _programs=tuple(programs))
 
 
@@ -760,7 +760,7 @@ def evaluate(policy: Policy, context: Mapping[str, Any]) -> Decision:
     )
     allowed = bool(results) and all(result.passed for result in results)
     decision = Decision(allowed=allowed, policy_digest=policy.digest, results=results)
-    _log.debug("policy %s: %s", policy.path, decision.summary())
+    log.debug("policy %s: %s", policy.path, decision.summary())
     return decision
 
 

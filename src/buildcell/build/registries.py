@@ -16,7 +16,6 @@ this module, so a token in an index URL never reaches a spec.
 from __future__ import annotations
 
 import configparser
-import logging
 import os
 import re
 import shutil
@@ -27,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from buildcell import _log
 from buildcell.errors import ConfigError
 
 __all__ = ["Source", "Sources", "go_sources", "npm_sources", "pip_sources"]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 _MAX_CONFIG = 256 << 10  # of one configuration file
 _PRINTABLE = re.compile(r"[\x21-\x7e]+")

@@ -21,7 +21,6 @@ import errno
 import gzip
 import hashlib
 import io
-import logging
 import lzma
 import math
 import os
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
+from buildcell import _log
 from buildcell._fs import file_kind
 from buildcell._text import show
 from buildcell.errors import ConfigError, OutputError
@@ -56,7 +56,7 @@ __all__ = [
     "write_reproducible_tar_gz",
 ]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 _CHUNK = 1 << 20
 # Below this many bytes the first difference is found by a plain scan; above, by bisecting

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import errno
 import json
-import logging
 import os
 import sys
 import threading
@@ -23,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from buildcell import _log
 from buildcell._fs import sha256_file
 from buildcell._text import show
 from buildcell.build.spec import (
@@ -84,7 +84,7 @@ __all__ = [
     "run_build",
 ]
 
-log = logging.getLogger(__name__)
+log = _log.get(__name__)
 
 
 class BuildReporter(Protocol):
@@ -938,7 +938,9 @@ class _BuildRun:
         step_record.limits = config.limits.to_dict()
         step_record.network = list(step.network.allow) if step.network else []
         step_record.secrets = [use.name for use in step.secrets]
-        self.store.save(self.record)
+        # Not synced: after a crash the build is interrupted whatever this said, and the
+        # step's end (below) is; a full disk still fails here.
+        self.store.save(self.record, durable=False)
         self.reporter.step_started(step)
         step_log = _StepLog(
             self.store.log_path(self.record.id, step.name),

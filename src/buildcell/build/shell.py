@@ -17,13 +17,13 @@ The cell is the failed step's, rebuilt from the build's record and the spec as i
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from buildcell import _log
 from buildcell.errors import ConfigError, Error
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SHELL_ARGV", "ShellPlan", "TerminalFilter", "open_shell", "plan_shell"]
 
-log = logging.getLogger(__name__)
+log = _log.get(__name__)
 
 #: What the shell cell runs: the shell every step runs in, interactive.
 SHELL_ARGV = ("/bin/sh", "-i")

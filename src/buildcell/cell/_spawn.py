@@ -45,7 +45,6 @@ import contextlib
 import ctypes
 import errno
 import json
-import logging
 import os
 import resource
 import selectors
@@ -57,11 +56,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from buildcell import _log
 from buildcell.cell import reaper
 
 __all__ = ["PumpResult", "SpawnPlan", "pump", "spawn"]
 
-log = logging.getLogger(__name__)
+log = _log.get(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl

@@ -13,9 +13,10 @@ every entry it depends on (each of the host entries, present or absent, and ever
 directory and regular file copied below them), and a cell uses the copy only when all
 of them are unchanged. A symlink inside a directory cannot change without the
 directory's mtime changing, so those are not listed: checking is some 40 ``lstat``
-calls, not a walk. As with git's index, a copy made while an entry was changing
-(modified in the last :data:`RACY_SECONDS`) is never published; the cell then gets the
-per-entry mounts.
+calls, not a walk. As with git's index, a copy made while an entry was changing (its
+ctime in the last :data:`RACY_SECONDS`, or moved while it was copied) is never published;
+the cell then gets the per-entry mounts. Each process checks a copy once against its
+manifest, by content (a sha256 of every file copied), before it binds it.
 
 Only what any user may read is copied: a file others cannot read is left out, a
 directory others cannot search is an empty ``0700`` directory (``/etc/ssl/private``).
@@ -28,9 +29,14 @@ Layout below the state directory::
     etc/<name>/etc/                      the tree bound at /etc
     etc/.new-*, etc/.gone-*              being made, being removed
 
-A cell holds a shared ``flock`` on ``<name>/etc`` while it runs; :func:`sweep` removes
-a copy only under an exclusive one, after renaming it out of the way, so a running cell
-never loses its ``/etc``. Everything is ``fsync``ed before ``current`` names it.
+A cell holds a shared ``flock`` on ``<name>/etc`` while it runs, its maker from before
+the copy has its name; :func:`sweep` removes a copy only under an exclusive one, after
+renaming it out of the way, so a running cell never loses its ``/etc``. Everything is
+``fsync``ed before ``current`` names it.
+
+Rootless the copy belongs to the invoking user, whom the cell runs as: the built-in
+seccomp profile refuses file leases (which would stall other cells' opens), and a cell
+without it does not use the copy.
 
 What it costs: every cell sees the same inodes, so a cell may watch them (inotify) and
 learn when a concurrent build reads ``/etc/passwd``, as it can for ``/usr`` already; the
@@ -43,7 +49,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import stat
 import time
@@ -51,6 +56,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from buildcell import _log
 from buildcell._fs import Closing
 from buildcell.cell.bwrap import Mount
 from buildcell.cell.rootfs import HOST_ETC_ENTRIES, synthesized_etc
@@ -66,13 +72,15 @@ __all__ = [
     "sweep",
 ]
 
-_log = logging.getLogger(__name__)
+log = _log.get(__name__)
 _FORMAT = 1
 #: An entry changed this recently may change again within its timestamp's granularity.
 RACY_SECONDS = 2.0
 #: A host /etc larger than this is bound entry by entry instead.
 MAX_ENTRIES = 10_000
 MAX_BYTES = 32 << 20
+#: ... or nested deeper than this.
+MAX_DEPTH = 32
 #: A directory with more entries than this is bound from the host instead of copied.
 BIND_ENTRIES = 64
 #: A ``.new-*`` directory untouched this long belongs to a preparation that died.
@@ -144,36 +152,64 @@ def _reason(e: BaseException) -> str:
     return str(e) if isinstance(e, ValueError) else f"malformed manifest: {e!r}"
 
 
-def _read_manifest(copy: Path) -> _Manifest:
+def _read_manifest(copy: Path, files: Mapping[str, bytes]) -> _Manifest:
+    """The manifest of the copy ``copy``, checked against the copy once per process.
+
+    Raises:
+        ValueError: the manifest is malformed, or the copy does not hold what it says.
+        OSError: either cannot be read.
+    """
     name = copy.name
     cached = _manifests.get(name)
     if cached is not None:
         return cached
     with open(copy / "manifest", "rb") as f:
         try:
-            data = json.loads(f.read(1 << 20))
+            data = json.loads(f.read())
         except ValueError:
             raise ValueError("its manifest is not JSON") from None
-    if data.get("format") != _FORMAT:
-        raise ValueError("a manifest of another format")
-    manifest: _Manifest = tuple(
-        (str(rel), None if sig is None else tuple(int(v) for v in sig))
-        for rel, sig in data["entries"]
-    )
-    _check_copy(copy / "etc", manifest, data["files"])
+    manifest, digests = _parse_manifest(data)
+    _check_copy(copy / "etc", manifest, digests, files)
     _manifests[name] = manifest
     return manifest
 
 
-def _check_copy(tree: Path, manifest: _Manifest, files: Mapping[str, int]) -> None:
-    """Raise ValueError unless the copy still holds what its manifest says was copied
-    (a crash before the data reached the disk, or a damaged state directory)."""
+def _parse_manifest(data: object) -> tuple[_Manifest, dict[str, str]]:
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        raise ValueError("a manifest of another format")
+    entries, digests = data.get("entries"), data.get("digests")
+    if not isinstance(entries, list) or not isinstance(digests, dict):
+        raise ValueError("a malformed manifest")
+    manifest: list[tuple[str, _Sig]] = []
+    for entry in entries:
+        match entry:
+            case [str(rel), None]:
+                manifest.append((rel, None))
+            case [str(rel), [int(kind)]] if kind == stat.S_IFDIR:
+                manifest.append((rel, (kind,)))
+            case [str(rel), [int(), int(), int(), int(), int(), int()] as sig]:
+                manifest.append((rel, tuple(sig)))
+            case _:
+                raise ValueError("a malformed manifest entry")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items()):
+        raise ValueError("a malformed manifest")
+    return tuple(manifest), digests
+
+
+def _check_copy(
+    tree: Path, manifest: _Manifest, digests: Mapping[str, str], files: Mapping[str, bytes]
+) -> None:
+    """Raise ValueError unless the copy still holds what its manifest says was copied, byte
+    for byte (a crash before the data reached the disk, a damaged state directory), and
+    every cell's uid may read it."""
+    for where in (tree.parent, tree):
+        if stat.S_IMODE(os.lstat(where).st_mode) != _OPEN_DIR:
+            raise ValueError(f"{where.name} is not open to the cells' uids")
     for rel, sig in manifest:
         if sig is None:
             continue
-        mode = sig[0]
-        kind = stat.S_IFMT(mode)
-        if not (kind in (stat.S_IFDIR, stat.S_IFLNK) or (kind == stat.S_IFREG and _readable(mode))):
+        kind = stat.S_IFMT(sig[0])
+        if not (kind in (stat.S_IFDIR, stat.S_IFLNK) or (kind == stat.S_IFREG and rel in digests)):
             continue  # never copied
         try:
             st = os.lstat(tree / rel)
@@ -181,11 +217,24 @@ def _check_copy(tree: Path, manifest: _Manifest, files: Mapping[str, int]) -> No
             raise ValueError(f"{rel} is missing") from e
         if stat.S_IFMT(st.st_mode) != kind:
             raise ValueError(f"{rel} is another kind of file")
-        if kind == stat.S_IFREG and st.st_size != sig[3]:
-            raise ValueError(f"{rel} has another size")
-    for fname, size in files.items():
-        if os.lstat(tree / fname).st_size != size:
-            raise ValueError(f"{fname} has another size")
+    for rel, digest in digests.items():
+        if _sha256_of(tree / rel) != digest:
+            raise ValueError(f"{rel} is not what was copied")
+    for fname, data in files.items():
+        with open(tree / fname, "rb") as f:
+            if f.read(len(data) + 1) != data:
+                raise ValueError(f"{fname} is not what was written")
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def _readable(mode: int) -> bool:
@@ -196,7 +245,7 @@ def _readable(mode: int) -> bool:
     return not stat.S_ISREG(mode) or bool(mode & stat.S_IROTH)
 
 
-def _hold(root: Path, name: str, host_etc: Path) -> PreparedEtc | None:
+def _hold(root: Path, name: str, host_etc: Path, files: Mapping[str, bytes]) -> PreparedEtc | None:
     """The copy ``name`` with a shared lock held, or None if it is gone or going."""
     path = root / name / "etc"
     try:
@@ -208,15 +257,15 @@ def _hold(root: Path, name: str, host_etc: Path) -> PreparedEtc | None:
         # Held now: a sweep renames only under an exclusive lock, so the path is stable.
         if _identity(os.stat(path, follow_symlinks=False)) != _identity(os.fstat(fd)):
             raise OSError("replaced")
-    except OSError:
+        manifest = _read_manifest(root / name, files)
+    except (OSError, ValueError):
         os.close(fd)
         return None
-    try:
-        manifest = _read_manifest(root / name)
-    except (OSError, ValueError, KeyError, TypeError):
-        os.close(fd)
-        return None
-    binds = tuple(rel for rel, sig in manifest if sig is not None and len(sig) == 1)
+    return _held(name, path, manifest, host_etc, fd)
+
+
+def _held(name: str, path: Path, manifest: _Manifest, host_etc: Path, fd: int) -> PreparedEtc:
+    binds = tuple(rel for rel, sig in manifest if sig == (stat.S_IFDIR,))
     return PreparedEtc(name, path, binds, host_etc, fd)
 
 
@@ -250,26 +299,28 @@ def prepared_etc(
         name: str | None = os.readlink(root / "current")
     except OSError:
         name = None
-    if name is not None and "/" not in name:
+    if name is not None and "/" not in name and not name.startswith("."):
         try:
-            manifest: _Manifest | None = _read_manifest(root / name)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            manifest: _Manifest | None = _read_manifest(root / name, files)
+        except (OSError, ValueError) as e:
             manifest = None
-            (warn or _log.warning)(
+            (warn or log.warning)(
                 f"the prepared /etc {root / name} is damaged ({_reason(e)}); made it again"
             )
         if manifest is not None and _unchanged(str(host_etc), manifest):
-            held = _hold(root, name, host_etc)
+            held = _hold(root, name, host_etc, files)
             if held is not None:
                 return held
     try:
-        root.mkdir(mode=0o711 if os.geteuid() == 0 else 0o700, exist_ok=True)
-        name = _make(root, host_etc, files, time.time() if now is None else now)
+        mode = 0o711 if os.geteuid() == 0 else 0o700
+        root.mkdir(mode=mode, exist_ok=True)
+        if stat.S_IMODE(os.lstat(root).st_mode) != mode:
+            os.chmod(root, mode)  # whatever the umask made it: the cells' uids traverse it
+        held = _make(root, host_etc, files, time.time() if now is None else now)
     except OSError as e:
         raise EtcNotPrepared(f"cannot prepare /etc in {root}: {e.strerror or e}") from e
-    held = _hold(root, name, host_etc)
-    if held is None:
-        raise EtcNotPrepared(f"the prepared /etc {root / name} was removed while in use")
+    except RecursionError:
+        raise EtcNotPrepared("the host's /etc entries are nested too deep") from None
     sweep(root)
     return held
 
@@ -282,13 +333,21 @@ class _Copier:
         self.dest = dest
         self.since_ns = int(since * 1e9)
         self.entries: list[tuple[str, _Sig]] = []
+        #: sha256 of every regular file copied, by path
+        self.digests: dict[str, str] = {}
         self.count = 0
         self.bytes = 0
         self.racy: str | None = None
 
     def record(self, rel: str, st: os.stat_result | None) -> None:
         self.entries.append((rel, None if st is None else _sig(st)))
-        if st is not None and max(st.st_mtime_ns, st.st_ctime_ns) >= self.since_ns:
+        # The ctime: an mtime can be set to any time, the ctime only moves with a change.
+        if st is not None and st.st_ctime_ns >= self.since_ns:
+            self.racy = rel
+
+    def changed(self, rel: str, recorded: os.stat_result, now: os.stat_result) -> None:
+        """What was copied was read after the look: another look, as racy if it moved."""
+        if _sig(now) != _sig(recorded):
             self.racy = rel
 
     def charge(self, size: int) -> None:
@@ -309,6 +368,8 @@ class _Copier:
         self.entry(name, st)
 
     def entry(self, rel: str, st: os.stat_result) -> None:
+        if rel.count("/") >= MAX_DEPTH:
+            raise EtcNotPrepared(f"host /etc/{rel} is nested deeper than {MAX_DEPTH} levels")
         src, dst = self.host_etc / rel, self.dest / rel
         mode = st.st_mode
         if stat.S_ISLNK(mode):
@@ -320,7 +381,7 @@ class _Copier:
             self.record(rel, st)
             if _readable(mode):
                 self.charge(st.st_size)
-                self.copy_file(src, dst, 0o755 if mode & 0o111 else 0o644)
+                self.copy_file(rel, st, 0o755 if mode & 0o111 else 0o644)
         elif stat.S_ISDIR(mode):
             self.charge(0)
             os.mkdir(dst, 0o700)
@@ -328,6 +389,7 @@ class _Copier:
             if _readable(mode):
                 with os.scandir(src) as it:
                     children = sorted((e.name, e.stat(follow_symlinks=False)) for e in it)
+                self.changed(rel, st, os.lstat(src))
             if len(children) > BIND_ENTRIES:
                 # Hundreds of symlinks (/etc/alternatives, /etc/ssl/certs): bound live.
                 self.entries.append((rel, (stat.S_IFDIR,)))
@@ -342,17 +404,21 @@ class _Copier:
         else:
             self.record(rel, st)  # fifos, sockets, devices: never part of a cell's /etc
 
-    def copy_file(self, src: Path, dst: Path, mode: int) -> None:
+    def copy_file(self, rel: str, st: os.stat_result, mode: int) -> None:
+        src, dst = self.host_etc / rel, self.dest / rel
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return  # swapped since the look: the changed mtime makes the copy racy
+            digest = hashlib.sha256()
             with open(dst, "xb") as out:
                 while chunk := os.read(fd, 1 << 20):
+                    digest.update(chunk)
                     out.write(chunk)
                 out.flush()
                 os.fchmod(out.fileno(), mode)
                 os.fsync(out.fileno())
+            # Made private, or changed, since the look: this copy is never published.
+            self.changed(rel, st, os.fstat(fd))
+            self.digests[rel] = digest.hexdigest()
         finally:
             os.close(fd)
 
@@ -365,12 +431,13 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(f.fileno())
 
 
-def _make(root: Path, host_etc: Path, files: Mapping[str, bytes], now: float) -> str:
-    """Make a copy in a new directory, publish it (unless racy) and return its name."""
+def _make(root: Path, host_etc: Path, files: Mapping[str, bytes], now: float) -> PreparedEtc:
+    """Make a copy in a new directory and publish it, held (unless racy)."""
     new = root / f".new-{os.urandom(8).hex()}"
     tree = new / "etc"
+    fd: int | None = None
     try:
-        os.mkdir(new, 0o755)
+        os.mkdir(new, 0o700)
         os.mkdir(tree, 0o700)
         copier = _Copier(host_etc, tree, now - RACY_SECONDS)
         for name in HOST_ETC_ENTRIES:
@@ -378,10 +445,10 @@ def _make(root: Path, host_etc: Path, files: Mapping[str, bytes], now: float) ->
         for name, data in sorted(files.items()):
             _write(tree / name, data)
         os.symlink(_LOCALTIME, tree / "localtime")
-        os.chmod(tree, _OPEN_DIR)
+        os.chmod(tree, _OPEN_DIR)  # explicitly: a umask must not close it to the cells
+        os.chmod(new, _OPEN_DIR)
         fsync_dir(tree)
-        sizes = {fname: len(data) for fname, data in sorted(files.items())}
-        manifest = {"format": _FORMAT, "entries": copier.entries, "files": sizes}
+        manifest = {"format": _FORMAT, "entries": copier.entries, "digests": copier.digests}
         body = json.dumps(manifest, separators=(",", ":")).encode()
         digest = hashlib.sha256(body)
         for fname, data in sorted(files.items()):
@@ -394,27 +461,57 @@ def _make(root: Path, host_etc: Path, files: Mapping[str, bytes], now: float) ->
                 f"host /etc/{copier.racy} changed in the last {RACY_SECONDS:g} s; "
                 "this cell binds the entries one by one"
             )
+        # Held before it is published: a sweep never takes a copy no cell holds yet.
+        fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_SH)
         try:
             os.rename(new, root / name)
         except OSError:
             if not (root / name).exists():
                 raise
-            if _intact(root / name):
-                _remove(new)  # the same copy, made by another supervisor at the same time
-            elif _retire(root, name):
-                os.rename(new, root / name)  # it was damaged: this one replaces it
-            else:
+            if _intact(root / name, files):
+                # The same copy, made by another supervisor at the same time: that one.
+                os.close(fd)
+                fd = None
+                _remove(new)
+                held = _hold(root, name, host_etc, files)
+                if held is None:
+                    raise EtcNotPrepared(f"the prepared /etc {root / name} is going") from None
+                _publish(root, name)
+                return held
+            if not _retire(root, name):
                 raise EtcNotPrepared(
                     f"the prepared /etc {root / name} is damaged and in use"
                 ) from None
-        link = root / f".new-{os.urandom(8).hex()}"
-        os.symlink(name, link)
-        os.rename(link, root / "current")
-        fsync_dir(root)
-        return name
+            os.rename(new, root / name)  # it was damaged: this one replaces it
+        _publish(root, name)
+        parsed, _ = _parse_manifest(manifest)
+        _manifests[name] = parsed
+        held = _held(name, root / name / "etc", parsed, host_etc, fd)
+        fd = None
+        return held
     except BaseException:
+        if fd is not None:
+            os.close(fd)
         _remove(new)
         raise
+
+
+def _publish(root: Path, name: str) -> None:
+    """Point ``current`` at ``name``, atomically; a ``current`` that is not a symlink (a
+    damaged state) is replaced."""
+    link = root / f".new-{os.urandom(8).hex()}"
+    os.symlink(name, link)
+    try:
+        current = root / "current"
+        if current.exists() and not current.is_symlink():
+            _remove(current)
+        os.rename(link, current)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(link)
+        raise
+    fsync_dir(root)
 
 
 def _remove(path: Path) -> None:
@@ -425,10 +522,10 @@ def _remove(path: Path) -> None:
         remove_tree(path)
 
 
-def _intact(copy: Path) -> bool:
+def _intact(copy: Path, files: Mapping[str, bytes]) -> bool:
     try:
-        _read_manifest(copy)
-    except (OSError, ValueError, KeyError, TypeError):
+        _read_manifest(copy, files)
+    except (OSError, ValueError):
         return False
     return True
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import math
 import os
 import resource
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from buildcell import _log
 from buildcell.cell.config import Limits
 from buildcell.errors import SandboxError
 
@@ -38,7 +38,7 @@ __all__ = [
     "with_defaults",
 ]
 
-log = logging.getLogger(__name__)
+log = _log.get(__name__)
 
 CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000

@@ -35,7 +35,6 @@ import atexit
 import contextlib
 import ctypes
 import gc
-import logging
 import os
 import select
 import signal
@@ -47,6 +46,8 @@ import weakref
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Final
 
+from buildcell import _log
+
 __all__ = [
     "become_subreaper",
     "expect_orphan",
@@ -57,7 +58,7 @@ __all__ = [
     "tracking",
 ]
 
-log = logging.getLogger(__name__)
+log = _log.get(__name__)
 
 PR_SET_CHILD_SUBREAPER: Final = 36
 PR_GET_CHILD_SUBREAPER: Final = 37

@@ -19,7 +19,6 @@ import errno
 import functools
 import hashlib
 import json
-import logging
 import os
 import re
 import stat
@@ -31,6 +30,7 @@ from pathlib import Path, PurePath
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple, NoReturn
 
+from buildcell import _log
 from buildcell._json import DuplicateKeyError, reject_duplicate_keys
 from buildcell.errors import SeccompError
 
@@ -51,7 +51,7 @@ __all__ = [
     "parse_profile",
 ]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 # The action vocabulary of the model (libseccomp's, minus NOTIFY: a cell has no agent).
 _ACTIONS: Final = ("allow", "errno", "kill_process", "kill_thread", "trap", "log", "trace")
@@ -613,6 +613,10 @@ def default_profile(*, arch: str | None = None) -> SeccompProfile:
     return _default_profile_for(arch or native_arch())
 
 
+#: fcntl(2)'s command that takes a lease (linux/fcntl.h: F_LINUX_SPECIFIC_BASE + 0).
+F_SETLEASE: Final = 1024
+
+
 @functools.cache
 def _default_profile_for(arch: str) -> SeccompProfile:
     eperm = errno.EPERM
@@ -632,6 +636,14 @@ def _default_profile_for(arch: str) -> SeccompProfile:
         for flag in CLONE_NAMESPACE_FLAGS.values()
     )
     rules.append(SyscallRule(names=("clone3",), action="errno", errno=_CLONE3_ERRNO))
+    # A lease on a file every cell shares (the prepared /etc, owned by the invoking user
+    # rootless) would stall any other cell's open of it for the lease-break time.
+    rules.append(
+        SyscallRule(
+            names=("fcntl",), action="errno", errno=eperm,
+            args=(ArgCondition(1, "EQ", F_SETLEASE),),
+        )
+    )  # fmt: skip
     rules.extend(_personality_rules(eperm))
     rules.extend(_socket_rules())
     return SeccompProfile(

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import logging
 import os
 import re
 import resource
@@ -22,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+from buildcell import _log
 from buildcell._text import show
 from buildcell.cell import _spawn, reaper
 from buildcell.cell.bwrap import Mount, SandboxPlan, bwrap_argv, split_options
@@ -88,7 +88,7 @@ __all__ = [
     "run_cell",
 ]
 
-log = logging.getLogger(__name__)
+log = _log.get(__name__)
 
 
 def limits_backend(host: HostEnv) -> LimitsBackend:
@@ -559,24 +559,7 @@ class Cell:
                     self._warn(f"source entry {rel} not copied into the workspace: {why}")
         storage = self.storage
         self._scratch = storage.new_scratch()
-        root: list[Mount]
-        rootfs: Rootfs = cfg.rootfs
-        if isinstance(rootfs, HostRootfs):
-            try:
-                self._etc = prepared_etc(state.etc, warn=self._warn)
-                root = [*_host_root_mounts(etc=False), *self._etc.mounts()]
-            except EtcNotPrepared as e:
-                self.events.emit("etc.unprepared", why=str(e))
-                self._etc_fds = _etc_memfds()
-                root = [*_host_root_mounts(etc=True), *etc_mounts(self._etc_fds)]
-        else:
-            self._etc_fds = _etc_memfds()
-            self._tree, where = _open_rootfs(
-                rootfs, state, cfg.image_budget, self._warn, progress=self._unpack_progress
-            )
-            root = tree_mounts(self._tree, etc_files=self._etc_fds)
-            if storage.identity.drop:
-                _check_reachable(where)
+        root = self._root_mounts(state, storage)
         self._prepare_mount_points(storage)
 
         backend = limits_backend(state.host)
@@ -669,6 +652,31 @@ class Cell:
             for bind in inside:
                 parts = bind.dest[len(CELL_WORKSPACE) + 1 :].split("/")
                 _mount_point(ws, parts, owner, what=f"input {'/'.join(parts)!r}")
+
+    def _root_mounts(self, state: StateDir, storage: CellStorage) -> list[Mount]:
+        """The cell's read-only root: the host's, with the prepared /etc (or its entries
+        one by one where there is none), or a directory rootfs opened beneath its root."""
+        cfg = self.config
+        rootfs: Rootfs = cfg.rootfs
+        if isinstance(rootfs, HostRootfs):
+            try:
+                if os.geteuid() != 0 and not (cfg.seccomp and cfg.seccomp_profile is None):
+                    # Rootless the copy is the cell's own uid's: only the built-in filter
+                    # keeps it from taking a lease that stalls every other cell's open.
+                    raise EtcNotPrepared("rootless without the built-in seccomp profile")
+                self._etc = prepared_etc(state.etc, warn=self._warn)
+                return [*_host_root_mounts(etc=False), *self._etc.mounts()]
+            except EtcNotPrepared as e:
+                self.events.emit("etc.unprepared", step=self.step, cell=self.cell_id, why=str(e))
+                self._etc_fds = _etc_memfds()
+                return [*_host_root_mounts(etc=True), *etc_mounts(self._etc_fds)]
+        self._etc_fds = _etc_memfds()
+        self._tree, where = _open_rootfs(
+            rootfs, state, cfg.image_budget, self._warn, progress=self._unpack_progress
+        )
+        if storage.identity.drop:
+            _check_reachable(where)
+        return tree_mounts(self._tree, etc_files=self._etc_fds)
 
     def _prepare_seccomp(self) -> None:
         from buildcell.cell import seccomp

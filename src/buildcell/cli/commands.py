@@ -1453,10 +1453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    import logging
+    from buildcell import _log
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.ERROR,
+    _log.configure(
+        level=_log.DEBUG if args.debug else _log.ERROR,
         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s",
     )
     signal.signal(signal.SIGTERM, _on_sigterm)

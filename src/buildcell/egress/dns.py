@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
-import logging
 import re
 import socket
 import struct
@@ -34,12 +33,13 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from buildcell import _log
 from buildcell.egress.relay import linger
 from buildcell.errors import SandboxError
 
 __all__ = ["DnsAnswer", "DnsResponder", "SyntheticAddresses"]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 _HEADER = struct.Struct("!HHHHHH")
 _LENGTH = struct.Struct("!H")

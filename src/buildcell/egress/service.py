@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import logging
 import resource
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from buildcell import _log
 from buildcell._fs import Closing
 from buildcell.allowlist import EgressPolicy
 from buildcell.egress.audit import Attempt, EgressStats
@@ -30,7 +30,7 @@ from buildcell.errors import SandboxError
 
 __all__ = ["MAX_CONNECTIONS", "MAX_NOISY_EVENTS", "EgressService"]
 
-log = logging.getLogger(__name__)
+log = _log.get(__name__)
 
 #: Connections served at once per cell; beyond it new ones are closed at once.
 MAX_CONNECTIONS = 1024

@@ -40,7 +40,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import logging
 import os
 import re
 import secrets
@@ -51,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from buildcell import _log
 from buildcell._fs import Closing
 from buildcell._text import show
 from buildcell.errors import ConfigError, SandboxError, StateError
@@ -69,7 +69,7 @@ __all__ = [
     "expire_caches",
 ]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 #: Largest cache that is saved: 2 GiB.
 DEFAULT_MAX_BYTES = 2 << 30

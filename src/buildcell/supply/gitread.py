@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import logging
 import os
 import re
 import stat
@@ -60,6 +59,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from buildcell import _log
 from buildcell._fs import Closing, file_kind
 from buildcell.confined import UnsafePathError, open_root, reopen
 from buildcell.errors import Error
@@ -72,7 +72,7 @@ __all__ = [
     "read_head",
 ]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 # --- bounds ---------------------------------------------------------------------------------
 

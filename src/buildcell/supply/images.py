@@ -111,7 +111,6 @@ import gzip
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import posixpath
@@ -129,7 +128,7 @@ from typing import IO, Any, Literal, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from buildcell import confined
+from buildcell import _log, confined
 from buildcell._fs import Closing, file_kind
 from buildcell._json import reject_duplicate_keys
 from buildcell.errors import ConfigError, ImageError, SandboxError, StateError
@@ -150,7 +149,7 @@ __all__ = [
     "unpack_line",
 ]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 #: Largest JSON document (index, manifest, config, manifest.json) that is read.
 MAX_JSON_SIZE = 4 << 20
@@ -1372,7 +1371,7 @@ class _Stats:
 
     def skip(self, what: str, path: str, reason: str, *, warn: bool = False) -> None:
         self.skipped[what] = self.skipped.get(what, 0) + 1
-        logger.log(logging.WARNING if warn else logging.DEBUG, "skipped %s: %s", path, reason)
+        logger.log(_log.WARNING if warn else _log.DEBUG, "skipped %s: %s", path, reason)
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {what}" for what, n in sorted(self.skipped.items()))

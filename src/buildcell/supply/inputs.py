@@ -53,7 +53,6 @@ import errno
 import hashlib
 import http.client
 import ipaddress
-import logging
 import os
 import re
 import socket
@@ -70,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from buildcell import __version__, confined
+from buildcell import __version__, _log, confined
 from buildcell._fs import Closing, file_kind
 from buildcell._text import show
 from buildcell.allowlist import (
@@ -97,7 +96,7 @@ __all__ = [
     "resolve_inputs",
 ]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 #: The largest input buildcell fetches or copies, in bytes.
 MAX_INPUT_SIZE = 8 << 30

@@ -25,7 +25,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import logging
 import os
 import re
 import stat
@@ -36,6 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from buildcell import _log
 from buildcell._fs import file_kind
 from buildcell._text import show
 from buildcell.errors import ConfigError, Error, OutputError
@@ -56,7 +56,7 @@ __all__ = [
     "validate_patterns",
 ]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 # Limits on what a hostile workspace can make us walk; both end collection with an error.
 _MAX_DEPTH = 256

@@ -28,7 +28,6 @@ import base64
 import binascii
 import hashlib
 import json
-import logging
 import math
 import os
 import re
@@ -46,7 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from buildcell import __version__
+from buildcell import __version__, _log
 from buildcell._fs import sha256_file
 from buildcell._json import DuplicateKeyError, reject_duplicate_keys
 from buildcell._text import show
@@ -82,7 +81,7 @@ __all__ = [
     "write_provenance",
 ]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 BUILD_TYPE = "https://buildcell.dev/build-types/buildcell/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"

@@ -294,14 +294,18 @@ class RecordStore:
     def dir(self, build_id: str) -> Path:
         return self.root / build_id
 
-    def save(self, record: BuildRecord) -> None:
-        """Replace the record on disk as a whole.
+    def save(self, record: BuildRecord, *, durable: bool = True) -> None:
+        """Replace the record on disk as a whole; ``durable=False`` does not wait for the
+        disk (what a reboot may lose: a step shown pending instead of running).
 
         Raises:
             StateError: it cannot be written; the previous record stays.
         """
         write_atomic(
-            self.root / record.id / "record.json", _encode(record), what="the build record"
+            self.root / record.id / "record.json",
+            _encode(record),
+            what="the build record",
+            durable=durable,
         )
 
     def finish(self, record: BuildRecord, *, failing: bool) -> None:

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import logging
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from buildcell import _log
 from buildcell.confined import open_root
 from buildcell.errors import ConfigError
 from buildcell.supply.gitread import GitReadError, read_head
 
 __all__ = ["SourceInfo", "describe_source", "tree_digest", "tree_digest_at"]
 
-logger = logging.getLogger(__name__)
+logger = _log.get(__name__)
 
 _EXCLUDED = frozenset({".git"})
 _CHUNK = 1 << 20

@@ -18,6 +18,8 @@ from buildcell.cell.rootfs import HOST_ETC_ENTRIES, synthesized_etc
 
 #: Far enough ahead that nothing the test wrote counts as changing right now.
 LATER = time.time() + 3600
+#: Long enough for what a test just wrote to count as settled.
+RACY = etcdir.RACY_SECONDS + 0.1
 
 
 def _host(root: Path) -> Path:
@@ -256,3 +258,159 @@ def test_a_large_directory_is_bound_live_from_the_host(
     with _prepare(tmp_path, etc, now=LATER + 3600) as held:
         assert held.name != first and held.binds == ()
         assert (held.path / "alternatives").read_text() == "a file now"
+
+
+# -- regressions of the red-team round ------------------------------------------------------
+
+
+def test_a_restrictive_umask_does_not_close_the_copy_to_the_cells(tmp_path: Path) -> None:
+    """Made under umask 027, the directories were 0750: no cell uid could reach the copy,
+    and every later cell failed. Modes are set explicitly; a copy closed by an older
+    version is made again."""
+    etc = _host(tmp_path)
+    old = os.umask(0o027)
+    try:
+        with _prepare(tmp_path, etc) as held:
+            assert stat.S_IMODE(os.lstat(held.path).st_mode) == 0o755
+            assert stat.S_IMODE(os.lstat(held.path.parent).st_mode) == 0o755
+            expected = 0o711 if os.geteuid() == 0 else 0o700
+            assert stat.S_IMODE(os.lstat(tmp_path / "state-etc").st_mode) == expected
+            os.chmod(held.path.parent, 0o750)
+    finally:
+        os.umask(old)
+    etcdir._manifests.clear()
+    warnings: list[str] = []
+    with prepared_etc(tmp_path / "state-etc", host_etc=etc, now=LATER, warn=warnings.append):
+        pass
+    assert warnings and "not open to the cells" in warnings[0]
+
+
+def test_a_file_changed_between_the_look_and_the_copy_is_not_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin makes a file private and writes a secret into it while the copy is made:
+    the copy holds the new content under the old, open mode. It is never published."""
+    etc = _host(tmp_path)
+    target = etc / "ssl" / "openssl.cnf"
+    copy_file = etcdir._Copier.copy_file
+
+    def racing(self: etcdir._Copier, rel: str, st: os.stat_result, mode: int) -> None:
+        if rel == "ssl/openssl.cnf":
+            os.chmod(target, 0o600)
+            target.write_text("SECRET\n")
+        copy_file(self, rel, st, mode)
+
+    monkeypatch.setattr(etcdir._Copier, "copy_file", racing)
+    with pytest.raises(EtcNotPrepared, match=r"ssl/openssl\.cnf changed"):
+        _prepare(tmp_path, etc)
+    assert os.listdir(tmp_path / "state-etc") == []
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        "[]",
+        '{"format": 1, "entries": [], "digests": []}',
+        '{"format": 1, "entries": [["ld.so.cache", [33188, 1]]], "digests": {}}',
+        '{"format": 1, "entries": [["alternatives", [4095]]], "digests": {}}',
+        '{"format": 1, "entries": "x", "digests": {}}',
+    ],
+)
+def test_a_malformed_manifest_is_made_again_not_a_crash(tmp_path: Path, manifest: str) -> None:
+    etc = _host(tmp_path)
+    with _prepare(tmp_path, etc) as held:
+        (held.path.parent / "manifest").write_text(manifest)
+    etcdir._manifests.clear()
+    warnings: list[str] = []
+    with prepared_etc(
+        tmp_path / "state-etc", host_etc=etc, now=LATER, warn=warnings.append
+    ) as again:
+        assert (again.path / "ld.so.cache").read_bytes() == b"\x00cache" * 100
+    assert len(warnings) == 1 and "is damaged" in warnings[0]
+
+
+@pytest.mark.parametrize("name", ["passwd", "ld.so.cache", "ssl/openssl.cnf"])
+def test_a_same_size_change_to_the_copy_is_found(tmp_path: Path, name: str) -> None:
+    """A bit flipped in a copied or synthesized file keeps its size: each is checked by
+    content once per process."""
+    etc = _host(tmp_path)
+    with _prepare(tmp_path, etc) as held:
+        path = held.path / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x20
+        path.write_bytes(bytes(data))
+    etcdir._manifests.clear()
+    warnings: list[str] = []
+    with prepared_etc(
+        tmp_path / "state-etc", host_etc=etc, now=LATER, warn=warnings.append
+    ) as again:
+        assert (again.path / name).read_bytes() != bytes(data)
+    assert len(warnings) == 1 and name in warnings[0]
+
+
+def test_a_copy_is_held_before_it_is_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gc that read `current` just before a new copy was published took the new one for
+    an old one: the copy is locked by its maker before its name exists."""
+    etc = _host(tmp_path)
+    root = tmp_path / "state-etc"
+    publish = etcdir._publish
+    retired: list[bool] = []
+
+    def with_a_sweep_in_the_window(root_: Path, name: str) -> None:
+        retired.append(etcdir._retire(root_, name))  # gc, with `current` not yet this
+        publish(root_, name)
+
+    monkeypatch.setattr(etcdir, "_publish", with_a_sweep_in_the_window)
+    with _prepare(tmp_path, etc) as held:
+        assert retired == [False]
+        assert (held.path / "passwd").exists()
+        assert os.readlink(root / "current") == held.name
+
+
+def test_a_manifest_larger_than_a_mebibyte_is_read_whole(tmp_path: Path) -> None:
+    etc = _host(tmp_path)
+    with _prepare(tmp_path, etc) as held:
+        manifest = held.path.parent / "manifest"
+        data = json.loads(manifest.read_text())
+        data["padding"] = "x" * (2 << 20)  # a host /etc of some 8,000 entries has as much
+        manifest.write_text(json.dumps(data))
+        name = held.name
+    etcdir._manifests.clear()
+    warnings: list[str] = []
+    with prepared_etc(
+        tmp_path / "state-etc", host_etc=etc, now=LATER, warn=warnings.append
+    ) as again:
+        assert again.name == name
+    assert warnings == []
+
+
+def test_an_mtime_in_the_future_is_not_taken_for_a_change_in_progress(tmp_path: Path) -> None:
+    """mtimes can be set to anything (a restored backup, `touch -d`): the racy rule looks
+    at the ctime, which only moves with a change."""
+    etc = _host(tmp_path)
+    future = time.time() + 86400 * 365
+    os.utime(etc / "shells", (future, future))
+    time.sleep(RACY)
+    with prepared_etc(tmp_path / "state-etc", host_etc=etc) as held:
+        assert (held.path / "shells").exists()
+
+
+def test_a_deep_tree_is_bound_entry_by_entry_not_a_crash(tmp_path: Path) -> None:
+    etc = _host(tmp_path)
+    deep = etc / "xml"
+    for i in range(etcdir.MAX_DEPTH + 2):
+        deep = deep / f"d{i}"
+    deep.mkdir(parents=True)
+    with pytest.raises(EtcNotPrepared, match="nested deeper"):
+        _prepare(tmp_path, etc)
+
+
+def test_a_current_that_is_a_directory_is_replaced(tmp_path: Path) -> None:
+    etc = _host(tmp_path)
+    root = tmp_path / "state-etc"
+    (root / "current").mkdir(parents=True)
+    with _prepare(tmp_path, etc) as held:
+        assert os.readlink(root / "current") == held.name
+    assert sorted(os.listdir(root)) == sorted(["current", held.name])
