@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import marshal
 import os
+import stat
 import sys
 from pathlib import Path
 from types import CodeType
@@ -45,7 +46,7 @@ class _ModuleCache:
         self.new: dict[str, CodeType] = {}
 
     def save(self) -> None:
-        if not self.new:
+        if not self.new or sys.dont_write_bytecode:  # -B: read, as bytecode is, not written
             return
         merged = {**_load(self.path), **self.codes, **self.new}
         if len(merged) > _MAX_ENTRIES:
@@ -78,7 +79,9 @@ def _cache_for(module_globals: dict[str, Any] | None) -> _ModuleCache | None:
         return _modules[name]
     source = module_globals.get("__file__")
     cache = None
-    if (name == "buildcell" or name.startswith("buildcell.")) and isinstance(source, str):
+    ours = name == "buildcell" or name.startswith("buildcell.")
+    # Where Python keeps bytecode elsewhere (a pycache prefix), so would we: not done.
+    if ours and sys.pycache_prefix is None and isinstance(source, str):
         tag = sys.implementation.cache_tag or "none"
         where = Path(source).parent / "__pycache__" / f"{Path(source).stem}.{tag}.dataclasses"
         cache = _ModuleCache(where)
@@ -88,16 +91,18 @@ def _cache_for(module_globals: dict[str, Any] | None) -> _ModuleCache | None:
 
 def _load(path: Path) -> dict[str, CodeType]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return {}
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return {}  # a fifo or a device: never waited on
         if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
             return {}  # someone else's code: compile instead
         data = os.read(fd, st.st_size + 1)  # whole: marshal.load(file) reads piecemeal
         loaded = marshal.loads(data)  # noqa: S302 - ours, as trusted as __pycache__
-    except (OSError, EOFError, ValueError, TypeError):
+    except Exception:  # damaged data raises SystemError too: compile instead
         return {}
     finally:
         os.close(fd)

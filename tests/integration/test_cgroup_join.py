@@ -1,6 +1,8 @@
-"""On cgroup v1 the spawning thread alone joins the cell's cgroups for the instant of a
-vfork (buildcell.cell._spawn._thread_cgroups): bubblewrap is born in them, the supervisor
-is never left in them, and the limits hold. Real cgroups, real sandbox."""
+"""A cell's bubblewrap is born in the cell's cgroups, and no thread of the supervisor
+ever enters them: one that did, even for the instant of a vfork, would take one of the
+cell's pids (a tight --pids cell then fails to start) and, on cgroup v1, have the whole
+supervisor's memory charged there (the cell's OOM killer then picks the supervisor).
+Real cgroups, real sandbox."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def _threads_cgroups() -> set[str]:
 
 
 @pytest.mark.usefixtures("v1")
-def test_bubblewrap_is_born_in_the_cell_and_the_supervisor_goes_back(state: StateDir) -> None:
+def test_bubblewrap_is_born_in_the_cell_and_the_supervisor_never_enters(state: StateDir) -> None:
     before = _own_cgroups()
     limits = Limits(memory=256 << 20, pids=64, cpus=1)
     with Cell(CellConfig(argv=("/bin/sleep", "1"), limits=limits), state=state) as cell:
@@ -105,3 +107,27 @@ def test_cells_started_from_many_threads_at_once_each_get_their_limits(
         assert before == after, i
         # bubblewrap, its init and python count too: fewer children than the limit.
         assert 0 < started < 8 + i, (i, started)
+
+
+@pytest.mark.usefixtures("v1")
+def test_a_tight_pids_limit_is_the_cell_s_alone_while_the_supervisor_is_busy(
+    cell: RunCell,
+) -> None:
+    """Three busy threads in the supervisor (GIL contention delays whatever it does next)
+    and cells of --pids 3: bubblewrap, its init and the command fit, every time."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    spinners = [threading.Thread(target=spin) for _ in range(3)]
+    for t in spinners:
+        t.start()
+    try:
+        codes = [cell(["/bin/true"], limits=Limits(pids=3)).result.exit_code for _ in range(6)]
+    finally:
+        stop.set()
+        for t in spinners:
+            t.join()
+    assert codes == [0] * 6

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import marshal
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ for cls in (A, B, C):
 """
 
 
-def _probe(cache: Path, mode: str) -> dict[str, Any]:
+def _probe(cache: Path, mode: str, *, write: bool = True) -> dict[str, Any]:
     """Make the classes with the cache installed (or not, ``plain``); ``cache`` is the
     file its methods are kept in."""
     source = cache.parent.parent / "dcprobe.py"
@@ -90,13 +91,20 @@ def _probe(cache: Path, mode: str) -> dict[str, Any]:
     )
     run = subprocess.run(
         [sys.executable, "-c", f"CLASSES = {CLASSES!r}\n" + PROBE, str(source), mode],
-        env=dict(os.environ, PYTHONPATH=SRC),
+        env=_env(write=write),
         capture_output=True,
         text=True,
         check=True,
     )
     out: dict[str, Any] = json.loads(run.stdout)
     return out
+
+
+def _env(*, write: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if not write:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return dict(env, PYTHONPATH=SRC)
 
 
 def _same(x: dict[str, Any], y: dict[str, Any]) -> bool:
@@ -117,7 +125,20 @@ def test_classes_are_the_same_with_the_cache_cold_and_warm(tmp_path: Path) -> No
     assert _same(plain, cold) and _same(plain, warm), (plain, cold, warm)
 
 
-@pytest.mark.parametrize("how", ["writable by others", "another owner", "garbage", "not a dict"])
+def test_like_bytecode_it_is_read_but_not_written_under_dont_write_bytecode(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "__pycache__" / f"dcprobe.{sys.implementation.cache_tag}.dataclasses"
+    _probe(cache, "cached", write=False)
+    assert not cache.exists()
+    cold = _probe(cache, "cached")
+    warm = _probe(cache, "cached", write=False)
+    assert cold["new"] > 0 and warm["new"] == 0
+
+
+@pytest.mark.parametrize(
+    "how", ["writable by others", "another owner", "garbage", "not a dict", "system error", "fifo"]
+)
 def test_a_cache_that_is_not_ours_or_is_damaged_is_not_used(tmp_path: Path, how: str) -> None:
     """Code in a cache anyone could have written never runs: each of its entries would
     replace a method of buildcell's classes."""
@@ -136,11 +157,32 @@ def test_a_cache_that_is_not_ours_or_is_damaged_is_not_used(tmp_path: Path, how:
         os.chown(cache, 12345, 12345)
     elif how == "garbage":
         cache.write_bytes(os.urandom(4096))
+    elif how == "system error":
+        # Bytes some damage gives, on which marshal raises SystemError, not ValueError.
+        cache.write_bytes(_system_error_blob(cache.read_bytes()))
+    elif how == "fifo":
+        cache.unlink()
+        os.mkfifo(cache, 0o600)  # a start must not wait on it
     else:
         cache.write_bytes(marshal.dumps([evil]))
     again = _probe(cache, "cached")
     assert not flag.exists()
     assert again["frozen"] is True and again["new"] == len(entries)
+
+
+def _system_error_blob(data: bytes) -> bytes:
+    rng = random.Random(1)
+    for _ in range(20000):
+        damaged = bytearray(data)
+        for _ in range(3):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        try:
+            marshal.loads(bytes(damaged))  # noqa: S302 - probing our own damaged bytes
+        except SystemError:
+            return bytes(damaged)
+        except Exception:  # noqa: S112 - any other error: try another damage
+            continue
+    pytest.skip("no damage of this cache makes marshal raise SystemError")
 
 
 def test_the_command_installs_it() -> None:

@@ -7,10 +7,9 @@ parent (open file descriptors, resolved libc functions): the child only makes sy
 
 Running Python between fork and exec is the expensive part of starting a cell: the fork
 cannot be a ``vfork``, and every page the child's interpreter touches is copied. So a plan
-that needs nothing but the uid switch, cgroup v1 cgroups, the umask and disabled core
-dumps, for a program that arms its own death signal (``self_guarded``: bubblewrap with
-``--die-with-parent`` and ``--json-status-fd``), is started without a Python ``preexec``
-at all:
+that needs nothing but the uid switch, the umask and disabled core dumps, for a program
+that arms its own death signal (``self_guarded``: bubblewrap with ``--die-with-parent``
+and ``--json-status-fd``), is started without a Python ``preexec`` at all:
 
 - the uid/gid switch: Linux keeps credentials per thread (glibc's ``set*id`` wrappers
   change every thread's; the raw system calls only the caller's). The spawning thread
@@ -18,9 +17,6 @@ at all:
   saved uid 0 as its way back, and restores its credentials, death signal and
   dumpable flag before it returns. Where the system call numbers are not known, the
   switch is done by :mod:`subprocess` in C after a full fork;
-- the cgroups, on cgroup v1: a thread can be moved alone there (``tasks``), so the spawning
-  thread joins the cell's cgroups, starts the child (born in them) and goes back to its
-  own. On cgroup v2 only whole processes move, and the child joins in a ``preexec``;
 - the umask is set by :mod:`subprocess` in C;
 - core dumps: the supervisor holds secret values, so the first spawn disables core dumps
   of the supervisor itself (soft and hard limit 0), which every child inherits;
@@ -56,12 +52,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from buildcell import _log
 from buildcell.cell import reaper
 
 __all__ = ["PumpResult", "SpawnPlan", "pump", "spawn"]
-
-log = _log.get(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
@@ -81,9 +74,6 @@ class SpawnPlan:
     argv: Sequence[str]
     pass_fds: tuple[int, ...] = ()
     cgroup_procs_fds: tuple[int, ...] = ()
-    #: cgroup v1: ``cgroup_procs_fds`` are ``tasks`` files, and these the spawning
-    #: thread's own: it joins the cell's for the instant of a ``vfork`` and comes back.
-    cgroup_leave_fds: tuple[int, ...] = ()
     rlimits: tuple[tuple[int, int], ...] = ()
     affinity: frozenset[int] | None = None
     setns_fds: tuple[tuple[int, int], ...] = ()
@@ -107,7 +97,7 @@ class SpawnPlan:
         """Whether anything of the plan has to run in Python between fork and exec."""
         return bool(
             not self.self_guarded
-            or (self.cgroup_procs_fds and not self.cgroup_leave_fds)
+            or self.cgroup_procs_fds
             or any(res != resource.RLIMIT_CORE or value != 0 for res, value in self.rlimits)
             or self.affinity
             or self.setns_fds
@@ -208,39 +198,13 @@ def _start(plan: SpawnPlan, common: dict[str, Any]) -> subprocess.Popen[bytes]:
     _disable_own_core_dumps()
     if plan.umask is not None:
         common["umask"] = plan.umask
-    with _thread_cgroups(plan.cgroup_procs_fds, plan.cgroup_leave_fds):
-        if plan.drop_to is None:
-            return subprocess.Popen(list(plan.argv), **common)
-        uid, gid = plan.drop_to
-        if _THREAD_CRED_SYSCALLS is None:
-            return subprocess.Popen(list(plan.argv), **common, user=uid, group=gid, extra_groups=[])
-        with _thread_credentials(uid, gid):
-            return subprocess.Popen(list(plan.argv), **common)
-
-
-@contextlib.contextmanager
-def _thread_cgroups(join: Sequence[int], leave: Sequence[int]) -> Iterator[None]:
-    """The calling thread alone in the cell's cgroup v1 hierarchies (``tasks`` files) while
-    it starts the child, which is born there; then back in its own (``leave``, one
-    ``tasks`` file per hierarchy, in the order of ``join``).
-
-    A thread that cannot get back (its cgroup removed meanwhile) is logged, not raised:
-    the child runs by then, and must stay tracked; the cell's cgroup then cannot be
-    removed, which its teardown reports.
-    """
-    if not leave:
-        yield
-        return
-    try:
-        for fd in join:
-            os.write(fd, b"0")
-        yield
-    finally:
-        for fd in leave:
-            try:
-                os.write(fd, b"0")
-            except OSError as e:
-                log.error("the supervisor thread cannot leave a cell's cgroup: %s", e)
+    if plan.drop_to is None:
+        return subprocess.Popen(list(plan.argv), **common)
+    uid, gid = plan.drop_to
+    if _THREAD_CRED_SYSCALLS is None:
+        return subprocess.Popen(list(plan.argv), **common, user=uid, group=gid, extra_groups=[])
+    with _thread_credentials(uid, gid):
+        return subprocess.Popen(list(plan.argv), **common)
 
 
 # (setgroups, setresgid, setresuid) system call numbers.

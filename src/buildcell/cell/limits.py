@@ -413,22 +413,9 @@ class CellCgroup:
                     raise SandboxError(f"cannot set {path} to {value}: {e.strerror}") from e
                 log.debug("optional cgroup setting %s=%s failed: %s", path, value, e)
 
-    def join_files(self) -> tuple[list[Path], list[Path]]:
-        """The files a process writes ``0`` into to join the cell, and (cgroup v1 only)
-        those the supervisor's thread writes ``0`` into to leave it again.
-
-        On cgroup v1 these are ``tasks`` files: ``0`` there moves the calling thread
-        alone, so the spawning thread can join, ``vfork`` bubblewrap (which is born in
-        the cell's cgroups) and go back to its own (``leave``), with no Python between
-        fork and exec. On cgroup v2 a thread cannot be moved alone: the child writes into
-        ``cgroup.procs``, and ``leave`` is empty.
-        """
-        if self.backend.mode == "cgroup1":
-            join = [self._by_ctrl[c] / "tasks" for c in sorted(self._by_ctrl)]
-            # The parents are <own cgroup>/buildcell: the supervisor's own is above.
-            back = [self.backend.parents[c].parent / "tasks" for c in sorted(self._by_ctrl)]
-            return join, back
-        return [d / "cgroup.procs" for d in self.dirs], []
+    def procs_files(self) -> list[Path]:
+        """The ``cgroup.procs`` files a process writes ``0`` into to join the cell."""
+        return [d / "cgroup.procs" for d in self.dirs]
 
     def pids(self) -> set[int]:
         found: set[int] = set()

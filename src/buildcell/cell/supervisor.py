@@ -429,8 +429,7 @@ class _Descriptors:
 
     def __init__(self) -> None:
         self.passed: list[int] = []  # handed to bubblewrap
-        self.cgroup: list[int] = []  # cgroup.procs (v1: tasks) files the child joins
-        self.cgroup_leave: list[int] = []  # v1: the supervisor's own tasks files
+        self.cgroup: list[int] = []  # cgroup.procs files the child joins
         self._owned: list[int] = []  # ours to close once bubblewrap has them
         self.status_r: int | None = None  # kept: read while the cell runs
         self.block_w: int | None = None  # kept: releases the cell once its rlimit is set
@@ -780,11 +779,8 @@ class Cell:
         # local user and the cell itself (/proc/1/cmdline) can read, names no host path.
         args_fd, self._argv = _args_memfd(bwrap_argv(launch.sandbox, self._bwrap), secret_env)
         fds.pass_owned(args_fd)
-        join, leave = self._cgroup.join_files() if self._cgroup else ([], [])
-        for path in join:
+        for path in self._cgroup.procs_files() if self._cgroup else []:
             fds.cgroup.append(fds.own(os.open(path, os.O_WRONLY | os.O_CLOEXEC)))
-        for path in leave:
-            fds.cgroup_leave.append(fds.own(os.open(path, os.O_WRONLY | os.O_CLOEXEC)))
         return launch
 
     def _emit_start(self) -> None:
@@ -830,7 +826,6 @@ class Cell:
             argv=self._argv,
             pass_fds=tuple(fds.passed),
             cgroup_procs_fds=tuple(fds.cgroup),
-            cgroup_leave_fds=tuple(fds.cgroup_leave),
             rlimits=self._rlimits,
             affinity=self._affinity,
             setns_fds=anchor.setns_fds if anchor is not None else (),

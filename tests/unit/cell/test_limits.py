@@ -145,7 +145,7 @@ def test_cgroup_v2_files_on_a_fake_tree(tmp_path: Path) -> None:
     assert (d / "pids.max").read_text() == "100"
     assert (d / "cpu.max").read_text() == "50000 100000"
     assert (tmp_path / "cg" / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
-    assert cg.join_files() == ([d / "cgroup.procs"], [])
+    assert cg.procs_files() == [d / "cgroup.procs"]
     (d / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
     assert cg.oom_kills() == 1
 
