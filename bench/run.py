@@ -69,8 +69,10 @@ def summary(ms: list[float]) -> dict[str, float]:
 
 
 def main() -> int:
-    # Measure installed-package conditions: bytecode compiled, as pip would leave it.
+    # Measure installed-package conditions: bytecode compiled, as pip would leave it, and
+    # the command's own caches beside it written by the warm-up runs (not under -B).
     compileall.compile_dir(REPO / "src", quiet=1)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     base = Path(tempfile.mkdtemp(prefix="bc-bench-", dir="/tmp"))
     os.chmod(base, 0o711)
     try:
