@@ -382,7 +382,15 @@ class RecordStore:
         except ValueError as e:
             return UnreadableRecord(path.name, str(e), _project_of(data))
         if record.status == "running" and not _supervisor_alive(record.supervisor):
-            self._finalize(record, path)
+            # Read again now that the supervisor is known to be gone: it may have written
+            # its last record after the first read, and nothing can write after it now.
+            again, _ = _read_bytes(path / "record.json")
+            try:
+                record = parse_record(again or b"", build_id=path.name)
+            except ValueError as e:
+                return UnreadableRecord(path.name, str(e), _project_of(again or b""))
+            if record.status == "running":
+                self._finalize(record, path)
         return record
 
     def _finalize(self, record: BuildRecord, path: Path) -> None:

@@ -142,6 +142,32 @@ def test_a_running_record_of_a_dead_supervisor_is_finalized_on_disk(tmp_path: Pa
     assert again.finalized == []  # once
 
 
+def test_a_build_that_finishes_while_it_is_read_is_not_taken_for_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc read a record as running; its supervisor then wrote the build's end and exited
+    before gc looked for it: the end must stand, not be overwritten as interrupted.
+    (Seen with `gc` in a loop beside quick `run`s.)"""
+    from buildcell.supply import records
+
+    store = RecordStore(tmp_path / "builds")
+    r = _record("20261128T120000-eeeeeeee")
+    r.supervisor = {"pid": DEAD_PID, "start": 1}
+    store.create(r, "")
+
+    def finishes_then_gone(supervisor: object) -> bool:
+        r.status = "succeeded"
+        r.steps[0].status = "succeeded"
+        RecordStore(tmp_path / "builds").save(r)  # its last write, then it exits
+        return False
+
+    monkeypatch.setattr(records, "_supervisor_alive", finishes_then_gone)
+    found = _readable(store.load(r.id))
+    assert found.status == "succeeded" and store.finalized == []
+    on_disk = json.loads((store.dir(r.id) / "record.json").read_text())
+    assert on_disk["status"] == "succeeded"
+
+
 # -- malformed records: listed as unreadable, never a crash ------------------------------
 
 GOOD = _record("20261128T130000-dddddddd").to_dict()
