@@ -48,9 +48,10 @@ class _ModuleCache:
     def save(self) -> None:
         if not self.new or sys.dont_write_bytecode:  # -B: read, as bytecode is, not written
             return
-        merged = {**_load(self.path), **self.codes, **self.new}
+        # What another process wrote meanwhile, and ours (``codes`` holds ``new`` too).
+        merged = {**_load(self.path), **self.codes}
         if len(merged) > _MAX_ENTRIES:
-            merged = {**self.codes, **self.new}
+            merged = dict(self.codes)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(mode=0o755, exist_ok=True)  # as bytecode's is made

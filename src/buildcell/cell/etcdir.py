@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from buildcell import _log
-from buildcell._fs import Closing
+from buildcell._fs import Closing, sha256_file
 from buildcell.cell.bwrap import Mount
 from buildcell.cell.rootfs import HOST_ETC_ENTRIES, synthesized_etc
 from buildcell.state import fsync_dir
@@ -146,10 +146,10 @@ def _unchanged(host_etc: str, manifest: _Manifest) -> bool:
     return True
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: OSError | ValueError) -> str:
     if isinstance(e, OSError):
         return f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror or e)
-    return str(e) if isinstance(e, ValueError) else f"malformed manifest: {e!r}"
+    return str(e)
 
 
 def _read_manifest(copy: Path, files: Mapping[str, bytes]) -> _Manifest:
@@ -218,23 +218,12 @@ def _check_copy(
         if stat.S_IFMT(st.st_mode) != kind:
             raise ValueError(f"{rel} is another kind of file")
     for rel, digest in digests.items():
-        if _sha256_of(tree / rel) != digest:
+        if sha256_file(tree / rel) != digest:
             raise ValueError(f"{rel} is not what was copied")
     for fname, data in files.items():
         with open(tree / fname, "rb") as f:
             if f.read(len(data) + 1) != data:
                 raise ValueError(f"{fname} is not what was written")
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        while chunk := os.read(fd, 1 << 20):
-            digest.update(chunk)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
 
 
 def _readable(mode: int) -> bool:
@@ -319,8 +308,6 @@ def prepared_etc(
         held = _make(root, host_etc, files, time.time() if now is None else now)
     except OSError as e:
         raise EtcNotPrepared(f"cannot prepare /etc in {root}: {e.strerror or e}") from e
-    except RecursionError:
-        raise EtcNotPrepared("the host's /etc entries are nested too deep") from None
     sweep(root)
     return held
 
@@ -408,6 +395,9 @@ class _Copier:
         src, dst = self.host_etc / rel, self.dest / rel
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self.racy = rel  # swapped since the look (a fifo, a device): never read
+                return
             digest = hashlib.sha256()
             with open(dst, "xb") as out:
                 while chunk := os.read(fd, 1 << 20):
