@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from buildcell.cell import CellConfig  # noqa: E402
+from buildcell.cell import CellConfig, reaper  # noqa: E402
 from buildcell.cell.bwrap import SandboxPlan, bwrap_argv  # noqa: E402
 from buildcell.cell.config import HostRootfs  # noqa: E402
 from buildcell.cell.etcdir import prepared_etc  # noqa: E402
@@ -48,20 +48,43 @@ GROUPS = frozenset({"cell", "redaction", "network", "suite"})
 ONLY = frozenset(filter(None, os.environ.get("BENCH_ONLY", "").split(","))) or GROUPS
 
 
+#: Seconds between the samples of the per-cell figures (see ``measure``).
+SETTLE = 0.03
+
+
 def _sink(_: bytes) -> None:
     pass
 
 
-def measure(contenders: dict[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
+def measure(
+    contenders: dict[str, Callable[[], object]], n: int, *, settle: float = 0.0
+) -> dict[str, list[float]]:
+    """``n`` rounds of every contender in turn; with ``settle``, that many seconds pass
+    between samples, untimed, so that the kernel's deferred teardown of one sample's
+    namespaces (network namespaces are freed by a work queue) does not run on the
+    second CPU during the next contender's sample and count against it."""
     for fn in contenders.values():  # warm caches (page cache, seccomp, etc files)
         fn()
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(n):
         for name, fn in contenders.items():
+            if settle:
+                time.sleep(settle)
             t = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t) * 1000)
     return samples
+
+
+def _reap_sandbox_inits() -> None:
+    """Wait for the sandbox's init a bare bubblewrap leaves behind (bubblewrap exits
+    first; its init dies of its parent-death signal and is reparented to this process, a
+    child subreaper): a cell is done when its last process is, as ``run_cell``'s is."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
 
 
 def summary(ms: list[float]) -> dict[str, float]:
@@ -73,6 +96,7 @@ def main() -> int:
     # the command's own caches beside it written by the warm-up runs (not under -B).
     compileall.compile_dir(REPO / "src", quiet=1)
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    reaper.become_subreaper()  # a bare bubblewrap's orphaned init is waited for here
     base = Path(tempfile.mkdtemp(prefix="bc-bench-", dir="/tmp"))
     os.chmod(base, 0o711)
     try:
@@ -105,6 +129,7 @@ def main() -> int:
             r, w = os.pipe()
             argv = bwrap_argv(dataclasses.replace(plan, seccomp_fd=seccomp, status_fd=w), bwrap)
             subprocess.run(argv, pass_fds=(seccomp, w), check=True)
+            _reap_sandbox_inits()
             for fd in (seccomp, r, w):
                 os.close(fd)
 
@@ -116,6 +141,7 @@ def main() -> int:
             os.lseek(seccomp, 0, 0)
             argv = [*plain, "--seccomp", str(seccomp), "/bin/true"]
             subprocess.run(argv, pass_fds=(seccomp,), check=True, **as_user)
+            _reap_sandbox_inits()
             os.close(seccomp)
 
         def plain_bwrap_unprivileged() -> None:
@@ -240,11 +266,12 @@ def cell_figures(
     contenders = {"plain bwrap": plain_bwrap, "raw bwrap": raw_bwrap, "run_cell": run_cell}
     if unprivileged is not None:
         contenders["unprivileged"] = unprivileged
-    cell = measure(contenders, N)
+    cell = measure(contenders, N, settle=SETTLE)
     print(f"whole CLI process, {N // 2} rounds ...", flush=True)
     whole = measure(
         {"plain bwrap": plain_bwrap, "buildcell run": cli, "python -c pass": python_startup},
         max(20, N // 2),
+        settle=SETTLE,
     )
     figures: list[dict[str, object]] = [
         {

@@ -1,5 +1,5 @@
-"""A cell's bubblewrap is born in the cell's cgroups, and no thread of the supervisor
-ever enters them: one that did, even for the instant of a vfork, would take one of the
+"""A cell's bubblewrap is born in the cell's cgroups (the system shell joins them and
+execs it, through setpriv as root), and no thread of the supervisor ever enters them: one that did, even for the instant of a vfork, would take one of the
 cell's pids (a tight --pids cell then fails to start) and, on cgroup v1, have the whole
 supervisor's memory charged there (the cell's OOM killer then picks the supervisor).
 Real cgroups, real sandbox."""
@@ -15,7 +15,9 @@ import pytest
 from tests.conftest import RunCell
 
 from buildcell.cell import CellConfig, Limits
-from buildcell.cell.supervisor import Cell, limits_backend
+from buildcell.cell.limits import CellCgroup
+from buildcell.cell.supervisor import Cell, limits_backend, run_cell
+from buildcell.errors import SandboxError
 from buildcell.state import StateDir
 
 
@@ -131,3 +133,31 @@ def test_a_tight_pids_limit_is_the_cell_s_alone_while_the_supervisor_is_busy(
         for t in spinners:
             t.join()
     assert codes == [0] * 6
+
+
+@pytest.mark.usefixtures("v1")
+def test_a_cgroup_the_cell_cannot_join_stops_it_before_its_command_runs(
+    state: StateDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The join is checked: a cell that could not be put in its cgroups (here one gone
+    from under it) fails to start before bubblewrap does, with a line that names it."""
+    seen: list[Path] = []
+    real = CellCgroup.procs_files
+
+    def first_one_gone(self: CellCgroup) -> list[Path]:
+        files = real(self)
+        seen.extend(files)
+        return [tmp_path / "gone" / "cgroup.procs", *files[1:]]
+
+    monkeypatch.setattr(CellCgroup, "procs_files", first_one_gone)
+    with pytest.raises(SandboxError, match=r"cannot join the cell cgroup .*/gone/cgroup\.procs"):
+        run_cell(
+            CellConfig(
+                argv=("/bin/sh", "-c", "echo ran > /workspace/ran"),
+                limits=Limits(pids=64, memory=128 << 20),
+            ),
+            state=state,
+        )
+    assert seen
+    for procs in seen:  # and the cell's cgroups are removed
+        assert not procs.exists()

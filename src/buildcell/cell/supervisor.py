@@ -429,7 +429,6 @@ class _Descriptors:
 
     def __init__(self) -> None:
         self.passed: list[int] = []  # handed to bubblewrap
-        self.cgroup: list[int] = []  # cgroup.procs files the child joins
         self._owned: list[int] = []  # ours to close once bubblewrap has them
         self.status_r: int | None = None  # kept: read while the cell runs
         self.block_w: int | None = None  # kept: releases the cell once its rlimit is set
@@ -779,8 +778,6 @@ class Cell:
         # local user and the cell itself (/proc/1/cmdline) can read, names no host path.
         args_fd, self._argv = _args_memfd(bwrap_argv(launch.sandbox, self._bwrap), secret_env)
         fds.pass_owned(args_fd)
-        for path in self._cgroup.procs_files() if self._cgroup else []:
-            fds.cgroup.append(fds.own(os.open(path, os.O_WRONLY | os.O_CLOEXEC)))
         return launch
 
     def _emit_start(self) -> None:
@@ -825,7 +822,7 @@ class Cell:
         spawn_plan = _spawn.SpawnPlan(
             argv=self._argv,
             pass_fds=tuple(fds.passed),
-            cgroup_procs_fds=tuple(fds.cgroup),
+            cgroup_procs=tuple(map(str, self._cgroup.procs_files())) if self._cgroup else (),
             rlimits=self._rlimits,
             affinity=self._affinity,
             setns_fds=anchor.setns_fds if anchor is not None else (),
@@ -1040,7 +1037,11 @@ class Cell:
             if "No such file" in why:
                 raise CommandNotFoundError(f"{name}: command not found in the cell ({why})")
             raise CommandNotExecutableError(f"{name}: cannot execute in the cell ({why})")
-        lines = [ln for ln in tail.decode(errors="replace").splitlines() if ln.startswith("bwrap:")]
+        lines = [
+            ln
+            for ln in tail.decode(errors="replace").splitlines()
+            if ln.startswith(("bwrap:", "buildcell:", "setpriv:"))
+        ]
         reason = lines[-1] if lines else f"bubblewrap exited with status {outcome.returncode}"
         raise SandboxError(
             f"the sandbox could not be set up: {reason}",

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.conftest import root_only
 
 from buildcell.cell import reaper
 from buildcell.cell._spawn import SpawnPlan, pump, spawn
@@ -28,7 +29,6 @@ def test_a_plain_guarded_cell_needs_no_preexec() -> None:
     "extra",
     [
         {"self_guarded": False},  # nothing else would set the death signal
-        {"cgroup_procs_fds": (7,)},
         {"rlimits": ((resource.RLIMIT_AS, 1 << 30),)},
         {"rlimits": ((resource.RLIMIT_CORE, 1),)},
         {"affinity": frozenset({0})},
@@ -238,3 +238,126 @@ def test_pump_reaps_the_init_that_bubblewrap_leaves_behind(tmp_path: Path) -> No
     init = seen[0]["child-pid"]
     assert isinstance(init, int)
     assert _state(init) is None, "the orphaned init was not reaped"
+
+
+# --------------------------------------------------------------------------------------------
+# Born in its cgroups without Python: the system shell joins, setpriv drops the uid.
+# --------------------------------------------------------------------------------------------
+
+
+def _plan(argv: list[str], procs: list[Path], **fields: object) -> SpawnPlan:
+    fields.setdefault("self_guarded", True)
+    return SpawnPlan(argv=argv, cgroup_procs=tuple(map(str, procs)), **fields)  # type: ignore[arg-type]
+
+
+def _status(tmp_path: Path, procs: list[Path], **fields: object) -> tuple[int, str, str]:
+    """The program's /proc/self/status (its ids and capabilities), started in ``procs``."""
+    proc = spawn(_plan(["/bin/cat", "/proc/self/status"], procs, **fields))
+    out, err = proc.communicate(timeout=10)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_a_start_in_cgroups_needs_no_preexec() -> None:
+    plan = SpawnPlan(argv=["bwrap"], cgroup_procs=("/x/cgroup.procs",), rlimits=_CORE_OFF,
+                     drop_to=(5000, 5000), self_guarded=True)  # fmt: skip
+    assert not plan.needs_preexec()
+
+
+def test_the_shell_joins_each_cgroup_and_execs_the_program_with_nothing_of_its_own(
+    tmp_path: Path,
+) -> None:
+    procs = [tmp_path / "memory.procs", tmp_path / "pids.procs"]
+    for p in procs:
+        p.write_text("")
+    proc = spawn(_plan(["/usr/bin/env"], procs))
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    # "0" is the writer itself: the shell, whose pid the program keeps.
+    assert [p.read_text() for p in procs] == ["0\n", "0\n"]
+    # No environment at all: not even the shell's PWD.
+    assert out == b""
+
+
+@root_only
+def test_setpriv_gives_the_program_the_cell_uid_with_no_groups_and_no_capabilities(
+    tmp_path: Path,
+) -> None:
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("")
+    tmp_path.chmod(0o755)
+    code, text, err = _status(tmp_path, [procs], drop_to=(65534, 65533))
+    assert code == 0, err
+    assert "Uid:\t65534\t65534\t65534\t65534\n" in text
+    assert "Gid:\t65533\t65533\t65533\t65533\n" in text
+    assert "Groups:\t \n" in text  # the kernel prints none as one space
+    assert "CapEff:\t0000000000000000" in text and "CapPrm:\t0000000000000000" in text
+    assert procs.read_text() == "0\n"  # joined as root, before the uid changed
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["with space", "it's", "$(touch INJECTED)", "`touch INJECTED`", "a;touch INJECTED", "-n"],
+)
+def test_a_cgroup_path_is_never_read_as_shell(tmp_path: Path, name: str) -> None:
+    where = tmp_path / name
+    where.mkdir()
+    procs = where / "cgroup.procs"
+    procs.write_text("")
+    code, _, err = _status(tmp_path, [procs])
+    assert code == 0, err
+    assert procs.read_text() == "0\n"
+    assert not list(tmp_path.rglob("INJECTED")) and not Path("INJECTED").exists()
+
+
+def test_a_cgroup_that_cannot_be_joined_stops_the_start_with_exit_125(tmp_path: Path) -> None:
+    missing = tmp_path / "gone" / "cgroup.procs"
+    code, out, err = _status(tmp_path, [missing])
+    assert code == 125
+    assert out == ""  # the program never ran
+    assert f"buildcell: cannot join the cell cgroup {missing}" in err
+
+
+def test_without_the_system_shell_the_preexec_joins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from buildcell.cell import _spawn
+
+    monkeypatch.setattr(_spawn, "SYSTEM_DIRS", (str(tmp_path / "empty"),))
+    _spawn._system_program.cache_clear()
+    try:
+        procs = tmp_path / "cgroup.procs"
+        procs.write_text("")
+        code, out, err = _status(tmp_path, [procs])
+    finally:
+        _spawn._system_program.cache_clear()
+    assert code == 0, err
+    assert procs.read_text() == "0"  # written by the preexec, without a newline
+    assert f"PPid:\t{os.getpid()}\n" in out
+
+
+@pytest.mark.parametrize("flaw", ["group-writable", "other-writable", "not-root", "not-exec"])
+def test_a_system_program_anyone_else_could_change_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flaw: str
+) -> None:
+    from buildcell.cell import _spawn
+
+    sh = tmp_path / "sh"
+    sh.write_text("#!/bin/false\n")
+    mode = {"group-writable": 0o775, "other-writable": 0o757, "not-exec": 0o644}.get(flaw, 0o755)
+    sh.chmod(mode)
+    if flaw == "not-root":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the file another owner")
+        os.chown(sh, 1234, 1234)
+    elif os.geteuid() != 0:
+        pytest.skip("a file of ours is not root's: every case would be refused for that")
+    monkeypatch.setattr(_spawn, "SYSTEM_DIRS", (str(tmp_path),))
+    _spawn._system_program.cache_clear()
+    try:
+        assert _spawn._system_program("sh") is None
+        sh.chmod(0o755)
+        os.chown(sh, 0, 0)
+        _spawn._system_program.cache_clear()
+        assert _spawn._system_program("sh") == str(sh)  # the same file, put right, is
+    finally:
+        _spawn._system_program.cache_clear()
