@@ -3,11 +3,12 @@
 The ``dataclass`` decorator writes each class's ``__init__``, ``__repr__``, ``__eq__`` (and
 more for frozen ones) as source text and compiles it when the class is created: some
 40 classes on the way to a cell, about a millisecond each, most of it in ``compile``,
-every time the command starts. :func:`install` makes the ``buildcell`` command keep the
-compiled code of that text beside each of its modules' bytecode
-(``__pycache__/<module>.<tag>.dataclasses``), keyed by the text itself, so a later start
-executes it without compiling. Only buildcell's own modules are kept, each read when its
-first class is made.
+every time the command starts, and as many again in the libraries a build imports
+(pydantic, rich). :func:`install` makes the ``buildcell`` command keep the compiled code
+of that text, keyed by the text itself, so a later start executes it without compiling:
+buildcell's own modules' beside their bytecode (``__pycache__/<module>.<tag>.dataclasses``),
+other modules' in buildcell's own ``__pycache__/dataclasses/`` by module name (never in
+another package's directory). Each module's is read when its first class is made.
 
 The generated functions are the standard library's own, from the same text; nothing
 changes but where their code object comes from. The cache is read only when it belongs
@@ -38,7 +39,7 @@ _MAX_ENTRIES = 512
 
 
 class _ModuleCache:
-    """The kept methods of one of buildcell's modules, read when its first class is made."""
+    """The kept methods of one module, read when its first class is made."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -54,7 +55,7 @@ class _ModuleCache:
             merged = dict(self.codes)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            self.path.parent.mkdir(mode=0o755, exist_ok=True)  # as bytecode's is made
+            self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # as bytecode's
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(tmp, flags, 0o644)
             with os.fdopen(fd, "wb") as f:
@@ -66,8 +67,14 @@ class _ModuleCache:
         self.new.clear()
 
 
-#: By module name; None for a module whose classes are not kept (not ours, no file).
+#: By module name; None for a module whose classes are not kept (no file, an odd name).
 _modules: dict[str, _ModuleCache | None] = {}
+#: Where other modules' kept methods go: buildcell's own bytecode directory.
+_OTHERS = Path(os.path.dirname(os.path.abspath(__file__))) / "__pycache__" / "dataclasses"
+
+
+def _plain_module_name(name: str) -> bool:
+    return bool(name) and name[0] != "." and all(c.isalnum() or c in "._" for c in name)
 
 
 def _cache_for(module_globals: dict[str, Any] | None) -> _ModuleCache | None:
@@ -81,11 +88,14 @@ def _cache_for(module_globals: dict[str, Any] | None) -> _ModuleCache | None:
     source = module_globals.get("__file__")
     cache = None
     ours = name == "buildcell" or name.startswith("buildcell.")
+    tag = sys.implementation.cache_tag or "none"
     # Where Python keeps bytecode elsewhere (a pycache prefix), so would we: not done.
-    if ours and sys.pycache_prefix is None and isinstance(source, str):
-        tag = sys.implementation.cache_tag or "none"
-        where = Path(source).parent / "__pycache__" / f"{Path(source).stem}.{tag}.dataclasses"
-        cache = _ModuleCache(where)
+    if sys.pycache_prefix is None and isinstance(source, str):
+        if ours:
+            where = Path(source).parent / "__pycache__" / f"{Path(source).stem}.{tag}.dataclasses"
+            cache = _ModuleCache(where)
+        elif _plain_module_name(name):
+            cache = _ModuleCache(_OTHERS / f"{name}.{tag}.dataclasses")
     _modules[name] = cache
     return cache
 
@@ -119,8 +129,8 @@ def _save() -> None:
 
 
 def install() -> None:
-    """Use (and fill, at exit) the kept methods of buildcell's dataclasses created from now
-    on, each module's beside its bytecode. Idempotent."""
+    """Use (and fill, at exit) the kept methods of the dataclasses created from now on.
+    Idempotent."""
     original = getattr(dataclasses, "_create_fn", None)
     if original is None or getattr(original, "_buildcell_cached", False):
         return

@@ -1,5 +1,6 @@
 """Dataclass methods compiled once and kept (buildcell._dccache): the same classes as
-without it, and a cache that is not ours never runs. Each case is its own interpreter,
+without it, other packages' kept in buildcell's own directory, and a cache that is not
+ours never runs. Each case is its own interpreter,
 as the command is."""
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ from pathlib import Path
 from buildcell import _dccache
 if sys.argv[2] == "cached":
     _dccache.install()
-# The classes live in a module of buildcell's (only those are kept), whose file is in the
-# test's directory: its kept methods go to that directory's __pycache__.
-module = types.ModuleType("buildcell._dcprobe")
+# The classes live in a module of buildcell's, whose file is in the test's directory (its
+# kept methods go to that directory's __pycache__), or in another module (argv[3]), whose
+# go to argv[4] in place of buildcell's own __pycache__/dataclasses.
+name = sys.argv[3] if len(sys.argv) > 3 else "buildcell._dcprobe"
+if len(sys.argv) > 4:
+    _dccache._OTHERS = Path(sys.argv[4])
+module = types.ModuleType(name)
 module.__file__ = sys.argv[1]
 sys.modules[module.__name__] = module
 exec(compile(CLASSES, sys.argv[1], "exec"), module.__dict__)
@@ -183,6 +188,41 @@ def _system_error_blob(data: bytes) -> bytes:
         except Exception:  # noqa: S112 - any other error: try another damage
             continue
     pytest.skip("no damage of this cache makes marshal raise SystemError")
+
+
+def _probe_other(tmp_path: Path, name: str, mode: str = "cached") -> dict[str, Any]:
+    others = tmp_path / "others"
+    run = subprocess.run(
+        [sys.executable, "-c", f"CLASSES = {CLASSES!r}\n" + PROBE, str(tmp_path / "mod.py"),
+         mode, name, str(others)],
+        env=_env(write=True),
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    out: dict[str, Any] = json.loads(run.stdout)
+    return out
+
+
+def test_another_package_s_classes_are_kept_in_buildcell_s_directory_not_theirs(
+    tmp_path: Path,
+) -> None:
+    name = "somelib.models"
+    plain = _probe_other(tmp_path, name, "plain")
+    cold = _probe_other(tmp_path, name)
+    warm = _probe_other(tmp_path, name)
+    kept = tmp_path / "others" / f"{name}.{sys.implementation.cache_tag}.dataclasses"
+    assert kept.is_file()
+    assert not (tmp_path / "__pycache__").exists()  # nothing beside the module's file
+    assert cold["new"] > 0 and warm["new"] == 0 and warm["cached"] == cold["new"]
+    assert _same(plain, cold) and _same(plain, warm)
+
+
+@pytest.mark.parametrize("name", ["__main__x/../../evil", "<string>", ".hidden", "a b"])
+def test_a_module_whose_name_is_no_plain_file_name_is_not_kept(tmp_path: Path, name: str) -> None:
+    out = _probe_other(tmp_path, name)
+    assert out["new"] == 0 and out["cached"] == 0
+    assert not (tmp_path / "others").exists()
 
 
 def test_the_command_installs_it() -> None:

@@ -38,11 +38,8 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from buildcell import __version__, _log
@@ -50,6 +47,14 @@ from buildcell._fs import sha256_file
 from buildcell._json import DuplicateKeyError, reject_duplicate_keys
 from buildcell._text import show
 from buildcell.errors import ProvenanceError
+
+if TYPE_CHECKING:
+    # The key code is imported where keys are used: a build without a signing key (and
+    # every statement made or checked without one) never loads the cryptography library.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "BUILD_TYPE",
@@ -150,6 +155,8 @@ def _b64decode(text: str) -> bytes | None:
 
 def keyid(public_key: Ed25519PublicKey) -> str:
     """``sha256:`` and the hex SHA-256 of the key's DER SubjectPublicKeyInfo."""
+    from cryptography.hazmat.primitives import serialization
+
     der = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -171,6 +178,8 @@ class VerifyingKey:
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         """Whether ``signature`` is this key's Ed25519 signature of ``data``."""
+        from cryptography.exceptions import InvalidSignature
+
         try:
             self.public_key.verify(signature, data)
         except InvalidSignature:
@@ -260,6 +269,9 @@ def generate_keypair(out_dir: Path, name: str = "buildcell") -> tuple[Path, Path
             f"{pub_path} already exists; refusing to overwrite it",
             hint="choose another name or directory, or move the old key away first",
         )
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private_key = Ed25519PrivateKey.generate()
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM,
@@ -297,6 +309,10 @@ def load_private_key(path: Path) -> SigningKey:
     Raises:
         ProvenanceError: the file cannot be read, is not such a key, or is encrypted.
     """
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     data = _read_file(path, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -367,6 +383,10 @@ def load_public_key(path: Path) -> VerifyingKey:
     Raises:
         ProvenanceError: the file cannot be read or is not such a key.
     """
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     data = _read_file(path, "public key")
     try:
         key = serialization.load_pem_public_key(data)

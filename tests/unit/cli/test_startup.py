@@ -45,3 +45,66 @@ def test_a_plain_run_loads_no_more_than_it_needs(state_root: Path, tmp_path: Pat
               "celpy", "lark", "buildcell")]  # fmt: skip
     heavy = [m for m in loaded for p in _NOT_ON_RUN if m == p or m.startswith(p + ".")]
     assert not heavy, heavy
+
+
+_BUILD_PROBE = """
+import json, sys
+from buildcell.cli.commands import main
+code = main(["build", "-q", "-f", sys.argv[1], "--out", sys.argv[2]])
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_a_build_without_a_signing_key_never_loads_the_cryptography_library(
+    state_root: Path, tmp_path: Path
+) -> None:
+    spec = tmp_path / "buildcell.yaml"
+    spec.write_text("version: 1\nname: tiny\nsteps:\n  - name: one\n    run: echo hi > out.txt\n"
+                    "outputs:\n  - out.txt\n")  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", _BUILD_PROBE, str(spec), str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=cli_env(state_root / "state"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    shown = json.loads(res.stdout.splitlines()[-1])
+    assert shown["code"] == 0, res.stderr[-2000:]
+    assert "buildcell.supply.provenance" in shown["modules"]  # the statement is made
+    assert not [m for m in shown["modules"] if m.split(".")[0] == "cryptography"]
+
+
+def test_no_installed_package_s_pydantic_plugin_is_loaded_into_the_command(
+    state_root: Path, tmp_path: Path
+) -> None:
+    """An installed distribution declaring a ``pydantic`` entry point would have its code
+    run by the first model pydantic builds: the command turns plugins off."""
+    flag = tmp_path / "plugin-ran"
+    site = tmp_path / "site"
+    (site / "evil-1.0.dist-info").mkdir(parents=True)
+    (site / "evil-1.0.dist-info" / "METADATA").write_text("Name: evil\nVersion: 1.0\n")
+    (site / "evil-1.0.dist-info" / "entry_points.txt").write_text(
+        "[pydantic]\nevil = evilplugin:plugin\n"
+    )
+    (site / "evilplugin.py").write_text(f"open({str(flag)!r}, 'w').close()\nplugin = object()\n")
+    env = cli_env(state_root / "state")
+    env["PYTHONPATH"] = f"{site}:{env.get('PYTHONPATH', '')}"
+    env.pop("PYDANTIC_DISABLE_PLUGINS", None)
+    # Without the command, a model of pydantic's does load it: the attack is real.
+    subprocess.run(
+        [sys.executable, "-W", "ignore", "-c",
+         "from pydantic import BaseModel\nclass M(BaseModel):\n    x: int"],
+        env=env, check=False, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert flag.exists()  # (it then fails, being no plugin: its code has run by then)
+    flag.unlink()
+    res = subprocess.run(
+        [sys.executable, "-m", "buildcell", "schema"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["title"]
+    assert not flag.exists()
