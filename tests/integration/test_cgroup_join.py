@@ -7,6 +7,7 @@ Real cgroups, real sandbox."""
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from pathlib import Path
@@ -136,21 +137,24 @@ def test_a_tight_pids_limit_is_the_cell_s_alone_while_the_supervisor_is_busy(
 
 
 @pytest.mark.usefixtures("v1")
+@pytest.mark.parametrize("how", ["gone", "refusing"])
 def test_a_cgroup_the_cell_cannot_join_stops_it_before_its_command_runs(
-    state: StateDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    state: StateDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """The join is checked: a cell that could not be put in its cgroups (here one gone
-    from under it) fails to start before bubblewrap does, with a line that names it."""
+    """The join is checked: a cell that could not be put in its cgroups (one gone from
+    under it, or one refusing the write) fails to start before bubblewrap does, with a
+    line that names it."""
     seen: list[Path] = []
     real = CellCgroup.procs_files
+    bad = tmp_path / "gone" / "cgroup.procs" if how == "gone" else Path("/dev/full")
 
-    def first_one_gone(self: CellCgroup) -> list[Path]:
+    def first_one_bad(self: CellCgroup) -> list[Path]:
         files = real(self)
         seen.extend(files)
-        return [tmp_path / "gone" / "cgroup.procs", *files[1:]]
+        return [bad, *files[1:]]
 
-    monkeypatch.setattr(CellCgroup, "procs_files", first_one_gone)
-    with pytest.raises(SandboxError, match=r"cannot join the cell cgroup .*/gone/cgroup\.procs"):
+    monkeypatch.setattr(CellCgroup, "procs_files", first_one_bad)
+    with pytest.raises(SandboxError, match=f"cannot join the cell cgroup {re.escape(str(bad))}"):
         run_cell(
             CellConfig(
                 argv=("/bin/sh", "-c", "echo ran > /workspace/ran"),

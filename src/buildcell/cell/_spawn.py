@@ -24,17 +24,22 @@ and ``--json-status-fd``), is started without a Python ``preexec`` at all:
   supervisor died before that, bubblewrap's next step, the status write to the
   supervisor's pipe, kills it with SIGPIPE while its sandbox process still waits for it.
 
-A cell with cgroups (its limits) is born in them without Python too: the ``vfork`` execs
-the system shell, which writes ``0`` (itself) into each ``cgroup.procs`` file and then
-execs the program, through ``setpriv`` when the uid changes (the shell runs as the
-supervisor: writing a pid into a cgroup needs the writer's rights, on cgroup v2 over the
-common ancestor too). It costs two small execs, about 2 ms, where a Python ``preexec``
-costs a fork of the whole supervisor and the pages its interpreter touches: 5 ms for a
-bare ``buildcell run``, 15-25 ms in a build process of 50 MiB. The shell and ``setpriv``
-are taken from ``/usr/bin`` or ``/bin`` alone, owned by root and writable by nobody else,
-never from the supervisor's ``PATH``; without them the preexec joins as before. No thread
-of the supervisor ever enters a cell's cgroup: one would take one of the cell's pids and,
-on cgroup v1, have the supervisor's memory charged there.
+A cell with cgroups (its limits) is born in them without Python too: the supervisor opens
+each ``cgroup.procs`` file, the ``vfork`` (with the cell's uid, as above) execs bash, which
+writes ``0`` (itself) into each inherited descriptor, closes them, and execs bubblewrap
+with an empty environment (``exec -c``). Writing into a descriptor opened by root is
+allowed to the cell's uid: cgroup v1 checks the writer against the process it moves (the
+same one), and cgroup v2 checks the opener's rights (Linux 5.16 and later; an older kernel
+with cgroup v2 joins in the preexec instead). Bash, as dash cannot name a descriptor above
+9, and from ``/usr/bin`` or ``/bin`` alone (root-owned, like the directories leading to it,
+and writable by nobody else), never from the supervisor's ``PATH``; where there is none,
+and for a cell on a terminal (bash would make it its session's controlling terminal), the
+preexec joins as before. No user or group database is asked: the ids are numbers
+from start to end. The start costs one small exec, about 2 ms, where a Python
+``preexec`` costs a fork of the whole supervisor and the pages its interpreter touches:
+5 ms in a bare ``buildcell run``, 15-25 ms in a build process of 50 MiB. No thread of the
+supervisor ever enters a cell's cgroup: one would take one of the cell's pids and, on
+cgroup v1, have the supervisor's memory charged there.
 
 bubblewrap starts with an empty environment. It needs none: the cell's environment is set
 with ``--clearenv``/``--setenv``, and it finds the cell's command through that ``PATH``.
@@ -90,6 +95,9 @@ class SpawnPlan:
     pass_fds: tuple[int, ...] = ()
     #: The ``cgroup.procs`` files of the cgroups the program is born in.
     cgroup_procs: tuple[str, ...] = ()
+    #: They are cgroup v2's (where a write is checked against the opener's rights only
+    #: since Linux 5.16).
+    cgroup_v2: bool = False
     rlimits: tuple[tuple[int, int], ...] = ()
     affinity: frozenset[int] | None = None
     setns_fds: tuple[tuple[int, int], ...] = ()
@@ -202,12 +210,15 @@ def _absolute_program(program: str) -> str:
 
 
 def _start(plan: SpawnPlan, common: dict[str, Any]) -> subprocess.Popen[bytes]:
-    in_cgroups = _in_cgroups_argv(plan, common["executable"]) if plan.cgroup_procs else None
-    if plan.needs_preexec() or (plan.cgroup_procs and in_cgroups is None):
-        cgroup_fds: list[int] = []
-        try:
-            for path in plan.cgroup_procs:
+    cgroup_fds: list[int] = []
+    try:
+        for path in plan.cgroup_procs:
+            try:
                 cgroup_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            except OSError as e:
+                raise OSError(e.errno, f"cannot join the cell cgroup {path}: {e.strerror}") from e
+        in_cgroups = _in_cgroups_argv(plan, common["executable"], cgroup_fds)
+        if plan.needs_preexec() or (plan.cgroup_procs and in_cgroups is None):
             return subprocess.Popen(
                 list(plan.argv),
                 **common,
@@ -215,64 +226,105 @@ def _start(plan: SpawnPlan, common: dict[str, Any]) -> subprocess.Popen[bytes]:
                 # module doc.
                 preexec_fn=_preexec_for(plan, os.getpid(), cgroup_fds),  # noqa: PLW1509
             )
-        finally:
-            for fd in cgroup_fds:
-                os.close(fd)
+        argv = list(plan.argv)
+        if in_cgroups is not None:
+            # Bash joins with the descriptors and closes them; a removed supervisor
+            # directory would make it complain into the cell's stderr: it starts in /.
+            argv = in_cgroups
+            common = dict(
+                common,
+                executable=in_cgroups[0],
+                pass_fds=(*common["pass_fds"], *cgroup_fds),
+                cwd="/",
+            )
+        return _start_fast(plan, argv, common)
+    finally:
+        for fd in cgroup_fds:
+            os.close(fd)
+
+
+def _start_fast(
+    plan: SpawnPlan, argv: list[str], common: dict[str, Any]
+) -> subprocess.Popen[bytes]:
+    """Start without a Python preexec: a vfork, with the cell's ids for its instant."""
     _disable_own_core_dumps()
     if plan.umask is not None:
         common["umask"] = plan.umask
-    if in_cgroups is not None:
-        # The shell joins as the supervisor; setpriv (in the argv) changes the uid after.
-        return subprocess.Popen(in_cgroups, **dict(common, executable=in_cgroups[0]))
     if plan.drop_to is None:
-        return subprocess.Popen(list(plan.argv), **common)
+        return subprocess.Popen(argv, **common)
     uid, gid = plan.drop_to
     if _THREAD_CRED_SYSCALLS is None:
-        return subprocess.Popen(list(plan.argv), **common, user=uid, group=gid, extra_groups=[])
+        return subprocess.Popen(argv, **common, user=uid, group=gid, extra_groups=[])
     with _thread_credentials(uid, gid):
-        return subprocess.Popen(list(plan.argv), **common)
+        return subprocess.Popen(argv, **common)
 
 
-def _in_cgroups_argv(plan: SpawnPlan, program: str) -> list[str] | None:
-    """The shell command that joins the plan's cgroups and execs ``program`` with the
-    plan's arguments (through ``setpriv`` for its uid), or None without those programs."""
-    sh = _system_program("sh")
-    setpriv = _system_program("setpriv") if plan.drop_to is not None else None
-    if sh is None or (plan.drop_to is not None and setpriv is None):
+def _in_cgroups_argv(plan: SpawnPlan, program: str, fds: Sequence[int]) -> list[str] | None:
+    """The bash command that joins the plan's cgroups through ``fds`` (open on its
+    ``cgroup_procs``) and execs ``program`` with the plan's arguments; None where the
+    preexec has to join instead."""
+    if not fds or plan.terminal is not None:
+        # Bash, a session leader with the terminal as its stdin, takes it as its controlling
+        # terminal: the session the cell's command starts could then not.
         return None
+    bash = _system_program("bash")
+    if bash is None:
+        return None
+    if plan.cgroup_v2 and plan.drop_to is not None and _kernel() < (5, 16):
+        return None  # the write would be checked against the cell's uid, not root's
     joins = [
-        f"echo 0 >{shlex.quote(path)} || "
+        f"echo 0 >&{fd} || "
         f"{{ echo {shlex.quote(f'buildcell: cannot join the cell cgroup {path}')} >&2; exit 125; }}"
-        for path in plan.cgroup_procs
+        for fd, path in zip(fds, plan.cgroup_procs, strict=True)
     ]
-    # dash exports PWD to what it execs: the program starts with an empty environment.
-    script = "; ".join([*joins, 'unset PWD; exec "$0" "$@"'])
-    head = [sh, "-c", script]
-    if plan.drop_to is not None:
-        assert setpriv is not None
-        uid, gid = plan.drop_to
-        head += [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
-    return [*head, program, *plan.argv[1:]]
+    closes = "exec " + " ".join(f"{fd}>&-" for fd in fds)
+    script = "; ".join([*joins, closes, 'exec -c "$0" "$@"'])
+    return [bash, "--norc", "--noprofile", "-c", script, program, *plan.argv[1:]]
 
 
-#: Where the helpers of a start in cgroups are taken from.
+def _kernel() -> tuple[int, int]:
+    release = os.uname().release.split(".")
+    try:
+        return int(release[0]), int("".join(c for c in release[1][:3] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+#: Where the program that joins cgroups is taken from.
 SYSTEM_DIRS = ("/usr/bin", "/bin")
 
 
 @cache
 def _system_program(name: str) -> str | None:
-    """``name`` in :data:`SYSTEM_DIRS`, if it is a root-owned executable nobody else may
-    write (the supervisor's ``PATH`` is not asked: this runs as root)."""
+    """``name`` in :data:`SYSTEM_DIRS`, if it and every directory leading to it are root's
+    and writable by nobody else (the supervisor's ``PATH`` is not asked: this may run as
+    root, and its child joins the cell's cgroups)."""
     for directory in SYSTEM_DIRS:
-        path = os.path.join(directory, name)
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        mode = st.st_mode
-        if stat.S_ISREG(mode) and st.st_uid == 0 and not mode & 0o022 and mode & 0o111:
+        path = os.path.realpath(os.path.join(directory, name))
+        if _root_only(path, executable=True) and all(
+            _root_only(d) for d in _ancestors(os.path.dirname(path))
+        ):
             return path
     return None
+
+
+def _ancestors(directory: str) -> list[str]:
+    out = [directory]
+    while directory not in ("/", ""):
+        directory = os.path.dirname(directory)
+        out.append(directory)
+    return out
+
+
+def _root_only(path: str, *, executable: bool = False) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    mode = st.st_mode
+    if st.st_uid != 0 or mode & 0o022:
+        return False
+    return stat.S_ISREG(mode) and bool(mode & 0o111) if executable else stat.S_ISDIR(mode)
 
 
 # (setgroups, setresgid, setresuid) system call numbers.

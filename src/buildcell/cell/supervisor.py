@@ -823,6 +823,7 @@ class Cell:
             argv=self._argv,
             pass_fds=tuple(fds.passed),
             cgroup_procs=tuple(map(str, self._cgroup.procs_files())) if self._cgroup else (),
+            cgroup_v2=self._backend_mode == "cgroup2",
             rlimits=self._rlimits,
             affinity=self._affinity,
             setns_fds=anchor.setns_fds if anchor is not None else (),
@@ -1040,7 +1041,7 @@ class Cell:
         lines = [
             ln
             for ln in tail.decode(errors="replace").splitlines()
-            if ln.startswith(("bwrap:", "buildcell:", "setpriv:"))
+            if ln.startswith(("bwrap:", "buildcell:", "bash:"))
         ]
         reason = lines[-1] if lines else f"bubblewrap exited with status {outcome.returncode}"
         raise SandboxError(

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+# pydantic loads every installed distribution's "pydantic" entry points into the first
+# model it builds: other packages' code in a supervisor that often runs as root, after a
+# scan of every package's metadata at each start. The command wants none of them.
+os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+
 if TYPE_CHECKING:
     _AddParser = Callable[[argparse._SubParsersAction["_Parser"]], None]
     _Handler = Callable[[argparse.Namespace], int]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -241,7 +243,7 @@ def test_pump_reaps_the_init_that_bubblewrap_leaves_behind(tmp_path: Path) -> No
 
 
 # --------------------------------------------------------------------------------------------
-# Born in its cgroups without Python: the system shell joins, setpriv drops the uid.
+# Born in its cgroups without Python: bash joins through descriptors opened here.
 # --------------------------------------------------------------------------------------------
 
 
@@ -250,11 +252,21 @@ def _plan(argv: list[str], procs: list[Path], **fields: object) -> SpawnPlan:
     return SpawnPlan(argv=argv, cgroup_procs=tuple(map(str, procs)), **fields)  # type: ignore[arg-type]
 
 
-def _status(tmp_path: Path, procs: list[Path], **fields: object) -> tuple[int, str, str]:
-    """The program's /proc/self/status (its ids and capabilities), started in ``procs``."""
-    proc = spawn(_plan(["/bin/cat", "/proc/self/status"], procs, **fields))
+def _run(argv: list[str], procs: list[Path], **fields: object) -> tuple[int, str, str]:
+    proc = spawn(_plan(argv, procs, **fields))
     out, err = proc.communicate(timeout=10)
     return proc.returncode, out.decode(), err.decode()
+
+
+def _procs(tmp_path: Path, *names: str) -> list[Path]:
+    """Regular files standing in for cgroup.procs: what is written to them is seen."""
+    files = []
+    for name in names:
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        f = tmp_path / name / "cgroup.procs"
+        f.write_text("")
+        files.append(f)
+    return files
 
 
 def test_a_start_in_cgroups_needs_no_preexec() -> None:
@@ -263,35 +275,65 @@ def test_a_start_in_cgroups_needs_no_preexec() -> None:
     assert not plan.needs_preexec()
 
 
-def test_the_shell_joins_each_cgroup_and_execs_the_program_with_nothing_of_its_own(
+def test_bash_joins_each_cgroup_and_execs_the_program_with_nothing_of_its_own(
     tmp_path: Path,
 ) -> None:
-    procs = [tmp_path / "memory.procs", tmp_path / "pids.procs"]
-    for p in procs:
-        p.write_text("")
-    proc = spawn(_plan(["/usr/bin/env"], procs))
-    out, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0, err
-    # "0" is the writer itself: the shell, whose pid the program keeps.
-    assert [p.read_text() for p in procs] == ["0\n", "0\n"]
-    # No environment at all: not even the shell's PWD.
-    assert out == b""
+    procs = _procs(tmp_path, "memory", "pids", "cpu")
+    code, out, err = _run(["/usr/bin/env"], procs)
+    assert code == 0, err
+    # "0" is the writer itself: bash, whose pid the program keeps.
+    assert [p.read_text() for p in procs] == ["0\n"] * 3
+    assert out == ""  # no environment at all: not bash's PWD, SHLVL or _
+
+
+def test_the_cgroup_descriptors_are_closed_before_the_program_runs(tmp_path: Path) -> None:
+    """A descriptor of a cgroup.procs opened by root, left to the cell, would let it move
+    any host process into its cgroup."""
+    procs = _procs(tmp_path, "memory", "pids")
+    keep_r, keep_w = os.pipe()
+    try:
+        code, out, err = _run(["/bin/ls", "/proc/self/fd"], procs, pass_fds=(keep_w,))
+    finally:
+        os.close(keep_r)
+        os.close(keep_w)
+    assert code == 0, err
+    listed = {int(fd) for fd in out.split()}
+    # stdin, stdout, stderr, the passed descriptor, and the one ls reads /proc/self/fd by.
+    assert {0, 1, 2, keep_w} <= listed and len(listed - {0, 1, 2, keep_w}) == 1, out
 
 
 @root_only
-def test_setpriv_gives_the_program_the_cell_uid_with_no_groups_and_no_capabilities(
-    tmp_path: Path,
-) -> None:
-    procs = tmp_path / "cgroup.procs"
-    procs.write_text("")
+def test_the_cell_uid_is_a_number_no_user_database_can_turn_into_root(tmp_path: Path) -> None:
+    """The ids are never looked up by name: a user database with an account called
+    "65000" of uid 0 (an LDAP or sssd entry) changes nothing. Run in a mount namespace of
+    its own, where /etc/passwd and /etc/group hold such entries."""
+    (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\n65000:x:0:0::/:/bin/sh\n")
+    (tmp_path / "group").write_text("root:x:0:\n65001:x:0:\n")
+    procs = _procs(tmp_path, "pids")[0]
     tmp_path.chmod(0o755)
-    code, text, err = _status(tmp_path, [procs], drop_to=(65534, 65533))
-    assert code == 0, err
-    assert "Uid:\t65534\t65534\t65534\t65534\n" in text
-    assert "Gid:\t65533\t65533\t65533\t65533\n" in text
-    assert "Groups:\t \n" in text  # the kernel prints none as one space
-    assert "CapEff:\t0000000000000000" in text and "CapPrm:\t0000000000000000" in text
-    assert procs.read_text() == "0\n"  # joined as root, before the uid changed
+    probe = textwrap.dedent(f"""
+        import subprocess, sys
+        for f in ("passwd", "group"):
+            subprocess.run(["mount", "--bind", {str(tmp_path)!r} + "/" + f, "/etc/" + f],
+                           check=True)
+        from buildcell.cell._spawn import SpawnPlan, spawn
+        proc = spawn(SpawnPlan(argv=["/bin/cat", "/proc/self/status"], self_guarded=True,
+                               cgroup_procs=({str(procs)!r},), drop_to=(65000, 65001)))
+        out, err = proc.communicate(timeout=10)
+        sys.stdout.write(out.decode()); sys.stderr.write(err.decode())
+        sys.exit(proc.returncode)
+    """)
+    res = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, "-c", probe],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "Uid:\t65000\t65000\t65000\t65000\n" in res.stdout
+    assert "Gid:\t65001\t65001\t65001\t65001\n" in res.stdout
+    assert "Groups:\t \n" in res.stdout  # the kernel prints none as one space
+    assert "CapEff:\t0000000000000000" in res.stdout
+    assert "CapPrm:\t0000000000000000" in res.stdout
+    assert procs.read_text() == "0\n"
 
 
 @pytest.mark.parametrize(
@@ -299,65 +341,97 @@ def test_setpriv_gives_the_program_the_cell_uid_with_no_groups_and_no_capabiliti
     ["with space", "it's", "$(touch INJECTED)", "`touch INJECTED`", "a;touch INJECTED", "-n"],
 )
 def test_a_cgroup_path_is_never_read_as_shell(tmp_path: Path, name: str) -> None:
-    where = tmp_path / name
-    where.mkdir()
-    procs = where / "cgroup.procs"
-    procs.write_text("")
-    code, _, err = _status(tmp_path, [procs])
+    procs = _procs(tmp_path, name)
+    code, _, err = _run(["/bin/true"], procs)
     assert code == 0, err
-    assert procs.read_text() == "0\n"
+    assert procs[0].read_text() == "0\n"
     assert not list(tmp_path.rglob("INJECTED")) and not Path("INJECTED").exists()
 
 
 def test_a_cgroup_that_cannot_be_joined_stops_the_start_with_exit_125(tmp_path: Path) -> None:
-    missing = tmp_path / "gone" / "cgroup.procs"
-    code, out, err = _status(tmp_path, [missing])
+    """Here a cgroup.procs that refuses the write, as one of a removed cgroup does."""
+    ok = _procs(tmp_path, "memory")
+    full = Path("/dev/full")
+    code, out, err = _run(["/bin/echo", "ran"], [*ok, full])
     assert code == 125
     assert out == ""  # the program never ran
-    assert f"buildcell: cannot join the cell cgroup {missing}" in err
+    assert f"buildcell: cannot join the cell cgroup {full}" in err
 
 
-def test_without_the_system_shell_the_preexec_joins(
+def test_a_deleted_working_directory_says_nothing_into_the_cell(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    code, out, err = _run(["/bin/echo", "ran"], _procs(tmp_path, "pids"))
+    assert (code, out, err) == (0, "ran\n", "")
+
+
+def test_without_bash_the_preexec_joins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from buildcell.cell import _spawn
 
     monkeypatch.setattr(_spawn, "SYSTEM_DIRS", (str(tmp_path / "empty"),))
     _spawn._system_program.cache_clear()
     try:
-        procs = tmp_path / "cgroup.procs"
-        procs.write_text("")
-        code, out, err = _status(tmp_path, [procs])
+        procs = _procs(tmp_path, "pids")
+        code, out, err = _run(["/bin/cat", "/proc/self/status"], procs)
     finally:
         _spawn._system_program.cache_clear()
     assert code == 0, err
-    assert procs.read_text() == "0"  # written by the preexec, without a newline
-    assert f"PPid:\t{os.getpid()}\n" in out
+    assert procs[0].read_text() == "0"  # written by the preexec, without a newline
+    assert f"PPid:\t{os.getpid()}\n" in out  # bash did not exec it
 
 
-@pytest.mark.parametrize("flaw", ["group-writable", "other-writable", "not-root", "not-exec"])
+@root_only
+@pytest.mark.parametrize(
+    "flaw", ["group-writable", "other-writable", "not-root", "not-exec", "writable-dir"]
+)
 def test_a_system_program_anyone_else_could_change_is_not_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flaw: str
+    monkeypatch: pytest.MonkeyPatch, flaw: str
 ) -> None:
     from buildcell.cell import _spawn
 
-    sh = tmp_path / "sh"
-    sh.write_text("#!/bin/false\n")
-    mode = {"group-writable": 0o775, "other-writable": 0o757, "not-exec": 0o644}.get(flaw, 0o755)
-    sh.chmod(mode)
-    if flaw == "not-root":
-        if os.geteuid() != 0:
-            pytest.skip("needs root to give the file another owner")
-        os.chown(sh, 1234, 1234)
-    elif os.geteuid() != 0:
-        pytest.skip("a file of ours is not root's: every case would be refused for that")
-    monkeypatch.setattr(_spawn, "SYSTEM_DIRS", (str(tmp_path),))
-    _spawn._system_program.cache_clear()
+    # Under /run (root's, closed to others), so that only the flaw can be the reason.
+    base = Path(tempfile.mkdtemp(prefix="bc-sysbin-", dir="/run"))
     try:
-        assert _spawn._system_program("sh") is None
-        sh.chmod(0o755)
-        os.chown(sh, 0, 0)
+        bindir = base / "bin"
+        bindir.mkdir(mode=0o755)
+        bash = bindir / "bash"
+        bash.write_text("#!/bin/false\n")
+        mode = {"group-writable": 0o775, "other-writable": 0o757, "not-exec": 0o644}
+        bash.chmod(mode.get(flaw, 0o755))
+        if flaw == "not-root":
+            os.chown(bash, 1234, 1234)
+        if flaw == "writable-dir":
+            bindir.chmod(0o777)  # anyone could swap the file for another
+        monkeypatch.setattr(_spawn, "SYSTEM_DIRS", (str(bindir),))
         _spawn._system_program.cache_clear()
-        assert _spawn._system_program("sh") == str(sh)  # the same file, put right, is
+        assert _spawn._system_program("bash") is None
+        bash.chmod(0o755)
+        os.chown(bash, 0, 0)
+        bindir.chmod(0o755)
+        _spawn._system_program.cache_clear()
+        assert _spawn._system_program("bash") == str(bash)  # the same file, put right, is
     finally:
         _spawn._system_program.cache_clear()
+        shutil.rmtree(base)
+
+
+def test_a_program_on_a_terminal_starts_without_a_controlling_one(tmp_path: Path) -> None:
+    """A session on the cell's terminal is joined in the preexec: bash would take the
+    terminal as its session's controlling one, and the cell's command could not."""
+    master, slave = os.openpty()
+    try:
+        proc = spawn(_plan(["/bin/sleep", "5"], _procs(tmp_path, "pids"), terminal=slave))
+        try:
+            _until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"/bin/sl"))
+            stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            assert stat[4] == "0"  # tty_nr: no controlling terminal
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        os.close(master)
+        os.close(slave)
