@@ -165,3 +165,21 @@ def test_a_cgroup_the_cell_cannot_join_stops_it_before_its_command_runs(
     assert seen
     for procs in seen:  # and the cell's cgroups are removed
         assert not procs.exists()
+
+
+@pytest.mark.usefixtures("v1")
+def test_only_the_cell_s_cgroup_procs_files_are_given_to_its_uid(state: StateDir) -> None:
+    """As root on cgroup v1 the cell's first process joins by itself: its cgroup.procs
+    files are the cell uid's, every limit and every other file stays root's, and the
+    parents (where a move out would be written) are root's."""
+    limits = Limits(memory=256 << 20, pids=64, cpus=1)
+    with Cell(CellConfig(argv=("/bin/true",), limits=limits), state=state) as cell:
+        assert cell._cgroup is not None and cell.storage is not None
+        uid = cell.storage.identity.uid
+        for d in cell._cgroup.dirs:
+            owners = {f.name: f.stat().st_uid for f in d.iterdir() if f.is_file()}
+            assert owners.pop("cgroup.procs") == uid, d
+            assert set(owners.values()) == {0}, (d, owners)
+            assert (d.parent / "cgroup.procs").stat().st_uid == 0
+        result = cell.run()
+    assert result.exit_code == 0

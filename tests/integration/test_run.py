@@ -401,6 +401,10 @@ def test_doctor(bc: RunCLI) -> None:
     }
     egress = next(c for c in report["checks"] if c["name"] == "egress")
     assert egress["ok"] is True, egress
+    backend = next(c for c in report["checks"] if c["name"] == "limits backend")
+    if not backend["detail"].startswith("rlimit"):
+        moves = next(c for c in report["checks"] if c["name"] == "cgroup moves")
+        assert moves["ok"] is True and "favordynmods" in moves["detail"], moves
     assert set(report["limits"]) == {"memory", "pids", "cpus", "disk", "timeout"}
 
 

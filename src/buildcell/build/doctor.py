@@ -172,6 +172,8 @@ def run_checks(host: HostEnv | None = None) -> DoctorReport:
     backend = limits_backend(host)
     report.checks.append(Check("limits backend", True, f"{backend.mode}: {backend.reason}"))
     report.limits = backend.enforcement()
+    if backend.mode != "rlimit":
+        report.checks.append(_cgroup_moves_check())
 
     if os.geteuid() == 0:
         base, count = host.uid_range
@@ -199,6 +201,26 @@ def run_checks(host: HostEnv | None = None) -> DoctorReport:
         _probe_workspace(report, state)
         _probe_egress(report, state)
     return report
+
+
+def _cgroup_moves_check() -> Check:
+    """How fast a cell joins its cgroups: advice, never a failure."""
+    from buildcell.cell.limits import favors_dynamic_modifications
+
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError as e:
+        return Check("cgroup moves", True, f"cannot read /proc/self/mountinfo: {e.strerror}")
+    if favors_dynamic_modifications(mountinfo):
+        return Check("cgroup moves", True, "favordynmods: a cell joins its cgroups at once")
+    return Check(
+        "cgroup moves",
+        True,
+        "no cgroup hierarchy is mounted with favordynmods: a cell with limits started "
+        "after a pause first waits for an RCU grace period (≈ 10 ms) to join its cgroups; "
+        "a host that runs many builds may remount with it (the kernel's trade: forks and "
+        "exits cost a little more)",
+    )
 
 
 def _probe_workspace(report: DoctorReport, state: StateDir) -> None:

@@ -24,22 +24,24 @@ and ``--json-status-fd``), is started without a Python ``preexec`` at all:
   supervisor died before that, bubblewrap's next step, the status write to the
   supervisor's pipe, kills it with SIGPIPE while its sandbox process still waits for it.
 
-A cell with cgroups (its limits) is born in them without Python too: the supervisor opens
-each ``cgroup.procs`` file, the ``vfork`` (with the cell's uid, as above) execs bash, which
-writes ``0`` (itself) into each inherited descriptor, closes them, and execs bubblewrap
-with an empty environment (``exec -c``). Writing into a descriptor opened by root is
-allowed to the cell's uid: cgroup v1 checks the writer against the process it moves (the
-same one), and cgroup v2 checks the opener's rights (Linux 5.16 and later; an older kernel
-with cgroup v2 joins in the preexec instead). Bash, as dash cannot name a descriptor above
-9, and from ``/usr/bin`` or ``/bin`` alone (root-owned, like the directories leading to it,
-and writable by nobody else), never from the supervisor's ``PATH``; where there is none,
-and for a cell on a terminal (bash would make it its session's controlling terminal), the
-preexec joins as before. No user or group database is asked: the ids are numbers
-from start to end. The start costs one small exec, about 2 ms, where a Python
+A cell with cgroups (its limits) is born in them without Python too, where its first
+process may write their ``cgroup.procs`` files itself: as root on cgroup v1 the
+supervisor gives those files to the cell's uid (see ``CellCgroup.let_join``); rootless they
+are the invoking user's, as the cell is. The ``vfork`` (with the cell's ids, as above)
+execs dash, which writes ``0`` (itself) into each file by its path and execs bubblewrap,
+with an empty environment, from ``/``. dash, not bash: bash looks its own uid up in the
+user database as it starts (NSS: files, systemd's userdb, LDAP or sssd), which costs
+milliseconds and can wait on a directory server; dash asks nothing of anyone, and the ids
+stay numbers from start to end. It is taken from ``/usr/bin`` or ``/bin`` alone (root's,
+like every directory leading to it, and writable by nobody else), never from the
+supervisor's ``PATH``. It costs one small exec, under a millisecond, where a Python
 ``preexec`` costs a fork of the whole supervisor and the pages its interpreter touches:
-5 ms in a bare ``buildcell run``, 15-25 ms in a build process of 50 MiB. No thread of the
-supervisor ever enters a cell's cgroup: one would take one of the cell's pids and, on
-cgroup v1, have the supervisor's memory charged there.
+5 ms in a bare ``buildcell run``, 15-25 ms in a build process of 50 MiB. Without such a
+dash, for a cell on a terminal (a session leader on it could take it as its controlling
+terminal), and as root on cgroup v2 (where the move needs rights over the common ancestor
+too), the preexec joins, through descriptors opened here. No thread of the supervisor
+ever enters a cell's cgroup: one would take one of the cell's pids and, on cgroup v1,
+have the supervisor's memory charged there.
 
 bubblewrap starts with an empty environment. It needs none: the cell's environment is set
 with ``--clearenv``/``--setenv``, and it finds the cell's command through that ``PATH``.
@@ -57,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import resource
@@ -95,9 +98,8 @@ class SpawnPlan:
     pass_fds: tuple[int, ...] = ()
     #: The ``cgroup.procs`` files of the cgroups the program is born in.
     cgroup_procs: tuple[str, ...] = ()
-    #: They are cgroup v2's (where a write is checked against the opener's rights only
-    #: since Linux 5.16).
-    cgroup_v2: bool = False
+    #: The program's own ids (``drop_to``, else the supervisor's) may write them.
+    cgroup_procs_writable: bool = False
     rlimits: tuple[tuple[int, int], ...] = ()
     affinity: frozenset[int] | None = None
     setns_fds: tuple[tuple[int, int], ...] = ()
@@ -210,15 +212,16 @@ def _absolute_program(program: str) -> str:
 
 
 def _start(plan: SpawnPlan, common: dict[str, Any]) -> subprocess.Popen[bytes]:
-    cgroup_fds: list[int] = []
-    try:
-        for path in plan.cgroup_procs:
-            try:
-                cgroup_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
-            except OSError as e:
-                raise OSError(e.errno, f"cannot join the cell cgroup {path}: {e.strerror}") from e
-        in_cgroups = _in_cgroups_argv(plan, common["executable"], cgroup_fds)
-        if plan.needs_preexec() or (plan.cgroup_procs and in_cgroups is None):
+    in_cgroups = _in_cgroups_argv(plan, common["executable"]) if plan.cgroup_procs else None
+    if plan.needs_preexec() or (plan.cgroup_procs and in_cgroups is None):
+        cgroup_fds: list[int] = []
+        try:
+            for path in plan.cgroup_procs:
+                try:
+                    cgroup_fds.append(_open_above_stdio(path))
+                except OSError as e:
+                    why = f"cannot join the cell cgroup {path}: {e.strerror}"
+                    raise OSError(e.errno, why) from e
             return subprocess.Popen(
                 list(plan.argv),
                 **common,
@@ -226,21 +229,28 @@ def _start(plan: SpawnPlan, common: dict[str, Any]) -> subprocess.Popen[bytes]:
                 # module doc.
                 preexec_fn=_preexec_for(plan, os.getpid(), cgroup_fds),  # noqa: PLW1509
             )
-        argv = list(plan.argv)
-        if in_cgroups is not None:
-            # Bash joins with the descriptors and closes them; a removed supervisor
-            # directory would make it complain into the cell's stderr: it starts in /.
-            argv = in_cgroups
-            common = dict(
-                common,
-                executable=in_cgroups[0],
-                pass_fds=(*common["pass_fds"], *cgroup_fds),
-                cwd="/",
-            )
-        return _start_fast(plan, argv, common)
+        finally:
+            for fd in cgroup_fds:
+                os.close(fd)
+    if in_cgroups is not None:
+        # dash joins; a removed supervisor directory would make it complain into the
+        # cell's stderr: it starts in /.
+        common = dict(common, executable=in_cgroups[0], cwd="/")
+        return _start_fast(plan, in_cgroups, common)
+    return _start_fast(plan, list(plan.argv), common)
+
+
+def _open_above_stdio(path: str) -> int:
+    """``path`` open for writing on a descriptor above 2: a supervisor started with its
+    stdin closed would get 0, over which the child's stdin is put before the preexec writes
+    (the join would silently go to /dev/null)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    if fd > 2:
+        return fd
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
     finally:
-        for fd in cgroup_fds:
-            os.close(fd)
+        os.close(fd)
 
 
 def _start_fast(
@@ -259,35 +269,22 @@ def _start_fast(
         return subprocess.Popen(argv, **common)
 
 
-def _in_cgroups_argv(plan: SpawnPlan, program: str, fds: Sequence[int]) -> list[str] | None:
-    """The bash command that joins the plan's cgroups through ``fds`` (open on its
-    ``cgroup_procs``) and execs ``program`` with the plan's arguments; None where the
-    preexec has to join instead."""
-    if not fds or plan.terminal is not None:
-        # Bash, a session leader with the terminal as its stdin, takes it as its controlling
-        # terminal: the session the cell's command starts could then not.
+def _in_cgroups_argv(plan: SpawnPlan, program: str) -> list[str] | None:
+    """The dash command that joins the plan's cgroups and execs ``program`` with the
+    plan's arguments; None where the preexec has to join instead."""
+    if not plan.cgroup_procs_writable or plan.terminal is not None:
         return None
-    bash = _system_program("bash")
-    if bash is None:
+    dash = _system_program("dash")
+    if dash is None:
         return None
-    if plan.cgroup_v2 and plan.drop_to is not None and _kernel() < (5, 16):
-        return None  # the write would be checked against the cell's uid, not root's
     joins = [
-        f"echo 0 >&{fd} || "
+        f"{{ echo 0 >{shlex.quote(path)}; }} 2>/dev/null || "
         f"{{ echo {shlex.quote(f'buildcell: cannot join the cell cgroup {path}')} >&2; exit 125; }}"
-        for fd, path in zip(fds, plan.cgroup_procs, strict=True)
+        for path in plan.cgroup_procs
     ]
-    closes = "exec " + " ".join(f"{fd}>&-" for fd in fds)
-    script = "; ".join([*joins, closes, 'exec -c "$0" "$@"'])
-    return [bash, "--norc", "--noprofile", "-c", script, program, *plan.argv[1:]]
-
-
-def _kernel() -> tuple[int, int]:
-    release = os.uname().release.split(".")
-    try:
-        return int(release[0]), int("".join(c for c in release[1][:3] if c.isdigit()) or 0)
-    except (IndexError, ValueError):
-        return (0, 0)
+    # dash exports PWD to what it execs, and nothing else: the program gets no environment.
+    script = "; ".join([*joins, 'unset PWD; exec "$0" "$@"'])
+    return [dash, "-c", script, program, *plan.argv[1:]]
 
 
 #: Where the program that joins cgroups is taken from.
@@ -296,15 +293,17 @@ SYSTEM_DIRS = ("/usr/bin", "/bin")
 
 @cache
 def _system_program(name: str) -> str | None:
-    """``name`` in :data:`SYSTEM_DIRS`, if it and every directory leading to it are root's
-    and writable by nobody else (the supervisor's ``PATH`` is not asked: this may run as
-    root, and its child joins the cell's cgroups)."""
+    """``name`` in :data:`SYSTEM_DIRS`, if it is that program (not a link to another, as a
+    multi-call binary would be) and it and every directory leading to it are root's and
+    writable by nobody else (the supervisor's ``PATH`` is not asked)."""
     for directory in SYSTEM_DIRS:
-        path = os.path.realpath(os.path.join(directory, name))
-        if _root_only(path, executable=True) and all(
-            _root_only(d) for d in _ancestors(os.path.dirname(path))
+        real = os.path.realpath(os.path.join(directory, name))
+        if os.path.basename(real) != name:
+            continue
+        if _root_only(real, executable=True) and all(
+            _root_only(d) for d in _ancestors(os.path.dirname(real))
         ):
-            return path
+            return real
     return None
 
 

@@ -500,6 +500,7 @@ class Cell:
         self._stdout = stdout or _spawn.fd_writer(1)
         self._stderr = stderr or _spawn.fd_writer(2)
         self._cgroup: CellCgroup | None = None
+        self._cgroup_writable = False  # its cgroup.procs files, by the cell's first process
         self._scratch: Scratch | None = None
         self._warnings: list[str] = []
         self._argv: list[str] = []
@@ -565,6 +566,11 @@ class Cell:
         if backend.mode != "rlimit" and needs_cgroup(cfg.limits, backend):
             self._cgroup = CellCgroup(backend, f"{state.tag}.{self.cell_id}", cfg.limits)
             storage.note_cgroups(self._cgroup.dirs)
+            identity = storage.identity
+            # The cell's first process joins them itself, as the cell's uid (see _spawn).
+            self._cgroup_writable = not identity.drop or self._cgroup.let_join(
+                identity.uid, identity.gid
+            )
         fallback = fallback_plan(cfg.limits, backend, sorted(os.sched_getaffinity(0)))
         self._rlimits, self._nproc, self._affinity = (
             fallback.rlimits,
@@ -823,7 +829,7 @@ class Cell:
             argv=self._argv,
             pass_fds=tuple(fds.passed),
             cgroup_procs=tuple(map(str, self._cgroup.procs_files())) if self._cgroup else (),
-            cgroup_v2=self._backend_mode == "cgroup2",
+            cgroup_procs_writable=self._cgroup_writable,
             rlimits=self._rlimits,
             affinity=self._affinity,
             setns_fds=anchor.setns_fds if anchor is not None else (),
@@ -1041,7 +1047,7 @@ class Cell:
         lines = [
             ln
             for ln in tail.decode(errors="replace").splitlines()
-            if ln.startswith(("bwrap:", "buildcell:", "bash:"))
+            if ln.startswith(("bwrap:", "buildcell:"))
         ]
         reason = lines[-1] if lines else f"bubblewrap exited with status {outcome.returncode}"
         raise SandboxError(

@@ -14,6 +14,7 @@ from buildcell.cell.limits import (
     LimitsBackend,
     detect_backend,
     fallback_plan,
+    favors_dynamic_modifications,
     parse_cgroup_layout,
 )
 from buildcell.state import StateDir
@@ -172,3 +173,15 @@ def test_cgroup_v1_for_real(state: StateDir) -> None:
         assert cg.remove()
     assert not any(d.exists() for d in cg.dirs)
     _ = os
+
+
+def test_favordynmods_is_seen_on_any_cgroup_hierarchy_and_only_there() -> None:
+    assert not favors_dynamic_modifications(HYBRID_MOUNTINFO)
+    assert not favors_dynamic_modifications(PURE_V2_MOUNTINFO)
+    v2 = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate,favordynmods\n"
+    assert favors_dynamic_modifications(v2)
+    named = "90 31 0:50 / /tmp/x rw,relatime - cgroup cgroup rw,favordynmods,name=probe\n"
+    assert favors_dynamic_modifications(HYBRID_MOUNTINFO + named)
+    other = "91 23 0:51 / /mnt rw - ext4 /dev/vda rw,favordynmods\n"  # not a cgroup mount
+    assert not favors_dynamic_modifications(other)
+    assert not favors_dynamic_modifications("garbage\n - \n")

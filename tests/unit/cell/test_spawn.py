@@ -10,6 +10,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -243,12 +244,13 @@ def test_pump_reaps_the_init_that_bubblewrap_leaves_behind(tmp_path: Path) -> No
 
 
 # --------------------------------------------------------------------------------------------
-# Born in its cgroups without Python: bash joins through descriptors opened here.
+# Born in its cgroups without Python: dash joins by path, as the program's own ids.
 # --------------------------------------------------------------------------------------------
 
 
 def _plan(argv: list[str], procs: list[Path], **fields: object) -> SpawnPlan:
     fields.setdefault("self_guarded", True)
+    fields.setdefault("cgroup_procs_writable", True)
     return SpawnPlan(argv=argv, cgroup_procs=tuple(map(str, procs)), **fields)  # type: ignore[arg-type]
 
 
@@ -258,12 +260,12 @@ def _run(argv: list[str], procs: list[Path], **fields: object) -> tuple[int, str
     return proc.returncode, out.decode(), err.decode()
 
 
-def _procs(tmp_path: Path, *names: str) -> list[Path]:
+def _procs(base: Path, *names: str) -> list[Path]:
     """Regular files standing in for cgroup.procs: what is written to them is seen."""
     files = []
     for name in names:
-        (tmp_path / name).mkdir(parents=True, exist_ok=True)
-        f = tmp_path / name / "cgroup.procs"
+        (base / name).mkdir(parents=True, exist_ok=True)
+        f = base / name / "cgroup.procs"
         f.write_text("")
         files.append(f)
     return files
@@ -275,50 +277,63 @@ def test_a_start_in_cgroups_needs_no_preexec() -> None:
     assert not plan.needs_preexec()
 
 
-def test_bash_joins_each_cgroup_and_execs_the_program_with_nothing_of_its_own(
+def test_dash_joins_each_cgroup_and_execs_the_program_with_nothing_of_its_own(
     tmp_path: Path,
 ) -> None:
     procs = _procs(tmp_path, "memory", "pids", "cpu")
     code, out, err = _run(["/usr/bin/env"], procs)
     assert code == 0, err
-    # "0" is the writer itself: bash, whose pid the program keeps.
+    # "0" is the writer itself: dash, whose pid the program keeps.
     assert [p.read_text() for p in procs] == ["0\n"] * 3
-    assert out == ""  # no environment at all: not bash's PWD, SHLVL or _
+    assert out == ""  # no environment at all: not even dash's PWD
 
 
-def test_the_cgroup_descriptors_are_closed_before_the_program_runs(tmp_path: Path) -> None:
-    """A descriptor of a cgroup.procs opened by root, left to the cell, would let it move
-    any host process into its cgroup."""
+def test_no_descriptor_of_the_supervisor_reaches_the_program(tmp_path: Path) -> None:
     procs = _procs(tmp_path, "memory", "pids")
     keep_r, keep_w = os.pipe()
+    stray = os.open(procs[0], os.O_WRONLY)  # as a cgroup.procs the supervisor holds
     try:
         code, out, err = _run(["/bin/ls", "/proc/self/fd"], procs, pass_fds=(keep_w,))
     finally:
-        os.close(keep_r)
-        os.close(keep_w)
+        for fd in (keep_r, keep_w, stray):
+            os.close(fd)
     assert code == 0, err
     listed = {int(fd) for fd in out.split()}
     # stdin, stdout, stderr, the passed descriptor, and the one ls reads /proc/self/fd by.
     assert {0, 1, 2, keep_w} <= listed and len(listed - {0, 1, 2, keep_w}) == 1, out
 
 
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A directory under /run, root's and closed to others on the way, open to all itself."""
+    base = Path(tempfile.mkdtemp(prefix="bc-spawn-", dir="/run"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
 @root_only
-def test_the_cell_uid_is_a_number_no_user_database_can_turn_into_root(tmp_path: Path) -> None:
-    """The ids are never looked up by name: a user database with an account called
-    "65000" of uid 0 (an LDAP or sssd entry) changes nothing. Run in a mount namespace of
-    its own, where /etc/passwd and /etc/group hold such entries."""
-    (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\n65000:x:0:0::/:/bin/sh\n")
-    (tmp_path / "group").write_text("root:x:0:\n65001:x:0:\n")
-    procs = _procs(tmp_path, "pids")[0]
-    tmp_path.chmod(0o755)
+def test_the_cell_uid_is_a_number_no_user_database_can_turn_into_root(run_dir: Path) -> None:
+    """The ids are never looked up by name, by the supervisor or by what joins the
+    cgroups: a user database with an account called "65000" of uid 0 (an LDAP or sssd
+    entry) changes nothing. Run in a mount namespace of its own, where /etc/passwd and
+    /etc/group hold such entries."""
+    (run_dir / "passwd").write_text("root:x:0:0::/root:/bin/sh\n65000:x:0:0::/:/bin/sh\n")
+    (run_dir / "group").write_text("root:x:0:\n65001:x:0:\n")
+    procs = _procs(run_dir, "pids")[0]
+    procs.parent.chmod(0o755)
+    os.chown(procs, 65000, 65001)  # given to the cell's uid, as on cgroup v1
     probe = textwrap.dedent(f"""
         import subprocess, sys
         for f in ("passwd", "group"):
-            subprocess.run(["mount", "--bind", {str(tmp_path)!r} + "/" + f, "/etc/" + f],
+            subprocess.run(["mount", "--bind", {str(run_dir)!r} + "/" + f, "/etc/" + f],
                            check=True)
         from buildcell.cell._spawn import SpawnPlan, spawn
         proc = spawn(SpawnPlan(argv=["/bin/cat", "/proc/self/status"], self_guarded=True,
-                               cgroup_procs=({str(procs)!r},), drop_to=(65000, 65001)))
+                               cgroup_procs=({str(procs)!r},), cgroup_procs_writable=True,
+                               drop_to=(65000, 65001)))
         out, err = proc.communicate(timeout=10)
         sys.stdout.write(out.decode()); sys.stderr.write(err.decode())
         sys.exit(proc.returncode)
@@ -333,7 +348,7 @@ def test_the_cell_uid_is_a_number_no_user_database_can_turn_into_root(tmp_path: 
     assert "Groups:\t \n" in res.stdout  # the kernel prints none as one space
     assert "CapEff:\t0000000000000000" in res.stdout
     assert "CapPrm:\t0000000000000000" in res.stdout
-    assert procs.read_text() == "0\n"
+    assert procs.read_text() == "0\n"  # joined by dash, as uid 65000
 
 
 @pytest.mark.parametrize(
@@ -348,14 +363,16 @@ def test_a_cgroup_path_is_never_read_as_shell(tmp_path: Path, name: str) -> None
     assert not list(tmp_path.rglob("INJECTED")) and not Path("INJECTED").exists()
 
 
-def test_a_cgroup_that_cannot_be_joined_stops_the_start_with_exit_125(tmp_path: Path) -> None:
-    """Here a cgroup.procs that refuses the write, as one of a removed cgroup does."""
-    ok = _procs(tmp_path, "memory")
-    full = Path("/dev/full")
-    code, out, err = _run(["/bin/echo", "ran"], [*ok, full])
+@pytest.mark.parametrize("how", ["gone", "refusing"])
+def test_a_cgroup_that_cannot_be_joined_stops_the_start_with_exit_125(
+    tmp_path: Path, how: str
+) -> None:
+    """One removed meanwhile, or one that refuses the write."""
+    bad = tmp_path / "gone" / "cgroup.procs" if how == "gone" else Path("/dev/full")
+    code, out, err = _run(["/bin/echo", "ran"], [*_procs(tmp_path, "memory"), bad])
     assert code == 125
     assert out == ""  # the program never ran
-    assert f"buildcell: cannot join the cell cgroup {full}" in err
+    assert f"buildcell: cannot join the cell cgroup {bad}" in err
 
 
 def test_a_deleted_working_directory_says_nothing_into_the_cell(
@@ -369,59 +386,70 @@ def test_a_deleted_working_directory_says_nothing_into_the_cell(
     assert (code, out, err) == (0, "ran\n", "")
 
 
-def test_without_bash_the_preexec_joins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("why", ["no dash", "files not writable by the program"])
+def test_otherwise_the_preexec_joins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
     from buildcell.cell import _spawn
 
-    monkeypatch.setattr(_spawn, "SYSTEM_DIRS", (str(tmp_path / "empty"),))
+    if why == "no dash":
+        monkeypatch.setattr(_spawn, "SYSTEM_DIRS", (str(tmp_path / "empty"),))
     _spawn._system_program.cache_clear()
     try:
         procs = _procs(tmp_path, "pids")
-        code, out, err = _run(["/bin/cat", "/proc/self/status"], procs)
+        code, out, err = _run(
+            ["/bin/cat", "/proc/self/status"], procs, cgroup_procs_writable=why == "no dash"
+        )
     finally:
         _spawn._system_program.cache_clear()
     assert code == 0, err
     assert procs[0].read_text() == "0"  # written by the preexec, without a newline
-    assert f"PPid:\t{os.getpid()}\n" in out  # bash did not exec it
+    assert f"PPid:\t{os.getpid()}\n" in out  # dash did not exec it
 
 
 @root_only
 @pytest.mark.parametrize(
-    "flaw", ["group-writable", "other-writable", "not-root", "not-exec", "writable-dir"]
+    "flaw",
+    ["group-writable", "other-writable", "not-root", "not-exec", "writable-dir", "other-program"],
 )
 def test_a_system_program_anyone_else_could_change_is_not_used(
-    monkeypatch: pytest.MonkeyPatch, flaw: str
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, flaw: str
 ) -> None:
     from buildcell.cell import _spawn
 
     # Under /run (root's, closed to others), so that only the flaw can be the reason.
-    base = Path(tempfile.mkdtemp(prefix="bc-sysbin-", dir="/run"))
+    bindir = run_dir / "bin"
+    bindir.mkdir(mode=0o755)
+    dash = bindir / "dash"
+    dash.write_text("#!/bin/false\n")
+    mode = {"group-writable": 0o775, "other-writable": 0o757, "not-exec": 0o644}
+    dash.chmod(mode.get(flaw, 0o755))
+    if flaw == "not-root":
+        os.chown(dash, 1234, 1234)
+    if flaw == "writable-dir":
+        bindir.chmod(0o777)  # anyone could swap the file for another
+    if flaw == "other-program":  # a multi-call binary by another name
+        dash.rename(bindir / "busybox")
+        dash.symlink_to("busybox")
+    monkeypatch.setattr(_spawn, "SYSTEM_DIRS", (str(bindir),))
+    _spawn._system_program.cache_clear()
     try:
-        bindir = base / "bin"
-        bindir.mkdir(mode=0o755)
-        bash = bindir / "bash"
-        bash.write_text("#!/bin/false\n")
-        mode = {"group-writable": 0o775, "other-writable": 0o757, "not-exec": 0o644}
-        bash.chmod(mode.get(flaw, 0o755))
-        if flaw == "not-root":
-            os.chown(bash, 1234, 1234)
-        if flaw == "writable-dir":
-            bindir.chmod(0o777)  # anyone could swap the file for another
-        monkeypatch.setattr(_spawn, "SYSTEM_DIRS", (str(bindir),))
-        _spawn._system_program.cache_clear()
-        assert _spawn._system_program("bash") is None
-        bash.chmod(0o755)
-        os.chown(bash, 0, 0)
+        assert _spawn._system_program("dash") is None
+        if flaw == "other-program":
+            dash.unlink()
+            (bindir / "busybox").rename(dash)
+        dash.chmod(0o755)
+        os.chown(dash, 0, 0)
         bindir.chmod(0o755)
         _spawn._system_program.cache_clear()
-        assert _spawn._system_program("bash") == str(bash)  # the same file, put right, is
+        assert _spawn._system_program("dash") == str(dash)  # the same file, put right, is
     finally:
         _spawn._system_program.cache_clear()
-        shutil.rmtree(base)
 
 
 def test_a_program_on_a_terminal_starts_without_a_controlling_one(tmp_path: Path) -> None:
-    """A session on the cell's terminal is joined in the preexec: bash would take the
-    terminal as its session's controlling one, and the cell's command could not."""
+    """A session on the cell's terminal is joined in the preexec: a shell there could take
+    the terminal as its session's controlling one, and the cell's command could not."""
     master, slave = os.openpty()
     try:
         proc = spawn(_plan(["/bin/sleep", "5"], _procs(tmp_path, "pids"), terminal=slave))
@@ -435,3 +463,21 @@ def test_a_program_on_a_terminal_starts_without_a_controlling_one(tmp_path: Path
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_a_supervisor_started_with_its_stdin_closed_still_joins(tmp_path: Path) -> None:
+    """The preexec's descriptor of a cgroup.procs never lands on 0, 1 or 2 (the child's
+    stdin, stdout and stderr are put there first): with stdin closed it would have been 0,
+    and the join a write to /dev/null."""
+    procs = _procs(tmp_path, "pids")[0]
+    probe = textwrap.dedent(f"""
+        import os
+        os.close(0)
+        from buildcell.cell._spawn import SpawnPlan, spawn
+        proc = spawn(SpawnPlan(argv=["/bin/true"], self_guarded=True,
+                               cgroup_procs=({str(procs)!r},)))
+        proc.communicate(timeout=10)
+        raise SystemExit(proc.returncode)
+    """)
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=30)
+    assert procs.read_text() == "0"  # by the preexec (the files are not the child's)
