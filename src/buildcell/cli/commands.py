@@ -1419,6 +1419,24 @@ def _check_operator_paths(args: argparse.Namespace) -> None:
         args.rootfs = f"{kind}:{checked}{at}{digest}"
 
 
+def _standard_streams() -> None:
+    """Descriptors 0, 1 and 2 open before anything else is: where the caller closed one
+    (``buildcell run ... >&-``), the first file the command opened would take its number,
+    and what is written to stdout (a cell's output) would land in it. A closed one is
+    /dev/null instead, and Python's stream for it exists."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: ``fd`` itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - for the process
+
+
 def entry() -> None:
     """The ``buildcell`` program: :func:`main`, then a quick exit.
 
@@ -1433,6 +1451,7 @@ def entry() -> None:
     import threading
 
     gc.set_threshold(20_000, 20, 20)
+    _standard_streams()
     code = main()
     if threading.active_count() == 1:
         try:

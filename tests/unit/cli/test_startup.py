@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tests.conftest import cli_env
 
 _PROBE = """
@@ -106,3 +107,29 @@ def test_no_installed_package_s_pydantic_plugin_is_loaded_into_the_command(
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["title"]
     assert not flag.exists()
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stdin", "stderr"])
+def test_a_closed_standard_stream_is_dev_null_not_the_first_file_opened(
+    state_root: Path, tmp_path: Path, closed: str
+) -> None:
+    """``buildcell run ... >&-``: the command succeeds, the cell's output goes nowhere,
+    and none of the state directory's files takes the closed stream's number."""
+    src = tmp_path / "src"
+    src.mkdir()
+    src.chmod(0o755)
+    redirect = {"stdin": "<&-", "stdout": ">&-", "stderr": "2>&-"}[closed]
+    marker = "OUTPUT-OF-THE-CELL"
+    res = subprocess.run(
+        ["/bin/sh", "-c", f'exec "$@" {redirect}', "sh", sys.executable, "-m", "buildcell",
+         "run", "--source", str(src), "--", "/bin/sh", "-c", f"echo {marker}; echo {marker} >&2"],
+        env=cli_env(state_root / "state"), capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    state = state_root / "state"
+    for f in state.rglob("*"):
+        if f.is_file() and f.name not in ("run.log", "events.jsonl", "record.json"):
+            assert marker.encode() not in f.read_bytes(), f
+    for record in state.rglob("record.json"):
+        assert json.loads(record.read_text())["status"] == "succeeded"
