@@ -126,7 +126,22 @@ def state_root() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="bc-state-", dir="/tmp"))
     os.chmod(path, 0o711)
     yield path
+    _remove_left_cgroups(path / "state")
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_left_cgroups(state_path: Path) -> None:
+    """The cgroups a test's killed supervisors left (``gc`` would remove them, but the
+    test's state directory goes with it): none outlives the test on the host."""
+    import hashlib
+
+    from buildcell.cell.limits import remove_stale_cgroup
+
+    tag = hashlib.sha256(str(state_path).encode()).hexdigest()[:8]
+    for parent in Path("/sys/fs/cgroup").glob("*/buildcell"):
+        for child in parent.glob(f"{tag}.*"):
+            if child.is_dir():
+                remove_stale_cgroup(child)
 
 
 @pytest.fixture

@@ -183,3 +183,48 @@ def test_only_the_cell_s_cgroup_procs_files_are_given_to_its_uid(state: StateDir
             assert (d.parent / "cgroup.procs").stat().st_uid == 0
         result = cell.run()
     assert result.exit_code == 0
+
+
+@pytest.mark.usefixtures("v1")
+def test_the_files_are_root_s_again_once_the_cell_has_joined(state: StateDir) -> None:
+    """The uid is another cell's later, and a cgroup left behind (a supervisor killed, a
+    failed removal) must not be one a later cell of that uid could move into."""
+    limits = Limits(pids=64, memory=128 << 20)
+    with Cell(CellConfig(argv=("/bin/sleep", "2"), limits=limits), state=state) as cell:
+        assert cell._cgroup is not None
+        files = cell._cgroup.procs_files()
+        runner = threading.Thread(target=cell.run)
+        runner.start()
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and cell._init_pidfd is None:
+                time.sleep(0.005)
+            assert cell._init_pidfd is not None
+            members = set((files[0]).read_text().split())
+            assert cell._proc is not None and str(cell._proc.pid) in members
+            assert {f.stat().st_uid for f in files} == {0}
+        finally:
+            runner.join(timeout=30)
+    assert cell.result is not None and cell.result.exit_code == 0
+
+
+@pytest.mark.usefixtures("v1")
+def test_gc_takes_back_a_dead_cell_s_files_even_where_it_cannot_remove_the_cgroup(
+    state: StateDir,
+) -> None:
+    from buildcell.cell.limits import remove_stale_cgroup
+
+    backend = limits_backend(state.host)
+    cg = CellCgroup(backend, f"{state.tag}.stale-test", Limits(pids=8))
+    procs = cg.procs_files()[0]
+    child = procs.parent / "held"  # a child cgroup: the removal fails (EBUSY)
+    try:
+        assert cg.let_join(65534, 65534)  # as a supervisor killed before the cell joined
+        assert procs.stat().st_uid == 65534
+        child.mkdir()
+        assert not remove_stale_cgroup(procs.parent)
+        assert procs.exists() and procs.stat().st_uid == 0
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            child.rmdir()
+        cg.remove()

@@ -352,6 +352,7 @@ class CellCgroup:
 
     def __init__(self, backend: LimitsBackend, cell_id: str, limits: Limits) -> None:
         self.backend = backend
+        self._given = False  # the cgroup.procs files are the cell uid's (let_join)
         self.dirs: list[Path] = []
         self._by_ctrl: dict[str, Path] = {}
         if backend.mode == "cgroup2":
@@ -450,13 +451,24 @@ class CellCgroup:
         """
         if self.backend.mode != "cgroup1":
             return False
+        self._given = True
         try:
             for procs in self.procs_files():
                 os.chown(procs, uid, gid)
         except OSError as e:
             log.debug("cannot give the cell's cgroup.procs to uid %d: %s", uid, e)
+            self.take_back()
             return False
         return True
+
+    def take_back(self) -> None:
+        """Give the ``cgroup.procs`` files back to root once the cell has joined (or when
+        it ends): the uid is another cell's later, and a cgroup left behind (a supervisor
+        killed, a failed removal) must not be one its processes could move into."""
+        if self._given:
+            for procs in self.procs_files():
+                _take_back(procs)
+            self._given = False
 
     def pids(self) -> set[int]:
         found: set[int] = set()
@@ -521,6 +533,7 @@ class CellCgroup:
     def remove(self) -> bool:
         """Remove the cgroup directories; ``True`` if none is left."""
         ok = True
+        self.take_back()
         for d in self.dirs:
             for attempt in range(200):
                 try:
@@ -537,9 +550,17 @@ class CellCgroup:
         return ok
 
 
+def _take_back(procs: Path) -> None:
+    with contextlib.suppress(OSError):
+        if os.lstat(procs).st_uid != 0:
+            os.chown(procs, 0, 0, follow_symlinks=False)
+
+
 def remove_stale_cgroup(path: Path) -> bool:
     """Kill whatever is left in a cgroup directory found by ``gc`` and remove it."""
     procs = path / "cgroup.procs"
+    if os.geteuid() == 0:
+        _take_back(procs)  # a dead cell's, perhaps still its uid's (CellCgroup.let_join)
     deadline = time.monotonic() + 5
     while procs.exists() and time.monotonic() < deadline:
         pids = [int(x) for x in procs.read_text().split()]

@@ -873,6 +873,9 @@ class Cell:
         def on_status(obj: dict[str, object]) -> None:
             pid = obj.get("child-pid")
             if isinstance(pid, int) and self._init_pidfd is None:
+                if self._cgroup is not None:
+                    # bubblewrap has cloned its sandbox: dash joined before it ran.
+                    self._cgroup.take_back()
                 with contextlib.suppress(OSError):
                     self._init_pidfd = os.pidfd_open(pid)
                     if self._nproc is not None:
@@ -1047,7 +1050,7 @@ class Cell:
         lines = [
             ln
             for ln in tail.decode(errors="replace").splitlines()
-            if ln.startswith(("bwrap:", "buildcell:"))
+            if ln.startswith(("bwrap:", "buildcell:")) or ": exec: " in ln  # dash's exec
         ]
         reason = lines[-1] if lines else f"bubblewrap exited with status {outcome.returncode}"
         raise SandboxError(
