@@ -15,8 +15,10 @@ and ``--json-status-fd``), is started without a Python ``preexec`` at all:
   change every thread's; the raw system calls only the caller's). The spawning thread
   alone takes the cell's uid and gid for the instant of a ``vfork`` and ``exec``, keeping
   saved uid 0 as its way back, and restores its credentials, death signal and
-  dumpable flag before it returns. Where the system call numbers are not known, the
-  switch is done by :mod:`subprocess` in C after a full fork;
+  dumpable flag before it returns (for that instant a host process of the cell's uid
+  could signal that thread; none exists but the cell's own, in their user namespace).
+  Where the system call numbers are not known, the switch is done by :mod:`subprocess`
+  in C after a full fork;
 - the umask is set by :mod:`subprocess` in C;
 - core dumps: the supervisor holds secret values, so the first spawn disables core dumps
   of the supervisor itself (soft and hard limit 0), which every child inherits;
@@ -26,8 +28,9 @@ and ``--json-status-fd``), is started without a Python ``preexec`` at all:
 
 A cell with cgroups (its limits) is born in them without Python too, where its first
 process may write their ``cgroup.procs`` files itself: as root on cgroup v1 the
-supervisor gives those files to the cell's uid (see ``CellCgroup.let_join``); rootless they
-are the invoking user's, as the cell is. The ``vfork`` (with the cell's ids, as above)
+supervisor gives those files to the cell's uid (see ``CellCgroup.let_join``) and takes them
+back as soon as bubblewrap reports its sandbox; rootless they are the invoking user's, as
+the cell is. The ``vfork`` (with the cell's ids, as above)
 execs dash, which writes ``0`` (itself) into each file by its path and execs bubblewrap,
 with an empty environment, from ``/``. dash, not bash: bash looks its own uid up in the
 user database as it starts (NSS: files, systemd's userdb, LDAP or sssd), which costs
