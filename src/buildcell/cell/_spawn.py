@@ -16,7 +16,8 @@ and ``--json-status-fd``), is started without a Python ``preexec`` at all:
   alone takes the cell's uid and gid for the instant of a ``vfork`` and ``exec``, keeping
   saved uid 0 as its way back, and restores its credentials, death signal and
   dumpable flag before it returns (for that instant a host process of the cell's uid
-  could signal that thread; none exists but the cell's own, in their user namespace).
+  could signal that thread; none exists but the cell's own, in a pid namespace where the
+  supervisor has no pid).
   Where the system call numbers are not known, the switch is done by :mod:`subprocess`
   in C after a full fork;
 - the umask is set by :mod:`subprocess` in C;
