@@ -29,10 +29,10 @@ and ``--json-status-fd``), is started without a Python ``preexec`` at all:
 
 A cell with cgroups (its limits) is born in them without Python too, where its first
 process may write their ``cgroup.procs`` files itself: as root on cgroup v1 the
-supervisor gives those files to the cell's uid (see ``CellCgroup.let_join``) and takes them
-back as soon as bubblewrap reports its sandbox; rootless they are the invoking user's, as
-the cell is. The ``vfork`` (with the cell's ids, as above)
-execs dash, which writes ``0`` (itself) into each file by its path and execs bubblewrap,
+supervisor gives those files to the cell's uid (see ``CellCgroup.let_join``) and takes
+them back as soon as bubblewrap reports its sandbox; rootless they are the invoking
+user's, as the cell is. The ``vfork`` (with the cell's ids, as above) execs dash, which
+writes ``0`` (itself) into each file by its path and execs bubblewrap,
 with an empty environment, from ``/``. dash, not bash: bash looks its own uid up in the
 user database as it starts (NSS: files, systemd's userdb, LDAP or sssd), which costs
 milliseconds and can wait on a directory server; dash asks nothing of anyone, and the ids
@@ -125,7 +125,7 @@ class SpawnPlan:
 
     def needs_preexec(self) -> bool:
         """Whether anything of the plan has to run in Python between fork and exec (the
-        cgroups are joined by the system shell where it is there: see the module doc)."""
+        cgroups are joined by dash where it can: see the module doc)."""
         return bool(
             not self.self_guarded
             or any(res != resource.RLIMIT_CORE or value != 0 for res, value in self.rlimits)

@@ -1428,10 +1428,8 @@ def _standard_streams() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: ``fd`` itself
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
+            # The lowest free number, the ones below being open by now: ``fd`` itself.
+            os.open(os.devnull, os.O_RDWR)
     for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - for the process
